@@ -1,0 +1,23 @@
+"""Shared pytest configuration: test helpers on ``sys.path`` and Hypothesis profiles.
+
+Select a profile with ``pytest --hypothesis-profile=ci`` (used by ``make test``) or
+``--hypothesis-profile=dev``.
+"""
+
+import os
+import sys
+
+from hypothesis import HealthCheck, settings
+
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=200,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=50, deadline=None)
