@@ -1,0 +1,21 @@
+"""bils — box-constrained integer least squares with many right-hand sides.
+
+Solvers share one signature ``solver(R, Y, lo, hi, /, *, scale=None, offset=None, ...,
+backend="auto")`` (or ``solver(problem, ...)``) and return one :class:`BILSResult`.
+Importing :mod:`bils` never imports numba, cupy or torch.
+"""
+
+from ._backend import resolve_backend
+from .babai import babai
+from .problem import BILSProblem
+from .result import STATUS_MESSAGES, BILSResult, Status
+
+__all__ = [
+    "BILSProblem",
+    "BILSResult",
+    "STATUS_MESSAGES",
+    "Status",
+    "babai",
+    "resolve_backend",
+]
+__version__ = "0.1.0"

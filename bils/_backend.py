@@ -1,0 +1,50 @@
+"""Backend resolution in one place (like ``cupy.get_array_module``).
+
+Backends are imported lazily: importing :mod:`bils` never imports numba or cupy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+BACKENDS = ("auto", "numpy", "numba", "cupy")
+
+
+def _is_cupy_array(a) -> bool:
+    mod = type(a).__module__
+    return mod.startswith("cupy")
+
+
+def _is_torch_cuda(a) -> bool:
+    return type(a).__module__.startswith("torch") and getattr(getattr(a, "device", None), "type", "") == "cuda"
+
+
+def numba_available() -> bool:
+    """True when numba can be imported (without importing it)."""
+    if os.environ.get("BILS_DISABLE_NUMBA", "") not in ("", "0"):
+        return False
+    return importlib.util.find_spec("numba") is not None
+
+
+def resolve_backend(backend, *arrays) -> str:
+    """Turn ``backend`` (``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"``) into a concrete name.
+
+    ``auto`` picks ``cupy`` when any input lives on a GPU (a CuPy array or a CUDA torch
+    tensor), else ``numba`` when importable, else ``numpy``. Asking for a backend that
+    is not installed raises :class:`ImportError` naming the extra to install.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    on_gpu = any(_is_cupy_array(a) or _is_torch_cuda(a) for a in arrays if a is not None)
+    if backend == "auto":
+        if on_gpu:
+            return "cupy"
+        return "numba" if numba_available() else "numpy"
+    if backend == "numba" and importlib.util.find_spec("numba") is None:
+        raise ImportError("backend='numba' needs numba: pip install 'bils[numba]'")
+    if backend == "cupy" and importlib.util.find_spec("cupy") is None:
+        raise ImportError("backend='cupy' needs CuPy: pip install 'bils[gpu]'")
+    if on_gpu and backend != "cupy":
+        raise ValueError(f"inputs live on a GPU but `backend`={backend!r}; use 'cupy' or 'auto'")
+    return backend

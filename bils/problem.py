@@ -1,0 +1,308 @@
+r"""Multi-RHS BILS problems built from a design matrix or a Gram/Hessian matrix.
+
+.. math::
+
+    \min_{X \in \mathbb{Z}^{n\times k},\; LO \le X \le HI}
+    \; \lVert Y - R\,(S \circ X + O) \rVert_F^2
+
+A :class:`BILSProblem` stores ``R`` and ``Y`` in *solve order* (after the column
+ordering), the grid and box in solve order too, and the permutation that maps back.
+Every solver accepts a problem in place of ``(R, Y, lo, hi)`` and returns ``x`` in the
+caller's original coordinate order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from ._validate import _real_array, choice_iv, float_iv, problem_iv
+from .ordering import ORDERINGS, chang_han, column_order
+
+__all__ = ["BILSProblem"]
+
+_ORDER_CHOICES = ORDERINGS + ("chang_han",)
+
+
+def _grid_2d(name, a, n, k, default, squeeze):
+    """Return ``a`` as a 2-D array of shape (n or 1, k or 1) in original order.
+
+    Follows numpy broadcasting against ``Y`` (n, k): a 1-D array is per RHS, except
+    when the caller passed a single 1-D ``y``, where it is per coordinate.
+    """
+    if a is None:
+        return np.full((1, 1), default, dtype=np.float64)
+    a = np.asarray(a)
+    if a.ndim == 0:
+        return a.reshape(1, 1)
+    if a.ndim == 1:
+        a = a.reshape(-1, 1) if squeeze else a.reshape(1, -1)
+    if a.ndim == 2 and a.shape[0] in (1, n) and a.shape[1] in (1, k):
+        return a
+    raise ValueError(f"`{name}` of shape {a.shape} must be broadcastable to ({n}, {k})")
+
+
+def _rows(a, perm):
+    return a[perm] if a.shape[0] > 1 else a
+
+
+@dataclass(frozen=True, eq=False)
+class BILSProblem:
+    """A multi-RHS BILS problem in solve order (use the ``from_*`` constructors).
+
+    Attributes
+    ----------
+    R : (n, n) ndarray
+        Upper-triangular factor in solve order (original order when ``perm`` is per RHS).
+    Y : (n, k) ndarray
+        Right-hand sides, same order as ``R``.
+    lo, hi, scale, offset : ndarray
+        Box and grid, shapes (n or 1, k or 1), same order as ``R``.
+    perm : (n,) or (n, k) ndarray of int64, or None
+        Solve position -> original coordinate; 2-D for per-RHS orderings (Chang–Han).
+    cost_offset : (k,) ndarray
+        Constant added to every cost (the part of ``B`` outside ``range(A)``).
+    dead : (n,) ndarray of bool or None
+        Coordinates whose Gram diagonal was zero (original order), see :meth:`from_gram`.
+    squeeze : bool
+        The caller gave a single 1-D right-hand side.
+    """
+
+    R: np.ndarray
+    Y: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    perm: np.ndarray | None
+    cost_offset: np.ndarray
+    dead: np.ndarray | None = None
+    squeeze: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.R.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.Y.shape[1]
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_triangular(cls, R, Y, lo, hi, *, scale=None, offset=None, ordering="natural"):
+        """Problem from an upper-triangular factor ``R`` and right-hand sides ``Y``.
+
+        A non-natural ``ordering`` re-factors ``R[:, perm] = Q R'`` and uses ``Q.T @ Y``.
+
+        Examples
+        --------
+        >>> import numpy as np, bils
+        >>> p = bils.BILSProblem.from_triangular(np.eye(2), [0.4, 2.6], 0, 3)
+        >>> bils.babai(p).x.tolist()
+        [0, 3]
+        """
+        can = problem_iv(R, Y, lo, hi, scale, offset)
+        return cls._build(can.R, can.Y, lo, hi, scale, offset, can.squeeze, ordering,
+                          np.zeros(can.k), gram=None, dead=None)
+
+    @classmethod
+    def from_design(cls, A, B, lo, hi, *, scale=None, offset=None, ordering="natural"):
+        r"""Problem ``min ||B - A (S∘X + O)||²`` from a tall design matrix.
+
+        Computes ``A[:, perm] = Q R`` (thin QR), ``Y = Q.T @ B`` and keeps
+        ``||B||² - ||Q.T B||²`` per column as ``cost_offset`` so reported costs are the
+        true residuals.
+
+        Parameters
+        ----------
+        A : (m, n) array_like
+            Design matrix with full column rank, ``m >= n``.
+        B : (m,) or (m, k) array_like
+            Observations, one column per RHS.
+        lo, hi : array_like of int
+            Box, broadcastable to (n, k), original coordinate order.
+        scale, offset : array_like, optional
+            Grid, broadcastable to (n, k).
+        ordering : str
+            One of :data:`bils.ordering.ORDERINGS` or ``"chang_han"``.
+
+        Examples
+        --------
+        >>> import numpy as np, bils
+        >>> A = np.array([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
+        >>> p = bils.BILSProblem.from_design(A, A @ [1, 2], 0, 3)
+        >>> bils.babai(p).x.tolist()
+        [1, 2]
+        """
+        A = _real_array("A", A).astype(np.float64)
+        if A.ndim != 2 or A.shape[0] < A.shape[1] or A.shape[1] == 0:
+            raise ValueError(f"`A` must be a 2-D (m, n) array with m >= n >= 1, got shape {A.shape}")
+        if not np.all(np.isfinite(A)):
+            raise ValueError("`A` must be finite")
+        B = _real_array("B", B).astype(np.float64)
+        if B.ndim not in (1, 2) or B.shape[0] != A.shape[0]:
+            raise ValueError(f"`B` must have `A.shape[0]` = {A.shape[0]} rows, got shape {B.shape}")
+        if not np.all(np.isfinite(B)):
+            raise ValueError("`B` must be finite")
+        squeeze = B.ndim == 1
+        B2 = B.reshape(B.shape[0], -1)
+        Q, R = np.linalg.qr(A)
+        if np.any(np.abs(np.diag(R)) <= 1e-13 * max(1.0, np.abs(R).max())):
+            raise ValueError("`A` must have full column rank")
+        Y = Q.T @ B2
+        cost_offset = np.maximum(np.sum(B2 * B2, axis=0) - np.sum(Y * Y, axis=0), 0.0)
+        return cls._build(R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offset,
+                          gram=A.T @ A, dead=None)
+
+    @classmethod
+    def from_gram(cls, H, T, lo, hi, *, scale=None, offset=None, damp=0.0, ordering="natural"):
+        r"""Problem ``min (T - Ŵ)ᵀ H (T - Ŵ)`` per column, ``Ŵ = S∘X + O``.
+
+        This is the layer-wise quantization objective: ``H = X Xᵀ`` is the input Gram
+        (Hessian) of a linear layer and ``T = Wᵀ`` its weights, one column per output
+        channel. With ``H_p = H[perm][:, perm] = Rᵀ R`` (upper Cholesky) the problem is
+        ``Y = R T_p``.
+
+        Parameters
+        ----------
+        H : (n, n) array_like
+            Symmetric positive semi-definite Gram matrix.
+        T : (n,) or (n, k) array_like
+            Targets.
+        lo, hi : array_like of int
+            Box, broadcastable to (n, k).
+        scale, offset : array_like, optional
+            Grid, broadcastable to (n, k).
+        damp : float
+            GPTQ damping: add ``damp * mean(diag(H))`` to the diagonal (after dead
+            coordinates — zero diagonal — get ``H_ii = 1`` and target 0).
+        ordering : str
+            One of :data:`bils.ordering.ORDERINGS` or ``"chang_han"``; ``"diag"`` is
+            GPTQ's act-order.
+
+        Examples
+        --------
+        >>> import numpy as np, bils
+        >>> H = np.array([[2.0, 0.5], [0.5, 1.0]])
+        >>> p = bils.BILSProblem.from_gram(H, [[1.2], [2.9]], 0, 3, ordering="diag")
+        >>> bils.babai(p).x.ravel().tolist()
+        [1, 3]
+        """
+        H = _real_array("H", H).astype(np.float64)
+        if H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] == 0:
+            raise ValueError(f"`H` must be a square 2-D array, got shape {H.shape}")
+        if not np.all(np.isfinite(H)):
+            raise ValueError("`H` must be finite")
+        if not np.allclose(H, H.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(H).max())):
+            raise ValueError("`H` must be symmetric")
+        damp = float_iv("damp", damp)
+        if damp < 0:
+            raise ValueError(f"`damp` must be >= 0, got {damp}")
+        n = H.shape[0]
+        T = _real_array("T", T).astype(np.float64)
+        if T.ndim not in (1, 2) or T.shape[0] != n:
+            raise ValueError(f"`T` must have `H.shape[0]` = {n} rows, got shape {T.shape}")
+        if not np.all(np.isfinite(T)):
+            raise ValueError("`T` must be finite")
+        squeeze = T.ndim == 1
+        T = T.reshape(n, -1).copy()
+        H = H.copy()
+        dead = np.diag(H) == 0
+        if dead.any():
+            H[dead, dead] = 1.0
+            T[dead] = 0.0
+        if damp:
+            H[np.diag_indices(n)] += damp * np.mean(np.diag(H))
+        order = "natural" if ordering == "chang_han" else ordering
+        choice_iv("ordering", ordering, _ORDER_CHOICES)
+        perm = column_order(H, order)
+        try:
+            R = scipy.linalg.cholesky(H[np.ix_(perm, perm)], lower=False)
+        except np.linalg.LinAlgError:
+            raise ValueError("`H` (after damping) must be positive definite; increase `damp`") from None
+        Y = R @ T[perm]
+        prob = cls._build(R, Y, *(_rows2(a, perm, n, squeeze) for a in (lo, hi, scale, offset)), squeeze,
+                          "natural", np.zeros(T.shape[1]), gram=None, dead=dead)
+        if ordering == "chang_han":
+            return cls._build(R, Y, lo, hi, scale, offset, squeeze, "chang_han",
+                              np.zeros(T.shape[1]), gram=None, dead=dead)
+        return cls(prob.R, prob.Y, prob.lo, prob.hi, prob.scale, prob.offset,
+                   None if order == "natural" else perm, prob.cost_offset, dead, squeeze)
+
+    @classmethod
+    def _build(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offset, *, gram, dead):
+        ordering = choice_iv("ordering", ordering, _ORDER_CHOICES)
+        Y = np.asarray(Y)
+        if squeeze and Y.ndim == 2 and Y.shape[1] == 1:
+            Y = Y[:, 0]
+        can = problem_iv(R, Y, lo, hi, scale, offset)  # validates shapes once, original order
+        n, k = can.Y.shape
+        grids = [_grid_2d(nm, a, n, k, d, squeeze) for nm, a, d in
+                 (("lo", lo, 0), ("hi", hi, 0), ("scale", scale, 1.0), ("offset", offset, 0.0))]
+        grids[0] = grids[0].astype(np.int64)
+        grids[1] = grids[1].astype(np.int64)
+        grids[2] = grids[2].astype(np.float64)
+        grids[3] = grids[3].astype(np.float64)
+        if ordering == "natural":
+            return cls(can.R, can.Y, *grids, None, np.asarray(cost_offset, float), dead, squeeze)
+        if ordering == "chang_han":
+            perm = chang_han(can.R, can.Y, can.lo, can.hi, can.scale, can.offset)
+            return cls(can.R, can.Y, *grids, perm, np.asarray(cost_offset, float), dead, squeeze)
+        G = gram if gram is not None else can.R.T @ can.R
+        perm = column_order(G, ordering)
+        Q, Rp = np.linalg.qr(can.R[:, perm])
+        sign = np.sign(np.diag(Rp))
+        sign[sign == 0] = 1.0
+        Rp = sign[:, None] * Rp
+        Yp = (Q * sign[None, :]).T @ can.Y
+        grids = [_rows(g, perm) for g in grids]
+        return cls(np.triu(Rp), Yp, *grids, perm, np.asarray(cost_offset, float), dead, squeeze)
+
+    # ------------------------------------------------------------------ helpers
+    def canonical(self):
+        """Validated solve-order arrays (see :func:`bils._validate.problem_iv`)."""
+        return problem_iv(self.R, self.Y, self.lo, self.hi, self.scale, self.offset)
+
+    def rhs_subproblem(self, j):
+        """Solve-order (R, y, lo, hi, scale, offset, perm) for RHS ``j`` of a per-RHS ordering."""
+        p = self.perm[:, j]
+        Q, Rp = np.linalg.qr(self.R[:, p])
+        sign = np.sign(np.diag(Rp))
+        sign[sign == 0] = 1.0
+        Rp = np.triu(sign[:, None] * Rp)
+        y = (Q * sign[None, :]).T @ self.Y[:, j]
+        col = lambda a: (a[:, j] if a.shape[1] > 1 else a[:, 0])  # noqa: E731
+        pick = lambda a: (col(a)[p] if a.shape[0] > 1 else col(a))  # noqa: E731
+        return Rp, y, pick(self.lo), pick(self.hi), pick(self.scale), pick(self.offset), p
+
+    def cost(self, x):
+        """Cost of ``x`` (original coordinate order), per RHS, including ``cost_offset``."""
+        x = np.asarray(x)
+        x2 = x.reshape(self.n, -1)
+        if self.perm is None:
+            xs = x2
+        elif self.perm.ndim == 1:
+            xs = x2[self.perm]
+        else:
+            out = np.empty(self.k)
+            for j in range(self.k):
+                R, y, lo, hi, s, o, p = self.rhs_subproblem(j)
+                z = s * x2[p, j] + o
+                out[j] = np.sum((y - R @ z) ** 2)
+            return out + self.cost_offset
+        S = np.broadcast_to(self.scale, (self.n, self.k))
+        O = np.broadcast_to(self.offset, (self.n, self.k))
+        r = self.Y - self.R @ (S * xs + O)
+        return np.sum(r * r, axis=0) + self.cost_offset
+
+
+def _rows2(a, perm, n, squeeze):
+    """Permute the rows of a grid array given in original order (None passes through)."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
+        return a[perm]
+    return a

@@ -1,0 +1,96 @@
+"""The one result type every solver returns."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["BILSResult", "Status", "STATUS_MESSAGES"]
+
+
+class Status(enum.IntEnum):
+    """Per-RHS termination status.
+
+    ``OPTIMAL``
+        The returned point is a proven minimiser over the box.
+    ``HEURISTIC``
+        The solver makes no optimality claim (Babai, Klein, K-best).
+    ``BUDGET_EXHAUSTED``
+        An exact search stopped at its node budget; the point is the best found.
+    """
+
+    OPTIMAL = 0
+    HEURISTIC = 1
+    BUDGET_EXHAUSTED = 2
+
+
+STATUS_MESSAGES = MappingProxyType(
+    {
+        Status.OPTIMAL: "Optimal: the search proved no box point has a smaller cost.",
+        Status.HEURISTIC: "Heuristic: the solver makes no optimality claim for this point.",
+        Status.BUDGET_EXHAUSTED: "Budget exhausted: `max_nodes` was reached; best point found returned.",
+    }
+)
+
+
+@dataclass(frozen=True)
+class BILSResult:
+    """Solution of a multi-RHS box-constrained integer least-squares problem.
+
+    Attributes
+    ----------
+    x : (n, k) ndarray of int64
+        Integer solution, one column per right-hand side, in the caller's
+        coordinate order. ``(n,)`` when the problem had a single 1-D RHS.
+    cost : (k,) ndarray of float64
+        ``||y_j - R (s_j * x_j + o_j)||^2`` for each RHS (plus the constant part
+        outside ``range(R)`` when the problem came from a tall design matrix).
+        A 0-d array for a single 1-D RHS.
+    status : (k,) ndarray of int8
+        :class:`Status` code per RHS.
+    backend : str
+        ``"numpy"``, ``"numba"`` or ``"cupy"``.
+    solver : str
+        Name of the solver that produced the result.
+    info : mapping
+        Solver statistics (read-only): e.g. ``nodes`` visited, ``n_samples``,
+        ``beam_width``, ``time`` in seconds, and for ``enumerate(n_best=m)``
+        the sorted lists ``best_x`` (m, n, k) and ``best_cost`` (m, k).
+    """
+
+    x: Any
+    cost: Any
+    status: Any
+    backend: str
+    solver: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+
+    @property
+    def messages(self) -> list[str]:
+        """Human-readable status message per RHS."""
+        st = np.asarray(_to_host(self.status)).reshape(-1)
+        return [STATUS_MESSAGES[Status(int(s))] for s in st]
+
+    @property
+    def all_optimal(self) -> bool:
+        """True when every RHS was proven optimal."""
+        return bool(np.all(np.asarray(_to_host(self.status)) == Status.OPTIMAL))
+
+    def __repr__(self) -> str:  # compact: arrays can be huge
+        shape = getattr(self.x, "shape", None)
+        return (
+            f"BILSResult(solver={self.solver!r}, backend={self.backend!r}, x.shape={shape}, "
+            f"total_cost={float(np.sum(_to_host(self.cost))):.6g})"
+        )
+
+
+def _to_host(a):
+    get = getattr(a, "get", None)  # cupy arrays
+    return get() if callable(get) else a
