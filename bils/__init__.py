@@ -7,6 +7,10 @@ Importing :mod:`bils` never imports numba, cupy or torch.
 
 from ._backend import resolve_backend
 from .babai import babai
+from .enumeration import enumerate  # noqa: A004 - bils.enumerate is the exact solver
+from .kbest import kbest
+from .klein import klein
+from .ordering import column_order
 from .problem import BILSProblem
 from .result import STATUS_MESSAGES, BILSResult, Status
 
@@ -16,6 +20,10 @@ __all__ = [
     "STATUS_MESSAGES",
     "Status",
     "babai",
+    "column_order",
+    "enumerate",
+    "kbest",
+    "klein",
     "resolve_backend",
 ]
 __version__ = "0.1.0"

@@ -45,13 +45,18 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     """Validate, dispatch to a backend kernel, and wrap the result.
 
     ``kernels`` maps a backend name to a zero-argument loader returning the kernel (so
-    numba/cupy modules are imported only when used).
+    numba/cupy modules are imported only when used). ``options`` is a dict of kernel
+    keyword options, or a callable ``options(can, cols, k_total)`` returning one for the
+    canonical (sub)problem ``can`` holding RHS columns ``cols`` (a slice) of ``k_total``
+    (for options that depend on the data, such as Klein's temperature and seeds).
     """
     t0 = time.perf_counter()
     problem, can = canonical_from_args(R, Y, lo, hi, scale, offset)
     arrays = (R,) if problem is not None else (R, Y)
     be = resolve_backend(backend, *arrays)
     kernel = _kernel_for(kernels, be, solver)
+    k_total = problem.k if problem is not None else can.k
+    opts = options if callable(options) else (lambda c, cols, kt: options)
 
     if problem is not None and can is None:  # per-RHS orderings: one sub-problem per column
         n, k = problem.n, problem.k
@@ -63,7 +68,7 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
         for j in range(k):
             Rj, yj, loj, hij, sj, oj, p = problem.rhs_subproblem(j)
             cj = problem_iv(Rj, yj[:, None], loj[:, None], hij[:, None], sj[:, None], oj[:, None])
-            xj, cj_cost, stj, info = kernel(cj, **options)
+            xj, cj_cost, stj, info = kernel(cj, **opts(cj, slice(j, j + 1), k_total))
             x[p, j] = xj[:, 0]
             cost[j], status[j] = cj_cost[0], stj[0]
             if "best_x" in info:
@@ -78,7 +83,7 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
         if best_x is not None:
             info.update(best_x=best_x, best_cost=best_cost)
     else:
-        x, cost, status, info = kernel(can, **options)
+        x, cost, status, info = kernel(can, **opts(can, slice(0, k_total), k_total))
         if problem is not None and problem.perm is not None:
             xo = np.empty_like(x)
             xo[problem.perm] = x
