@@ -136,7 +136,7 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
     >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
     >>> res = bils.babai(R, R @ [1.2, 2.9], 0, 3, backend="numpy")
     >>> res.x.tolist(), round(float(res.cost), 4)
-    ([1, 3], 0.01)
+    ([1, 3], 0.1)
     """
     block_size = int_iv("block_size", block_size, minimum=1)
     return run_solver("babai", KERNELS, R, Y, lo, hi, scale, offset, backend,
