@@ -12,13 +12,17 @@ from .kbest import kbest
 from .klein import klein
 from .ordering import column_order
 from .problem import BILSProblem
+from .targets import JointStats, alpha_closed_form, joint_target
 from .result import STATUS_MESSAGES, BILSResult, Status
 
 __all__ = [
     "BILSProblem",
     "BILSResult",
     "STATUS_MESSAGES",
+    "JointStats",
     "Status",
+    "alpha_closed_form",
+    "joint_target",
     "babai",
     "column_order",
     "enumerate",
