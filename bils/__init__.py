@@ -10,6 +10,8 @@ from .babai import babai
 from .enumeration import enumerate  # noqa: A004 - bils.enumerate is the exact solver
 from .kbest import kbest
 from .klein import klein
+from . import lattice
+from .lattice import Codebook, LatticeFit, fit_generator
 from .ordering import column_order
 from .problem import BILSProblem
 from .targets import JointStats, alpha_closed_form, joint_target
@@ -18,6 +20,8 @@ from .result import STATUS_MESSAGES, BILSResult, Status
 __all__ = [
     "BILSProblem",
     "BILSResult",
+    "Codebook",
+    "LatticeFit",
     "STATUS_MESSAGES",
     "JointStats",
     "Status",
@@ -26,8 +30,10 @@ __all__ = [
     "babai",
     "column_order",
     "enumerate",
+    "fit_generator",
     "kbest",
     "klein",
+    "lattice",
     "resolve_backend",
 ]
 __version__ = "0.1.0"
