@@ -48,6 +48,7 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a cache entry is an ordinary folder
         fill(tmp)
         try:
             os.replace(tmp, target)
