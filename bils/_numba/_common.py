@@ -1,0 +1,95 @@
+"""Helpers shared by the numba kernels: compact grids, tie rule, counter RNG.
+
+Grids (``scale``, ``offset``, ``lo``, ``hi``) arrive as read-only broadcast views of shape
+(n, k), often with zero strides. They are never materialised: :func:`compact` returns the
+smallest C-contiguous array of shape (n or 1, k or 1) holding the distinct values, and
+kernels read it through :func:`at`. Every array handed to a kernel has a fixed numba type
+(C-contiguous, read-only inputs), so each kernel compiles once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["compact", "readonly", "grids", "at", "box_round", "uniform", "splitmix64",
+           "rhs_tiles", "TILE"]
+
+#: Right-hand sides per parallel task (one ``prange`` iteration): sized so a task's
+#: working tile (levels x TILE doubles) stays in the core's L1/L2 cache.
+TILE = 32
+
+
+def readonly(a):
+    """A read-only view of ``a`` (no copy)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def compact(a, dtype):
+    """Smallest C-contiguous (n or 1, k or 1) array equal to the broadcast view ``a``."""
+    a = np.asarray(a)
+    index = tuple(slice(0, 1) if (st == 0 or sh == 1) else slice(None)
+                  for st, sh in zip(a.strides, a.shape))
+    return readonly(np.ascontiguousarray(a[index], dtype=dtype))
+
+
+def grids(can):
+    """``(scale, offset, lo, hi)`` of a :class:`~bils._validate.Canonical` in compact form."""
+    return (compact(can.scale, np.float64), compact(can.offset, np.float64),
+            compact(can.lo, np.int64), compact(can.hi, np.int64))
+
+
+def rhs_tiles(k, width=TILE):
+    """Number of parallel tasks for ``k`` right-hand sides."""
+    return (k + width - 1) // width
+
+
+@njit(cache=True, inline="always")
+def at(A, i, j):
+    """``A[i, j]`` of a compact grid (a length-1 axis broadcasts)."""
+    ii = np.int64(i) if A.shape[0] > 1 else np.int64(0)
+    jj = np.int64(j) if A.shape[1] > 1 else np.int64(0)
+    return A[ii, jj]
+
+
+@njit(cache=True, inline="always")
+def box_round(c, lo, hi):
+    """The tie rule used everywhere: ``clip(floor(c + 0.5), lo, hi)`` (as float)."""
+    x = np.floor(c + 0.5)
+    flo = np.float64(lo)
+    fhi = np.float64(hi)
+    if x < flo:
+        x = flo
+    elif x > fhi:
+        x = fhi
+    return x
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_S11 = np.uint64(11)
+_ONE = np.uint64(1)
+_INV53 = 2.0 ** -53
+
+
+@njit(cache=True, inline="always")
+def splitmix64(z):
+    """SplitMix64 finaliser on a uint64 (wrapping), as :func:`bils._rng.splitmix64`."""
+    z = np.uint64(z + _GOLDEN)
+    z = np.uint64((z ^ (z >> _S30)) * _M1)
+    z = np.uint64((z ^ (z >> _S27)) * _M2)
+    return np.uint64(z ^ (z >> _S31))
+
+
+@njit(cache=True, inline="always")
+def uniform(seed, sample, level, n):
+    """Uniform [0, 1) double of :func:`bils._rng.uniform` for one seed (same integers)."""
+    ctr = np.uint64(np.uint64(sample) * np.uint64(n) + np.uint64(level) + _ONE)
+    h = splitmix64(np.uint64(seed + splitmix64(ctr)))
+    return np.float64(h >> _S11) * _INV53
