@@ -490,7 +490,7 @@ def _encode(codebook, V, C, method, beam_width, max_nodes, backend, squeeze=Fals
             res = kbest(*args, offset=lat.offset, beam_width=beam_width, backend=backend)
             info = {"beam_width": beam_width}
         Z, status, be = np.asarray(res.x), np.asarray(res.status), res.backend
-    cost = _cost(lat, Z)
+    cost = _cost(lat, Z) if method in ("round_off", "exact") else np.asarray(res.cost)
     if squeeze:
         Z, cost, status = Z[:, 0], cost[0], status[0]
     return BILSResult(x=Z, cost=np.asarray(cost), status=np.asarray(status), backend=be,
@@ -585,16 +585,13 @@ def _ls_generator(V, Zo, M, wts, G0, lam):
     d = G0.shape[0]
     m = n // d
     Zw = Zo * (wts / wts.sum())[None, :]
-    MV = M @ V
-    A = np.zeros((d * d, d * d))
-    rhs = np.zeros((d, d))
-    for s in range(m):
-        ss = slice(s * d, (s + 1) * d)
-        rhs += MV[ss] @ Zw[ss].T
-        for t in range(m):
-            tt = slice(t * d, (t + 1) * d)
-            # vec(C_s G z_s) = (z_sᵀ ⊗ C_s) vec(G) (column-major vec)
-            A += np.kron(Zw[ss] @ Zo[tt].T, M[ss, tt])
+    # vec(C_s G z_s) = (z_sᵀ ⊗ C_s) vec(G) (column-major vec), so the normal matrix is
+    # Σ_{s,t} kron(Zw_s Zo_tᵀ, M_st): entry [(a, i), (b, j)] = Σ_st P[s,a,t,b] M[s,i,t,j]
+    P = (Zw @ Zo.T).reshape(m, d, m, d).transpose(0, 2, 1, 3).reshape(m * m, d * d)
+    M4 = M.reshape(m, d, m, d).transpose(0, 2, 1, 3).reshape(m * m, d * d)
+    A = (P.T @ M4).reshape(d, d, d, d).transpose(0, 2, 1, 3).reshape(d * d, d * d)
+    K = ((M @ V) @ Zw.T).reshape(m, d, m, d)
+    rhs = np.einsum("sisa->ia", K)  # Σ_s (M V)_s Zw_sᵀ
     A[np.diag_indices_from(A)] += lam
     b = rhs.reshape(-1, order="F") + lam * G0.reshape(-1, order="F")
     g = scipy.linalg.solve(A, b, assume_a="sym")
