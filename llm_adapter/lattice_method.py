@@ -500,20 +500,21 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
         cs[cs == 0] = 1.0
 
     energy = np.diag(Hd) * np.sum(Wt * Wt, axis=0)  # H_ii ||W_:,i||^2
-    salience = np.array([energy[a:b].mean() for a, b in bounds])  # per column: a short last group is not penalised
-    gbits = salience_bits(salience, spec.bits, spec.salience_frac)
+    g_energy = np.array([energy[a:b].sum() for a, b in bounds])
+    # bits by energy per column, so that a short last group is not singled out
+    gbits = salience_bits(g_energy / [b - a for a, b in bounds], spec.bits, spec.salience_frac)
 
     # decision order: solve position -> column; the last position is decided first
     if spec.order == "act":
         diagH = np.diag(Hd)
         perm = []
-        for g in np.argsort(salience, kind="stable"):
+        for g in np.argsort(g_energy, kind="stable"):
             a, b = bounds[g]
             blocks = np.arange(a, b, d)
             key = [diagH[s:s + d].sum() for s in blocks]
             perm.extend(np.concatenate([np.arange(s, s + d) for s in blocks[np.argsort(key, kind="stable")]]))
         perm = np.asarray(perm)
-        gorder = list(np.argsort(salience, kind="stable"))
+        gorder = list(np.argsort(g_energy, kind="stable"))
     else:
         perm = np.arange(n)
         gorder = list(range(ng))
