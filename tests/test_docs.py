@@ -7,6 +7,8 @@
   fresh namespace, in a temporary working directory (a block preceded by a
   ``<!-- no-test -->`` line is skipped: it needs the 135M model or a GPU; so is a block
   whose first line is indented, a fragment of an earlier block);
+* the docstring ``Examples`` of every public module (shown in the API reference) pass as
+  doctests;
 * ``docs/gen_plots.py`` writes its plots from whatever ``benchmarks/results/*.json`` exist;
 * ``mkdocs build --strict`` succeeds (skipped when mkdocs is not installed:
   ``pip install -e '.[docs]'``).
@@ -200,6 +202,31 @@ def test_python_fence_parser():
     text = "text\n```python\na = 1\n```\n<!-- no-test -->\n```python\nraise SystemExit\n```\n" \
            "```bash\nmake docs\n```\n    ```python\n    b = 2\n    ```\n```python\n    c = 3\n```\n"
     assert python_blocks(text) == [(3, "a = 1\n"), (13, "b = 2\n")]
+
+
+def _doctest_modules():
+    return [name for package in PACKAGES for name, _ in public_modules(package)
+            if not name.endswith("__main__")]
+
+
+@pytest.mark.parametrize("modname", _doctest_modules())
+def test_docstring_examples_run(modname, tmp_path, monkeypatch):
+    """The ``Examples`` sections shown in the API reference are doctests that pass."""
+    import doctest
+
+    try:
+        module = importlib.import_module(modname)
+    except ImportError as exc:  # an optional dependency (cupy, hypothesis) is missing
+        pytest.skip(f"{modname} not importable here: {exc}")
+    monkeypatch.chdir(tmp_path)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(module, modname) if t.examples]
+    out = []
+    for t in tests:
+        runner.run(t, out=out.append)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, "".join(out)
 
 
 # ----------------------------------------------------------------------------- plots and site
