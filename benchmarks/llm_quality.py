@@ -79,6 +79,25 @@ REFERENCE = {
     ("w2g128", "gptq"): 5094.0,
 }
 
+#: Standing notes printed under the table.
+NOTES = [
+    "Notes.",
+    "",
+    "* `gptq` is `bils.babai` on the layer's `H` (act-order = `ordering=\"diag\"`, static groups). "
+    "Its codes are identical to a float64 transcription of GPTQ's `fasterquant` "
+    "(`tests/oracles.py`) on random layers and on real calibration `H` "
+    "(`tests/test_adapter_quantize.py`), and on SmolLM2 layers (H from 8 of this protocol's calibration windows): "
+    "block 0 `q_proj` and block 1 `down_proj`, per-channel and g128, 0 mismatches out of "
+    "331,776 and 884,736 codes.",
+    "* Remaining differences from the reference column come from the float pipeline, not the "
+    "solver: our `H` is accumulated as float32 per-batch products summed in float64 (GPTQ: float32 "
+    "running mean), the model runs in float32 on the CPU, and RTN rounds halves up (GPTQ: half to even).",
+    "* ojbkq's µ = 0.25 is RegCal's fixed α, not tuned on this model: a µ sweep did not fit the CPU "
+    "budget of this run. K-best is off in the table (numpy reference only, 1–2 min per layer).",
+    "* Wall times were taken on a 2-core CPU shared with other jobs (load average ≈ 10 during these "
+    "runs), so they overstate the cost several-fold; compare them only within this table.",
+]
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "llm_quality.json"
 DEFAULT_DOC = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- llm_quality:begin -->", "<!-- llm_quality:end -->"
@@ -185,6 +204,11 @@ def markdown(data: dict) -> str:
             cells.append(cell)
         if any_run:
             lines.append(f"| {CONFIG_LABELS[cfg]} | " + " | ".join(cells) + " |")
+    missing = [f"{CONFIG_LABELS[c]} {m}" for c in CONFIGS for m in METHODS if f"{c}/{m}" not in runs]
+    if missing:
+        lines += ["", "Not measured yet (run the script with `--configs … --methods …`; runs merge into "
+                  "the JSON): " + ", ".join(missing) + "."]
+    lines += ["", *NOTES]
     extra = {k: r for k, r in runs.items() if r.get("overrides")}
     if extra:
         lines += ["", "Variants (spec overrides):", "", "| run | ppl | time (s) |", "|---|---|---|"]
