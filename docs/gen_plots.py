@@ -366,6 +366,7 @@ def plot_llm_ppl(results: Path, out: Path) -> list[Path]:
     if fl is not None:
         ax.axhline(fl, color="k", lw=0.8, ls="--", label=f"float ({fl:.1f})")
     ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
     ax.set_xlabel("bits per weight (codes)")
     ax.set_xticks(sorted({b for *_, b, _ in rows}))
     ax.set_ylabel("perplexity (log scale)")
