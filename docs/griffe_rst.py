@@ -283,8 +283,26 @@ def convert(text: str, context: griffe.Object) -> str:
     return text
 
 
+def _comment_doc(obj: griffe.Object) -> str | None:
+    """Sphinx-style ``#:`` comment lines right above an attribute's assignment, if any."""
+    try:
+        lines = Path(obj.filepath).read_text(encoding="utf-8").split("\n")
+    except (OSError, TypeError, ValueError):
+        return None
+    i = (obj.lineno or 0) - 2
+    doc: list[str] = []
+    while 0 <= i < len(lines) and lines[i].lstrip().startswith("#:"):
+        doc.insert(0, lines[i].lstrip()[2:].strip())
+        i -= 1
+    return "\n".join(doc) or None
+
+
 class RstToMarkdown(griffe.Extension):
-    """Rewrite every docstring of a loaded package from numpydoc-reST to Markdown."""
+    """Rewrite every docstring of a loaded package from numpydoc-reST to Markdown.
+
+    Module attributes documented the Sphinx way (``#:`` comments above the assignment)
+    get those comments as their docstring first.
+    """
 
     def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:  # noqa: ARG002
         seen: set[int] = set()
@@ -294,6 +312,10 @@ class RstToMarkdown(griffe.Extension):
         if id(obj) in seen:
             return
         seen.add(id(obj))
+        if obj.is_attribute and obj.docstring is None:
+            text = _comment_doc(obj)
+            if text:
+                obj.docstring = griffe.Docstring(text, lineno=obj.lineno, parent=obj)
         if obj.docstring is not None and not getattr(obj.docstring, "_rst_converted", False):
             obj.docstring.value = convert(obj.docstring.value, obj)
             obj.docstring._rst_converted = True  # noqa: SLF001
