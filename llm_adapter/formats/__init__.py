@@ -1,0 +1,23 @@
+"""On-disk formats for quantized layers.
+
+* :mod:`~llm_adapter.formats.packing` — b-bit codes packed into int32 words (GPTQ layout).
+* :mod:`~llm_adapter.formats.native` — the library's own directory format
+  (:func:`save_quantized` / :func:`load_quantized`), written atomically.
+* :mod:`~llm_adapter.formats.gptq` — export as a transformers-style GPTQ checkpoint
+  (:func:`export_gptq`).
+"""
+
+from .gptq import GPTQExportError, export_gptq
+from .native import QuantizedFormatError, load_quantized, save_quantized
+from .packing import pack, packed_length, unpack
+
+__all__ = [
+    "GPTQExportError",
+    "QuantizedFormatError",
+    "export_gptq",
+    "load_quantized",
+    "pack",
+    "packed_length",
+    "save_quantized",
+    "unpack",
+]

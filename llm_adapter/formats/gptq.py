@@ -1,0 +1,332 @@
+"""Export quantized layers as a GPTQ checkpoint (the layout transformers, vLLM, exllama,
+GPTQModel read).
+
+Per quantized linear ``<name>`` (``W`` is ``(out, in)``, ``G`` groups)::
+
+    <name>.qweight  int32   [in * bits / 32, out]           codes packed along the input dim
+    <name>.qzeros   int32   [G, out * bits / 32]            zero - 1 packed along the output dim
+    <name>.scales   float16 [G, out]
+    <name>.g_idx    int32   [in]                            group of each input column
+    <name>.bias     float16 [out]                           if the layer has one
+
+Dequantization: ``W[j, i] = scales[g_idx[i], j] * (q[i, j] - (qzero[g_idx[i], j] + 1))``.
+Packing is the little-endian bit stream of :mod:`llm_adapter.formats.packing` (3-bit:
+32 values in 3 words, values straddling word boundaries).
+
+The v1 zero-point pitfall
+-------------------------
+The original (``format: "gptq"``, "v1") layout stores ``zero - 1``, and readers add 1
+back after masking to ``bits`` bits. A zero point of 0 — possible with an asymmetric grid
+whose group minimum is (close to) 0 — is stored as ``-1``, i.e. ``2**bits - 1`` once
+masked (AutoGPTQ's packer does not even mask it, and the all-ones word corrupts the
+neighbouring zeros), and every v1 reader then dequantizes with zero ``2**bits`` instead
+of 0: the whole group is shifted by ``2**bits`` steps. GPTQModel's ``gptq_v2`` stores the
+zero itself to avoid this.
+
+What :func:`export_gptq` does with ``checkpoint_format="gptq"``: a (row, group) with zero
+0 whose codes are all below ``2**bits - 1`` is rewritten losslessly as zero 1 and codes
++ 1 (``(q + 1) - 1 = q - 0``); if any such group uses the top code, no v1 encoding is
+exact and the export fails with a :class:`GPTQExportError` naming the layers (use
+``checkpoint_format="gptq_v2"``). Symmetric grids (zero ``2**(bits-1)``) never hit this.
+Zeros are masked to ``bits`` bits before packing, so no value spills into its neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..quantized import QuantizedLayer
+from .native import QuantizedFormatError, _check_layer, _library_version, write_dir_atomically
+from .packing import SUPPORTED_BITS, pack, period
+
+__all__ = ["GPTQExportError", "export_gptq", "gptq_tensors", "quantization_config"]
+
+logger = logging.getLogger(__name__)
+
+_FORMATS = ("gptq", "gptq_v2")
+WEIGHTS_NAME = "model.safetensors"
+
+
+class GPTQExportError(QuantizedFormatError):
+    """The layers cannot be written in the requested GPTQ layout."""
+
+
+def quantization_config(
+    *,
+    bits: int,
+    group_size: int,
+    damp_percent: float,
+    desc_act: bool,
+    sym: bool,
+    true_sequential: bool = True,
+    checkpoint_format: str = "gptq",
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` for a GPTQ checkpoint."""
+    return {
+        "quant_method": "gptq",
+        "bits": int(bits),
+        "group_size": int(group_size),
+        "damp_percent": float(damp_percent),
+        "desc_act": bool(desc_act),
+        "sym": bool(sym),
+        "true_sequential": bool(true_sequential),
+        "format": checkpoint_format,
+        "pack_dtype": "int32",
+        "checkpoint_format": checkpoint_format,
+        "meta": {"quantizer": [f"bils:{_library_version()}"]},
+    }
+
+
+def gptq_tensors(
+    name: str, layer: QuantizedLayer, *, checkpoint_format: str = "gptq", bias_dtype=np.float16
+) -> dict[str, np.ndarray]:
+    """The GPTQ tensors of one layer: ``{<name>.qweight, .qzeros, .scales, .g_idx[, .bias]}``.
+
+    Raises
+    ------
+    GPTQExportError
+        If the shape does not pack into whole int32 words (``in`` and ``out`` must be
+        multiples of 32 at 3 bits, of ``32 // bits`` otherwise), the zeros are not
+        integers in ``[0, 2**bits - 1]``, or a zero of 0 cannot be written in v1 (see
+        the module notes).
+    """
+    if checkpoint_format not in _FORMATS:
+        raise ValueError(f"`checkpoint_format` must be one of {_FORMATS}, got {checkpoint_format!r}")
+    _check_layer(name, layer)
+    bits = int(layer.bits)
+    out_f, in_f = layer.shape
+    values, _ = period(bits)
+    for dim, size in (("in_features", in_f), ("out_features", out_f)):
+        if size % values:
+            raise GPTQExportError(
+                f"layer {name!r}: {dim} = {size} is not a multiple of {values}, so {bits}-bit "
+                f"values do not fill whole int32 words in the GPTQ layout"
+            )
+    maxq = (1 << bits) - 1
+    zeros = np.asarray(layer.zeros, dtype=np.float64)
+    zint = np.rint(zeros)
+    if np.any(zint != zeros) or zint.min() < 0 or zint.max() > maxq:
+        raise GPTQExportError(
+            f"layer {name!r}: GPTQ needs integer zero points in [0, {maxq}]; got range "
+            f"[{zeros.min()}, {zeros.max()}]" + (" with non-integers" if np.any(zint != zeros) else "")
+        )
+    zint = zint.astype(np.int64)
+    codes = np.asarray(layer.codes).astype(np.int64)
+    g_idx = np.asarray(layer.g_idx).astype(np.int64)
+    if checkpoint_format == "gptq":
+        codes, zint = _shift_zero_groups(name, codes, zint, g_idx, maxq)
+        stored = (zint - 1) & maxq  # v1: zero - 1, masked to `bits` bits
+    else:
+        stored = zint
+    tensors = {
+        f"{name}.qweight": pack(codes.T, bits, axis=0),  # [in * bits / 32, out]
+        f"{name}.qzeros": pack(stored.T, bits, axis=1),  # [G, out * bits / 32]
+        f"{name}.scales": np.ascontiguousarray(np.asarray(layer.scales).T.astype(np.float16)),
+        f"{name}.g_idx": np.ascontiguousarray(g_idx.astype(np.int32)),
+    }
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = np.ascontiguousarray(np.asarray(layer.bias).astype(bias_dtype))
+    return tensors
+
+
+def _shift_zero_groups(name, codes, zint, g_idx, maxq):
+    """Rewrite (row, group) pairs with zero 0 as zero 1, codes + 1 (exact), for v1."""
+    rows, groups = np.nonzero(zint == 0)
+    if rows.size == 0:
+        return codes, zint
+    codes, zint = codes.copy(), zint.copy()
+    stuck = 0
+    for g in np.unique(groups):
+        cols = g_idx == g
+        r = rows[groups == g]
+        block = codes[np.ix_(r, cols)]
+        ok = block.max(axis=1, initial=0) < maxq
+        stuck += int((~ok).sum())
+        r_ok = r[ok]
+        codes[np.ix_(r_ok, cols)] += 1
+        zint[r_ok, g] = 1
+    if stuck:
+        raise GPTQExportError(
+            f"layer {name!r}: {stuck} (row, group) pair(s) have zero point 0 and use the top code "
+            f"{maxq}; GPTQ v1 stores zero - 1, which every v1 reader turns into zero {maxq + 1}. "
+            "Export with checkpoint_format='gptq_v2', or quantize with a symmetric grid"
+        )
+    logger.info("layer %s: %d group(s) with zero 0 rewritten as zero 1, codes + 1 (exact)", name, rows.size)
+    return codes, zint
+
+
+def export_gptq(
+    model,
+    layers: dict[str, QuantizedLayer],
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    desc_act: bool | None = None,
+    damp_percent: float = 0.01,
+    sym: bool | None = None,
+    true_sequential: bool = True,
+    checkpoint_format: str = "gptq",
+    dtype=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a transformers-style GPTQ checkpoint directory, atomically.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the layers belong to (its config and its non-quantized tensors —
+        embeddings, norms, head, unquantized linears — are written too).
+    layers : dict of str to QuantizedLayer
+        Module name to quantized layer; every name must be an ``nn.Linear`` of `model`
+        of the same shape. All layers must share ``bits`` and ``group_size``.
+    out_dir : str or path-like
+        Directory to create (``config.json``, ``model.safetensors``, tokenizer files,
+        ``generation_config.json`` if the model has one).
+    tokenizer : transformers tokenizer, optional
+        Saved with ``save_pretrained`` into `out_dir`.
+    desc_act : bool, optional
+        Whether act-order was used. Default: true if any layer has a non-identity
+        ``perm``. Must be true when a ``g_idx`` is not ``i // group_size`` (readers with
+        ``desc_act=False`` may ignore ``g_idx``).
+    damp_percent : float
+        Hessian damping used (recorded only).
+    sym : bool, optional
+        Default: true if every zero equals ``2**(bits - 1)``. ``sym=True`` with other
+        zeros is an error (symmetric kernels ignore ``qzeros``).
+    true_sequential : bool
+        Recorded only.
+    checkpoint_format : {"gptq", "gptq_v2"}
+        ``"gptq"`` (v1, stores zero − 1; the default, read by everything) or
+        ``"gptq_v2"`` (stores the zero; GPTQModel). See the module notes.
+    dtype : torch.dtype, optional
+        dtype of the non-quantized floating tensors and biases; default ``torch.float16``.
+    overwrite : bool
+        Replace an existing `out_dir`.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    GPTQExportError
+        If a name is not a linear layer of `model`, a shape differs, bits or group sizes
+        are mixed, or a layer cannot be packed (see :func:`gptq_tensors`).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if dtype is None else dtype
+    if not isinstance(layers, dict) or not layers:
+        raise GPTQExportError("`layers` must be a non-empty dict of name -> QuantizedLayer")
+    if checkpoint_format not in _FORMATS:
+        raise ValueError(f"`checkpoint_format` must be one of {_FORMATS}, got {checkpoint_format!r}")
+    target = Path(os.fspath(out_dir))
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"`out_dir` {str(target)!r} already exists; pass overwrite=True to replace it")
+
+    modules = dict(model.named_modules())
+    problems = []
+    for name, layer in layers.items():
+        mod = modules.get(name)
+        if not isinstance(mod, torch.nn.Linear):
+            problems.append(f"{name!r} is not an nn.Linear of the model")
+        elif tuple(mod.weight.shape) != layer.shape:
+            problems.append(f"{name!r} has shape {tuple(mod.weight.shape)}, the quantized layer {layer.shape}")
+    if problems:
+        raise GPTQExportError("cannot export: " + "; ".join(problems))
+    bits_set = {int(l.bits) for l in layers.values()}
+    gs_set = {int(l.group_size) for l in layers.values()}
+    if len(bits_set) != 1 or len(gs_set) != 1:
+        raise GPTQExportError(
+            f"a GPTQ checkpoint has one `bits` and one `group_size`; the layers have bits "
+            f"{sorted(bits_set)} and group sizes {sorted(gs_set)}"
+        )
+    (bits,), (group_size,) = bits_set, gs_set
+    if bits not in SUPPORTED_BITS:
+        raise GPTQExportError(f"`bits` must be one of {SUPPORTED_BITS} for GPTQ, got {bits}")
+
+    static = {name: _static_g_idx(l) for name, l in layers.items()}
+    if desc_act is None:
+        desc_act = any(
+            l.perm is not None and not np.array_equal(np.asarray(l.perm), np.arange(l.shape[1]))
+            for l in layers.values()
+        )
+    if not desc_act:
+        dynamic = [n for n, ok in static.items() if not ok]
+        if dynamic:
+            raise GPTQExportError(
+                f"`desc_act` is False but the g_idx of {dynamic[:3]} is not i // group_size; "
+                "readers may ignore g_idx then. Pass desc_act=True"
+            )
+    half = 1 << (bits - 1)
+    all_sym = all(np.all(np.asarray(l.zeros) == half) for l in layers.values())
+    if sym is None:
+        sym = all_sym
+    elif sym and not all_sym:
+        raise GPTQExportError(
+            f"`sym` is True but some zero points differ from {half} = 2**(bits-1); pass sym=False"
+        )
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for key, arr in gptq_tensors(name, layer, checkpoint_format=checkpoint_format).items():
+            t = torch.from_numpy(arr)
+            tensors[key] = t.to(dtype) if key.endswith(".bias") else t
+    skip = {f"{name}.{p}" for name in layers for p in ("weight", "bias")}
+    seen_ptrs: set[tuple] = set()
+    for key, value in model.state_dict().items():
+        if key in skip:
+            continue
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        if ptr is not None and (ptr, value.storage_offset(), tuple(value.shape)) in seen_ptrs:
+            continue  # tied weight (e.g. lm_head = embed_tokens): saved once, like save_pretrained
+        if ptr is not None:
+            seen_ptrs.add((ptr, value.storage_offset(), tuple(value.shape)))
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.contiguous()
+
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config["quantization_config"] = quantization_config(
+        bits=bits,
+        group_size=group_size,
+        damp_percent=damp_percent,
+        desc_act=desc_act,
+        sym=sym,
+        true_sequential=true_sequential,
+        checkpoint_format=checkpoint_format,
+    )
+    dtype_name = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = dtype_name
+    if "dtype" in config:
+        config["dtype"] = dtype_name
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    path = write_dir_atomically(target, fill, overwrite=overwrite)
+    logger.info(
+        "wrote GPTQ checkpoint %s: %d layers, %d-bit, group size %d, desc_act=%s, sym=%s, format %s",
+        path, len(layers), bits, group_size, desc_act, sym, checkpoint_format,
+    )
+    return path
+
+
+def _static_g_idx(layer: QuantizedLayer) -> bool:
+    in_f = layer.shape[1]
+    gs = in_f if layer.group_size == -1 else layer.group_size
+    return bool(np.array_equal(np.asarray(layer.g_idx), np.arange(in_f) // gs))
