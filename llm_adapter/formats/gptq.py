@@ -276,7 +276,8 @@ def export_gptq(
 
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        for key, arr in gptq_tensors(name, layer, checkpoint_format=checkpoint_format).items():
+        packed = gptq_tensors(name, layer, checkpoint_format=checkpoint_format, bias_dtype=np.float32)
+        for key, arr in packed.items():
             t = torch.from_numpy(arr)
             tensors[key] = t.to(dtype) if key.endswith(".bias") else t
     skip = {f"{name}.{p}" for name in layers for p in ("weight", "bias")}
