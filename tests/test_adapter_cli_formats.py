@@ -341,7 +341,7 @@ def test_cli_quantize_evaluate_generate_end_to_end(tmp_path, capsys, tiny_dir, t
     code, out, err = _run(
         capsys, "quantize", "--model", tiny_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
         "--calib", text_file, "--calib-windows", "4", "--seqlen", "64", "--backend", "numpy",
-        "--out", tmp_path / "q", "--export-gptq", tmp_path / "gptq",
+        "--out", tmp_path / "q", "--export-gptq", tmp_path / "gptq", "--checkpoint", tmp_path / "ckpt",
     )
     assert code == 0, err
     for column in ("layer", "loss", "rel loss", "Babai bound", "clipped %", "time"):
@@ -356,6 +356,21 @@ def test_cli_quantize_evaluate_generate_end_to_end(tmp_path, capsys, tiny_dir, t
     _, weights, _ = read_gptq(tmp_path / "gptq")
     for name, layer in layers.items():
         np.testing.assert_array_equal(weights[name], fp16_scales(layer).dequantize())
+
+    # resuming from the per-layer checkpoints gives the same layers
+    code, _, err = _run(
+        capsys, "quantize", "--model", tiny_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
+        "--calib", text_file, "--calib-windows", "4", "--seqlen", "64", "--backend", "numpy",
+        "--out", tmp_path / "q2", "--checkpoint", tmp_path / "ckpt",
+    )
+    assert code == 0, err
+    for name, layer in load_quantized(tmp_path / "q2")[0].items():
+        np.testing.assert_array_equal(layer.codes, layers[name].codes)
+    code, _, err = _run(
+        capsys, "quantize", "--model", tiny_dir, "--method", "gptq", "--bits", "3", "--calib", text_file,
+        "--calib-windows", "4", "--seqlen", "64", "--out", tmp_path / "q3", "--checkpoint", tmp_path / "ckpt",
+    )
+    assert code == 2 and "--checkpoint" in err
 
     code, out, err = _run(capsys, "evaluate", "--quantized", tmp_path / "q", "--text", text_file,
                           "--windows", "2", "--seqlen", "64")
