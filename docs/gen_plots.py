@@ -10,7 +10,7 @@ solver_cost.png     solver cost relative to the optimum     solver_quality.json
 klein_tau.png       Klein temperature vs the LLS rule        solver_quality.json
 solver_speed.png    time vs problem size, per backend        cpu_solvers.json, gpu_solvers.json
                                                             (else solver_quality.json timings)
-llm_ppl.png         perplexity vs bits, per method           llm_quality.json
+llm_ppl.png         perplexity vs bits, per method           llm_quality.json, lattice_quality.json
 kernel_latency.png  quantized-matmul latency vs batch        gpu_kernels.json
 ==================  =====================================  ===============================
 
@@ -72,7 +72,8 @@ def rows_of(data) -> list[dict]:
         return [r for r in data if isinstance(r, dict)]
     if not isinstance(data, dict):
         return []
-    for key in ("records", "results", "rows", "runs", "data", "benchmarks", "measurements"):
+    for key in ("records", "results", "rows", "runs", "layers", "shapes", "data", "benchmarks",
+                "measurements"):
         val = data.get(key)
         if isinstance(val, list):
             return [r for r in val if isinstance(r, dict)]
@@ -115,12 +116,15 @@ def pyplot():
 
 
 def plain_log_axis(axis) -> None:
-    """Log axis labelled 1, 1.5, 2, 3 ... instead of 10^0, 2x10^0 (costs near 1)."""
+    """Log axis labelled 1, 1.5, 2, 3 ... instead of 10^0, 2x10^0 (costs near 1); fewer
+    ticks when the data span decades. Call after plotting."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-    axis.set_major_formatter(fmt)
+    lo, hi = axis.get_view_interval()
+    decades = math.log10(max(hi, 1e-300) / max(lo, 1e-300)) if lo > 0 else 10
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades <= 1.2 else (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
@@ -230,86 +234,117 @@ def plot_solver_cost(results: Path, out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- solver speed
+#: Backend names recognised inside wide timing keys (``babai_numba_s``).
+BACKENDS = ("numba", "numpy", "cupy", "gpu", "cuda", "torch")
+#: ``*_s`` fields of wide records that are not solver timings.
+NOT_SOLVER_TIMES = {"build_s", "construct_s", "eval_time_s", "quant_time_s", "batch_s"}
+
+
+def _long_rows(data, source: str) -> list[dict]:
+    """Speed rows ``{solver, backend, size..., t}`` from a benchmark JSON, long or wide.
+
+    Long: one row per (solver, backend, size) with a time field (solver_quality.json).
+    Wide: one row per problem with a time column per solver/backend, e.g.
+    ``{"n": 4096, "k": 4096, "babai_numba_s": .., "babai_numpy_s": .., "gptq_lean_s": ..}``
+    (cpu_solvers.json ``layers``).
+    """
+    default_backend = data.get("backend") if isinstance(data, dict) else None
+    if default_backend is None and source.startswith("gpu"):
+        default_backend = "cupy"
+    out = []
+    for r in rows_of(data):
+        sizes = {k: r[k] for k in SIZE_KEYS if num(r.get(k)) is not None}
+        solver = r.get("solver") or r.get("name") or r.get("method")
+        t = time_of(r)
+        if isinstance(solver, str) and t is not None:
+            if "tau=" in solver:
+                continue
+            out.append({**sizes, "solver": _split_solver(solver)[0],
+                        "backend": str(r.get("backend") or default_backend or "?"), "t": t,
+                        "source": source})
+            continue
+        for key, val in r.items():
+            if not key.endswith("_s") or key in NOT_SOLVER_TIMES or num(val) is None or val <= 0:
+                continue
+            tokens = key[:-2].split("_")
+            backend = next((tk for tk in tokens if tk in BACKENDS), None)
+            name = " ".join(tk for tk in tokens if tk != backend)
+            name = re.sub(r"^klein(\d+)", r"klein S=\1", name)
+            name = re.sub(r"^kbest(\d+)", r"kbest K=\1", name)
+            name = re.sub(r"^babai(\d+)$", r"babai \1-bit", name)
+            if backend is None:
+                backend = "torch" if name.startswith("gptq") else (default_backend or "?")
+            out.append({**sizes, "solver": name, "backend": backend, "t": float(val), "source": source})
+    return out
+
+
 def _speed_rows(results: Path) -> list[dict]:
     out = []
     for path in sorted(results.glob("*.json")):
         if not (path.name.startswith(("cpu_solvers", "gpu_solvers")) or path.name == "solver_quality.json"):
             continue
         data = load(path)
-        if data is None:
-            continue
-        default_backend = data.get("backend") if isinstance(data, dict) else None
-        if default_backend is None:
-            default_backend = "cupy" if path.name.startswith("gpu") else None
-        for r in rows_of(data):
-            t = time_of(r)
-            solver = r.get("solver") or r.get("name") or r.get("method")
-            if t is None or not isinstance(solver, str):
-                continue
-            if "tau=" in solver:
-                continue
-            backend = r.get("backend") or default_backend or "?"
-            out.append({**r, "_t": t, "_solver": _split_solver(solver)[0], "_backend": str(backend),
-                        "_source": path.name})
+        if data is not None:
+            out += _long_rows(data, path.name)
     return out
+
+
+def _family(solver: str) -> str:
+    m = re.match(r"[A-Za-z]+", solver)
+    return m.group(0).lower() if m else solver
 
 
 def plot_solver_speed(results: Path, out: Path) -> list[Path]:
     rows = _speed_rows(results)
-    dedicated = [r for r in rows if r["_source"] != "solver_quality.json"]
+    dedicated = [r for r in rows if r["source"] != "solver_quality.json"]
     if dedicated:
         rows = dedicated
     if not rows:
         note("no solver timings (cpu_solvers.json / gpu_solvers.json / solver_quality.json): "
              "solver_speed skipped")
         return []
+    for r in rows:  # x: the problem size, n*k when both are recorded and vary
+        r["nk"] = r["n"] * r["k"] if num(r.get("n")) is not None and num(r.get("k")) is not None else None
     xkey = None
-    for key in SIZE_KEYS:
-        vals = {num(r.get(key)) for r in rows} - {None}
-        if len(vals) > 1:
+    for key in ("nk",) + SIZE_KEYS:
+        if len({num(r.get(key)) for r in rows} - {None}) > 1:
             xkey = key
             break
     if xkey is None:
         note("solver timings do not vary in a size field: solver_speed skipped")
         return []
+    xlabel = "problem size n·k (coordinates × right-hand sides)" if xkey == "nk" else xkey
     rows = [r for r in rows if num(r.get(xkey)) is not None]
-    solvers = list(dict.fromkeys(r["_solver"] for r in rows))
-    backends = list(dict.fromkeys(r["_backend"] for r in rows))
+    families = list(dict.fromkeys(_family(r["solver"]) for r in rows))
     plt = pyplot()
-    ncol = min(len(solvers), 4)
-    nrow = -(-len(solvers) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.8 * nrow), squeeze=False, sharey=True)
-    styles = {b: (plt.get_cmap("tab10")(i), "os^vD"[i % 5]) for i, b in enumerate(backends)}
-    for ax, solver in zip(axes.flat, solvers):
-        for b in backends:
-            pts = defaultdict(list)
-            for r in rows:
-                if r["_solver"] == solver and r["_backend"] == b:
-                    pts[num(r[xkey])].append(r["_t"])
-            if not pts:
-                continue
+    ncol = min(len(families), 3)
+    nrow = -(-len(families) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.0 * nrow), squeeze=False, sharey=True)
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    colors = {b: plt.get_cmap("tab10")(i) for i, b in enumerate(backends)}
+    for ax, fam in zip(axes.flat, families):
+        series = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if _family(r["solver"]) == fam:
+                series[(r["solver"], r["backend"])][num(r[xkey])].append(r["t"])
+        for i, ((solver, backend), pts) in enumerate(sorted(series.items())):
             xs = sorted(pts)
             ys = [sorted(pts[x])[len(pts[x]) // 2] for x in xs]  # median over other settings
-            color, marker = styles[b]
-            ax.plot(xs, ys, marker=marker, color=color, label=b, ms=4)
-        ax.set_title(solver, fontsize=9)
+            ax.plot(xs, ys, marker="os^vD<>"[i % 7], color=colors[backend], ms=4,
+                    ls=["-", "--", ":", "-."][i % 4] if len(series) > len(backends) else "-",
+                    label=f"{solver} [{backend}]")
+        ax.set_title(fam, fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(xkey)
-    for ax in axes.flat[len(solvers):]:
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in list(axes.flat)[len(families):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("time (s)")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, title="backend", fontsize=8, loc="upper right")
-    sources = ", ".join(sorted({r["_source"] for r in rows}))
-    fig.suptitle(f"Solver time vs problem size ({sources})", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    sources = ", ".join(sorted({r["source"] for r in rows}))
+    fig.suptitle(f"Solver time vs problem size, per backend ({sources})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     path = save(fig, out, "solver_speed")
     plt.close(fig)
     return [path]
@@ -336,43 +371,65 @@ def _group_of(r: dict) -> str:
     return "per-channel" if g == -1 else f"g{g}"
 
 
+def _lattice_rows(results: Path) -> list[tuple[str, str, float, float]]:
+    """(method, label, bits per weight incl. overhead, ppl) from lattice_quality.json."""
+    path = results / "lattice_quality.json"
+    if not path.exists():
+        return []
+    out = []
+    for r in rows_of(load(path)):
+        ppl, bpw = num(r.get("ppl")), num(r.get("bits_per_weight"))
+        kind = r.get("kind") or r.get("method")
+        if ppl is None or bpw is None or not isinstance(kind, str):
+            continue
+        out.append((kind, str(r.get("protocol", "")), bpw, ppl))
+    return out
+
+
 def plot_llm_ppl(results: Path, out: Path) -> list[Path]:
     data = load(results / "llm_quality.json")
-    if data is None:
-        return []
     rows = []
-    for r in rows_of(data):
+    for r in rows_of(data) if data is not None else []:
         ppl, bits, method = num(r.get("ppl")), _bits_of(r), r.get("method")
         if ppl is None or bits is None or not isinstance(method, str) or r.get("overrides"):
             continue
         rows.append((method, _group_of(r), bits, ppl))
-    if not rows:
-        note("llm_quality.json has no finished runs yet: llm_ppl skipped")
+    lattice = _lattice_rows(results)
+    if not rows and not lattice:
+        if data is not None:
+            note("llm_quality.json has no finished runs yet: llm_ppl skipped")
         return []
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    methods = list(dict.fromkeys(m for m, *_ in rows))
-    groups = sorted({g for _, g, *_ in rows}, key=lambda g: (g == "per-channel", g))
+    panels = [p for p in (("llm", rows), ("lattice", lattice)) if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.8), squeeze=False)
     cmap = plt.get_cmap("tab10")
     lines = ["-", "--", ":", "-."]
-    for i, m in enumerate(methods):
-        for j, g in enumerate(groups):
-            pts = sorted((b, p) for mm, gg, b, p in rows if mm == m and gg == g)
-            if not pts:
-                continue
-            ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", color=cmap(i),
-                    ls=lines[j % len(lines)], label=f"{m} {g}")
-    fl = num((data.get("float") or {}).get("ppl")) if isinstance(data, dict) else None
-    if fl is not None:
-        ax.axhline(fl, color="k", lw=0.8, ls="--", label=f"float ({fl:.1f})")
-    ax.set_yscale("log")
-    plain_log_axis(ax.yaxis)
-    ax.set_xlabel("bits per weight (codes)")
-    ax.set_xticks(sorted({b for *_, b, _ in rows}))
-    ax.set_ylabel("perplexity (log scale)")
-    model = (data.get("protocol") or {}).get("model", "") if isinstance(data, dict) else ""
-    ax.set_title(f"Perplexity vs bits per method {('— ' + model) if model else ''}", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax, (kind, prow) in zip(axes[0], panels):
+        methods = list(dict.fromkeys(m for m, *_ in prow))
+        groups = sorted({g for _, g, *_ in prow}, key=lambda g: (g == "per-channel", g))
+        for i, m in enumerate(methods):
+            for j, g in enumerate(groups):
+                pts = sorted((b, p) for mm, gg, b, p in prow if mm == m and gg == g)
+                if pts:
+                    ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", color=cmap(i),
+                            ls=lines[j % len(lines)], label=f"{m} {g}".strip())
+        fl = num((data.get("float") or {}).get("ppl")) if isinstance(data, dict) else None
+        if fl is not None:
+            ax.axhline(fl, color="k", lw=0.8, ls="--", label=f"float ({fl:.1f})")
+        ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
+        if kind == "llm":
+            ax.set_xlabel("code bits per weight")
+            ax.set_xticks(sorted({b for *_, b, _ in prow}))
+            model = (data.get("protocol") or {}).get("model", "") if isinstance(data, dict) else ""
+            ax.set_title(f"Perplexity vs bits per method{(' — ' + model) if model else ''}\n"
+                         "(llm_quality.json)", fontsize=9)
+        else:
+            ax.set_xlabel("stored bits per weight (codes + scales + generators)")
+            ax.set_title("Uniform grid vs lattice VQ (lattice_quality.json)", fontsize=9)
+        ax.set_ylabel("perplexity (log scale)")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
     path = save(fig, out, "llm_ppl")
     plt.close(fig)
     return [path]
