@@ -21,3 +21,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
+
+# The property tests call numba's parallel kernels thousands of times on tiny problems.
+# With the OpenMP threading layer idle workers spin-wait between calls, which costs ~20x
+# the kernel's own CPU time on the 2-core CI machine; let them sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

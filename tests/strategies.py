@@ -6,4 +6,3 @@ the very same ones, so there is one copy.
 
 from bils.testing.strategies import *  # noqa: F401,F403 - re-export
 from bils.testing.strategies import __all__  # noqa: F401
-from bils.testing.strategies import make_gram, minmax_grid  # noqa: F401

@@ -21,7 +21,7 @@ import numpy as np
 from bils.result import Status
 
 from ._case import ProblemCase, as_case, unpack_result
-from .oracles import DEFAULT_MAX_POINTS, babai_textbook, exact_solve
+from .oracles import DEFAULT_MAX_POINTS, exact_solve
 
 __all__ = [
     "assert_feasible",

@@ -40,6 +40,7 @@ __all__ = [
     "WIDTHS", "CONDITIONING", "TARGETS", "GRIDS", "BOX_SHAPES",
     "sizes", "seeds", "make_triangular", "triangular_factors", "boxes", "grids",
     "bils_problems", "shifts", "shifted_problems", "LayerCase", "layer_problems",
+    "make_gram", "minmax_grid",
 ]
 
 #: Box widths ``hi - lo`` drawn by default (1, 2, 4, 8, 16 points per coordinate).
