@@ -182,6 +182,16 @@ class TestKlein(SolverContract):
         np.testing.assert_array_equal(a.cost, b.cost)
 
 
+def test_klein_auto_tau_is_finite_with_many_samples():
+    # bils/klein.py lls_rho: when 2n <= log(n_samples) (n=1 with 8 samples) the equation
+    # K = (e rho)^(2n/rho) has no root rho > 1, the bisection returns 1.0 and lls_tau
+    # divides by log(1) = 0: tau = inf, i.e. uniform sampling over the box.
+    with np.errstate(divide="raise"):
+        res = bils.klein(np.eye(1) * 2.0, np.array([0.3]), -5, 5, n_samples=8, rng=0,
+                         backend="numpy")
+    assert np.all(np.isfinite(res.info["tau"])) and np.all(np.asarray(res.info["tau"]) > 0)
+
+
 class TestKBest(SolverContract):
     solver = staticmethod(bils.kbest)
     variants = ({"beam_width": 4}, {"beam_width": 16, "n_children": 16},

@@ -5,7 +5,7 @@ Nothing here imports hypothesis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class ProblemCase:
     label: str = ""
     exact: bool = False
     squeeze: bool = False
-    triangular: bool = field(default=True)
+    triangular: bool = True
 
     # ------------------------------------------------------------------ shapes
     @property
