@@ -37,10 +37,7 @@ _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P
 NO_TEST = "<!-- no-test -->"
 
 #: Pages owned elsewhere whose examples are known to fail: page -> the reason (xfail).
-KNOWN_BROKEN = {
-    "testing.md": "the `threaded_rng` example uses `bils` without `import bils` "
-                  "(docs/testing.md, the block after 'Randomised solvers')",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------- helpers
