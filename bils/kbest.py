@@ -46,7 +46,11 @@ def _kbest_chunk(can, cols, K, C):
         c = t / d
         m = np.clip(np.floor(c + 0.5), lo[i][:, None], hi[i][:, None])
         w = int(min(C - 1, np.max(hi[i] - lo[i]))) if kc else 0
-        offs = np.arange(-w, w + 1, dtype=np.float64)
+        # zig-zag offsets 0, -1, +1, -2, +2, ...: with the stable sort below the rounded
+        # value comes first on exact ties, so child 0 is always the Babai decision
+        offs = np.zeros(2 * w + 1)
+        offs[1::2] = -np.arange(1, w + 1)
+        offs[2::2] = np.arange(1, w + 1)
         z = m[:, :, None] + offs  # (kc, B, 2w+1)
         inbox = (z >= lo[i][:, None, None]) & (z <= hi[i][:, None, None])
         dist = np.where(inbox, np.abs(c[:, :, None] - z), np.inf)
@@ -58,11 +62,11 @@ def _kbest_chunk(can, cols, K, C):
         cc = np.where(ok, pc[:, :, None] + e * e, np.inf).reshape(kc, -1)  # (kc, B*C)
         nb = min(K, cc.shape[1])
         keep = np.argsort(cc, axis=1, kind="stable")[:, :nb]
-        # keep the Babai child of the Babai parent (candidate index babai_slot*C + 0)
+        # keep the Babai child of the Babai parent (candidate index babai_slot*Ce + 0);
+        # slots without a feasible child keep cost inf and never win
         bchild = babai_slot * Ce
         present = np.any(keep == bchild[:, None], axis=1)
         keep[~present, -1] = bchild[~present]
-        keep = np.where(np.isfinite(np.take_along_axis(cc, keep, axis=1)), keep, keep[:, :1])
         parent, child = keep // Ce, keep % Ce
         newZ = Z[cidx[:, None], parent]
         newX = X[cidx[:, None], parent]

@@ -29,7 +29,9 @@ def lls_rho(n_samples: int, n: int) -> float:
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
-    return hi
+    # With few levels and many samples (2n <= log K) there is no root above 1; clamp so
+    # that log(rho) >= 1 and the temperature stays finite.
+    return max(hi, math.e)
 
 
 def lls_tau(R, scale, n_samples):
@@ -158,7 +160,10 @@ def klein(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, n_samples=
         tau = float_iv("tau", tau)
         if tau < 0:
             raise ValueError(f"`tau` must be 'auto' or a float >= 0, got {tau}")
-    gen = np.random.default_rng(rng)
+    try:
+        gen = np.random.default_rng(rng)
+    except (TypeError, ValueError):
+        raise TypeError("`rng` must be None, a non-negative int or a numpy.random.Generator") from None
     cache = {}
 
     def options(can, cols, k_total):

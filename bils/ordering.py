@@ -9,7 +9,8 @@ first. Orderings that depend on the basis only are computed from the Gram matrix
 ========== ==================================================================== ==========
 name       rule                                                                 cost
 ========== ==================================================================== ==========
-natural    identity                                                             O(n)
+natural    identity (the last coordinate is decided first)                      O(n)
+reverse    coordinate 0 decided first: GPTQ without act-order                   O(n)
 diag       largest :math:`G_{ii}` decided first (GPTQ "act-order")              O(n log n)
 sqrd       front to back, smallest remaining column norm first (Wübben et al.)   O(n^3)
 vblast     back to front, largest achievable :math:`r_{pp}` (V-BLAST)          O(n^3)
@@ -35,7 +36,7 @@ from ._validate import choice_iv
 
 __all__ = ["ORDERINGS", "column_order", "chang_han"]
 
-ORDERINGS = ("natural", "diag", "sqrd", "vblast", "minpivot")
+ORDERINGS = ("natural", "reverse", "diag", "sqrd", "vblast", "minpivot")
 
 
 def _gram_iv(G):
@@ -73,7 +74,7 @@ def column_order(G, method="natural"):
     ----------
     G : (n, n) array_like
         Symmetric positive-definite Gram matrix (``A.T @ A``) or Hessian ``H``.
-    method : {"natural", "diag", "sqrd", "vblast", "minpivot"}
+    method : {"natural", "reverse", "diag", "sqrd", "vblast", "minpivot"}
         Rule, see the module table.
 
     Returns
@@ -94,6 +95,8 @@ def column_order(G, method="natural"):
     n = G.shape[0]
     if method == "natural":
         return np.arange(n, dtype=np.int64)
+    if method == "reverse":
+        return np.arange(n - 1, -1, -1, dtype=np.int64)
     if method == "diag":
         # GPTQ processes argsort(diag, descending) front to back; we decide from the back.
         return np.argsort(-np.diag(G), kind="stable")[::-1].astype(np.int64)

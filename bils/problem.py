@@ -217,13 +217,17 @@ class BILSProblem:
             H[np.diag_indices(n)] += damp * np.mean(np.diag(H))
         order = "natural" if ordering == "chang_han" else ordering
         choice_iv("ordering", ordering, _ORDER_CHOICES)
-        perm = column_order(H, order)
+        try:
+            perm = column_order(H, order)
+        except (ValueError, np.linalg.LinAlgError):
+            raise ValueError("`H` (after damping) must be positive definite; increase `damp`") from None
         try:
             R = scipy.linalg.cholesky(H[np.ix_(perm, perm)], lower=False)
         except np.linalg.LinAlgError:
             raise ValueError("`H` (after damping) must be positive definite; increase `damp`") from None
         Y = R @ T[perm]
-        prob = cls._build(R, Y, *(_rows2(a, perm, n, squeeze) for a in (lo, hi, scale, offset)), squeeze,
+        prob = cls._build(R, Y, *(_rows2(nm, a, perm, n, squeeze) for nm, a in
+                            (("lo", lo), ("hi", hi), ("scale", scale), ("offset", offset))), squeeze,
                           "natural", np.zeros(T.shape[1]), gram=None, dead=dead)
         if ordering == "chang_han":
             return cls._build(R, Y, lo, hi, scale, offset, squeeze, "chang_han",
@@ -298,11 +302,11 @@ class BILSProblem:
         return np.sum(r * r, axis=0) + self.cost_offset
 
 
-def _rows2(a, perm, n, squeeze):
+def _rows2(name, a, perm, n, squeeze):
     """Permute the rows of a grid array given in original order (None passes through)."""
     if a is None:
         return None
-    a = np.asarray(a)
+    a = _real_array(name, a)
     if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
         return a[perm]
     return a

@@ -357,7 +357,7 @@ class TestProblemMessages:
 
     def test_orderings(self):
         P = bils.BILSProblem
-        with pytest.raises(ValueError, match=r"^`ordering` must be one of \('natural', 'diag', "
+        with pytest.raises(ValueError, match=r"^`ordering` must be one of \('natural', 'reverse', 'diag', "
                                              r"'sqrd', 'vblast', 'minpivot'.*got 'act_order'$"):
             P.from_triangular(R2, Y2, 0, 3, ordering="act_order")
         with pytest.raises(ValueError, match=r"^`ordering` must be one of"):
