@@ -15,31 +15,19 @@ the in-panel updates as register-blocked rank-4 updates. Each right-hand side se
 same floating-point operations whatever the tiling, so results do not depend on the
 thread count.
 
-The same sweep draws Klein's sampled paths (:mod:`bils._numba.klein`): a non-negative
-``sample`` switches the per-level decision from rounding to the discrete Gaussian.
+Klein (:mod:`bils._numba.klein`) runs this sweep once, keeping every panel's product, and
+then draws its sampled sweeps against it.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, at, box_round, grids, readonly, uniform
+from ._common import TILE, at, box_round, grids, readonly
 
-__all__ = ["babai_kernel", "sweep"]
-
-#: Klein's window half-width in standard deviations (``bils.klein.WINDOW_SIGMAS``).
-WINDOW_SIGMAS = 6.0
-#: Candidates per level kept in scratch by the sampler; wider windows recompute ``exp``.
-_PBUF = 64
-#: Weights below exp(-_SKIP_EXP) are dropped (see ``_weight``); windows wider than
-#: _SKIP_MAX_WINDOW candidates keep every weight.
-_SKIP_EXP = 45.0
-_SKIP_MAX_WINDOW = 256
-
+__all__ = ["babai_kernel", "sweep", "panels"]
 
 @njit(cache=True, inline="always")
 def _load_tile(T, Y, G, has_g, a, j0, w):
@@ -78,91 +66,14 @@ def _rank4(T, r0, r1, r2, r3, z0, z1, z2, z3, nrows, w):
 
 
 @njit(cache=True)
-def klein_pick(c, d, lo, hi, tau, sqrt_tau, seed, sample, level, n, pbuf):
-    """Klein's draw at one level, as ``bils.klein._klein_numpy``'s ``sample``.
-
-    Candidates are the box integers within the window around the rounded centre ``m``,
-    in ascending order, with weights ``exp(-((d (c - z))^2 - e_min) / tau)``; the draw is
-    the inverse CDF at ``u * total`` with the counter-based uniform of (seed, sample,
-    level). ``e_min`` is attained at ``m`` (the nearest box integer), weights decrease
-    away from ``m`` on both sides, and only the contiguous run of weights above
-    ``exp(-_SKIP_EXP)`` is evaluated (see :func:`_weight`).
-    """
-    m = box_round(c, lo, hi)
-    if not tau > 0.0:
-        return m
-    flo = np.float64(lo)
-    fhi = np.float64(hi)
-    w = np.ceil(WINDOW_SIGMAS * sqrt_tau / abs(d)) + 1.0
-    width = fhi - flo
-    if width < w:
-        w = width
-    iw = np.int64(w)
-    zlo = max(m - iw, flo)
-    zhi = min(m + iw, fhi)
-    skip = _SKIP_EXP if zhi - zlo < _SKIP_MAX_WINDOW else np.inf
-    r = d * (c - m)
-    emin = r * r
-    za = m
-    while za > zlo and _arg(d, c, za - 1.0, emin, tau) <= skip:
-        za -= 1.0
-    zb = m
-    while zb < zhi and _arg(d, c, zb + 1.0, emin, tau) <= skip:
-        zb += 1.0
-    ncand = np.int64(zb - za) + 1
-    nbuf = pbuf.shape[0]
-    total = 0.0
-    for q in range(ncand):
-        p = _weight(d, c, za + q, emin, tau)
-        if q < nbuf:
-            pbuf[q] = p
-        total += p
-    u = uniform(seed, sample, level, n) * total
-    cum = 0.0
-    for q in range(ncand):
-        cum += pbuf[q] if q < nbuf else _weight(d, c, za + q, emin, tau)
-        if cum > u:
-            return za + q
-    return zb  # not reached: u < total
-
-
-@njit(cache=True, inline="always")
-def _arg(d, c, z, emin, tau):
-    r = d * (c - z)
-    return (r * r - emin) / tau
-
-
-@njit(cache=True, inline="always")
-def _weight(d, c, z, emin, tau):
-    """``exp(-((d (c - z))^2 - e_min) / tau)`` (exactly 1 at the centre candidate).
-
-    Weights below ``exp(-_SKIP_EXP)`` are never evaluated: in a window of fewer than
-    ``_SKIP_MAX_WINDOW`` candidates they sum to less than half an ulp of the largest
-    weight (1), so leaving them out moves the total and the cumulative sums by at most
-    an ulp, and a draw can differ from the reference (which evaluates every ``exp``)
-    only when ``u`` falls within an ulp of a boundary — the same order as the ulp
-    differences between numpy's and libm's ``exp``.
-    """
-    arg = _arg(d, c, z, emin, tau)
-    if arg == 0.0:
-        return 1.0
-    return math.exp(-arg)
-
-
-@njit(cache=True)
-def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1,
-                sample, tau, sqrt_tau, seeds, nlev):
-    """Decide levels ``[a, a + m)`` of right-hand sides ``[j0, j1)``.
-
-    ``sample < 0``: Babai (round to nearest); else Klein sample number ``sample``.
-    """
+def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1):
+    """Decide levels ``[a, a + m)`` of right-hand sides ``[j0, j1)`` (round to nearest)."""
     m = RT.shape[0]
     w = j1 - j0
     T = np.empty((m, w))
     _load_tile(T, Y, G, has_g, a, j0, w)
     zb = np.empty((4, w))
     cl = np.zeros(w)
-    pbuf = np.empty(_PBUF)
     top = m
     while top > 0:
         bot = max(0, top - 4)
@@ -176,11 +87,7 @@ def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1,
                 o = at(O, i, j)
                 t = T[q, jj] - rii * o
                 d = rii * s
-                if sample < 0:
-                    xi = box_round(t / d, at(LO, i, j), at(HI, i, j))
-                else:
-                    xi = klein_pick(t / d, d, at(LO, i, j), at(HI, i, j), tau[j], sqrt_tau[j],
-                                    seeds[j], sample, i, nlev, pbuf)
+                xi = box_round(t / d, at(LO, i, j), at(HI, i, j))
                 X[i, j] = np.int64(xi)
                 z = s * xi + o
                 Z[i, j] = z
@@ -200,42 +107,40 @@ def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1,
 
 
 @njit(cache=True, parallel=True)
-def _sweep_panel(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width,
-                 sample, tau, sqrt_tau, seeds, nlev):
+def _sweep_panel(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width):
     k = Y.shape[1]
     for t in prange((k + width - 1) // width):
         j0 = t * width
-        _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, min(k, j0 + width),
-                    sample, tau, sqrt_tau, seeds, nlev)
+        _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, min(k, j0 + width))
 
 
-_NO_F = readonly(np.zeros(1))
-_NO_U = readonly(np.zeros(1, dtype=np.uint64))
+def panels(n, block_size):
+    """Panel bounds ``(a, e)`` in the order they are decided (top levels first)."""
+    return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
 
 
-def sweep(can, block_size, X, Z, cost, *, sample=-1, tau=_NO_F, sqrt_tau=_NO_F, seeds=_NO_U):
-    """One left-looking blocked nearest-plane sweep over all right-hand sides.
+def sweep(can, block_size, X, Z, cost, *, G_out=None):
+    """One left-looking blocked nearest-plane (Babai) sweep over all right-hand sides.
 
     Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) float64 and ``cost`` (k,) in place.
-    ``sample = -1`` is Babai; ``sample >= 0`` draws Klein sample ``sample`` with
-    temperatures ``tau`` (k,) and per-RHS ``seeds`` (k,) uint64.
+    With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
+    in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
     """
     R = can.R
     Y = readonly(can.Y)
     n, k = Y.shape
     S, O, LO, HI = grids(can)
     cost[:] = 0.0
-    G = np.empty((min(block_size, n), k))
-    with np.errstate(over="ignore"):  # uint64 hashing wraps (matters with NUMBA_DISABLE_JIT)
-        for e in range(n, 0, -block_size):
-            a = max(0, e - block_size)
-            Gp = G[: e - a]
-            has_g = e < n
-            if has_g:
-                np.matmul(R[a:e, e:], Z[e:], out=Gp)
-            RT = readonly(np.ascontiguousarray(R[a:e, a:e].T))
-            _sweep_panel(Y, readonly(Gp), has_g, RT, a, S, O, LO, HI, Z, X, cost, TILE,
-                         sample, tau, sqrt_tau, seeds, n)
+    G = np.empty((min(block_size, n), k)) if G_out is None else None
+    for a, e in panels(n, block_size):
+        Gp = G[: e - a] if G_out is None else G_out[a:e]
+        has_g = e < n
+        if has_g:
+            np.matmul(R[a:e, e:], Z[e:], out=Gp)
+        elif G_out is not None:
+            Gp[...] = 0.0
+        RT = readonly(np.ascontiguousarray(R[a:e, a:e].T))
+        _sweep_panel(Y, readonly(Gp), has_g, RT, a, S, O, LO, HI, Z, X, cost, TILE)
 
 
 def babai_kernel(can, *, block_size):

@@ -1,8 +1,9 @@
 r"""Numba K-best: per-RHS beams, blocked so the bulk of the work is one BLAS product.
 
 The beam of every right-hand side is advanced level by level exactly as in
-``bils.kbest._kbest_numpy`` (children in zig-zag order, stable selection by partial cost,
-the Babai child of the Babai parent always kept, short beams padded with the best entry).
+``bils.kbest._kbest_numpy`` (children in zig-zag order by distance to the centre, the
+rounded value first on ties; stable selection by partial cost; the Babai child of the
+Babai parent always kept; slots without a feasible child stay empty with cost ``inf``).
 
 Blocking. Levels are processed in panels ``[a, e)`` of ``block`` levels. Each RHS keeps
 one *reference* path (beam member 0 at the last panel boundary) densely in ``Zref``
@@ -32,6 +33,16 @@ PANEL = 128
 _PATH_BYTES = 1 << 28
 
 
+@njit(cache=True, inline="always")
+def _lower_first(c, dn, up, mm):
+    """Whether candidate ``dn < mm`` precedes ``up >= mm`` in the children's order."""
+    ddn = abs(c - dn)
+    dup = abs(c - up)
+    if ddn != dup:
+        return ddn < dup
+    return mm - dn <= up - mm
+
+
 @njit(cache=True)
 def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
                xcode, par, nbeam, pcost, bslot, Zref):
@@ -46,7 +57,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
     for b in range(B):
         for l in range(m):
             Tb[b, l] = Y[a + l, jg] - Gc[l, jj] if has_g else Y[a + l, jg]
-        if b == 0 or not has_g:
+        if b == 0 or not has_g or pcost[jj, b] == np.inf:
             continue
         ib = b
         ir = 0
@@ -86,6 +97,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
         bab_c = 0.0
         bab_z = 0.0
         for p in range(B):
+            if pc[p] == np.inf:
+                continue  # an empty slot: all its children are infeasible
             t = Tb[p, q] - rii * o
             c = t / d
             mm = box_round(c, lo, hi)
@@ -95,8 +108,9 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
             dn = mm - 1.0
             up = mm
             for r in range(nfin):
-                dn_ok = dn >= zlo
-                if dn_ok and (up > zhi or abs(c - dn) <= abs(c - up)):
+                # zig-zag by distance; on exact ties the offset listed first in
+                # 0, -1, +1, -2, +2, ... wins (so child 0 is the rounded value)
+                if dn >= zlo and (up > zhi or _lower_first(c, dn, up, mm)):
                     z = dn
                     dn -= 1.0
                 else:
@@ -135,11 +149,11 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
                 sel_r[nb - 1] = 0
                 sel_z[nb - 1] = bab_z
         else:
-            for r in range(cnt, nb):
-                sel_c[r] = sel_c[0]
-                sel_p[r] = sel_p[0]
-                sel_r[r] = sel_r[0]
-                sel_z[r] = sel_z[0]
+            for r in range(cnt, nb):  # empty slots (fewer feasible children than nb)
+                sel_c[r] = np.inf
+                sel_p[r] = -1
+                sel_r[r] = -1
+                sel_z[r] = 0.0
         newslot = 0
         for r in range(nb - 1, -1, -1):
             if sel_p[r] == slot and sel_r[r] == 0:
@@ -148,12 +162,15 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
         rq = RT[q]
         for r in range(nb):
             p = sel_p[r]
+            xcode[jj, i, r] = np.int64(sel_z[r])
+            npc[r] = sel_c[r]
+            if p < 0:
+                par[jj, i, r] = 0
+                continue
+            par[jj, i, r] = p
             zv = s * sel_z[r] + o
             for l in range(q):
                 Tn[r, l] = Tb[p, l] - rq[l] * zv
-            xcode[jj, i, r] = np.int64(sel_z[r])
-            par[jj, i, r] = p
-            npc[r] = sel_c[r]
         for r in range(nb):
             pc[r] = npc[r]
         Tb, Tn = Tn, Tb

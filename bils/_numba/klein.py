@@ -1,22 +1,335 @@
-"""Numba Klein: the Babai sweep plus ``n_samples`` sampled sweeps, best kept per RHS.
+r"""Numba Klein: the Babai sweep plus ``n_samples`` sampled sweeps, best kept per RHS.
 
-Every sampled sweep is the blocked nearest-plane sweep of :mod:`bils._numba.babai` with
-the per-level decision replaced by Klein's discrete-Gaussian draw. The uniforms come from
-the counter-based generator of :mod:`bils._rng` (seed per RHS drawn from ``rng`` before
-the kernel, then a pure function of (seed, sample, level)), so samples are identical on
-every backend and thread count.
+A sampled sweep is the nearest-plane recursion of :mod:`bils._numba.babai` with every
+decision drawn from Klein's discrete Gaussian (:func:`klein_pick`). The uniforms come from
+the counter-based generator of :mod:`bils._rng` (one seed per RHS drawn from ``rng``
+before the kernel, then a pure function of (seed, sample, level)), so samples are the
+same on every backend and thread count.
+
+Sampled sweeps without matrix products. A sample's decided points differ from the Babai
+point's in few places (of the order of 10% of the levels on layer-shaped problems), so
+for the panel ``[a, e)``
+
+.. math::
+
+    R_{a:e,\,e:} Z^{(s)}_{e:} = R_{a:e,\,e:} Z^{(b)}_{e:}
+        + \sum_{l \ge e,\; x^{(s)}_l \ne x^{(b)}_l} R_{a:e,\,l}\; s_l (x^{(s)}_l - x^{(b)}_l),
+
+where the first term is kept from the Babai sweep (``G_out``) and the sum runs over a
+per-tile list of the levels where the sample left the Babai point, recorded as the levels
+are decided. Work per sample is proportional to the number of differences instead of a
+full ``n^2 k`` product.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, readonly
-from .babai import sweep
+from ._common import TILE, at, box_round, grids, readonly, uniform
+from .babai import _rank1, _rank4, panels, sweep
 
-__all__ = ["klein_kernel"]
+__all__ = ["klein_kernel", "klein_pick"]
+
+#: Klein's window half-width in standard deviations (``bils.klein.WINDOW_SIGMAS``).
+WINDOW_SIGMAS = 6.0
+#: Weights below ``exp(-_SKIP_EXP)`` are not evaluated (see :func:`klein_pick`).
+_SKIP_EXP = 45.0
+#: Candidates per side of the centre whose weights are kept in scratch.
+_NBUF = 32
+#: Right-hand sides per parallel task of a sampled sweep (wide tiles: each task streams
+#: the panel's rows of ``R`` once).
+SAMPLE_TILE = 128
+
+
+@njit(cache=True)
+def _window(d, sqrt_tau, flo, fhi):
+    w = np.ceil(WINDOW_SIGMAS * sqrt_tau / abs(d)) + 1.0
+    if fhi - flo < w:
+        w = fhi - flo
+    return w
+
+
+@njit(cache=True)
+def klein_pick(c, d, lo, hi, tau, sqrt_tau, seed, sample, level, n, lbuf, ubuf):
+    r"""Klein's draw at one level, as ``bils.klein._klein_numpy``'s ``sample``.
+
+    Candidates: the box integers ``z`` within the window ``|z - m| <= w`` around the
+    rounded centre ``m`` (``w = ceil(6 sqrt(tau) / |d|) + 1``), in ascending order, with
+    weights :math:`\exp(-((d (c - z))^2 - e_{min}) / \tau)`; the draw is the first
+    candidate whose cumulative weight exceeds ``u * total`` (``u`` the counter-based
+    uniform of (seed, sample, level)).
+
+    ``e_min`` is attained at ``m`` (the nearest box integer; its weight is exactly 1) and
+    the weights decrease away from ``m`` on both sides, so only the run of candidates
+    around ``m`` with exponent at most ``_SKIP_EXP`` (45) is evaluated. Inside a window
+    the exponent exceeds 45 only when ``|d| / sqrt(tau) > 6 / 253``, i.e. for windows of
+    fewer than 256 candidates, whose skipped weights (each below ``exp(-45)``) sum to
+    less than half an ulp of 1: leaving them out moves the total and the cumulative sums
+    by at most an ulp, so a draw can differ from the reference (which evaluates every
+    ``exp``) only when ``u`` falls within an ulp of a boundary — the same order as the ulp
+    differences between numpy's and libm's ``exp``. The window itself is only computed
+    when the run reaches beyond ``m ± 2`` (``w >= 2`` always).
+    """
+    m = box_round(c, lo, hi)
+    if not tau > 0.0:
+        return m
+    flo = np.float64(lo)
+    fhi = np.float64(hi)
+    r = d * (c - m)
+    emin = r * r
+    w = -1.0
+    nl = 0  # accepted candidates below m: m - 1, ..., m - nl (weights in lbuf)
+    while True:
+        z = m - (nl + 1)
+        if not z >= flo:
+            break
+        if nl >= 2:
+            if w < 0.0:
+                w = _window(d, sqrt_tau, flo, fhi)
+            if not m - z <= w:
+                break
+        r = d * (c - z)
+        arg = (r * r - emin) / tau
+        if not arg <= _SKIP_EXP:
+            break
+        if nl < lbuf.shape[0]:
+            lbuf[nl] = math.exp(-arg)
+        nl += 1
+    nu = 0
+    while True:
+        z = m + (nu + 1)
+        if not z <= fhi:
+            break
+        if nu >= 2:
+            if w < 0.0:
+                w = _window(d, sqrt_tau, flo, fhi)
+            if not z - m <= w:
+                break
+        r = d * (c - z)
+        arg = (r * r - emin) / tau
+        if not arg <= _SKIP_EXP:
+            break
+        if nu < ubuf.shape[0]:
+            ubuf[nu] = math.exp(-arg)
+        nu += 1
+    if nl == 0 and nu == 0:
+        return m
+    # total in ascending order of z: m - nl, ..., m - 1, m, m + 1, ..., m + nu
+    total = 0.0
+    for q in range(nl - 1, -1, -1):
+        total += _wt(lbuf, q, m - (q + 1), d, c, emin, tau)
+    total += 1.0
+    for q in range(nu):
+        total += _wt(ubuf, q, m + (q + 1), d, c, emin, tau)
+    u = uniform(seed, sample, level, n) * total
+    cum = 0.0
+    for q in range(nl - 1, -1, -1):
+        cum += _wt(lbuf, q, m - (q + 1), d, c, emin, tau)
+        if cum > u:
+            return m - (q + 1)
+    cum += 1.0
+    if cum > u:
+        return m
+    for q in range(nu):
+        cum += _wt(ubuf, q, m + (q + 1), d, c, emin, tau)
+        if cum > u:
+            return m + (q + 1)
+    return m + nu  # not reached: u < total
+
+
+@njit(cache=True, inline="always")
+def _wt(buf, q, z, d, c, emin, tau):
+    if q < buf.shape[0]:
+        return buf[q]
+    r = d * (c - z)
+    return math.exp(-((r * r - emin) / tau))
+
+
+@njit(cache=True, inline="always")
+def exp_neg(a):
+    """``exp(-a)`` for ``0 <= a <= 45``, branch-free so that row loops vectorise.
+
+    Cody–Waite reduction ``-a = k ln 2 + r``, ``|r| <= ln(2) / 2``, degree-13 Taylor
+    polynomial, and ``2**k`` assembled from the bits of ``-k`` (exact). Within 1 ulp of
+    numpy's ``exp`` on this range.
+    """
+    x = -min(max(a, 0.0), _SKIP_EXP)
+    k = np.floor(x * 1.4426950408889634 + 0.5)
+    r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10
+    p = 1.6059043836821613e-10
+    p = p * r + 2.08767569878681e-09
+    p = p * r + 2.505210838544172e-08
+    p = p * r + 2.755731922398589e-07
+    p = p * r + 2.7557319223985893e-06
+    p = p * r + 2.48015873015873e-05
+    p = p * r + 0.0001984126984126984
+    p = p * r + 0.001388888888888889
+    p = p * r + 0.008333333333333333
+    p = p * r + 0.041666666666666664
+    p = p * r + 0.16666666666666666
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    j = np.int64(-k)
+    f = 0.5 if (j & 1) else 1.0
+    f = f * (0.25 if (j & 2) else 1.0)
+    f = f * (0.0625 if (j & 4) else 1.0)
+    f = f * (0.00390625 if (j & 8) else 1.0)
+    f = f * (1.52587890625e-05 if (j & 16) else 1.0)
+    f = f * (2.3283064365386963e-10 if (j & 32) else 1.0)
+    f = f * (5.421010862427522e-20 if (j & 64) else 1.0)
+    return p * f
+
+
+@njit(cache=True, error_model="numpy")
+def _klein_row(trow_in, rii, srow, orow, lorow, hirow, taur, seedr, sample, level, nlev,
+               trow, drow, crow, xrow, simple):
+    """Klein's draw for one level of a tile of RHS, vectorised over the RHS.
+
+    Handles the common case where only ``m - 1, m, m + 1`` carry weight above
+    ``exp(-_SKIP_EXP)`` (``m ± 2`` outside the box or negligible; the window always
+    contains ``m ± 2``), with the same sums in the same order as :func:`klein_pick`;
+    other entries get ``simple = False`` and are drawn by :func:`klein_pick`.
+    """
+    for jj in range(trow.shape[0]):
+        s = srow[jj]
+        o = orow[jj]
+        flo = lorow[jj]
+        fhi = hirow[jj]
+        ta = taur[jj]
+        tt = trow_in[jj] - rii * o
+        d = rii * s
+        c = tt / d
+        m = min(max(np.floor(c + 0.5), flo), fhi)
+        r = d * (c - m)
+        emin = r * r
+        r = d * (c - (m - 1.0))
+        am = (r * r - emin) / ta
+        r = d * (c - (m + 1.0))
+        ap = (r * r - emin) / ta
+        r = d * (c - (m - 2.0))
+        am2 = (r * r - emin) / ta
+        r = d * (c - (m + 2.0))
+        ap2 = (r * r - emin) / ta
+        pm = exp_neg(am) if (am <= _SKIP_EXP) & (m - 1.0 >= flo) else 0.0
+        pp = exp_neg(ap) if (ap <= _SKIP_EXP) & (m + 1.0 <= fhi) else 0.0
+        c2 = pm + 1.0
+        u = uniform(seedr[jj], sample, level, nlev) * (c2 + pp)
+        pick = m if c2 > u else m + 1.0
+        pick = m - 1.0 if pm > u else pick
+        positive = ta > 0.0
+        ok = ((am2 > _SKIP_EXP) | (m - 2.0 < flo)) & ((ap2 > _SKIP_EXP) | (m + 2.0 > fhi))
+        xrow[jj] = pick if positive else m
+        simple[jj] = ok | (not positive)
+        trow[jj] = tt
+        drow[jj] = d
+        crow[jj] = c
+
+
+@njit(cache=True, error_model="numpy")
+def _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, t, j0, j1,
+                 dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev):
+    """One panel of one sampled sweep for right-hand sides ``[j0, j1)`` (tile ``t``)."""
+    m = RT.shape[0]
+    e = a + m
+    w = j1 - j0
+    # R[a:e, e:] @ (Z_sample - Z_babai)[e:] from the recorded differences, per RHS
+    CT = np.zeros((w, m))
+    for lv in range(e, nlev):
+        cnt = dcnt[lv, t]
+        r0 = lv - e
+        for q in range(cnt):
+            jj = djj[lv, j0 + q]
+            dv = dval[lv, j0 + q]
+            for l in range(m):
+                CT[jj, l] += RS[r0, l] * dv
+    T = np.empty((m, w))
+    for l in range(m):
+        if has_g:
+            for jj in range(w):
+                T[l, jj] = (Y[a + l, j0 + jj] - Gb[l, j0 + jj]) - CT[jj, l]
+        else:
+            for jj in range(w):
+                T[l, jj] = Y[a + l, j0 + jj]
+    zb = np.empty((4, w))
+    cl = np.zeros(w)
+    lbuf = np.empty(_NBUF)
+    ubuf = np.empty(_NBUF)
+    taur = np.empty(w)
+    sqr = np.empty(w)
+    seedr = np.empty(w, dtype=np.uint64)
+    for jj in range(w):
+        taur[jj] = tau[j0 + jj]
+        sqr[jj] = sqrt_tau[j0 + jj]
+        seedr[jj] = seeds[j0 + jj]
+    srow = np.empty(w)
+    orow = np.empty(w)
+    lorow = np.empty(w)
+    hirow = np.empty(w)
+    trow = np.empty(w)
+    drow = np.empty(w)
+    crow = np.empty(w)
+    xrow = np.empty(w)
+    simple = np.empty(w, dtype=np.bool_)
+    top = m
+    while top > 0:
+        bot = max(0, top - 4)
+        for q in range(top - 1, bot - 1, -1):
+            i = a + q
+            rii = RT[q, q]
+            zq = zb[top - 1 - q]
+            for jj in range(w):
+                srow[jj] = at(S, i, j0 + jj)
+                orow[jj] = at(O, i, j0 + jj)
+                lorow[jj] = np.float64(at(LO, i, j0 + jj))
+                hirow[jj] = np.float64(at(HI, i, j0 + jj))
+            _klein_row(T[q], rii, srow, orow, lorow, hirow, taur, seedr, sample, i, nlev,
+                       trow, drow, crow, xrow, simple)
+            for jj in range(w):
+                if not simple[jj]:
+                    xrow[jj] = klein_pick(crow[jj], drow[jj], at(LO, i, j0 + jj),
+                                          at(HI, i, j0 + jj), taur[jj], sqr[jj], seedr[jj],
+                                          sample, i, nlev, lbuf, ubuf)
+            nd = 0
+            for jj in range(w):
+                j = j0 + jj
+                xi = xrow[jj]
+                xs = np.int64(xi)
+                X[i, j] = xs
+                xb = Xb[i, j]
+                if xs != xb:
+                    djj[i, j0 + nd] = jj
+                    dval[i, j0 + nd] = srow[jj] * np.float64(xs - xb)
+                    nd += 1
+                zq[jj] = srow[jj] * xi + orow[jj]
+                ee = trow[jj] - drow[jj] * xi
+                cl[jj] += ee * ee
+            dcnt[i, t] = nd
+            _rank1(T, RT[q], zq, bot, q, w)
+        if top - bot == 4:
+            _rank4(T, RT[top - 1], RT[top - 2], RT[top - 3], RT[top - 4],
+                   zb[0], zb[1], zb[2], zb[3], bot, w)
+        else:
+            for q in range(top - 1, bot - 1, -1):
+                _rank1(T, RT[q], zb[top - 1 - q], 0, bot, w)
+        top = bot
+    for jj in range(w):
+        cost[j0 + jj] += cl[jj]
+
+
+@njit(cache=True, parallel=True)
+def _sample_panel(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
+                  sample, tau, sqrt_tau, seeds, nlev):
+    k = Y.shape[1]
+    for t in prange((k + width - 1) // width):
+        tt = np.int64(t)
+        j0 = tt * width
+        _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, tt, j0,
+                     min(k, j0 + width), dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev)
 
 
 @njit(cache=True, parallel=True)
@@ -38,24 +351,54 @@ def _keep_better(xbest, cbest, xs, cs, improved, width):
                     xbest[i, j] = xs[i, j]
 
 
+def _sample_width(k):
+    """Tile width of the sampled sweeps: wide, but at least ~4 tasks per 2 threads."""
+    w = SAMPLE_TILE
+    while w > TILE and (k + w - 1) // w < 8:
+        w //= 2
+    return w
+
+
 def klein_kernel(can, *, n_samples, tau, seeds, block_size):
     """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``)."""
     n, k = can.Y.shape
-    x = np.empty((n, k), dtype=np.int64)
-    z = np.empty((n, k))
-    cost = np.empty(k)
-    sweep(can, block_size, x, z, cost)
+    xb = np.empty((n, k), dtype=np.int64)
+    cost_b = np.empty(k)
     improved = np.zeros(k, dtype=bool)
+    if n_samples == 0:
+        sweep(can, block_size, xb, np.empty((n, k)), cost_b)
+    else:
+        Gb = np.empty((n, k))
+        sweep(can, block_size, xb, np.empty((n, k)), cost_b, G_out=Gb)
+    x, cost = xb, cost_b
     if n_samples > 0:
+        x, cost = xb.copy(), cost_b.copy()
+        R = can.R
+        Y = readonly(can.Y)
+        S, O, LO, HI = grids(can)
         tau = np.ascontiguousarray(tau, dtype=np.float64)
-        sqrt_tau = readonly(np.sqrt(tau))
-        tau = readonly(tau)
+        sqrt_t = readonly(np.sqrt(tau))
+        tau_r = readonly(tau)
         seeds = readonly(np.ascontiguousarray(seeds, dtype=np.uint64))
-        xs = np.empty_like(x)
+        width = _sample_width(k)
+        ntiles = (k + width - 1) // width
+        bounds = panels(n, block_size)
+        RTs = [readonly(np.ascontiguousarray(R[a:e, a:e].T)) for a, e in bounds]
+        RSs = [readonly(np.ascontiguousarray(R[a:e, e:].T)) for a, e in bounds]
+        Gb = readonly(Gb)
+        xb = readonly(xb)
+        xs = np.empty((n, k), dtype=np.int64)
         cs = np.empty(k)
-        for s in range(n_samples):
-            sweep(can, block_size, xs, z, cs, sample=s, tau=tau, sqrt_tau=sqrt_tau, seeds=seeds)
-            _keep_better(x, cost, xs, cs, improved, TILE)
+        dcnt = np.zeros((n, ntiles), dtype=np.int32)
+        djj = np.empty((n, k), dtype=np.int32)
+        dval = np.empty((n, k))
+        with np.errstate(over="ignore"):  # uint64 hashing wraps (NUMBA_DISABLE_JIT)
+            for s in range(n_samples):
+                cs[:] = 0.0
+                for (a, e), RT, RS in zip(bounds, RTs, RSs):
+                    _sample_panel(Y, Gb[a:e], e < n, RT, RS, a, S, O, LO, HI, xb, xs, cs,
+                                  dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
+                _keep_better(x, cost, xs, cs, improved, TILE)
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,
                              "block_size": block_size}
