@@ -102,8 +102,10 @@ def test_nearest_plane_beats_round_off_baseline():
     """The documented ranking on a correlated layer: nearest plane < GLVQ's round-off."""
     W, H = _layer(seed=3, out=32, n=64)
     ro = quantize_weight_glvq(W, H, spec=GLVQSpec(d=8, group_size=32, encode="round_off", n_iter=5), backend=BE)
-    npl = quantize_weight_glvq(W, H, spec=GLVQSpec(d=8, group_size=32, n_iter=5), backend=BE)
+    npl = quantize_weight_glvq(W, H, spec=GLVQSpec(d=8, group_size=32, encode="nearest_plane", fit_encode=None,
+                                                   n_iter=5), backend=BE)
     assert npl.stats["loss"] <= ro.stats["loss"]
+    assert npl.stats["encode"] == npl.stats["fit_encode"] == "nearest_plane"
 
 
 @pytest.mark.parametrize("encode", ["round_off", "nearest_plane", "exact"])
@@ -111,7 +113,7 @@ def test_fitting_does_not_increase_loss_single_group(encode):
     """One group: the fit only accepts decreasing steps, so n_iter > 0 is never worse
     (up to the fp16 rounding of the stored generator)."""
     W, H = _layer(seed=4, out=16, n=16)
-    kw = dict(d=4, group_size=16, encode=encode, penalty=0.0)
+    kw = dict(d=4, group_size=16, encode=encode, fit_encode=None, penalty=0.0)
     q0 = quantize_weight_glvq(W, H, spec=GLVQSpec(n_iter=0, **kw), backend=BE)
     q5 = quantize_weight_glvq(W, H, spec=GLVQSpec(n_iter=5, **kw), backend=BE)
     assert q5.stats["loss"] <= q0.stats["loss"] * (1 + 1e-3)
