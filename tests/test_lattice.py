@@ -353,3 +353,16 @@ def test_fit_validation(kwargs, exc, match):
 def test_public_api():
     assert bils.Codebook is Codebook and bils.fit_generator is fit_generator
     assert bils.lattice.encode is encode
+
+
+@pytest.mark.parametrize("method", ["nearest_plane", "kbest", "exact"])
+def test_numba_backend_matches_numpy(method):
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(15)
+    cb = Codebook(_generator(rng, 4), 2)
+    V = rng.standard_normal((8, 60)) * 2
+    M = _spd(rng, 8)
+    a = encode(cb, V, M, method=method, beam_width=4, backend="numpy")
+    b = encode(cb, V, M, method=method, beam_width=4, backend="numba")
+    assert b.backend == "numba"
+    np.testing.assert_allclose(b.cost, a.cost, rtol=1e-9, atol=1e-12)
