@@ -235,7 +235,8 @@ class LatticeLayer:
     stats : dict
         ``loss``, ``rel_loss``, ``time``, ``method``, ``encode``, ``bits_per_weight``,
         ``fit_gain`` (mean final/initial fitting loss), ``edge_frac`` (fraction of codes
-        on a face of the box).
+        on a face of the box); ``clipped_frac`` (NaN) and ``alpha`` (None) for the
+        calibration driver's log line.
     """
 
     codes: np.ndarray
@@ -586,7 +587,7 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
                    "backend": be, "loss": loss,
                    "rel_loss": loss / ref if ref > 0 else 0.0, "bits_per_weight": layer.bits_per_weight,
                    "fit_gain": float(np.mean(gains)), "edge_frac": edges / codes.size,
-                   "clipped_frac": edges / codes.size, "alpha": None,
+                   "clipped_frac": float("nan"), "alpha": None,  # not defined for lattice codes
                    "time": time.perf_counter() - t0}
     return layer
 
