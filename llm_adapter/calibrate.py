@@ -51,6 +51,8 @@ import torch
 
 from bils.targets import fold_beta
 
+from .lattice_method import (GLVQSpec, LatticeLayer, load_lattice_layer, quantize_weight_glvq,
+                             save_lattice_layer)
 from .quantize import quantize_weight
 from .quantized import QuantizedLayer
 from .spec import QuantSpec
@@ -266,7 +268,7 @@ def _layer_rng(seed, name):
 # --------------------------------------------------------------------------- driver
 
 
-def quantize_model(model, windows, spec: QuantSpec, *, targets=("*",), exclude=("lm_head", "*.lm_head"),
+def quantize_model(model, windows, spec: QuantSpec | GLVQSpec, *, targets=("*",), exclude=("lm_head", "*.lm_head"),
                    true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
                    callback=None, rtn_calibrate=False, progress=True):
     r"""Quantize the linear layers of a causal LM block by block, in place.
@@ -310,8 +312,12 @@ def quantize_model(model, windows, spec: QuantSpec, *, targets=("*",), exclude=(
     dict
         ``{layer name: QuantizedLayer}`` in quantization order.
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"`spec` must be a QuantSpec, got {type(spec).__name__}")
+    if not isinstance(spec, (QuantSpec, GLVQSpec)):
+        raise TypeError(f"`spec` must be a QuantSpec or GLVQSpec, got {type(spec).__name__}")
+    lattice = spec.method == "glvq"
+    quantize = quantize_weight_glvq if lattice else quantize_weight
+    save = save_lattice_layer if lattice else save_layer
+    load = load_lattice_layer if lattice else load_layer
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2:
         raise ValueError("`windows` must be a 2-D integer torch.Tensor (n_windows, T)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -331,14 +337,14 @@ def quantize_model(model, windows, spec: QuantSpec, *, targets=("*",), exclude=(
     def finish(name, mod, H, D):
         path = None if checkpoint_dir is None else _ckpt_path(checkpoint_dir, name)
         if path is not None and path.exists():
-            q = load_layer(path)
+            q = load(path)
             logger.info("%s: loaded from %s", name, path)
         else:
             W = mod.weight.detach()
             bias = None if mod.bias is None else mod.bias.detach()
-            q = quantize_weight(W, H, D, spec, backend=backend, rng=_layer_rng(seed, name), bias=bias)
+            q = quantize(W, H, D, spec, backend=backend, rng=_layer_rng(seed, name), bias=bias)
             if path is not None:
-                save_layer(path, q)
+                save(path, q)
             st = q.stats
             logger.info("%s: rel_loss %s  clipped %.4f  alpha %s  %.2f s", name,
                         "-" if st.get("rel_loss") is None else f"{st['rel_loss']:.4g}",

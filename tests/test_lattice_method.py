@@ -204,3 +204,39 @@ def test_kernel_packing_rejects_unsupported_layers(layer_and_q):
 
     with pytest.raises(ValueError, match="same `bits` in every group"):
         pack_lattice_layer(layer_and_q[2])
+
+
+def test_glvq_through_the_calibration_driver_and_resume(tmp_path):
+    """`quantize_model` dispatches `GLVQSpec` to the glvq method; a killed run resumes identically."""
+    torch = pytest.importorskip("torch")
+    from llm_fixtures import BOS_ID, tiny_llama
+
+    from llm_adapter.calibrate import quantize_model
+    from llm_adapter.lattice_method import LatticeLayer
+
+    g = torch.Generator().manual_seed(0)
+    win = torch.randint(2, 258, (4, 24), generator=g)
+    win[:, 0] = BOS_ID
+    spec = GLVQSpec(bits=2, d=4, group_size=32, n_iter=2)
+    full = quantize_model(tiny_llama(), win, spec, progress=False, backend=BE, seed=1, batch_size=2)
+    assert full and all(isinstance(q, LatticeLayer) for q in full.values())
+
+    class Kill(Exception):
+        pass
+
+    done = []
+
+    def kill_after_3(name, q):
+        done.append(name)
+        if len(done) == 3:
+            raise Kill
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Kill):
+        quantize_model(tiny_llama(), win, spec, progress=False, backend=BE, seed=1, batch_size=2,
+                       checkpoint_dir=ckpt, callback=kill_after_3)
+    resumed = quantize_model(tiny_llama(), win, spec, progress=False, backend=BE, seed=1, batch_size=2,
+                             checkpoint_dir=ckpt)
+    assert list(resumed) == list(full)
+    for name in full:
+        np.testing.assert_array_equal(resumed[name].dequantize(), full[name].dequantize(), err_msg=name)
