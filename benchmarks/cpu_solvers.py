@@ -89,16 +89,22 @@ def minmax_grid(W, bits, group):
     return scale, zero
 
 
-def build_layer(n, k, bits=4, seed=0):
-    """GPTQ-style layer problem; returns a dict with the problem and its pieces."""
+def build_layer(n, k, bits=4, seed=0, like=None):
+    """GPTQ-style layer problem; returns a dict with the problem and its pieces.
+
+    ``like``: a previous result whose ``H`` and ``W`` are reused (another bit width).
+    """
     rng = np.random.default_rng(seed)
     N = min(max(n, 2048), 4096)
     t0 = time.perf_counter()
-    X = activations(n, N, rng)
-    H = X @ X.T
-    del X
-    W = 0.02 * rng.standard_normal((k, n))
-    W[:, rng.choice(n, max(1, n // 256), replace=False)] *= 5.0  # a few salient inputs
+    if like is None:
+        X = activations(n, N, rng)
+        H = X @ X.T
+        del X
+        W = 0.02 * rng.standard_normal((k, n))
+        W[:, rng.choice(n, max(1, n // 256), replace=False)] *= 5.0  # a few salient inputs
+    else:
+        H, W = like["H"], like["W"]
     scale, zero = minmax_grid(W, bits, GROUP)
     t1 = time.perf_counter()
     S = np.ascontiguousarray(scale.T)
@@ -113,14 +119,26 @@ def build_layer(n, k, bits=4, seed=0):
 
 
 # --------------------------------------------------------------------------- timing
-def best_time(fn, repeats):
-    """Minimum wall time of ``fn()`` over ``repeats`` runs; returns (seconds, last result)."""
-    best, out = np.inf, None
+CPU_TIMES = {}
+
+
+def best_time(fn, repeats, label=None):
+    """Minimum wall time of ``fn()`` over ``repeats`` runs; returns (seconds, last result).
+
+    The process CPU time of the fastest run is kept in ``CPU_TIMES[label]`` (all threads;
+    with a loaded machine it shows how much of the wall time was spent computing).
+    """
+    best, out, cpu = np.inf, None, np.nan
     for _ in range(repeats):
         gc.collect()
+        c0 = time.process_time()
         t = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        if dt < best:
+            best, cpu = dt, time.process_time() - c0
+    if label:
+        CPU_TIMES[label] = cpu
     return best, out
 
 
@@ -176,13 +194,14 @@ def bench_shape(n, k, args, records, table):
     big = n * n * k > 4096 ** 3
     reps = 1 if big else args.repeats
 
-    t_nb, res_nb = best_time(lambda: bils.babai(prob, backend="numba"), reps)
+    tag = f"{n}x{k}"
+    t_nb, res_nb = best_time(lambda: bils.babai(prob, backend="numba"), reps, f"{tag} babai numba")
     rec["babai_numba_s"] = t_nb
     x_nb = res_nb.x
     if big and not args.numpy_large:
         rec["babai_numpy_s"] = None
     else:
-        t_np, res_np = best_time(lambda: bils.babai(prob, backend="numpy"), 1)
+        t_np, res_np = best_time(lambda: bils.babai(prob, backend="numpy"), 1, f"{tag} babai numpy")
         rec["babai_numpy_s"] = t_np
         rec["numpy_code_match"] = float(np.mean(res_np.x == x_nb))
         rec["numpy_cost_rel_diff"] = float(np.max(np.abs(res_np.cost - res_nb.cost)
@@ -193,10 +212,11 @@ def bench_shape(n, k, args, records, table):
     if big and not args.original_large:
         rec["gptq_original_s"] = None
     else:
-        t_o, q_o = best_time(lambda: gptq_original(Wt, Ht), 1)
+        t_o, q_o = best_time(lambda: gptq_original(Wt, Ht), 1, f"{tag} gptq original")
         rec["gptq_original_s"] = t_o
         rec["gptq_original_match"] = float(np.mean(q_o.numpy().T == x_nb))
-    t_l, q_l = best_time(lambda: gptq_lean(Wt, Ht, sc, ze), 1 if big else min(2, reps))
+    t_l, q_l = best_time(lambda: gptq_lean(Wt, Ht, sc, ze), 1 if big else min(2, reps),
+                         f"{tag} gptq lean")
     rec["gptq_lean_s"] = t_l
     rec["gptq_lean_match"] = float(np.mean(q_l.numpy().T == x_nb))
     if n * k <= 1536 * 576:  # code-for-code check in float64 (GPTQ's loop, no float32 noise)
@@ -205,13 +225,13 @@ def bench_shape(n, k, args, records, table):
 
     if n * k <= 4096 * 4096 and not args.skip_klein:
         t_kl, _ = best_time(lambda: bils.klein(prob, n_samples=8, rng=0, backend="numba"),
-                            1 if n == 4096 else reps)
+                            min(2, reps), f"{tag} klein8 numba")
         rec["klein8_numba_s"] = t_kl
-        lay3 = build_layer(n, k, bits=3, seed=n + k)
+        lay3 = build_layer(n, k, bits=3, seed=n + k, like=lay)
         p3 = lay3["problem"]
-        t_b3, _ = best_time(lambda: bils.babai(p3, backend="numba"), reps)
+        t_b3, _ = best_time(lambda: bils.babai(p3, backend="numba"), reps, f"{tag} babai3 numba")
         t_kb, _ = best_time(lambda: bils.kbest(p3, beam_width=8, backend="numba"),
-                            1 if n == 4096 else reps)
+                            min(2, reps), f"{tag} kbest8 3-bit numba")
         rec["babai3_numba_s"] = t_b3
         rec["kbest8_3bit_numba_s"] = t_kb
         del lay3, p3
@@ -289,7 +309,8 @@ def main(argv=None):
     import numba
 
     payload = {"machine": machine_info(), "numba": numba.__version__,
-               "numba_threads": numba.get_num_threads(), "targets": TARGETS}
+               "numba_threads": numba.get_num_threads(), "targets": TARGETS,
+               "loadavg_start": os.getloadavg()}
     if not args.skip_compile:
         payload["compile"] = compile_times()
         c = payload["compile"]
@@ -311,6 +332,10 @@ def main(argv=None):
           f"n=40 budget {e['n40']['max_nodes']}: {e['n40']['proved_optimal']}/{e['n40']['k']} "
           f"proved optimal (median {e['n40']['median_ms_per_rhs']:.2f} ms/RHS)")
     payload["checks"] = checks = evaluate_targets(records, e)
+    payload["cpu_seconds"] = CPU_TIMES
+    payload["loadavg_end"] = os.getloadavg()
+    print(f"\nload average at start {payload['loadavg_start']}, at end {payload['loadavg_end']} "
+          f"({os.cpu_count()} cores): other processes share the machine when these are high")
     print()
     print(markdown_table(["target", "limit", "measured", "met"],
                          [[c["name"], c["limit"], c["measured"], "yes" if c["met"] else "NO"]

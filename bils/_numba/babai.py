@@ -114,6 +114,12 @@ def _sweep_panel(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width):
         _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, min(k, j0 + width))
 
 
+@njit(cache=True)
+def _sweep_panel_one(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width):
+    """``_sweep_panel`` for a single tile, without a parallel launch."""
+    _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, 0, Y.shape[1])
+
+
 def panels(n, block_size):
     """Panel bounds ``(a, e)`` in the order they are decided (top levels first)."""
     return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
@@ -132,6 +138,8 @@ def sweep(can, block_size, X, Z, cost, *, G_out=None):
     S, O, LO, HI = grids(can)
     cost[:] = 0.0
     G = np.empty((min(block_size, n), k)) if G_out is None else None
+    width = 2 * TILE if k >= 32 * TILE else TILE  # wider tiles stream rows better
+    panel_fn = _sweep_panel if k > width else _sweep_panel_one
     for a, e in panels(n, block_size):
         Gp = G[: e - a] if G_out is None else G_out[a:e]
         has_g = e < n
@@ -140,7 +148,7 @@ def sweep(can, block_size, X, Z, cost, *, G_out=None):
         elif G_out is not None:
             Gp[...] = 0.0
         RT = readonly(np.ascontiguousarray(R[a:e, a:e].T))
-        _sweep_panel(Y, readonly(Gp), has_g, RT, a, S, O, LO, HI, Z, X, cost, TILE)
+        panel_fn(Y, readonly(Gp), has_g, RT, a, S, O, LO, HI, Z, X, cost, width)
 
 
 def babai_kernel(can, *, block_size):

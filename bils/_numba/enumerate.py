@@ -168,6 +168,12 @@ def _enumerate_all(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, 
                    np.int64(j))
 
 
+@njit(cache=True)
+def _enumerate_one(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost):
+    """A single RHS without a parallel launch."""
+    _solve_rhs(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost, 0)
+
+
 def enumerate_kernel(can, *, max_nodes, n_best):
     """Numba kernel of :func:`bils.enumerate` (same contract as ``_enumerate_numpy``)."""
     from ._common import grids
@@ -181,9 +187,13 @@ def enumerate_kernel(can, *, max_nodes, n_best):
     nodes = np.empty(k, dtype=np.int64)
     best_x = np.zeros((n_best, n, k), dtype=np.int64)
     best_cost = np.full((n_best, k), np.inf)
-    with numba.parallel_chunksize(1):  # dynamic scheduling: search sizes differ per RHS
-        _enumerate_all(readonly(can.R), Yo, S, LO, HI, int(max_nodes), x, cost, status, nodes,
-                       best_x, best_cost)
+    args = (readonly(can.R), Yo, S, LO, HI, int(max_nodes), x, cost, status, nodes, best_x,
+            best_cost)
+    if k == 1:
+        _enumerate_one(*args)
+    else:
+        with numba.parallel_chunksize(1):  # dynamic scheduling: search sizes differ per RHS
+            _enumerate_all(*args)
     info = {"nodes": nodes, "max_nodes": max_nodes}
     if n_best > 1:
         info.update(best_x=best_x, best_cost=best_cost)

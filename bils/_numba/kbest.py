@@ -200,6 +200,14 @@ def _panel(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, j0, xcode, par, nbeam, p
                    np.int64(jj), xcode, par, nbeam, pcost, bslot, Zref)
 
 
+@njit(cache=True)
+def _panel_one(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, j0, xcode, par, nbeam, pcost, bslot,
+               Zref):
+    """``_panel`` for a single RHS, without a parallel launch."""
+    _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, j0, 0, xcode, par, nbeam, pcost,
+               bslot, Zref)
+
+
 @njit(cache=True, parallel=True)
 def _backtrack(xcode, par, nbeam, pcost, j0, X, cost):
     kc, n, _ = xcode.shape
@@ -244,8 +252,8 @@ def kbest_kernel(can, *, beam_width, n_children):
             has_g = e < n
             if has_g:
                 np.matmul(R[a:e, e:], Zref[e:], out=Gp)
-            _panel(Y, readonly(Gp), has_g, RT, RS, a, S, O, LO, HI, K, C, j0, xcode, par,
-                   nbeam, pcost, bslot, Zref)
+            (_panel if w > 1 else _panel_one)(Y, readonly(Gp), has_g, RT, RS, a, S, O, LO, HI,
+                                               K, C, j0, xcode, par, nbeam, pcost, bslot, Zref)
         _backtrack(xcode, par, nbeam, pcost, j0, x, cost)
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"beam_width": beam_width, "n_children": n_children}

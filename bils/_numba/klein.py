@@ -332,6 +332,14 @@ def _sample_panel(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, dcnt, djj,
                      min(k, j0 + width), dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev)
 
 
+@njit(cache=True)
+def _sample_panel_one(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
+                      sample, tau, sqrt_tau, seeds, nlev):
+    """``_sample_panel`` for a single tile, without a parallel launch."""
+    _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, 0, 0, Y.shape[1], dcnt,
+                 djj, dval, sample, tau, sqrt_tau, seeds, nlev)
+
+
 @njit(cache=True, parallel=True)
 def _keep_better(xbest, cbest, xs, cs, improved, width):
     """Where ``cs < cbest`` (strictly), take the sample's column and cost."""
@@ -381,6 +389,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
         tau_r = readonly(tau)
         seeds = readonly(np.ascontiguousarray(seeds, dtype=np.uint64))
         width = _sample_width(k)
+        panel_fn = _sample_panel if k > width else _sample_panel_one
         ntiles = (k + width - 1) // width
         bounds = panels(n, block_size)
         RTs = [readonly(np.ascontiguousarray(R[a:e, a:e].T)) for a, e in bounds]
@@ -396,8 +405,8 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
             for s in range(n_samples):
                 cs[:] = 0.0
                 for (a, e), RT, RS in zip(bounds, RTs, RSs):
-                    _sample_panel(Y, Gb[a:e], e < n, RT, RS, a, S, O, LO, HI, xb, xs, cs,
-                                  dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
+                    panel_fn(Y, Gb[a:e], e < n, RT, RS, a, S, O, LO, HI, xb, xs, cs,
+                             dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
                 _keep_better(x, cost, xs, cs, improved, TILE)
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,
