@@ -89,33 +89,36 @@ def minmax_grid(W, bits, group):
     return scale, zero
 
 
-def build_layer(n, k, bits=4, seed=0, like=None):
-    """GPTQ-style layer problem; returns a dict with the problem and its pieces.
-
-    ``like``: a previous result whose ``H`` and ``W`` are reused (another bit width).
-    """
+def layer_data(n, k, seed=0):
+    """Hessian ``H`` (n, n) and weights ``W`` (k, n) of a layer, and their build time."""
     rng = np.random.default_rng(seed)
     N = min(max(n, 2048), 4096)
     t0 = time.perf_counter()
-    if like is None:
-        X = activations(n, N, rng)
-        H = X @ X.T
-        del X
-        W = 0.02 * rng.standard_normal((k, n))
-        W[:, rng.choice(n, max(1, n // 256), replace=False)] *= 5.0  # a few salient inputs
-    else:
-        H, W = like["H"], like["W"]
+    X = activations(n, N, rng)
+    H = X @ X.T
+    del X
+    W = 0.02 * rng.standard_normal((k, n))
+    W[:, rng.choice(n, max(1, n // 256), replace=False)] *= 5.0  # a few salient inputs
+    return H, W, N, time.perf_counter() - t0
+
+
+def build_problem(H, W, bits):
+    """``BILSProblem`` of the layer with GPTQ's static-group min-max grid of ``bits`` bits.
+
+    Returns (problem, construction seconds, input bytes).
+    """
     scale, zero = minmax_grid(W, bits, GROUP)
     t1 = time.perf_counter()
     S = np.ascontiguousarray(scale.T)
     O = np.ascontiguousarray(-(scale * zero).T)
+    del scale, zero
     prob = bils.BILSProblem.from_gram(H, W.T, 0, 2 ** bits - 1, scale=S, offset=O, damp=0.01,
                                       ordering="diag")
     t2 = time.perf_counter()
+    del S, O
     inputs = sum(int(np.asarray(a).nbytes) for a in (prob.R, prob.Y, prob.scale, prob.offset,
                                                      prob.lo, prob.hi))
-    return {"problem": prob, "W": W, "H": H, "scale": scale, "zero": zero, "N": N,
-            "build_s": t1 - t0, "construct_s": t2 - t1, "input_bytes": inputs}
+    return prob, t2 - t1, inputs
 
 
 # --------------------------------------------------------------------------- timing
@@ -187,17 +190,51 @@ def bench_shape(n, k, args, records, table):
     import torch
     from _gptq_torch import gptq_lean, gptq_original
 
-    lay = build_layer(n, k, bits=4, seed=n + k)
-    prob = lay["problem"]
-    rec = {"n": n, "k": k, "N": lay["N"], "build_s": lay["build_s"],
-           "construct_s": lay["construct_s"], "input_bytes": lay["input_bytes"]}
+    tag = f"{n}x{k}"
     big = n * n * k > 4096 ** 3
     reps = 1 if big else args.repeats
+    H, W, N, t_build = layer_data(n, k, seed=n + k)
+    rec = {"n": n, "k": k, "N": N, "build_s": t_build}
 
-    tag = f"{n}x{k}"
+    # GPTQ on torch first (its float32 copies are freed before the bils problem is built)
+    torch.set_num_threads(os.cpu_count() or 1)
+    Wt, Ht = torch.from_numpy(W), torch.from_numpy(H)
+    scale, zero = minmax_grid(W, 4, GROUP)
+    sc, ze = torch.from_numpy(scale), torch.from_numpy(zero)
+    codes, q = {}, None
+    if big and not args.original_large:
+        rec["gptq_original_s"] = None
+    else:
+        rec["gptq_original_s"], q = best_time(lambda: gptq_original(Wt, Ht), 1,
+                                              f"{tag} gptq original")
+        codes["gptq_original"] = q.numpy().T.copy()
+    if big and args.skip_lean_large:
+        rec["gptq_lean_s"] = None
+    else:
+        rec["gptq_lean_s"], q = best_time(lambda: gptq_lean(Wt, Ht, sc, ze),
+                                          1 if big else min(2, reps), f"{tag} gptq lean")
+        codes["gptq_lean"] = q.numpy().T.copy()
+    if n * k <= 1536 * 576:  # code-for-code check in float64 (GPTQ's loop without float32 noise)
+        codes["gptq_original_f64"] = gptq_original(Wt, Ht, dtype=torch.float64).numpy().T.copy()
+    del Wt, Ht, sc, ze, scale, zero, q
+    gc.collect()
+
+    prob, rec["construct_s"], rec["input_bytes"] = build_problem(H, W, 4)
+    if big:
+        del H, W
+        gc.collect()
     t_nb, res_nb = best_time(lambda: bils.babai(prob, backend="numba"), reps, f"{tag} babai numba")
     rec["babai_numba_s"] = t_nb
     x_nb = res_nb.x
+    for name, q in codes.items():
+        rec[f"{name}_match"] = float(np.mean(q == x_nb))
+    del codes
+    if n * k >= 4096 * 4096:  # for information: larger lazy-batch blocks, fewer products
+        rec["babai_numba_block512_s"], r512 = best_time(
+            lambda: bils.babai(prob, block_size=512, backend="numba"), reps,
+            f"{tag} babai numba block_size=512")
+        rec["block512_code_match"] = float(np.mean(r512.x == x_nb))
+        del r512
     if big and not args.numpy_large:
         rec["babai_numpy_s"] = None
     else:
@@ -206,35 +243,8 @@ def bench_shape(n, k, args, records, table):
         rec["numpy_code_match"] = float(np.mean(res_np.x == x_nb))
         rec["numpy_cost_rel_diff"] = float(np.max(np.abs(res_np.cost - res_nb.cost)
                                                   / np.maximum(np.abs(res_np.cost), 1e-300)))
-    torch.set_num_threads(os.cpu_count() or 1)
-    Wt, Ht = torch.from_numpy(lay["W"]), torch.from_numpy(lay["H"])
-    sc, ze = torch.from_numpy(lay["scale"]), torch.from_numpy(lay["zero"])
-    if big and not args.original_large:
-        rec["gptq_original_s"] = None
-    else:
-        t_o, q_o = best_time(lambda: gptq_original(Wt, Ht), 1, f"{tag} gptq original")
-        rec["gptq_original_s"] = t_o
-        rec["gptq_original_match"] = float(np.mean(q_o.numpy().T == x_nb))
-    t_l, q_l = best_time(lambda: gptq_lean(Wt, Ht, sc, ze), 1 if big else min(2, reps),
-                         f"{tag} gptq lean")
-    rec["gptq_lean_s"] = t_l
-    rec["gptq_lean_match"] = float(np.mean(q_l.numpy().T == x_nb))
-    if n * k <= 1536 * 576:  # code-for-code check in float64 (GPTQ's loop, no float32 noise)
-        q64 = gptq_original(Wt, Ht, dtype=torch.float64)
-        rec["gptq_original_f64_match"] = float(np.mean(q64.numpy().T == x_nb))
-
-    if n * k <= 4096 * 4096 and not args.skip_klein:
-        t_kl, _ = best_time(lambda: bils.klein(prob, n_samples=8, rng=0, backend="numba"),
-                            min(2, reps), f"{tag} klein8 numba")
-        rec["klein8_numba_s"] = t_kl
-        lay3 = build_layer(n, k, bits=3, seed=n + k, like=lay)
-        p3 = lay3["problem"]
-        t_b3, _ = best_time(lambda: bils.babai(p3, backend="numba"), reps, f"{tag} babai3 numba")
-        t_kb, _ = best_time(lambda: bils.kbest(p3, beam_width=8, backend="numba"),
-                            min(2, reps), f"{tag} kbest8 3-bit numba")
-        rec["babai3_numba_s"] = t_b3
-        rec["kbest8_3bit_numba_s"] = t_kb
-        del lay3, p3
+        del res_np
+    del res_nb, x_nb
 
     if n == 4096 and k == 4096:
         gc.collect()
@@ -245,21 +255,38 @@ def bench_shape(n, k, args, records, table):
         tracemalloc.stop()
         del r
         rec["babai_peak_extra_bytes"] = peak
-        rec["babai_peak_over_inputs"] = (peak + lay["input_bytes"]) / lay["input_bytes"]
+        rec["babai_peak_over_inputs"] = (peak + rec["input_bytes"]) / rec["input_bytes"]
+
+    if not big and not args.skip_klein:
+        rec["klein8_numba_s"], _ = best_time(
+            lambda: bils.klein(prob, n_samples=8, rng=0, backend="numba"), min(2, reps),
+            f"{tag} klein8 numba")
+        del prob
+        gc.collect()
+        p3, _, _ = build_problem(H, W, 3)
+        rec["babai3_numba_s"], _ = best_time(lambda: bils.babai(p3, backend="numba"), reps,
+                                             f"{tag} babai3 numba")
+        rec["kbest8_3bit_numba_s"], _ = best_time(
+            lambda: bils.kbest(p3, beam_width=8, backend="numba"), min(2, reps),
+            f"{tag} kbest8 3-bit numba")
+        del p3
     records.append(rec)
     fmt = lambda v: "skipped" if v is None else f"{v:.3f}"  # noqa: E731
-    table.append([f"{n}x{k}", f"{lay['construct_s']:.2f}", fmt(rec["babai_numba_s"]),
+    speedup = (f"{rec['gptq_lean_s'] / rec['babai_numba_s']:.1f}x" if rec["gptq_lean_s"]
+               else "-")
+    pct = lambda key: f"{100 * rec[key]:.2f}%" if key in rec else "-"  # noqa: E731
+    table.append([tag, f"{rec['construct_s']:.2f}", fmt(rec["babai_numba_s"]),
                   fmt(rec["babai_numpy_s"]), fmt(rec["gptq_original_s"]), fmt(rec["gptq_lean_s"]),
-                  f"{rec['gptq_lean_s'] / rec['babai_numba_s']:.1f}x",
-                  f"{rec.get('gptq_original_f64_match', rec.get('gptq_original_match', float('nan'))):.4f}",
+                  speedup, pct("gptq_original_f64_match"), pct("gptq_original_match"),
+                  pct("gptq_lean_match"),
                   fmt(rec.get("klein8_numba_s")), fmt(rec.get("kbest8_3bit_numba_s"))])
     print(markdown_table(HEADER, [table[-1]]), flush=True)
-    del lay, prob
     gc.collect()
 
 
 HEADER = ["shape (in x out)", "construct s", "babai numba s", "babai numpy s", "GPTQ orig s",
-          "GPTQ lean s", "lean/numba", "code match", "klein S=8 s", "kbest K=8 3b s"]
+          "GPTQ lean s", "lean / numba", "codes = GPTQ f64", "codes = GPTQ f32",
+          "codes = lean f32", "klein S=8 s", "kbest K=8 3-bit s"]
 
 
 def bench_enumerate(args):
@@ -299,6 +326,7 @@ def main(argv=None):
     ap.add_argument("--skip-klein", action="store_true")
     ap.add_argument("--numpy-large", action="store_true", help="run the numpy reference at 11008x4096")
     ap.add_argument("--original-large", action="store_true", help="run original GPTQ at 11008x4096")
+    ap.add_argument("--skip-lean-large", action="store_true", help="skip lean GPTQ at 11008x4096")
     ap.add_argument("--enum-rhs", type=int, default=64)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)

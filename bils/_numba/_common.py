@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["compact", "readonly", "grids", "at", "box_round", "uniform", "splitmix64",
-           "rhs_tiles", "TILE"]
+__all__ = ["compact", "readonly", "grids", "at", "box_round", "uniform", "splitmix64", "TILE"]
 
 #: Right-hand sides per parallel task (one ``prange`` iteration): sized so a task's
 #: working tile (levels x TILE doubles) stays in the core's L1/L2 cache.
@@ -39,11 +38,6 @@ def grids(can):
     """``(scale, offset, lo, hi)`` of a :class:`~bils._validate.Canonical` in compact form."""
     return (compact(can.scale, np.float64), compact(can.offset, np.float64),
             compact(can.lo, np.int64), compact(can.hi, np.int64))
-
-
-def rhs_tiles(k, width=TILE):
-    """Number of parallel tasks for ``k`` right-hand sides."""
-    return (k + width - 1) // width
 
 
 @njit(cache=True, inline="always")

@@ -9,11 +9,14 @@ Levels are decided from ``n - 1`` down to ``0`` in panels of ``block_size`` leve
 
 ``Z`` holding the decided points *with* their offset, so no separate ``R @ O`` product is
 needed: level ``i`` subtracts :math:`R_{ii} O_i` itself. The panel kernel then works on
-tiles of :data:`~bils._numba._common.TILE` right-hand sides in parallel (``prange``): it
-copies its tile of ``Y - G`` into contiguous scratch, decides level by level and applies
-the in-panel updates as register-blocked rank-4 updates. Each right-hand side sees the
-same floating-point operations whatever the tiling, so results do not depend on the
-thread count.
+tiles of 32 or 64 right-hand sides in parallel (``prange``): it copies its tile of
+``Y - G`` into contiguous scratch, decides level by level and applies the in-panel updates
+as register-blocked rank-4 updates (the operations of four successive rank-1 updates, in
+order). Each right-hand side sees the same floating-point operations whatever the tiling,
+so results do not depend on the thread count.
+
+Cost: :math:`n^2 k` flops in the BLAS products and :math:`n\,b\,k` in the panels
+(``b = block_size``); memory beyond the inputs is ``X``, ``Z`` (n, k) and one (b, k) panel.
 
 Klein (:mod:`bils._numba.klein`) runs this sweep once, keeping every panel's product, and
 then draws its sampled sweeps against it.
@@ -28,6 +31,7 @@ from ..result import Status
 from ._common import TILE, at, box_round, grids, readonly
 
 __all__ = ["babai_kernel", "sweep", "panels"]
+
 
 @njit(cache=True, inline="always")
 def _load_tile(T, Y, G, has_g, a, j0, w):

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import at, readonly
+from ._common import at, grids, readonly
 
 __all__ = ["enumerate_kernel"]
 
@@ -176,8 +176,6 @@ def _enumerate_one(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, 
 
 def enumerate_kernel(can, *, max_nodes, n_best):
     """Numba kernel of :func:`bils.enumerate` (same contract as ``_enumerate_numpy``)."""
-    from ._common import grids
-
     n, k = can.Y.shape
     Yo = readonly(np.ascontiguousarray(can.Y - can.R @ can.offset))
     S, _, LO, HI = grids(can)

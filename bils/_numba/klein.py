@@ -65,12 +65,13 @@ def klein_pick(c, d, lo, hi, tau, sqrt_tau, seed, sample, level, n, lbuf, ubuf):
 
     ``e_min`` is attained at ``m`` (the nearest box integer; its weight is exactly 1) and
     the weights decrease away from ``m`` on both sides, so only the run of candidates
-    around ``m`` with exponent at most ``_SKIP_EXP`` (45) is evaluated. Inside a window
-    the exponent exceeds 45 only when ``|d| / sqrt(tau) > 6 / 253``, i.e. for windows of
-    fewer than 256 candidates, whose skipped weights (each below ``exp(-45)``) sum to
-    less than half an ulp of 1: leaving them out moves the total and the cumulative sums
-    by at most an ulp, so a draw can differ from the reference (which evaluates every
-    ``exp``) only when ``u`` falls within an ulp of a boundary — the same order as the ulp
+    around ``m`` with exponent at most ``_SKIP_EXP`` (45) is evaluated. Within the window
+    the exponent is at most ``(6 + 2.5 |d| / sqrt(tau))**2``, which exceeds 45 only when
+    ``|d| / sqrt(tau) > 0.28``, i.e. for windows of fewer than 50 candidates; the skipped
+    weights (each below ``exp(-45)``) then sum to less than 2e-18, under half an ulp of
+    the largest weight. Leaving them out moves the total and the cumulative sums by at
+    most an ulp, so a draw can differ from the reference (which evaluates every ``exp``)
+    only when ``u`` falls within an ulp of a boundary — the same order as the ulp
     differences between numpy's and libm's ``exp``. The window itself is only computed
     when the run reaches beyond ``m ± 2`` (``w >= 2`` always).
     """
