@@ -71,8 +71,13 @@ GRIDS = ("none", "scalar", "per_coord", "per_rhs", "full")
 
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("n, k, block_size", [(1, 1, 128), (7, 3, 2), (37, 70, 8),
-                                               (130, 33, 128), (200, 65, 64)])
-def test_babai_parity(grid, n, k, block_size):
+                                               (130, 33, 128), (200, 65, 64), (600, 40, 128)])
+@pytest.mark.parametrize("min_panel", [None, 1])
+def test_babai_parity(grid, n, k, block_size, min_panel, monkeypatch):
+    if min_panel is not None:  # panels of exactly block_size levels: many BLAS products
+        import bils._numba.babai as nbb
+
+        monkeypatch.setattr(nbb, "MIN_PANEL", min_panel)
     prob = _problem(n, k, grid, seed=n * 1000 + k)
     a = _solve(bils.babai, prob, "numpy", block_size=block_size)
     b = _solve(bils.babai, prob, "numba", block_size=block_size)

@@ -29,8 +29,9 @@ __all__ = ["kbest_kernel"]
 
 #: Levels per panel (rows of the BLAS product).
 PANEL = 128
-#: Bytes of path storage (codes + parent pointers) per chunk of right-hand sides.
-_PATH_BYTES = 1 << 28
+#: Bytes of path storage (codes + parent pointers) per chunk of right-hand sides (fewer,
+#: wider chunks mean fewer, larger products).
+_PATH_BYTES = 1 << 29
 
 
 @njit(cache=True, inline="always")

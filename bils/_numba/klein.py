@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, at, box_round, grids, readonly, uniform
-from .babai import _rank1, _rank4, panels, sweep
+from .babai import _rank1, _rank4, gemm_panel, panels, sweep
 
 __all__ = ["klein_kernel", "klein_pick"]
 
@@ -375,7 +375,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
     cost_b = np.empty(k)
     improved = np.zeros(k, dtype=bool)
     if n_samples == 0:
-        sweep(can, block_size, xb, np.empty((n, k)), cost_b)
+        sweep(can, gemm_panel(block_size), xb, np.empty((n, k)), cost_b)
     else:
         Gb = np.empty((n, k))
         sweep(can, block_size, xb, np.empty((n, k)), cost_b, G_out=Gb)
