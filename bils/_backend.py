@@ -33,6 +33,40 @@ def resolve_backend(backend, *arrays) -> str:
     ``auto`` picks ``cupy`` when any input lives on a GPU (a CuPy array or a CUDA torch
     tensor), else ``numba`` when importable, else ``numpy``. Asking for a backend that
     is not installed raises :class:`ImportError` naming the extra to install.
+
+    Parameters
+    ----------
+    backend : {"auto", "numpy", "numba", "cupy"}
+        The requested backend.
+    *arrays : array_like or None
+        The inputs of the call (``None`` entries are ignored). With ``"auto"`` they
+        decide whether the GPU is used; with ``"numpy"`` or ``"numba"`` none of them may
+        live on a GPU.
+
+    Returns
+    -------
+    str
+        ``"numpy"``, ``"numba"`` or ``"cupy"``.
+
+    Raises
+    ------
+    ValueError
+        If `backend` is not one of the names above, or an input lives on a GPU and
+        `backend` is not ``"cupy"`` or ``"auto"``.
+    ImportError
+        If the requested backend's package is not installed.
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> bils.resolve_backend("numpy", np.zeros(3))
+    'numpy'
+    >>> bils.resolve_backend("auto", np.zeros(3)) in ("numba", "numpy")  # CPU inputs
+    True
+    >>> bils.resolve_backend("fortran")
+    Traceback (most recent call last):
+        ...
+    ValueError: `backend` must be one of ('auto', 'numpy', 'numba', 'cupy'), got 'fortran'
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")

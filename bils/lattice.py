@@ -561,6 +561,19 @@ class LatticeFit:
         ``n_iter`` (iterations run), ``n_rejected`` (backtracking halvings rejected),
         ``init_scale`` (the chosen multiple of the Gaussian step), ``stopped``
         (``"n_iter"`` or ``"no_decrease"``).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> rng = np.random.default_rng(0)
+    >>> V = rng.standard_normal((4, 200))  # 200 vectors, two 2-D sub-vectors each
+    >>> fit = bils.fit_generator(V, 2, d=2, n_iter=3, backend="numpy")
+    >>> fit.codebook, fit.x.shape, fit.cost.shape
+    (Codebook(d=2, bits=2), (4, 200), (200,))
+    >>> len(fit.history), bool(fit.loss == fit.history[-1]), fit.info["stopped"]
+    (4, True, 'n_iter')
+    >>> bool(np.array_equal(bils.lattice.encode(fit.codebook, V, backend="numpy").x, fit.x))
+    True
     """
 
     codebook: Codebook

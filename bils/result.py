@@ -21,6 +21,18 @@ class Status(enum.IntEnum):
         The solver makes no optimality claim (Babai, Klein, K-best).
     ``BUDGET_EXHAUSTED``
         An exact search stopped at its node budget; the point is the best found.
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> res = bils.enumerate(R, np.array([3.1, 0.9]), -2, 2, backend="numpy")
+    >>> bils.Status(res.status)
+    <Status.OPTIMAL: 0>
+    >>> bils.STATUS_MESSAGES[bils.Status.BUDGET_EXHAUSTED]
+    'Budget exhausted: `max_nodes` was reached; best point found returned.'
+    >>> [s.name for s in bils.Status]
+    ['OPTIMAL', 'HEURISTIC', 'BUDGET_EXHAUSTED']
     """
 
     OPTIMAL = 0
@@ -60,6 +72,21 @@ class BILSResult:
         Solver statistics (read-only): e.g. ``nodes`` visited, ``n_samples``,
         ``beam_width``, ``time`` in seconds, and for ``enumerate(n_best=m)``
         the sorted lists ``best_x`` (m, n, k) and ``best_cost`` (m, k).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> Y = np.array([[3.1, 0.2], [0.9, -1.4]])  # two right-hand sides
+    >>> res = bils.enumerate(R, Y, -2, 2, backend="numpy")
+    >>> res
+    BILSResult(solver='enumerate', backend='numpy', x.shape=(2, 2), total_cost=0.42)
+    >>> res.x.tolist(), res.cost.round(6).tolist(), res.status.tolist()
+    ([[1, 1], [1, -2]], [0.02, 0.4], [0, 0])
+    >>> res.all_optimal, res.info["nodes"].tolist()
+    (True, [4, 7])
+    >>> bils.babai(R, Y[:, 0], -2, 2, backend="numpy").messages
+    ['Heuristic: the solver makes no optimality claim for this point.']
     """
 
     x: Any

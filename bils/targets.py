@@ -98,6 +98,23 @@ def alpha_closed_form(Q, W, H, D):
 
     (the minimiser over α of :math:`\lVert (Q - W_\alpha)\tilde X\rVert^2`).
 
+    Parameters
+    ----------
+    Q : (m, n) array_like
+        The rounded (dequantized) weights, same shape as ``W``.
+    W : (m, n) array_like
+        Float weights (rows = output channels).
+    H : (n, n) array_like
+        Symmetric positive-definite Gram of the quantized-model inputs (damped).
+    D : (n, n) array_like
+        Cross term :math:`(X - \tilde X)\tilde X^\top`, as for :func:`joint_target`.
+
+    Returns
+    -------
+    float
+        :math:`\alpha^*` clipped to ``[0, 1]``; ``0.0`` when the denominator is not
+        positive (e.g. ``D = 0``).
+
     Examples
     --------
     >>> import numpy as np

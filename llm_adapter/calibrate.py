@@ -67,7 +67,40 @@ logger = logging.getLogger(__name__)
 
 
 def find_blocks(model):
-    """``(name, ModuleList)`` of the model's decoder blocks: its longest ModuleList."""
+    """``(name, ModuleList)`` of the model's decoder blocks: its longest ModuleList.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Typically a transformers causal LM.
+
+    Returns
+    -------
+    name : str
+        The ModuleList's name in ``model.named_modules()`` (first one on ties).
+    blocks : torch.nn.ModuleList
+
+    Raises
+    ------
+    ValueError
+        If `model` has no non-empty ModuleList.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama: nothing is downloaded
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> name, blocks = find_blocks(model)
+    >>> name, len(blocks), type(blocks[0]).__name__
+    ('model.layers', 2, 'LlamaDecoderLayer')
+    >>> find_blocks(torch.nn.Linear(4, 4))
+    Traceback (most recent call last):
+        ...
+    ValueError: `model` has no torch.nn.ModuleList of blocks
+    """
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
@@ -85,10 +118,44 @@ def select_linears(model, targets=("*",), exclude=("lm_head", "*.lm_head")):
     matches either the full name (``model.layers.3.self_attn.q_proj``) or the name inside
     the block (``self_attn.q_proj``); ``exclude`` patterns are removed afterwards.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Its blocks are found with :func:`find_blocks`.
+    targets : str or sequence of str, default ("*",)
+        :func:`fnmatch.fnmatchcase` patterns of the layers to keep.
+    exclude : str or sequence of str, default ("lm_head", "*.lm_head")
+        Patterns of layers to drop from the selection.
+
+    Returns
+    -------
+    dict of int to dict of str to torch.nn.Linear
+        Blocks with no selected layer are left out.
+
     Raises
     ------
     ValueError
         "no module matched `targets`" when nothing is selected.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama: nothing is downloaded
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> sel = select_linears(model, targets="self_attn.*", exclude="*.o_proj")
+    >>> list(sel), list(sel[0])[0]
+    ([0, 1], 'model.layers.0.self_attn.q_proj')
+    >>> [name.rsplit(".", 1)[-1] for name in sel[1]]
+    ['q_proj', 'k_proj', 'v_proj']
+    >>> list(select_linears(model, "model.layers.1.mlp.down_proj")[1])
+    ['model.layers.1.mlp.down_proj']
+    >>> select_linears(model, "attn.q_proj")
+    Traceback (most recent call last):
+        ...
+    ValueError: no module matched `targets` ('attn.q_proj',) (blocks: 'model.layers')
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -117,7 +184,37 @@ def select_linears(model, targets=("*",), exclude=("lm_head", "*.lm_head")):
 @contextlib.contextmanager
 def forward_pre_hooks(modules, hook):
     """Register ``hook(name, module, args)`` as a forward pre-hook on every module of
-    ``modules`` (a ``{name: module}`` dict); always removed on exit."""
+    ``modules`` (a ``{name: module}`` dict); always removed on exit.
+
+    A context manager: the hooks are active inside the ``with`` block only, and removed
+    even when the block raises (e.g. an exception used to stop a forward pass early).
+
+    Parameters
+    ----------
+    modules : dict of str to torch.nn.Module
+        The modules to hook, by name (the name is passed to `hook`).
+    hook : callable
+        ``hook(name, module, args)``, called before each forward of a hooked module with
+        its positional inputs ``args``; its return value is ignored.
+
+    Yields
+    ------
+    None
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> seen = []
+    >>> with forward_pre_hooks({"first": net[0], "last": net[2]},
+    ...                        lambda name, m, args: seen.append((name, tuple(args[0].shape)))):
+    ...     _ = net(torch.zeros(5, 4))
+    >>> seen
+    [('first', (5, 4)), ('last', (5, 3))]
+    >>> _ = net(torch.zeros(5, 4))  # the hooks are gone
+    >>> len(seen)
+    2
+    """
     handles = []
     try:
         for name, mod in modules.items():
@@ -213,7 +310,33 @@ def _ckpt_path(directory, name):
 
 
 def save_layer(path, q: QuantizedLayer):
-    """Write ``q`` to ``path`` (.npz) atomically (temporary file + :func:`os.replace`)."""
+    """Write ``q`` to ``path`` (.npz) atomically (temporary file + :func:`os.replace`).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file to write (its directory must exist); an existing file is replaced.
+    q : QuantizedLayer
+        Codes, grid, ``perm``, ``bias`` and ``stats`` (JSON-serialisable) are stored.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from llm_adapter.quantize import quantize_weight
+    >>> from llm_adapter.spec import QuantSpec
+    >>> W = np.random.default_rng(0).standard_normal((8, 16))
+    >>> q = quantize_weight(W, spec=QuantSpec(bits=4, method="rtn"))
+    >>> import tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = pathlib.Path(tmp.name) / "fc.npz"
+    >>> save_layer(path, q)
+    >>> r = load_layer(path)
+    >>> r.shape, r.bits, r.group_size, bool(np.array_equal(r.codes, q.codes))
+    ((8, 16), 4, -1, True)
+    >>> r.stats["method"]
+    'rtn'
+    >>> tmp.cleanup()
+    """
     path = Path(path)
     meta = {"bits": q.bits, "group_size": q.group_size, "stats": q.stats}
     arrays = {"codes": q.codes, "scales": q.scales, "zeros": q.zeros, "g_idx": q.g_idx,
@@ -236,7 +359,35 @@ def save_layer(path, q: QuantizedLayer):
 
 
 def load_layer(path) -> QuantizedLayer:
-    """Read a layer written by :func:`save_layer`."""
+    """Read a layer written by :func:`save_layer`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        An ``.npz`` file written by :func:`save_layer`.
+
+    Returns
+    -------
+    QuantizedLayer
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from llm_adapter.quantize import quantize_weight
+    >>> from llm_adapter.spec import QuantSpec
+    >>> W = np.random.default_rng(0).standard_normal((8, 16))
+    >>> q = quantize_weight(W, spec=QuantSpec(bits=4, method="rtn"))
+    >>> import tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = pathlib.Path(tmp.name) / "fc.npz"
+    >>> save_layer(path, q)
+    >>> r = load_layer(path)
+    >>> r.shape, r.bits, r.group_size, bool(np.array_equal(r.codes, q.codes))
+    ((8, 16), 4, -1, True)
+    >>> r.stats["method"]
+    'rtn'
+    >>> tmp.cleanup()
+    """
     with np.load(path) as z:
         meta = json.loads(z["meta"].tobytes().decode())
         return QuantizedLayer(codes=z["codes"], scales=z["scales"], zeros=z["zeros"], g_idx=z["g_idx"],
@@ -311,6 +462,28 @@ def quantize_model(model, windows, spec: QuantSpec | GLVQSpec, *, targets=("*",)
     -------
     dict
         ``{layer name: QuantizedLayer}`` in quantization order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama: nothing is downloaded
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> from llm_adapter.spec import QuantSpec
+    >>> windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    >>> layers = quantize_model(model, windows, QuantSpec(bits=4, method="gptq"),
+    ...                         targets="self_attn.*", backend="numpy", progress=False)
+    >>> list(layers)[:4]  # doctest: +NORMALIZE_WHITESPACE
+    ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj',
+     'model.layers.0.self_attn.v_proj', 'model.layers.0.self_attn.o_proj']
+    >>> q = layers["model.layers.1.self_attn.k_proj"]
+    >>> q.shape, q.bits, q.stats["method"], q.stats["rel_loss"] < 0.05
+    ((16, 32), 4, 'gptq', True)
+    >>> w = model.model.layers[1].self_attn.k_proj.weight  # dequantized in place
+    >>> bool(torch.equal(w, torch.from_numpy(q.dequantize())))
+    True
     """
     if not isinstance(spec, (QuantSpec, GLVQSpec)):
         raise TypeError(f"`spec` must be a QuantSpec or GLVQSpec, got {type(spec).__name__}")

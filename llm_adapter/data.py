@@ -57,7 +57,19 @@ class CorpusFileNotFoundError(FileNotFoundError, ValueError):
     """A text file given to :func:`load_text` does not exist.
 
     Subclasses both :class:`FileNotFoundError` and :class:`ValueError`, so either
-    ``except`` clause catches it.
+    ``except`` clause catches it. Raised as ``CorpusFileNotFoundError(errno.ENOENT,
+    message, path)``, so ``err.filename`` is the missing path and ``err.strerror``
+    the message.
+
+    Examples
+    --------
+    >>> try:
+    ...     load_text("no_such_file.txt")
+    ... except ValueError as err:  # or: except FileNotFoundError
+    ...     print(type(err).__name__, err.filename)
+    ...     print(err.strerror)
+    CorpusFileNotFoundError no_such_file.txt
+    `source` text file not found: 'no_such_file.txt'
     """
 
 

@@ -25,6 +25,22 @@ class PerplexityResult:
         Mean negative log-likelihood per scored token, in nats.
     n_tokens : int
         Number of scored tokens: ``n_windows * (width - 1)``.
+
+    Examples
+    --------
+    A model whose predictions are uniform over a vocabulary of 64 tokens has perplexity
+    64 on any text:
+
+    >>> import math, torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama: nothing is downloaded
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...     num_attention_heads=4, num_key_value_heads=2))
+    >>> _ = torch.nn.init.zeros_(model.lm_head.weight)  # all logits 0: uniform
+    >>> windows = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    >>> res = perplexity(model, windows, progress=False)
+    >>> round(res.ppl, 4), res.n_tokens, abs(res.nll - math.log(64)) < 1e-6
+    (64.0, 24, True)
     """
 
     ppl: float

@@ -47,7 +47,23 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 
 
 class ModelNotFoundError(OSError):
-    """A model could not be found locally nor downloaded."""
+    """A model could not be found locally nor downloaded.
+
+    Raised by :func:`load_model` for a name that is neither a local path, a built-in
+    model nor a hub id it could download; the message says which were tried and
+    the underlying error. An :class:`OSError`, like the errors of ``from_pretrained``.
+
+    Examples
+    --------
+    >>> issubclass(ModelNotFoundError, OSError)
+    True
+    >>> try:
+    ...     model, tok = load_model("someone/not-a-model")  # doctest: +SKIP
+    ... except ModelNotFoundError as err:
+    ...     print(err)
+    model 'someone/not-a-model' could not be found locally (no such file or directory, not a
+    built-in model: smollm2-135m) nor downloaded from the Hugging Face hub: ...
+    """
 
 
 def builtin_gguf_path(name: str = DEFAULT_MODEL) -> Path:

@@ -71,6 +71,17 @@ def unpack_torch(qweight: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     Returns
     -------
     (n, out) int64 tensor, on `qweight`'s device.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from llm_adapter.formats.packing import pack
+    >>> codes = np.array([[0, 3], [1, 2], [2, 1], [3, 0]])  # (in=4, out=2), 2-bit
+    >>> qweight = torch.from_numpy(pack(codes, 2, axis=0))  # 16 values per word
+    >>> qweight.shape
+    torch.Size([1, 2])
+    >>> unpack_torch(qweight, 2, 4).tolist()
+    [[0, 3], [1, 2], [2, 1], [3, 0]]
     """
     m, out = qweight.shape
     words = qweight.to(torch.int64) & 0xFFFFFFFF
@@ -110,7 +121,46 @@ def dequantize_packed(
 ) -> torch.Tensor:
     """The float weight ``(out, in)``: ``s[g(i), j] * (q[i, j] - z[g(i), j])``, computed in
     float32 (so it equals :meth:`QuantizedLayer.dequantize` with the same scales), then cast
-    to `dtype`."""
+    to `dtype`.
+
+    Parameters
+    ----------
+    qweight : (packed_length(in_features, bits), out) int32 tensor
+        Codes packed along the input dimension (:class:`QuantLinear` layout).
+    scales, zeros : (n_groups, out) tensors
+        Step and zero point (code units) per group and output.
+    g_idx : (in_features,) integer tensor or None
+        Group of each input column; ``None`` means ``i // group_size``.
+    bits : {2, 3, 4, 8}
+    group_size : int
+        Input columns per group, -1 for one group (per-channel); used when `g_idx` is
+        ``None``.
+    in_features : int
+        Number of input columns (the packed axis is padded).
+    dtype : torch.dtype, default torch.float32
+        dtype of the result.
+
+    Returns
+    -------
+    (out, in_features) tensor of `dtype`, on `qweight`'s device.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from llm_adapter.formats.packing import pack
+    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> q = QuantizedLayer(codes=np.array([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=np.uint8),
+    ...                    scales=np.array([[0.5], [0.25]], dtype=np.float32),
+    ...                    zeros=np.array([[1.0], [2.0]], dtype=np.float32),
+    ...                    g_idx=np.zeros(4, dtype=np.int32), bits=2, group_size=-1)
+    >>> W = dequantize_packed(torch.from_numpy(pack(q.codes.T, 2, axis=0)),
+    ...                       torch.from_numpy(q.scales.T), torch.from_numpy(q.zeros.T),
+    ...                       None, bits=2, group_size=-1, in_features=4)
+    >>> W.tolist()
+    [[-0.5, 0.0, 0.5, 1.0], [0.25, 0.0, -0.25, -0.5]]
+    >>> bool(torch.equal(W, torch.from_numpy(q.dequantize())))
+    True
+    """
     q = unpack_torch(qweight, bits, in_features).to(torch.float32)  # (in, out)
     g = _group_index(g_idx, group_size, in_features, qweight.device)
     s = scales.to(torch.float32)[g]
@@ -350,6 +400,15 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
     shape); nothing is replaced if any check fails. The new module is put on the old
     one's device; the old bias is used when the quantized layer carries none.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Modified in place.
+    layers : dict of str to QuantizedLayer
+        Module name (as in ``model.named_modules()``) to its quantized layer, e.g. the
+        result of :func:`llm_adapter.calibrate.quantize_model` or
+        :func:`llm_adapter.formats.native.load_quantized`.
+
     Returns
     -------
     torch.nn.Module
@@ -361,6 +420,22 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
         Listing the names that are not modules of `model`.
     ValueError
         If a named module is not an ``nn.Linear`` or its shape differs.
+
+    Examples
+    --------
+    >>> from llm_adapter.quantize import quantize_weight
+    >>> from llm_adapter.spec import QuantSpec
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(),
+    ...                             torch.nn.Linear(16, 4))
+    >>> q = quantize_weight(model[0].weight, spec=QuantSpec(bits=4, method="rtn"))
+    >>> replace_linear(model, {"0": q})[0]
+    QuantLinear(in_features=64, out_features=16, bits=4, group_size=-1, g_idx=False, bias=True)
+    >>> model(torch.ones(2, 64)).shape
+    torch.Size([2, 4])
+    >>> replace_linear(model, {"5": q})
+    Traceback (most recent call last):
+        ...
+    KeyError: "`layers` names 1 module(s) that `model` does not have: ['5']"
     """
     modules = dict(model.named_modules())
     unknown = [n for n in layers if n not in modules]

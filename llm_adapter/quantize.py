@@ -106,6 +106,20 @@ def compute_grid(W, spec: QuantSpec):
     partial group gets its own grid. Scales are returned as float32 (what is stored),
     zeros as integer-valued float32.
 
+    Parameters
+    ----------
+    W : (m, n) array_like or torch.Tensor
+        Float weights, rows are output channels.
+    spec : QuantSpec
+        Its ``bits``, ``group_size``, ``sym`` and ``clip`` define the grid.
+
+    Returns
+    -------
+    scales : (m, n_groups) ndarray of float32
+        Positive step per row and group.
+    zeros : (m, n_groups) ndarray of float32
+        Integer-valued zero points in ``[0, 2**bits - 1]`` (code units).
+
     Examples
     --------
     >>> import numpy as np
@@ -130,7 +144,29 @@ def compute_grid(W, spec: QuantSpec):
 
 def damped_hessian(H, damp):
     """``H`` as :meth:`bils.BILSProblem.from_gram` sees it: dead columns get ``H_ii = 1``,
-    then ``damp * mean(diag H)`` is added to the diagonal. Returns (H_damped, dead)."""
+    then ``damp * mean(diag H)`` is added to the diagonal. Returns (H_damped, dead).
+
+    Parameters
+    ----------
+    H : (n, n) array_like
+        Input Gram, undamped (not modified).
+    damp : float >= 0
+        Relative damping (GPTQ's ``percdamp``); ``0`` only repairs dead columns.
+
+    Returns
+    -------
+    H_damped : (n, n) ndarray of float64
+        A damped copy of ``H``.
+    dead : (n,) ndarray of bool
+        Columns whose diagonal was 0 (inputs never seen in calibration).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Hd, dead = damped_hessian(np.diag([2.0, 0.0, 1.0]), 0.75)
+    >>> np.diag(Hd).tolist(), dead.tolist()  # [2, 1, 1] + 0.75 * mean([2, 1, 1])
+    ([3.0, 2.0, 2.0], [False, True, False])
+    """
     H = np.array(H, dtype=np.float64, copy=True)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0

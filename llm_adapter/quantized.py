@@ -37,6 +37,19 @@ class QuantizedLayer:
     stats : dict
         Per-layer diagnostics: ``loss``, ``rel_loss``, ``babai_bound``,
         ``clipped_frac``, ``time``, ``method``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> q = QuantizedLayer(codes=np.array([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=np.uint8),
+    ...                    scales=np.array([[0.5], [0.25]], dtype=np.float32),
+    ...                    zeros=np.array([[1.0], [2.0]], dtype=np.float32),
+    ...                    g_idx=np.zeros(4, dtype=np.int32), bits=2, group_size=-1)
+    >>> q.shape
+    (2, 4)
+    >>> q.dequantize().tolist()  # scales * (codes - zeros), row by row
+    [[-0.5, 0.0, 0.5, 1.0], [0.25, 0.0, -0.25, -0.5]]
     """
 
     codes: np.ndarray

@@ -72,6 +72,26 @@ class ProblemCase:
         exact: ties are real ties and results can be compared bit for bit.
     squeeze : bool
         The problem came with a single 1-D right-hand side (results have ``x`` (n,)).
+    triangular : bool
+        ``R`` is upper triangular with a non-zero diagonal, so solvers can be called on
+        the problem (:meth:`solve`); otherwise it can only be checked.
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import ProblemCase, assert_recovers
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> x_true = np.array([[1, 0], [-1, 2]])  # planted points, one column per RHS
+    >>> case = ProblemCase(R, R @ x_true, lo=np.array(-2), hi=np.array(2), x_true=x_true,
+    ...                    label="noiseless")
+    >>> case.n, case.k, case.box_points.tolist()
+    (2, 2, [25.0, 25.0])
+    >>> res = case.solve(bils.babai, backend="numpy")
+    >>> res.x.tolist(), case.cost(res.x).tolist()
+    ([[1, 0], [-1, 2]], [0.0, 0.0])
+    >>> assert_recovers(res, case)
+    >>> case.column(1).Y.tolist()  # RHS 1 alone: R @ [0, 2]
+    [[2.0], [2.0]]
     """
 
     R: np.ndarray
@@ -224,6 +244,43 @@ def as_case(problem) -> ProblemCase:
     Accepts a :class:`ProblemCase`, a :class:`bils.BILSProblem` (seen in the caller's
     coordinate order, whatever its ordering), or a tuple ``(R, Y, lo, hi[, scale[,
     offset]])`` with the solvers' broadcasting rules (a 1-D ``Y`` is one RHS).
+
+    Parameters
+    ----------
+    problem : ProblemCase, BILSProblem or tuple
+        A :class:`ProblemCase` (returned as is), a :class:`bils.BILSProblem`, or
+        ``(R, Y, lo, hi[, scale[, offset]])``: ``R`` (n, n) square (it need not be
+        triangular to be checked), ``Y`` (n,) or (n, k), integer bounds ``lo``, ``hi``
+        and optional grid ``scale``, ``offset``, all broadcastable to ``Y``'s shape as
+        (n, k).
+
+    Returns
+    -------
+    ProblemCase
+
+    Raises
+    ------
+    TypeError
+        If `problem` is none of the above, or a bound is not of an integer or float
+        dtype.
+    ValueError
+        If ``R`` is not square, a bound is not integer-valued, or an array does not
+        broadcast to ``Y``'s shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bils.testing import as_case
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> case = as_case((R, np.array([3.125, 0.875]), -2, 2))
+    >>> case.n, case.k, case.squeeze, case.triangular
+    (2, 1, True, True)
+    >>> as_case(case) is case
+    True
+    >>> as_case(R)
+    Traceback (most recent call last):
+        ...
+    TypeError: `problem` must be a ProblemCase, a bils.BILSProblem or a tuple (R, Y, lo, hi[, scale[, offset]]), got ndarray
     """
     if isinstance(problem, ProblemCase):
         return problem

@@ -23,6 +23,31 @@ class PropertyOutcome:
     ``held`` is True when no counterexample was found in ``examples`` examples; else
     ``counterexample`` is the failure message for the shrunk (smallest) example found
     and ``example`` that example itself.
+
+    Parameters
+    ----------
+    name : str
+        The property's name (a key of :data:`bils.testing.PROPERTIES`).
+    held : bool
+        No counterexample was found.
+    examples : int
+        Number of examples Hypothesis ran (shrinking steps included).
+    counterexample : str or None, default None
+        The failure message of the shrunk example, ``None`` when the property held.
+    description : str, default ""
+        What the property requires (:attr:`bils.testing.Property.description`).
+    example : object, default None
+        The shrunk failing example (a ProblemCase, or ``(case, shift)``), else ``None``.
+
+    Examples
+    --------
+    >>> import functools, bils
+    >>> from bils.testing import check_solver
+    >>> report = check_solver(functools.partial(bils.babai, backend="numpy"),
+    ...                       properties=["feasible"], max_examples=5)
+    >>> outcome = report["feasible"]
+    >>> outcome.name, outcome.held, outcome.examples, outcome.counterexample
+    ('feasible', True, 5, None)
     """
 
     name: str
@@ -35,7 +60,35 @@ class PropertyOutcome:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """Result of :func:`check_solver`: one :class:`PropertyOutcome` per property."""
+    """Result of :func:`check_solver`: one :class:`PropertyOutcome` per property.
+
+    Parameters
+    ----------
+    solver : str
+        Name of the checked solver (shown in the report).
+    outcomes : tuple of PropertyOutcome
+        One per checked property, in the order they were run.
+
+    Examples
+    --------
+    >>> from bils.testing import CheckReport, PropertyOutcome
+    >>> report = CheckReport("my_solver", (
+    ...     PropertyOutcome("feasible", True, 50, description="x inside [lo, hi]"),
+    ...     PropertyOutcome("optimal", False, 7, "assert_optimal: ...", "cost is optimal")))
+    >>> report.passed, report.held, report.failed, bool(report)
+    (False, ['feasible'], ['optimal'], False)
+    >>> print(report.summary())
+    check_solver(my_solver): 1 failed
+      feasible  held    (50 examples)  x inside [lo, hi]
+      optimal   FAILED  (7 examples)  cost is optimal
+    >>> report.counterexamples
+    {'optimal': 'assert_optimal: ...'}
+    >>> report.raise_if_failed()
+    Traceback (most recent call last):
+        ...
+    AssertionError: check_solver(my_solver): 1 failed
+    ...
+    """
 
     solver: str
     outcomes: tuple = field(default_factory=tuple)

@@ -106,6 +106,34 @@ def assert_feasible(result, problem):
 
     Also checks, when present, that ``status`` holds one valid :class:`bils.Status`
     code per RHS and that ``cost`` has one finite value per RHS.
+
+    Parameters
+    ----------
+    result : BILSResult or array_like of int
+        The solver's output: anything with ``.x`` (and optionally ``.cost``,
+        ``.status``), or a bare ``x``; ``x`` (n, k), or (n,) for a 1-D ``Y``.
+    problem : ProblemCase, BILSProblem or tuple
+        The problem ``result`` solves: see :func:`~bils.testing.as_case`.
+
+    Raises
+    ------
+    AssertionError
+        On a wrong shape or dtype, a point outside the box (showing the smallest
+        failing RHS), a non-finite cost or an invalid status.
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import assert_feasible
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> problem = (R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2)  # (R, Y, lo, hi)
+    >>> assert_feasible(bils.babai(*problem, backend="numpy"), problem)
+    >>> assert_feasible(np.array([[1, 3], [1, -2]]), problem)
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_feasible: 1 of 2 right-hand side(s) fail; smallest counterexample is RHS 1
+    x[0] = 3 is outside the box [-2, 2]
+    ...
     """
     case = as_case(problem)
     x, cost, status = unpack_result(result, case)
@@ -132,7 +160,40 @@ def assert_feasible(result, problem):
 
 
 def assert_cost_consistent(result, problem, *, rtol=RTOL):
-    """The reported cost equals ``||y_j - R (s_j∘x_j + o_j)||²`` recomputed from ``x``."""
+    """The reported cost equals ``||y_j - R (s_j∘x_j + o_j)||²`` recomputed from ``x``.
+
+    Parameters
+    ----------
+    result : BILSResult
+        The solver's output: anything with ``.x`` (n, k) and ``.cost`` (k,) (``(n,)``
+        and a scalar for a 1-D ``Y``).
+    problem : ProblemCase, BILSProblem or tuple
+        The problem ``result`` solves: see :func:`~bils.testing.as_case`.
+    rtol : float, default 1e-9
+        Relative tolerance, relative to ``||y_j||² + ||R z_j||²`` per RHS.
+
+    Raises
+    ------
+    AssertionError
+        If the result reports no cost, or a reported cost differs from the recomputed
+        one (showing the smallest failing RHS).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import assert_cost_consistent
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> problem = (R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2)  # (R, Y, lo, hi)
+    >>> res = bils.babai(*problem, backend="numpy")
+    >>> assert_cost_consistent(res, problem)
+    >>> wrong = bils.BILSResult(res.x, res.cost + [0.0, 1.0], res.status, "numpy", "mine")
+    >>> assert_cost_consistent(wrong, problem)
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_cost_consistent: 1 of 2 right-hand side(s) fail; smallest counterexample is RHS 1
+    reported cost 1.703125 != recomputed 0.703125 (tolerance ...)
+    ...
+    """
     case = as_case(problem)
     x, cost, _ = unpack_result(result, case)
     if cost is None:
@@ -151,6 +212,47 @@ def assert_optimal(result, problem, *, rtol=RTOL, max_points=DEFAULT_MAX_POINTS)
 
     Costs are compared (recomputed from ``x``), not points: ties between distinct
     optimal points are allowed.
+
+    Parameters
+    ----------
+    result : BILSResult or array_like of int
+        The solver's output: anything with ``.x`` (and optionally ``.cost``), or a bare
+        ``x``; ``x`` (n, k), or (n,) for a 1-D ``Y``.
+    problem : ProblemCase, BILSProblem or tuple
+        The problem ``result`` solves: see :func:`~bils.testing.as_case`.
+    rtol : float, default 1e-9
+        Relative tolerance on costs, relative to ``||y_j||² + ||R z_j||²`` per RHS.
+    max_points : int, default 65536
+        Boxes up to this many points per RHS are solved by brute force, larger ones by
+        :func:`bils.enumerate` (see :func:`~bils.testing.oracles.exact_solve`).
+
+    Raises
+    ------
+    AssertionError
+        If the cost of ``x`` exceeds the optimum for some RHS (showing the smallest
+        failing RHS, the returned point and the optimum).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import assert_optimal
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> problem = (R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2)  # (R, Y, lo, hi)
+    >>> assert_optimal(bils.enumerate(*problem, backend="numpy"), problem)
+    >>> assert_optimal(bils.babai(*problem, backend="numpy"), problem)
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_optimal: 1 of 2 right-hand side(s) fail; smallest counterexample is RHS 1
+    cost 0.703125 exceeds the optimum 0.453125
+    counterexample (RHS 1 as a 1-RHS problem):
+        R = np.array([[2., 1.],
+                      [0., 1.]])
+        Y = np.array([[ 0.25 ],
+                      [-1.375]])
+        lo = np.array(-2, dtype=np.int64)
+        hi = np.array(2, dtype=np.int64)
+    returned x = [1, -1]  cost = reported 0.703125, recomputed 0.703125
+    optimum  x = [1, -2]  cost = 0.453125  (brute force over 25 box points)
     """
     case = as_case(problem)
     x, cost, _ = unpack_result(result, case)
@@ -171,6 +273,40 @@ def assert_never_worse_than(result, baseline, problem, *, rtol=RTOL):
     ``baseline`` is another solver's output (``BILSResult`` or ``x``), a (k,) array of
     costs, or a callable solver run on the same problem (e.g.
     :func:`~bils.testing.oracles.babai_textbook`).
+
+    Parameters
+    ----------
+    result : BILSResult or array_like of int
+        The solver's output: anything with ``.x`` (and optionally ``.cost``), or a bare
+        ``x``; ``x`` (n, k), or (n,) for a 1-D ``Y``.
+    baseline : BILSResult, array_like of int, (k,) ndarray of float or callable
+        What ``result`` must not be worse than (see above).
+    problem : ProblemCase, BILSProblem or tuple
+        The problem ``result`` solves: see :func:`~bils.testing.as_case`.
+    rtol : float, default 1e-9
+        Relative tolerance on costs, relative to ``||y_j||² + ||R z_j||²`` per RHS.
+
+    Raises
+    ------
+    AssertionError
+        If the cost of ``x`` exceeds the baseline's for some RHS (showing the smallest
+        failing RHS).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import assert_never_worse_than
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> problem = (R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2)  # (R, Y, lo, hi)
+    >>> from bils.testing import babai_textbook
+    >>> kb = bils.kbest(*problem, beam_width=4, backend="numpy")
+    >>> assert_never_worse_than(kb, babai_textbook, problem)
+    >>> assert_never_worse_than(babai_textbook(*problem), kb, problem)
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_never_worse_than: 1 of 2 right-hand side(s) fail; smallest counterexample is RHS 1
+    cost 0.703125 is worse than baseline's 0.453125 at x = [1, -2]
+    ...
     """
     case = as_case(problem)
     x, cost, _ = unpack_result(result, case)
@@ -198,7 +334,39 @@ def assert_never_worse_than(result, baseline, problem, *, rtol=RTOL):
 
 
 def assert_recovers(result, problem):
-    """On a noiseless problem (``problem.x_true`` set) the solver returns ``x_true``."""
+    """On a noiseless problem (``problem.x_true`` set) the solver returns ``x_true``.
+
+    Parameters
+    ----------
+    result : BILSResult or array_like of int
+        The solver's output: anything with ``.x`` (and optionally ``.cost``), or a bare
+        ``x``; ``x`` (n, k), or (n,) for a 1-D ``Y``.
+    problem : ProblemCase
+        A problem with a planted point ``x_true`` (e.g. drawn by
+        :func:`bils.testing.strategies.bils_problems` with ``targets=("noiseless",)``).
+
+    Raises
+    ------
+    ValueError
+        If `problem` has no ``x_true``.
+    AssertionError
+        If ``x`` differs from ``x_true`` for some RHS (showing the smallest failing RHS).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import ProblemCase, assert_recovers
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> x_true = np.array([[1, 0], [-1, 2]])
+    >>> case = ProblemCase(R, R @ x_true, lo=np.array(-2), hi=np.array(2), x_true=x_true)
+    >>> assert_recovers(case.solve(bils.babai, backend="numpy"), case)
+    >>> assert_recovers(np.zeros((2, 2), dtype=np.int64), case)
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_recovers: 2 of 2 right-hand side(s) fail; smallest counterexample is RHS 0
+    planted x_true = [1, -1] (cost 0.0) not recovered
+    ...
+    """
     case = as_case(problem)
     if case.x_true is None:
         raise ValueError("`problem` has no `x_true` (it is not a noiseless problem)")
@@ -216,6 +384,45 @@ def assert_same_solution(result, expected, problem, *, compare="x", rtol=RTOL,
     """Two solver outputs agree per RHS: same ``x`` (``compare="x"``) or same cost.
 
     With ``compare="x"`` the reported costs must also agree within ``rtol``.
+
+    Parameters
+    ----------
+    result, expected : BILSResult or array_like of int
+        The two outputs (anything with ``.x`` and optionally ``.cost``, or a bare ``x``).
+    problem : ProblemCase, BILSProblem or tuple
+        The problem both solve: see :func:`~bils.testing.as_case`.
+    compare : {"x", "cost"}, default "x"
+        ``"x"``: the points must be equal (and the reported costs agree); ``"cost"``:
+        only their costs must agree (ties allowed).
+    rtol : float, default 1e-9
+        Relative tolerance on costs, relative to ``||y_j||² + ||R z_j||²`` per RHS.
+    names : (str, str), default ("result", "expected")
+        How the two outputs are called in the failure message.
+
+    Raises
+    ------
+    AssertionError
+        If the outputs disagree for some RHS (showing the smallest failing RHS and
+        both points).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import assert_same_solution
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> problem = (R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2)  # (R, Y, lo, hi)
+    >>> from bils.testing import babai_textbook, exact_solve
+    >>> res = bils.babai(*problem, backend="numpy")
+    >>> assert_same_solution(res, babai_textbook(*problem), problem)
+    >>> opt = bils.enumerate(*problem, backend="numpy")
+    >>> assert_same_solution(opt, exact_solve(*problem), problem, compare="cost")
+    >>> assert_same_solution(res, opt, problem, names=("babai", "enumerate"))
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_same_solution: 1 of 2 right-hand side(s) fail; smallest counterexample is RHS 1
+    babai: x = [1, -1] cost 0.703125, reported 0.703125
+    enumerate: x = [1, -2] cost 0.453125, reported 0.453125
+    ...
     """
     _check_compare(compare)
     case = as_case(problem)
@@ -259,6 +466,38 @@ def assert_multi_rhs_consistent(solver, problem, *, compare="x", rtol=RTOL):
     so a randomised solver that draws its per-RHS seeds in column order from one
     generator can be checked too. ``compare="cost"`` accepts different points of equal
     cost (ties).
+
+    Parameters
+    ----------
+    solver : callable
+        ``solver(R, Y, lo, hi, /, *, scale=None, offset=None)`` returning a
+        :class:`bils.BILSResult` (or ``x``); bind options with :func:`functools.partial`.
+    problem : ProblemCase, BILSProblem or tuple
+        The problem, usually with several right-hand sides: see
+        :func:`~bils.testing.as_case`.
+    compare : {"x", "cost"}, default "x"
+        ``"x"``: the points must be equal (and the reported costs agree); ``"cost"``:
+        only their costs must agree (ties allowed).
+    rtol : float, default 1e-9
+        Relative tolerance on costs, relative to ``||y_j||² + ||R z_j||²`` per RHS.
+
+    Raises
+    ------
+    AssertionError
+        If the batch and the loop disagree for some RHS (showing the smallest failing
+        RHS).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import assert_multi_rhs_consistent
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> problem = (R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2)  # (R, Y, lo, hi)
+    >>> import functools
+    >>> assert_multi_rhs_consistent(functools.partial(bils.babai, backend="numpy"), problem)
+    >>> from bils.testing import threaded_rng
+    >>> klein = threaded_rng(bils.klein, 0, n_samples=4, backend="numpy")
+    >>> assert_multi_rhs_consistent(klein, problem)
     """
     _check_compare(compare)
     case = as_case(problem)
@@ -284,6 +523,47 @@ def assert_translation_equivariant(solver, problem, shift, *, compare="x", rtol=
     ``[lo + t, hi + t]`` must give ``x + t`` (``compare="x"``) or a point of the same
     cost (``compare="cost"``). ``x`` comparisons catch tie rules that are not
     translation invariant (round-half-to-even, say) on problems with exact ties.
+
+    Parameters
+    ----------
+    solver : callable
+        ``solver(R, Y, lo, hi, /, *, scale=None, offset=None)`` returning a
+        :class:`bils.BILSResult` (or ``x``); bind options with :func:`functools.partial`.
+    problem : ProblemCase, BILSProblem or tuple
+        The problem: see :func:`~bils.testing.as_case`.
+    shift : (n,) or (n, k) array_like of int
+        The integer translation ``t``.
+    compare : {"x", "cost"}, default "x"
+        ``"x"``: the points must be equal (and the reported costs agree); ``"cost"``:
+        only their costs must agree (ties allowed).
+    rtol : float, default 1e-9
+        Relative tolerance on costs, relative to ``||y_j||² + ||R z_j||²`` per RHS.
+
+    Raises
+    ------
+    AssertionError
+        If the moved problem's solution, shifted back, differs for some RHS (showing
+        the smallest failing RHS and the shift).
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import assert_translation_equivariant
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> problem = (R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2)  # (R, Y, lo, hi)
+    >>> import functools
+    >>> babai = functools.partial(bils.babai, backend="numpy")
+    >>> assert_translation_equivariant(babai, problem, np.array([1, -1]))
+    >>> def round_half_even(R, Y, lo, hi, *, scale=None, offset=None):  # diagonal R only
+    ...     return np.clip(np.round(Y / np.diag(R)[:, None]), lo, hi).astype(np.int64)
+    >>> tie = (np.eye(2), np.array([[0.5], [1.5]]), -3, 3)
+    >>> assert_translation_equivariant(round_half_even, tie, np.array([1, 0]))
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_translation_equivariant: 1 of 1 right-hand side(s) fail; smallest counterexample is RHS 0
+    original problem: x = [0, 2] cost 0.5
+    moved problem, shifted back: x = [1, 2] cost 0.5
+    ...
     """
     _check_compare(compare)
     case = as_case(problem)

@@ -52,6 +52,29 @@ class threaded_rng:  # noqa: N801 - used like a function: threaded_rng(bils.klei
     solve) starts it again from ``seed``. A solver that draws one seed per RHS in
     column order then satisfies ``multi_rhs``: the batch and the column-by-column loop
     see the same seeds.
+
+    Parameters
+    ----------
+    solver : callable
+        A randomised solver taking a ``rng`` keyword (e.g. :func:`bils.klein`).
+    seed : int or None, default 0
+        Seed of the threaded :class:`numpy.random.Generator`.
+    **options
+        Further keyword arguments passed to every call of `solver`.
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import threaded_rng
+    >>> klein = threaded_rng(bils.klein, 0, n_samples=4, backend="numpy")
+    >>> klein
+    threaded_rng(klein[rng=0])
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> Y = np.array([[3.125, 0.25], [0.875, -1.375]])
+    >>> first = klein(R, Y, -2, 2)  # rng=<the generator>, n_samples=4, backend="numpy"
+    >>> klein.reset()  # start the generator again from the seed
+    >>> bool(np.array_equal(klein(R, Y, -2, 2).x, first.x))
+    True
     """
 
     def __init__(self, solver, seed=0, **options):
@@ -112,6 +135,38 @@ class Property:
     ``example`` says what :func:`check` expects: ``"case"`` (a ProblemCase), ``"multi"``
     (a case with k >= 2), ``"shifted"`` (``(case, shift)``), ``"noiseless"`` (a case with
     ``x_true``) or ``"small"`` (a case whose box is small enough for brute force).
+
+    Parameters
+    ----------
+    name : str
+        The key in :data:`PROPERTIES` (``"feasible"``, ``"optimal"``, ...).
+    check : callable
+        ``check(solver, example, *, rtol)``: returns ``None`` when the property holds
+        and raises ``AssertionError`` (from :mod:`bils.testing.assertions`) otherwise.
+    example : {"case", "multi", "shifted", "noiseless", "small"}
+        The kind of example ``check`` takes (see above).
+    default : bool
+        Whether it is in :data:`DEFAULT_PROPERTIES`, checked by
+        :func:`~bils.testing.check_solver` unless other properties are named.
+    description : str
+        One line on what must hold (shown in :class:`~bils.testing.CheckReport`).
+
+    Examples
+    --------
+    >>> import functools
+    >>> import numpy as np, bils
+    >>> from bils.testing import PROPERTIES, as_case
+    >>> prop = PROPERTIES["optimal"]
+    >>> prop.example, prop.default, prop.description
+    ('small', False, 'cost equals the brute-force optimum')
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> case = as_case((R, np.array([[3.125, 0.25], [0.875, -1.375]]), -2, 2))
+    >>> prop.check(functools.partial(bils.enumerate, backend="numpy"), case, rtol=1e-9)
+    >>> prop.check(functools.partial(bils.babai, backend="numpy"), case, rtol=1e-9)
+    Traceback (most recent call last):
+        ...
+    AssertionError: assert_optimal: 1 of 2 right-hand side(s) fail; smallest counterexample is RHS 1
+    ...
     """
 
     name: str

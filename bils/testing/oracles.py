@@ -76,6 +76,22 @@ def brute_force(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, n_be
     -------
     BILSResult
         ``status`` all ``OPTIMAL``; ``info["points"]`` (k,) points scored.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bils.testing import brute_force
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> Y = np.array([[3.125, 0.25], [0.875, -1.375]])
+    >>> res = brute_force(R, Y, -2, 2, n_best=3)
+    >>> res.x.tolist(), res.cost.tolist(), res.info["points"].tolist()
+    ([[1, 1], [1, -2]], [0.03125, 0.453125], [25, 25])
+    >>> res.info["best_cost"].tolist()  # the three best costs of each RHS
+    [[0.03125, 0.453125], [1.53125, 0.703125], [2.03125, 1.703125]]
+    >>> brute_force(np.eye(20), np.zeros(20), -2, 2)
+    Traceback (most recent call last):
+        ...
+    ValueError: the box has 95367431640625 points per RHS, more than `max_points` = 65536
     """
     case = _case_of(R, Y, lo, hi, scale, offset)
     n, k = case.n, case.k
@@ -122,6 +138,36 @@ def babai_textbook(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None):
 
     and the cost is the sum of the level residuals :math:`(R_{ii} s_i (c_i - x_i))^2`.
     No blocking, no vectorisation: the reference the fast paths are checked against.
+
+    Parameters
+    ----------
+    R, Y, lo, hi, scale, offset
+        As in :func:`bils.babai`, or one problem (``BILSProblem`` / ``ProblemCase``).
+        ``R`` must be upper triangular with a non-zero diagonal.
+
+    Returns
+    -------
+    BILSResult
+        ``x`` (n, k) int64 (``(n,)`` for a 1-D ``Y``), ``cost``, ``status`` all
+        ``HEURISTIC``.
+
+    Raises
+    ------
+    ValueError
+        If ``R`` is not upper triangular with a non-zero diagonal.
+
+    Examples
+    --------
+    >>> import numpy as np, bils
+    >>> from bils.testing import babai_textbook
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> Y = np.array([[3.125, 0.25], [0.875, -1.375]])
+    >>> ref = babai_textbook(R, Y, -2, 2)
+    >>> ref.x.tolist(), ref.cost.tolist()
+    ([[1, 1], [1, -1]], [0.03125, 0.703125])
+    >>> fast = bils.babai(R, Y, -2, 2, backend="numpy")
+    >>> bool(np.array_equal(fast.x, ref.x))
+    True
     """
     case = _case_of(R, Y, lo, hi, scale, offset)
     if not case.triangular:
@@ -165,6 +211,20 @@ def exact_solve(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None,
     ``OPTIMAL``). With ``cross_check`` and a small box, both run and must agree on the
     optimal cost (within ``rtol``), or an ``AssertionError`` says which RHS disagrees.
 
+    Parameters
+    ----------
+    R, Y, lo, hi, scale, offset
+        As in :func:`bils.babai`, or one problem (``BILSProblem`` / ``ProblemCase``).
+        ``R`` need not be triangular when the box is small enough for brute force.
+    max_points : int, default 65536
+        Largest box (points per RHS) scored by brute force
+        (:data:`DEFAULT_MAX_POINTS`); larger boxes go to :func:`bils.enumerate`.
+    cross_check : bool, default True
+        On a small box, also run :func:`bils.enumerate` (when ``R`` is triangular) and
+        require the same optimal cost.
+    rtol : float, default 1e-9
+        Relative tolerance of that comparison.
+
     Returns
     -------
     BILSResult
@@ -173,6 +233,29 @@ def exact_solve(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None,
         ``points`` (box points scored, per RHS, brute force only), ``runner_up_cost``
         (the second-best cost, brute force only: the optimality gap) and ``nodes``
         (search nodes, enumerate only).
+
+    Raises
+    ------
+    AssertionError
+        If brute force and :func:`bils.enumerate` disagree, or the search without a node
+        budget does not report ``OPTIMAL``.
+    RuntimeError
+        If the box is too large for brute force and :func:`bils.enumerate` cannot be used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bils.testing import exact_solve
+    >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> Y = np.array([[3.125, 0.25], [0.875, -1.375]])
+    >>> res = exact_solve(R, Y, -2, 2)
+    >>> res.solver, res.x.tolist(), res.cost.tolist(), res.all_optimal
+    ('exact', [[1, 1], [1, -2]], [0.03125, 0.453125], True)
+    >>> cert = res.info["certificate"]
+    >>> cert["method"], cert["runner_up_cost"].tolist(), cert["nodes"].tolist()
+    ('brute_force+enumerate', [1.53125, 0.703125], [4, 7])
+    >>> exact_solve(R, Y, -2, 2, max_points=10).info["certificate"]["method"]
+    'enumerate'
     """
     case = _case_of(R, Y, lo, hi, scale, offset)
     small = bool(np.max(case.box_points) <= max_points)

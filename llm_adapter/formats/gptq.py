@@ -54,7 +54,24 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class GPTQExportError(QuantizedFormatError):
-    """The layers cannot be written in the requested GPTQ layout."""
+    """The layers cannot be written in the requested GPTQ layout.
+
+    A :class:`~llm_adapter.formats.native.QuantizedFormatError` (so a
+    :class:`ValueError`); the message names the layers and what is wrong.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    >>> q = QuantizedLayer(codes=np.zeros((8, 8), np.uint8), scales=np.ones((8, 1), np.float32),
+    ...                    zeros=np.full((8, 1), 8.0, np.float32), g_idx=np.zeros(8, np.int32),
+    ...                    bits=4, group_size=-1)
+    >>> export_gptq(model, {"1": q}, "gptq-out")
+    Traceback (most recent call last):
+        ...
+    llm_adapter.formats.gptq.GPTQExportError: cannot export: '1' is not an nn.Linear of the model
+    """
 
 
 def quantization_config(
@@ -218,6 +235,28 @@ def export_gptq(
     GPTQExportError
         If a name is not a linear layer of `model`, a shape differs, bits or group sizes
         are mixed, or a layer cannot be packed (see :func:`gptq_tensors`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama: nothing is downloaded
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...     num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> from llm_adapter.calibrate import quantize_model
+    >>> from llm_adapter.spec import QuantSpec
+    >>> windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    >>> layers = quantize_model(model, windows, QuantSpec(bits=4, method="rtn"), progress=False)
+    >>> import json, tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_gptq(model, layers, pathlib.Path(tmp.name) / "gptq")
+    >>> sorted(p.name for p in path.iterdir())
+    ['config.json', 'generation_config.json', 'model.safetensors']
+    >>> qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    >>> qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["format"]
+    ('gptq', 4, -1, False, 'gptq')
+    >>> tmp.cleanup()
     """
     import torch
     from safetensors.torch import save_file

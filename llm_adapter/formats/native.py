@@ -57,7 +57,24 @@ _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class QuantizedFormatError(ValueError):
-    """A quantized directory (or the layers given to save) is malformed."""
+    """A quantized directory (or the layers given to save) is malformed.
+
+    A :class:`ValueError`; the message names the file or layer and the field.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> bad = QuantizedLayer(codes=np.zeros((2, 8), np.uint8), scales=np.ones((2, 1), np.float32),
+    ...                      zeros=np.zeros((2, 1), np.float32), g_idx=np.zeros(4, np.int32),
+    ...                      bits=4, group_size=-1)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     save_quantized(f"{tmp}/out", {"fc": bad})
+    Traceback (most recent call last):
+        ...
+    llm_adapter.formats.native.QuantizedFormatError: layer 'fc': `g_idx` must be an integer array of shape (8,), got int32 (4,)
+    """
 
 
 # --------------------------------------------------------------------------- save
@@ -106,6 +123,27 @@ def save_quantized(
         If a layer is malformed (the message names the layer and the field).
     FileExistsError
         If `path` exists and `overwrite` is false.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> rng = np.random.default_rng(0)
+    >>> q = QuantizedLayer(codes=rng.integers(0, 16, (8, 32)).astype(np.uint8),
+    ...                    scales=np.full((8, 1), 0.1, np.float32),
+    ...                    zeros=np.full((8, 1), 8.0, np.float32),
+    ...                    g_idx=np.zeros(32, np.int32), bits=4, group_size=-1)
+    >>> import tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save_quantized(pathlib.Path(tmp.name) / "quantized", {"model.fc": q},
+    ...                       {"bits": 4, "method": "rtn"}, {"source": "my-model"})
+    >>> sorted(p.name for p in path.iterdir())
+    ['quant_config.json', 'quantized.safetensors']
+    >>> save_quantized(path, {"model.fc": q})
+    Traceback (most recent call last):
+        ...
+    FileExistsError: ...already exists; pass overwrite=True to replace it
+    >>> tmp.cleanup()
     """
     from safetensors.numpy import save_file
 
@@ -224,6 +262,11 @@ def _fsync_path(path: Path) -> None:
 def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedLayer], dict[str, Any]]:
     """Read a directory written by :func:`save_quantized`.
 
+    Parameters
+    ----------
+    path : str or path-like
+        The directory.
+
     Returns
     -------
     layers : dict of str to QuantizedLayer
@@ -239,6 +282,26 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedLayer], 
     QuantizedFormatError
         If the files are not in this format, of an unsupported version, or inconsistent;
         the message names the file, the layer and the field.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> rng = np.random.default_rng(0)
+    >>> q = QuantizedLayer(codes=rng.integers(0, 16, (8, 32)).astype(np.uint8),
+    ...                    scales=np.full((8, 1), 0.1, np.float32),
+    ...                    zeros=np.full((8, 1), 8.0, np.float32),
+    ...                    g_idx=np.zeros(32, np.int32), bits=4, group_size=-1)
+    >>> import tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save_quantized(pathlib.Path(tmp.name) / "quantized", {"model.fc": q},
+    ...                       {"bits": 4, "method": "rtn"})
+    >>> layers, meta = load_quantized(path)
+    >>> list(layers), meta["format"], meta["spec"]
+    (['model.fc'], 'bils-quantized', {'bits': 4, 'method': 'rtn'})
+    >>> bool(np.array_equal(layers["model.fc"].dequantize(), q.dequantize()))
+    True
+    >>> tmp.cleanup()
     """
     from safetensors import safe_open
 

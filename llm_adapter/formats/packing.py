@@ -47,6 +47,24 @@ def period(bits: int) -> tuple[int, int]:
 def packed_length(n: int, bits: int) -> int:
     """Number of int32 words holding `n` b-bit values (padded to whole periods).
 
+    Parameters
+    ----------
+    n : int
+        Number of values along the packed axis.
+    bits : {2, 3, 4, 8}
+
+    Returns
+    -------
+    int
+        ``ceil(n / values) * words`` with ``(values, words) = period(bits)``.
+
+    Raises
+    ------
+    ValueError
+        If `bits` is unsupported.
+
+    Examples
+    --------
     >>> packed_length(128, 3), packed_length(33, 4), packed_length(0, 2)
     (12, 5, 0)
     """
