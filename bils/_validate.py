@@ -76,6 +76,22 @@ def _as_column_shape(arr, squeeze):
     return arr
 
 
+def _has_lower_entries(R, rows=256):
+    """Whether the square ``R`` has a non-zero entry below the diagonal.
+
+    Checked in slabs of ``rows`` rows (only the columns left of each slab's last row), so
+    no (n, n) temporary is made: ``np.tril`` of a 4096² factor would allocate 128 MiB on
+    every solver call.
+    """
+    n = R.shape[0]
+    for i0 in range(1, n, rows):
+        i1 = min(n, i0 + rows)
+        # rows i0..i1-1, columns 0..i1-2; entry (r, c) is below the diagonal iff c < r
+        if np.any(np.tril(R[i0:i1, : i1 - 1], i0 - 1) != 0):
+            return True
+    return False
+
+
 def triangular_iv(R, name="R"):
     """Validate an upper-triangular factor: square, finite, non-zero diagonal."""
     R = _real_array(name, R)
@@ -85,7 +101,7 @@ def triangular_iv(R, name="R"):
         raise ValueError(f"`{name}` must have at least one row")
     R = np.ascontiguousarray(R, dtype=np.float64)
     _finite(name, R)
-    if np.any(np.tril(R, -1) != 0):
+    if _has_lower_entries(R):
         raise ValueError(f"`{name}` must be upper triangular (entries below the diagonal must be 0)")
     if np.any(np.diag(R) == 0):
         raise ValueError(f"`{name}` must have a non-zero diagonal")

@@ -67,6 +67,33 @@ def _greedy_pivot(M, pick_max):
     return order
 
 
+#: The rules of :func:`column_order` that read only the diagonal of ``G``.
+DIAGONAL_ORDERINGS = ("natural", "reverse", "diag")
+
+
+def order_from_diagonal(d, method):
+    """:func:`column_order` for the rules in :data:`DIAGONAL_ORDERINGS`, from ``diag(G)`` alone.
+
+    Lets callers with a large ``G`` skip forming a modified copy of it.
+
+    Examples
+    --------
+    >>> from bils.ordering import order_from_diagonal
+    >>> order_from_diagonal([3.0, 1.0, 2.0], "diag")
+    array([1, 2, 0])
+    """
+    d = np.asarray(d, dtype=np.float64)
+    n = d.shape[0]
+    if method == "natural":
+        return np.arange(n, dtype=np.int64)
+    if method == "reverse":
+        return np.arange(n - 1, -1, -1, dtype=np.int64)
+    if method == "diag":
+        # GPTQ processes argsort(diag, descending) front to back; we decide from the back.
+        return np.argsort(-d, kind="stable")[::-1].astype(np.int64)
+    raise ValueError(f"`method` must be one of {DIAGONAL_ORDERINGS}, got {method!r}")
+
+
 def column_order(G, method="natural"):
     """Permutation of the columns for nearest-plane solvers, from a Gram matrix.
 
@@ -93,13 +120,8 @@ def column_order(G, method="natural"):
     method = choice_iv("ordering", method, ORDERINGS)
     G = _gram_iv(G)
     n = G.shape[0]
-    if method == "natural":
-        return np.arange(n, dtype=np.int64)
-    if method == "reverse":
-        return np.arange(n - 1, -1, -1, dtype=np.int64)
-    if method == "diag":
-        # GPTQ processes argsort(diag, descending) front to back; we decide from the back.
-        return np.argsort(-np.diag(G), kind="stable")[::-1].astype(np.int64)
+    if method in DIAGONAL_ORDERINGS:
+        return order_from_diagonal(np.diag(G), method)
     if method == "sqrd":
         return _greedy_pivot(G, pick_max=False)
     # back-to-front rules work on the inverse: r_pp^2 of column j placed last = 1 / inv(G)_jj

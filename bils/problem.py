@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
+import scipy.linalg.lapack
 
 from ._validate import _real_array, choice_iv, float_iv, problem_iv
-from .ordering import ORDERINGS, chang_han, column_order
+from .ordering import DIAGONAL_ORDERINGS, ORDERINGS, chang_han, column_order, order_from_diagonal
 
 __all__ = ["BILSProblem"]
 
@@ -42,6 +44,49 @@ def _grid_2d(name, a, n, k, default, squeeze):
     if a.ndim == 2 and a.shape[0] in (1, n) and a.shape[1] in (1, k):
         return a
     raise ValueError(f"`{name}` of shape {a.shape} must be broadcastable to ({n}, {k})")
+
+
+def _is_symmetric(H, rows=512):
+    """``|H - Hᵀ| <= 1e-10 |Hᵀ| + 1e-12 max|H|`` elementwise, in slabs (no (n, n) temporaries)."""
+    atol = 1e-12 * max(1.0, float(np.abs(H).max()))
+    n = H.shape[0]
+    for i0 in range(0, n, rows):
+        a = H[i0:i0 + rows]
+        b = H[:, i0:i0 + rows].T
+        if not np.all(np.abs(a - b) <= atol + 1e-10 * np.abs(b)):
+            return False
+    return True
+
+
+def _upper_cholesky_inplace(A):
+    """Upper Cholesky factor ``R`` (``A = Rᵀ R``) of the C-contiguous symmetric ``A``, in place.
+
+    LAPACK sees ``A``'s memory as the Fortran array ``Aᵀ = A`` and writes its lower factor
+    ``L`` there, which read back in C order is ``R = Lᵀ``: no copy. Returns None when
+    ``A`` is not (numerically) positive definite.
+    """
+    if A.dtype != np.float64 or not A.flags.c_contiguous:
+        A = np.ascontiguousarray(A, dtype=np.float64)
+    L, info = scipy.linalg.lapack.dpotrf(A.T, lower=1, clean=1, overwrite_a=1)
+    if info != 0 or not np.all(np.isfinite(np.diag(L))):
+        return None
+    R = L.T
+    return R if R.flags.c_contiguous else np.ascontiguousarray(R)
+
+
+def _triangular_times(R, B):
+    """``R @ B`` for upper-triangular ``R`` (n, n) and C-contiguous ``B`` (n, k), via BLAS trmm.
+
+    Half the flops of a dense product. ``B`` is overwritten (callers pass a fresh copy).
+    Works on the transposes: ``(R B)ᵀ = Bᵀ Rᵀ`` with ``Bᵀ`` and ``Rᵀ`` Fortran-ordered
+    views, so nothing is copied.
+    """
+    if R.dtype != np.float64 or B.dtype != np.float64 or not B.flags.c_contiguous \
+            or not R.flags.c_contiguous:
+        return R @ B
+    trmm = scipy.linalg.blas.dtrmm
+    out = trmm(1.0, R.T, B.T, side=1, lower=1, trans_a=0, overwrite_b=1)
+    return out.T
 
 
 def _rows(a, perm):
@@ -190,42 +235,52 @@ class BILSProblem:
         >>> bils.babai(p).x.ravel().tolist()
         [1, 3]
         """
-        H = _real_array("H", H).astype(np.float64)
+        H = _real_array("H", H)
         if H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] == 0:
             raise ValueError(f"`H` must be a square 2-D array, got shape {H.shape}")
+        H = H.astype(np.float64, copy=False)  # not modified below: copies are made where needed
         if not np.all(np.isfinite(H)):
             raise ValueError("`H` must be finite")
-        if not np.allclose(H, H.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(H).max())):
+        if not _is_symmetric(H):
             raise ValueError("`H` must be symmetric")
         damp = float_iv("damp", damp)
         if damp < 0:
             raise ValueError(f"`damp` must be >= 0, got {damp}")
         n = H.shape[0]
-        T = _real_array("T", T).astype(np.float64)
+        T = _real_array("T", T)
         if T.ndim not in (1, 2) or T.shape[0] != n:
             raise ValueError(f"`T` must have `H.shape[0]` = {n} rows, got shape {T.shape}")
+        squeeze = T.ndim == 1
+        T = T.astype(np.float64, copy=False).reshape(n, -1)
         if not np.all(np.isfinite(T)):
             raise ValueError("`T` must be finite")
-        squeeze = T.ndim == 1
-        T = T.reshape(n, -1).copy()
-        H = H.copy()
-        dead = np.diag(H) == 0
-        if dead.any():
-            H[dead, dead] = 1.0
-            T[dead] = 0.0
+        # Only the diagonal changes: dead coordinates get H_ii = 1, then damping.
+        diag = np.diag(H).copy()
+        dead = diag == 0
+        diag[dead] = 1.0
         if damp:
-            H[np.diag_indices(n)] += damp * np.mean(np.diag(H))
+            diag += damp * np.mean(diag)
+        if dead.any():
+            T = T.copy()
+            T[dead] = 0.0
         order = "natural" if ordering == "chang_han" else ordering
         choice_iv("ordering", ordering, _ORDER_CHOICES)
-        try:
-            perm = column_order(H, order)
-        except (ValueError, np.linalg.LinAlgError):
-            raise ValueError("`H` (after damping) must be positive definite; increase `damp`") from None
-        try:
-            R = scipy.linalg.cholesky(H[np.ix_(perm, perm)], lower=False)
-        except np.linalg.LinAlgError:
-            raise ValueError("`H` (after damping) must be positive definite; increase `damp`") from None
-        Y = R @ T[perm]
+        if order in DIAGONAL_ORDERINGS:  # rules that read the diagonal only
+            perm = order_from_diagonal(diag, order)
+        else:
+            Hd = H.copy()
+            Hd[np.diag_indices(n)] = diag
+            try:
+                perm = column_order(Hd, order)
+            except (ValueError, np.linalg.LinAlgError):
+                raise ValueError("`H` (after damping) must be positive definite; increase `damp`") from None
+            del Hd
+        Hp = H[np.ix_(perm, perm)] if order != "natural" else np.array(H, order="C")
+        Hp[np.diag_indices(n)] = diag[perm]
+        R = _upper_cholesky_inplace(Hp)
+        if R is None:
+            raise ValueError("`H` (after damping) must be positive definite; increase `damp`")
+        Y = _triangular_times(R, T[perm])
         prob = cls._build(R, Y, *(_rows2(nm, a, perm, n, squeeze) for nm, a in
                             (("lo", lo), ("hi", hi), ("scale", scale), ("offset", offset))), squeeze,
                           "natural", np.zeros(T.shape[1]), gram=None, dead=dead)
@@ -245,10 +300,7 @@ class BILSProblem:
         n, k = can.Y.shape
         grids = [_grid_2d(nm, a, n, k, d, squeeze) for nm, a, d in
                  (("lo", lo, 0), ("hi", hi, 0), ("scale", scale, 1.0), ("offset", offset, 0.0))]
-        grids[0] = grids[0].astype(np.int64)
-        grids[1] = grids[1].astype(np.int64)
-        grids[2] = grids[2].astype(np.float64)
-        grids[3] = grids[3].astype(np.float64)
+        grids = [g.astype(t, copy=False) for g, t in zip(grids, (np.int64, np.int64, np.float64, np.float64))]
         if ordering == "natural":
             return cls(can.R, can.Y, *grids, None, np.asarray(cost_offset, float), dead, squeeze)
         if ordering == "chang_han":
