@@ -38,6 +38,13 @@ class Canonical:
     def k(self) -> int:
         return self.Y.shape[1]
 
+    def astype(self, dtype):
+        """The same problem with ``R``, ``Y`` (contiguous), ``scale`` and ``offset`` in ``dtype``."""
+        return Canonical(np.ascontiguousarray(self.R, dtype=dtype),
+                         np.ascontiguousarray(self.Y, dtype=dtype), self.lo, self.hi,
+                         self.scale.astype(dtype, copy=False), self.offset.astype(dtype, copy=False),
+                         self.squeeze)
+
 
 def _real_array(name, a, *, allow_int=True):
     if a is None:

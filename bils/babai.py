@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._driver import run_solver
-from ._validate import int_iv
+from ._validate import choice_iv, int_iv
 from .result import Status
 
 __all__ = ["babai"]
@@ -25,8 +25,9 @@ def nearest_plane_sweep(can, block_size, decide):
     """
     R, S, O = can.R, can.scale, can.offset
     n, k = can.Y.shape
+    dtype = R.dtype  # float64, or float32 for precision="float32"
     Yr = can.Y - R @ O  # residual target after the offset
-    Z = np.zeros((n, k))  # S * x of decided levels
+    Z = np.zeros((n, k), dtype=dtype)  # S * x of decided levels
     x = np.empty((n, k), dtype=np.int64)
     cost = np.zeros(k)
     for b_end in range(n, 0, -block_size):
@@ -49,11 +50,14 @@ def box_round(c, lo, hi):
     return np.clip(np.floor(c + 0.5), lo, hi)
 
 
-def _babai_numpy(can, *, block_size):
+def _babai_numpy(can, *, block_size, precision="float64"):
     lo, hi = can.lo, can.hi
+    if precision != "float64":
+        can = can.astype(np.dtype(precision))
     x, cost = nearest_plane_sweep(can, block_size, lambda i, c, d: box_round(c, lo[i], hi[i]))
     status = np.full(can.k, Status.HEURISTIC, dtype=np.int8)
-    return x, cost, status, {"block_size": block_size}
+    return x, np.asarray(cost, dtype=np.float64), status, {"block_size": block_size,
+                                                            "precision": precision}
 
 
 def _babai_numba():
@@ -65,8 +69,12 @@ def _babai_numba():
 KERNELS = {"numpy": lambda: _babai_numpy, "numba": _babai_numba}
 
 
+#: Working precisions of :func:`babai`.
+PRECISIONS = ("float64", "float32")
+
+
 def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size=128,
-          backend="auto"):
+          precision="float64", backend="auto"):
     r"""Box-constrained Babai (nearest-plane) point for many right-hand sides.
 
     Solves approximately, for each column ``j``,
@@ -100,6 +108,12 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
         Columns per block. Inside a block levels are processed one by one; the
         update of all earlier levels is one matrix product. The result does not
         depend on it (up to floating-point rounding).
+    precision : {"float64", "float32"}, default "float64"
+        Working precision of the sweep. ``"float32"`` (GPTQ's precision) runs the
+        products and updates in single precision: about twice as fast on CPUs and half
+        the memory traffic; codes equal the float64 ones except where single-precision
+        rounding moves a centre :math:`c_i` across a rounding boundary, and ``cost`` is
+        summed in float64 from single-precision residuals (relative error ~1e-6).
     backend : {"auto", "numpy", "numba", "cupy"}
         See :func:`bils.resolve_backend`.
 
@@ -139,5 +153,6 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
     ([1, 3], 0.1)
     """
     block_size = int_iv("block_size", block_size, minimum=1)
+    precision = choice_iv("precision", precision, PRECISIONS)
     return run_solver("babai", KERNELS, R, Y, lo, hi, scale, offset, backend,
-                      {"block_size": block_size})
+                      {"block_size": block_size, "precision": precision})

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import bils
+import bils.testing
 
 numba = pytest.importorskip("numba")
 
@@ -82,6 +83,29 @@ def test_babai_parity(grid, n, k, block_size, min_panel, monkeypatch):
     a = _solve(bils.babai, prob, "numpy", block_size=block_size)
     b = _solve(bils.babai, prob, "numba", block_size=block_size)
     _assert_parity(a, b, f"babai {grid} n={n} k={k}")
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("n, k, block_size", [(1, 1, 128), (37, 70, 8), (600, 40, 128)])
+def test_babai_float32(grid, n, k, block_size):
+    """Single precision: same codes as float64 on tie-free problems on both backends;
+    costs consistent with the problem to float32 accuracy; numba == numpy reference."""
+    prob = _problem(n, k, grid, seed=n * 1000 + k + 1)
+    ref = _solve(bils.babai, prob, "numpy", block_size=block_size)
+    a = _solve(bils.babai, prob, "numpy", block_size=block_size, precision="float32")
+    b = _solve(bils.babai, prob, "numba", block_size=block_size, precision="float32")
+    assert a.info["precision"] == b.info["precision"] == "float32"
+    for r in (a, b):
+        assert r.x.dtype == np.int64 and r.cost.dtype == np.float64
+        assert np.mean(r.x == ref.x) >= 0.999  # away from ties (rare in this fixture)
+        np.testing.assert_allclose(r.cost, bils.testing.as_case(prob).cost(r.x), rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(b.cost, a.cost, rtol=2e-4, atol=1e-5)
+
+
+def test_babai_precision_argument():
+    prob = _problem(5, 2, "scalar", seed=3)
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        _solve(bils.babai, prob, "numpy", precision="float16")
 
 
 @pytest.mark.parametrize("grid", GRIDS)

@@ -34,9 +34,13 @@ def compact(a, dtype):
     return readonly(np.ascontiguousarray(a[index], dtype=dtype))
 
 
-def grids(can):
-    """``(scale, offset, lo, hi)`` of a :class:`~bils._validate.Canonical` in compact form."""
-    return (compact(can.scale, np.float64), compact(can.offset, np.float64),
+def grids(can, dtype=np.float64):
+    """``(scale, offset, lo, hi)`` of a :class:`~bils._validate.Canonical` in compact form.
+
+    ``scale`` and ``offset`` in ``dtype`` (float64, or float32 for the single-precision
+    Babai path), bounds as int64.
+    """
+    return (compact(can.scale, dtype), compact(can.offset, dtype),
             compact(can.lo, np.int64), compact(can.hi, np.int64))
 
 

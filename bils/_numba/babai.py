@@ -76,9 +76,9 @@ def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1):
     """Decide levels ``[a, a + m)`` of right-hand sides ``[j0, j1)`` (round to nearest)."""
     m = RT.shape[0]
     w = j1 - j0
-    T = np.empty((m, w))
+    T = np.empty((m, w), dtype=RT.dtype)
     _load_tile(T, Y, G, has_g, a, j0, w)
-    zb = np.empty((4, w))
+    zb = np.empty((4, w), dtype=RT.dtype)
     cl = np.zeros(w)
     top = m
     while top > 0:
@@ -134,16 +134,19 @@ def panels(n, block_size):
 def sweep(can, panel, X, Z, cost, *, G_out=None):
     """One left-looking nearest-plane (Babai) sweep in panels of ``panel`` levels.
 
-    Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) float64 and ``cost`` (k,) in place.
+    Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) and ``cost`` (k,, float64) in place.
+    Works in the dtype of ``can.R`` (float64, or float32 for ``precision="float32"``:
+    ``R``, ``Y``, ``Z``, grids and products in single precision, ``cost`` summed in
+    double precision from single-precision residuals).
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
     in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
     """
     R = can.R
     Y = readonly(can.Y)
     n, k = Y.shape
-    S, O, LO, HI = grids(can)
+    S, O, LO, HI = grids(can, R.dtype)
     cost[:] = 0.0
-    G = np.empty((min(panel, n), k)) if G_out is None else None
+    G = np.empty((min(panel, n), k), dtype=R.dtype) if G_out is None else None
     width = 2 * TILE if k >= 32 * TILE else TILE  # wider tiles stream rows better
     panel_fn = _sweep_panel if k > width else _sweep_panel_one
     for a, e in panels(n, panel):
@@ -173,12 +176,15 @@ def gemm_panel(block_size):
     return block_size * max(1, -(-MIN_PANEL // block_size))
 
 
-def babai_kernel(can, *, block_size):
+def babai_kernel(can, *, block_size, precision="float64"):
     """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``)."""
     n, k = can.Y.shape
+    dtype = np.dtype(precision)
+    if dtype != np.float64:
+        can = can.astype(dtype)
     x = np.empty((n, k), dtype=np.int64)
-    z = np.empty((n, k))
+    z = np.empty((n, k), dtype=dtype)
     cost = np.empty(k)
     sweep(can, gemm_panel(block_size), x, z, cost)
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
-    return x, cost, status, {"block_size": block_size}
+    return x, cost, status, {"block_size": block_size, "precision": precision}
