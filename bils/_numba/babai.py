@@ -135,28 +135,38 @@ def sweep(can, panel, X, Z, cost, *, G_out=None):
     """One left-looking nearest-plane (Babai) sweep in panels of ``panel`` levels.
 
     Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) and ``cost`` (k,, float64) in place.
-    Works in the dtype of ``can.R`` (float64, or float32 for ``precision="float32"``:
-    ``R``, ``Y``, ``Z``, grids and products in single precision, ``cost`` summed in
-    double precision from single-precision residuals).
+    Works in the dtype of ``Z``: float64, or float32 for ``precision="float32"``, where
+    each panel's rows of ``R`` are converted as they are used (no single-precision copy
+    of the whole problem), ``Y`` is read in double precision into single-precision
+    tiles, products and updates run in single precision and ``cost`` is summed in double
+    precision from single-precision residuals.
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
     in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
     """
     R = can.R
     Y = readonly(can.Y)
     n, k = Y.shape
-    S, O, LO, HI = grids(can, R.dtype)
+    dtype = Z.dtype
+    S, O, LO, HI = grids(can, dtype)
     cost[:] = 0.0
-    G = np.empty((min(panel, n), k), dtype=R.dtype) if G_out is None else None
-    width = 2 * TILE if k >= 32 * TILE else TILE  # wider tiles stream rows better
+    G = np.empty((min(panel, n), k), dtype=dtype) if G_out is None else None
+    Rbuf = None if dtype == R.dtype else np.empty((min(panel, n), n), dtype=dtype)
+    # wider tiles stream rows better; single precision: twice the RHS per tile (same bytes)
+    width = (2 * TILE if k >= 32 * TILE else TILE) * (8 // dtype.itemsize)
     panel_fn = _sweep_panel if k > width else _sweep_panel_one
     for a, e in panels(n, panel):
         Gp = G[: e - a] if G_out is None else G_out[a:e]
         has_g = e < n
+        if Rbuf is None:
+            Rp = R[a:e, a:]
+        else:
+            Rp = Rbuf[: e - a, : n - a]
+            np.copyto(Rp, R[a:e, a:])
         if has_g:
-            np.matmul(R[a:e, e:], Z[e:], out=Gp)
+            np.matmul(Rp[:, e - a:], Z[e:], out=Gp)
         elif G_out is not None:
             Gp[...] = 0.0
-        RT = readonly(np.ascontiguousarray(R[a:e, a:e].T))
+        RT = readonly(np.ascontiguousarray(Rp[:, : e - a].T))
         panel_fn(Y, readonly(Gp), has_g, RT, a, S, O, LO, HI, Z, X, cost, width)
 
 
@@ -180,8 +190,6 @@ def babai_kernel(can, *, block_size, precision="float64"):
     """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``)."""
     n, k = can.Y.shape
     dtype = np.dtype(precision)
-    if dtype != np.float64:
-        can = can.astype(dtype)
     x = np.empty((n, k), dtype=np.int64)
     z = np.empty((n, k), dtype=dtype)
     cost = np.empty(k)
