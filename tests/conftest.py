@@ -21,6 +21,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
+# Plain ``pytest`` (no --hypothesis-profile) gets "dev": no deadline either, since numba's
+# first call of a kernel loads it from the cache and takes far more than 200 ms. The
+# plugin applies --hypothesis-profile after this, so "ci" still wins under ``make test``.
+settings.load_profile("dev")
 
 # The property tests call numba's parallel kernels thousands of times on tiny problems.
 # With the OpenMP threading layer idle workers spin-wait between calls, which costs ~20x
