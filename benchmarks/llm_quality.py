@@ -101,7 +101,9 @@ NOTES = [
     "* Wall times: the session-1 runs (W3 g128 rtn/gptq/regcal, W3 per-channel rtn, W4 per-channel rtn, "
     "W2 g128 rtn) shared the 2-core CPU with other jobs (load average ≈ 10) and overstate the cost "
     "several-fold; the later runs had the machine mostly to themselves (one queue, "
-    "`--runs … --skip-done`, load average ≈ 2–3). Compare times only within a row.",
+    "`--runs … --skip-done`, load average ≈ 2–3), except W2 g64 gptq and regcal, whose wall times "
+    "include about 5 and 17 minutes of being paused (SIGSTOP) while quiet CPU benchmarks and "
+    "`make demo` ran. Compare times only within a row.",
 ]
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "llm_quality.json"
