@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
 import logging
@@ -162,38 +161,19 @@ def quantize_fp(model, H, run, float_state, targets=("*",)):
 
 
 # --------------------------------------------------------------------------- sequential
-@contextlib.contextmanager
-def _glvq_dispatch(gspec):
-    """Route :func:`quantize_model`'s per-layer call to glvq.
-
-    Stopgap until ``llm_adapter.calibrate`` dispatches on ``spec.method == "glvq"``
-    itself; the carrier spec given to ``quantize_model`` only sets damping and "not joint".
-    """
-    from llm_adapter import calibrate
-
-    orig = calibrate.quantize_weight
-    calibrate.quantize_weight = lambda W, H, D, spec, **kw: quantize_weight_glvq(W, H, D, gspec, **kw)
-    try:
-        yield
-    finally:
-        calibrate.quantize_weight = orig
-
-
-def quantize_sequential(model, windows, run, float_state, batch_size, targets=("*",)):
+def quantize_sequential(model, windows, run, float_state, batch_size, targets=("*",), checkpoint_dir=None):
+    """True-sequential :func:`~llm_adapter.calibrate.quantize_model` (glvq or gptq) in place."""
     from llm_adapter.calibrate import quantize_model
     from llm_adapter.spec import QuantSpec
 
     kind, fields, backend = RUNS[run]
     model.load_state_dict(float_state)
+    spec = GLVQSpec(**fields) if kind == "glvq" else QuantSpec(method="gptq", **fields)
+    layers = quantize_model(model, windows, spec, targets=targets, batch_size=batch_size, backend=backend,
+                            checkpoint_dir=checkpoint_dir, progress=False)
     if kind == "glvq":
-        gspec = GLVQSpec(**fields)
-        with _glvq_dispatch(gspec):
-            layers = quantize_model(model, windows, QuantSpec(method="gptq", damp=gspec.damp), targets=targets,
-                                    batch_size=batch_size, backend=backend, progress=False)
         bits = sum(q.storage_bits() for q in layers.values())
     else:
-        layers = quantize_model(model, windows, QuantSpec(method="gptq", **fields), targets=targets,
-                                batch_size=batch_size, backend=backend, progress=False)
         bits = sum(_gptq_bits(q.bits, q.group_size, q.shape[1]) * q.codes.size for q in layers.values())
     rel = {n: float(q.stats["rel_loss"]) for n, q in layers.items()}
     return {"bits_per_weight": bits / sum(q.codes.size for q in layers.values()),
@@ -344,6 +324,9 @@ def main(argv=None):
                     help="fnmatch patterns of the layers to quantize (smoke tests); default all")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "lattice_quality")
+    ap.add_argument("--checkpoint-root", type=Path, default=None,
+                    help="sequential protocol: per-layer checkpoints under DIR/c<windows>_<run>, so a killed "
+                         "run restarted with the same arguments resumes")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--doc", type=Path, default=None,
@@ -378,7 +361,8 @@ def main(argv=None):
         if args.protocol == "fp":
             res = quantize_fp(model, H, run, float_state, args.targets)
         else:
-            res = quantize_sequential(model, calib, run, float_state, args.batch_size, args.targets)
+            ckpt = None if args.checkpoint_root is None else args.checkpoint_root / f"c{args.calib_windows}_{run}"
+            res = quantize_sequential(model, calib, run, float_state, args.batch_size, args.targets, ckpt)
         tq = time.perf_counter() - t0
         t1 = time.perf_counter()
         ppl = perplexity(model, evalw, batch_size=args.batch_size, progress=False)

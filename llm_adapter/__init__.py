@@ -27,7 +27,7 @@ from .calibrate import quantize_model
 from .data import calibration_windows, evaluation_windows, load_text, shakespeare_dir
 from .evaluate import PerplexityResult, perplexity
 from .formats import export_gptq, load_quantized, save_quantized
-from .lattice_method import GLVQSpec
+from .lattice_method import GLVQSpec, LatticeLayer, quantize_weight_glvq
 from .models import DEFAULT_MODEL, load_model
 from .quantize import quantize_weight
 from .quantized import QuantizedLayer
@@ -36,6 +36,7 @@ from .spec import QuantSpec
 __all__ = [
     "DEFAULT_MODEL",
     "GLVQSpec",
+    "LatticeLayer",
     "PerplexityResult",
     "QuantSpec",
     "QuantizedLayer",
@@ -48,6 +49,7 @@ __all__ = [
     "perplexity",
     "quantize_model",
     "quantize_weight",
+    "quantize_weight_glvq",
     "save_quantized",
     "shakespeare_dir",
 ]

@@ -3,6 +3,7 @@
 ::
 
     llm-adapter quantize --method gptq --bits 3 --group-size 128 --out q3/
+    llm-adapter quantize --method glvq --bits 2 --lattice-dim 8 --out w2-glvq/
     llm-adapter evaluate --quantized q3/
     llm-adapter generate --quantized q3/ --prompt "To be, or not to be"
     llm-adapter demo
@@ -27,6 +28,8 @@ __all__ = ["CLIError", "build_parser", "layer_table", "load_quantized_model", "m
 logger = logging.getLogger("llm_adapter.cli")
 
 _METHODS = ("rtn", "gptq", "ojbkq", "regcal")
+#: ``quantize --method`` also takes the lattice method (its own options: --lattice-dim, --encode...).
+_QUANTIZE_METHODS = _METHODS + ("glvq",)
 _BITS = (2, 3, 4, 8)
 _BACKENDS = ("auto", "numpy", "numba", "cupy")
 
@@ -109,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize the linear layers of the decoder blocks and save them "
                                    "(native format, optionally a GPTQ checkpoint).")
     model_args(q, quantized=False)
-    q.add_argument("--method", choices=_METHODS, default="gptq", help="quantization method (default gptq)")
+    q.add_argument("--method", choices=_QUANTIZE_METHODS, default="gptq",
+                   help="quantization method (default gptq); glvq = grouped lattice VQ, one generator per "
+                        "--group-size input columns")
     q.add_argument("--bits", type=int, choices=_BITS, default=4, help="code width (default 4)")
     q.add_argument("--group-size", type=_group_size, default=128,
                    help="input columns per group, -1 for per-channel (default 128)")
@@ -118,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=_nonneg_float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
     q.add_argument("--calib", nargs="+", default=["shakespeare"], metavar="CORPUS_OR_FILE",
                    help="calibration text: a corpus name (shakespeare, wikitext2, c4) or text file(s)")
+    lat = q.add_argument_group("glvq (with --method glvq)")
+    lat.add_argument("--lattice-dim", type=_positive_int, default=8,
+                     help="lattice dimension d in {2, 4, 8, 16, 32} (default 8)")
+    lat.add_argument("--encode", choices=("nearest_plane", "round_off", "kbest", "exact"), default="exact",
+                     help="encoder of the stored codes (default exact; the generator is fitted with nearest plane)")
+    lat.add_argument("--fit-iters", type=int, default=20, help="generator-fitting iterations per group (default 20)")
+    lat.add_argument("--salience-frac", type=_nonneg_float, default=0.0,
+                     help="fraction of groups coded with bits+1 (as many get bits-1; default 0)")
     q.add_argument("--calib-windows", type=_positive_int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration window (default 2048)")
     q.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
@@ -233,7 +246,8 @@ def _check_new_dir(path: str | None, flag: str, overwrite: bool) -> None:
 
 def load_quantized_model(path: str | os.PathLike, model: str | None = None):
     """Base model + the quantized layers of directory `path` (as :class:`QuantLinear`
-    where supported, else dequantized weights). Returns ``(model, tokenizer, meta)``."""
+    where supported, glvq layers as :class:`LatticeLinear`, else dequantized weights).
+    Returns ``(model, tokenizer, meta)``."""
     import torch
 
     from .formats import QuantizedFormatError, load_quantized
@@ -260,8 +274,11 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
     missing = [n for n in layers if n not in modules]
     if missing:
         raise CLIError(f"{flag}: model {source!r} has no module(s) {missing[:3]} named in {str(path)!r}")
+    from .lattice_method import LatticeLayer
+
     packable = {
-        n: l for n, l in layers.items() if l.bits in QUANT_LINEAR_BITS and l.group_size in QUANT_LINEAR_GROUP_SIZES
+        n: l for n, l in layers.items()
+        if isinstance(l, LatticeLayer) or (l.bits in QUANT_LINEAR_BITS and l.group_size in QUANT_LINEAR_GROUP_SIZES)
     }
     try:
         replace_linear(net, packable)
@@ -280,7 +297,8 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     if value is None:
         return missing
     try:
-        return format(float(value), spec)
+        value = float(value)
+        return missing if value != value else format(value, spec)  # NaN: not applicable
     except (TypeError, ValueError):
         return str(value)
 
@@ -325,28 +343,54 @@ def _table(header, rows, footer=None) -> str:
 # --------------------------------------------------------------------------- commands
 
 
+def _quantize_spec(args):
+    """QuantSpec (uniform methods) or GLVQSpec (``--method glvq``); errors name the flag."""
+    from .lattice_method import GLVQSpec
+    from .spec import QuantSpec
+
+    if args.method == "glvq":
+        if args.group_size == -1:
+            raise CLIError("--group-size: glvq needs a positive group size (a multiple of --lattice-dim), not -1")
+        fields = {"bits": "--bits", "d": "--lattice-dim", "group_size": "--group-size", "encode": "--encode",
+                  "n_iter": "--fit-iters", "salience_frac": "--salience-frac", "damp": "--damp"}
+        try:
+            return GLVQSpec(bits=args.bits, d=args.lattice_dim, group_size=args.group_size, encode=args.encode,
+                            fit_encode="nearest_plane", n_iter=args.fit_iters, salience_frac=args.salience_frac,
+                            damp=args.damp)
+        except ValueError as err:
+            flag = next((f for k, f in fields.items() if str(err).startswith(f"`{k}`")), "--method")
+            raise CLIError(f"{flag}: {err}") from err
+    try:
+        return QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym, clip=args.clip,
+                         method=args.method, damp=args.damp)
+    except ValueError as err:
+        flag = next((f for f in ("bits", "group_size", "sym", "clip", "method", "damp") if f"`{f}`" in str(err)), None)
+        raise CLIError(f"--{(flag or 'bits').replace('_', '-')}: {err}") from err
+
+
 def cmd_quantize(args) -> int:
     from .calibrate import quantize_model
     from .data import calibration_windows
-    from .spec import QuantSpec
 
     if args.out is None and args.export_gptq is None:
         raise CLIError("--out: give --out DIR and/or --export-gptq DIR, or the result is lost")
     _check_new_dir(args.out, "--out", args.overwrite)
     _check_new_dir(args.export_gptq, "--export-gptq", args.overwrite)
-    try:
-        spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym, clip=args.clip,
-                         method=args.method, damp=args.damp)
-    except ValueError as err:
-        flag = next((f for f in ("bits", "group_size", "sym", "clip", "method", "damp") if f"`{f}`" in str(err)), None)
-        raise CLIError(f"--{(flag or 'bits').replace('_', '-')}: {err}") from err
+    spec = _quantize_spec(args)
+    if args.method == "glvq" and args.export_gptq is not None:
+        raise CLIError("--export-gptq: glvq layers have no GPTQ layout; use --out (the native format)")
     text = _load_text(args.calib, "calibration", "--calib")
     source = _model_source(args.model)
     model, tok = _load_model(source)
     windows = _windows(calibration_windows, "--calib-windows/--seqlen", tok, text,
                        n_windows=args.calib_windows, seqlen=args.seqlen, seed=args.seed)
-    print(f"quantizing {source} with {args.method}: {args.bits}-bit, group size {args.group_size}, "
-          f"{'sym' if args.sym else 'asym'}, calibration {args.calib_windows} x {args.seqlen} tokens", flush=True)
+    if args.method == "glvq":
+        what = (f"{args.bits}-bit lattice codes, d = {spec.d}, one generator per {spec.group_size} columns, "
+                f"encode {spec.encode}")
+    else:
+        what = f"{args.bits}-bit, group size {args.group_size}, {'sym' if args.sym else 'asym'}"
+    print(f"quantizing {source} with {args.method}: {what}, calibration {args.calib_windows} x {args.seqlen} tokens",
+          flush=True)
     t0 = time.perf_counter()
     try:
         layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
@@ -361,6 +405,10 @@ def cmd_quantize(args) -> int:
     elapsed = time.perf_counter() - t0
     print(layer_table(layers))
     print(f"{len(layers)} layers quantized in {elapsed:.1f} s")
+    if args.method == "glvq":
+        bits = sum(l.storage_bits() for l in layers.values())
+        print(f"storage: {bits / sum(l.codes.size for l in layers.values()):.4f} bits per weight "
+              "(codes + fp16 generators and scales)")
     model_info = {
         "source": source,
         "model_type": getattr(model.config, "model_type", None),

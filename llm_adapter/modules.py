@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .formats.packing import pack, packed_length
 from .quantized import QuantizedLayer
 
-__all__ = ["QuantLinear", "dequantize_packed", "quant_matmul", "replace_linear", "unpack_torch"]
+__all__ = ["LatticeLinear", "QuantLinear", "dequantize_packed", "quant_matmul", "replace_linear", "unpack_torch"]
 
 logger = logging.getLogger(__name__)
 
@@ -393,8 +393,125 @@ class QuantLinear(torch.nn.Module):
         )
 
 
+class LatticeLinear(torch.nn.Module):
+    r"""A linear layer whose weight is stored as glvq codes (grouped lattice VQ).
+
+    Holds a :class:`~llm_adapter.lattice_method.LatticeLayer` in compressed form: codes
+    packed into int32 words along the input dimension (``qcodes``, width = the smallest
+    packing width holding ``max(group_bits)``: 2 bits for a plain W2 glvq layer), fp16
+    generators, per-group bits, fp16 row/column scales and µ-law parameters when present.
+    The forward pass decodes the weight once,
+    :math:`\hat W_{j,g} = r_j\, c_g \circ G_g (z_{j,g} + o)` per sub-vector (exactly
+    :meth:`LatticeLayer.dequantize`, in float64 on the CPU), caches it on the input's
+    device and dtype, and applies ``F.linear``. (A fused CuPy decode-GEMV kernel is in
+    :mod:`llm_adapter._lattice_kernel`; it is not used here until it has been validated
+    on a GPU.)
+
+    Parameters
+    ----------
+    layer : LatticeLayer
+        The quantized layer (see :func:`~llm_adapter.lattice_method.quantize_weight_glvq`).
+    bias : torch.Tensor, optional
+        Overrides ``layer.bias``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((8, 32)); X = rng.standard_normal((32, 128))
+    >>> q = quantize_weight_glvq(W, X @ X.T, spec=GLVQSpec(bits=2, d=4, group_size=16, n_iter=2),
+    ...                          backend="numpy")
+    >>> m = LatticeLinear(q)
+    >>> m
+    LatticeLinear(in_features=32, out_features=8, d=4, group_size=16, bits=[2], bias=False)
+    >>> x = torch.ones(3, 32)
+    >>> bool(torch.allclose(m(x), x @ torch.from_numpy(q.dequantize()).T))
+    True
+    >>> m.qweight.dtype, tuple(m.qweight.shape)  # 2-bit codes, 16 per int32 word
+    (torch.int32, (8, 2))
+    """
+
+    def __init__(self, layer, *, bias: torch.Tensor | None = None):
+        super().__init__()
+        from .lattice_method import LatticeLayer
+
+        if not isinstance(layer, LatticeLayer):
+            raise TypeError(f"`layer` must be a LatticeLayer, got {type(layer).__name__}")
+        from .formats.native import _pack_width
+
+        out_f, in_f = layer.shape
+        self.in_features, self.out_features = int(in_f), int(out_f)
+        self.d, self.group_size, self.offset = int(layer.d), int(layer.group_size), float(layer.offset)
+        self.pack_bits = _pack_width(int(np.max(layer.group_bits)))
+        self.register_buffer("qweight", torch.from_numpy(pack(np.asarray(layer.codes), self.pack_bits, axis=1)))
+        self.register_buffer("generators", torch.from_numpy(np.asarray(layer.generators, dtype=np.float16).copy()))
+        self.register_buffer("group_bits", torch.from_numpy(np.asarray(layer.group_bits, dtype=np.uint8).copy()))
+        for name in ("row_scale", "col_scale", "mu", "amax"):
+            v = getattr(layer, name)
+            self.register_buffer(name, None if v is None else torch.from_numpy(np.asarray(v, dtype=np.float16).copy()))
+        if bias is None and layer.bias is not None:
+            bias = torch.from_numpy(np.asarray(layer.bias, dtype=np.float32))
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (out_f,):
+                raise ValueError(f"`bias` must be a float tensor of shape ({out_f},)")
+            bias = bias.detach().clone()
+        self.register_buffer("bias", bias)
+        self._cache: torch.Tensor | None = None
+
+    def to_lattice_layer(self):
+        """The stored :class:`~llm_adapter.lattice_method.LatticeLayer` (numpy arrays, CPU)."""
+        from .formats.packing import unpack
+        from .lattice_method import LatticeLayer
+
+        def np_or_none(t):
+            return None if t is None else t.detach().cpu().numpy()
+
+        return LatticeLayer(
+            codes=unpack(self.qweight.cpu().numpy(), self.pack_bits, self.in_features, axis=1),
+            generators=np_or_none(self.generators), group_bits=np_or_none(self.group_bits),
+            d=self.d, group_size=self.group_size, offset=self.offset,
+            row_scale=np_or_none(self.row_scale), col_scale=np_or_none(self.col_scale),
+            mu=np_or_none(self.mu), amax=np_or_none(self.amax), bias=np_or_none(self.bias))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``(out, in)`` on the CPU (not cached)."""
+        return torch.from_numpy(self.to_lattice_layer().dequantize(np.float64)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, LatticeLinear expects {self.in_features}")
+        c = self._cache
+        if c is None or c.dtype != x.dtype or c.device != x.device:
+            with torch.inference_mode(False), torch.no_grad():
+                c = self.dequantize(x.dtype).to(x.device)
+            self._cache = c
+        b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
+        return F.linear(x, c, b)
+
+    def clear_cache(self) -> None:
+        """Drop the cached decoded weight."""
+        self._cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        bits = sorted({int(b) for b in self.group_bits.tolist()})
+        return (f"in_features={self.in_features}, out_features={self.out_features}, d={self.d}, "
+                f"group_size={self.group_size}, bits={bits}, bias={self.bias is not None}")
+
+
 def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) -> torch.nn.Module:
     """Swap the ``nn.Linear`` modules named in `layers` for :class:`QuantLinear`, in place.
+
+    glvq layers (:class:`~llm_adapter.lattice_method.LatticeLayer`) become
+    :class:`LatticeLinear`.
 
     Every name is checked first (it must be an ``nn.Linear`` of `model` with the layer's
     shape); nothing is replaced if any check fails. The new module is put on the old
@@ -404,7 +521,7 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
     ----------
     model : torch.nn.Module
         Modified in place.
-    layers : dict of str to QuantizedLayer
+    layers : dict of str to QuantizedLayer or LatticeLayer
         Module name (as in ``model.named_modules()``) to its quantized layer, e.g. the
         result of :func:`llm_adapter.calibrate.quantize_model` or
         :func:`llm_adapter.formats.native.load_quantized`.
@@ -444,8 +561,12 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
             f"`layers` names {len(unknown)} module(s) that `model` does not have: {unknown[:5]}"
             + (" ..." if len(unknown) > 5 else "")
         )
+    from .lattice_method import LatticeLayer
+
     for name, layer in layers.items():
         mod = modules[name]
+        if not isinstance(layer, (QuantizedLayer, LatticeLayer)):
+            raise ValueError(f"layer {name!r} must be a QuantizedLayer or LatticeLayer, got {type(layer).__name__}")
         if not isinstance(mod, torch.nn.Linear):
             raise ValueError(f"module {name!r} is a {type(mod).__name__}, not an nn.Linear")
         if tuple(mod.weight.shape) != tuple(layer.shape):
@@ -457,8 +578,12 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
         bias = None
         if layer.bias is None and mod.bias is not None:
             bias = mod.bias.detach().to(torch.float32).cpu()
-        new = QuantLinear.from_quantized(layer, bias=bias).to(mod.weight.device)
+        if isinstance(layer, QuantizedLayer):
+            new = QuantLinear.from_quantized(layer, bias=bias)
+        else:
+            new = LatticeLinear(layer, bias=bias)
+        new = new.to(mod.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    logger.info("replaced %d linear layers with QuantLinear", len(layers))
+    logger.info("replaced %d linear layers with QuantLinear/LatticeLinear", len(layers))
     return model

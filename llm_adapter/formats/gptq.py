@@ -274,7 +274,10 @@ def export_gptq(
     problems = []
     for name, layer in layers.items():
         mod = modules.get(name)
-        if not isinstance(mod, torch.nn.Linear):
+        if not isinstance(layer, QuantizedLayer):
+            problems.append(f"{name!r} is a {type(layer).__name__}, not a uniform QuantizedLayer "
+                            "(glvq layers have no GPTQ layout; save them with save_quantized)")
+        elif not isinstance(mod, torch.nn.Linear):
             problems.append(f"{name!r} is not an nn.Linear of the model")
         elif tuple(mod.weight.shape) != layer.shape:
             problems.append(f"{name!r} has shape {tuple(mod.weight.shape)}, the quantized layer {layer.shape}")

@@ -12,12 +12,26 @@ Layout of a directory written by :func:`save_quantized`::
                                <name>.g_idx   int32 (in,)
                                <name>.bias    (out,)           if the layer has a bias
                                <name>.perm    int64 (in,)      if the layer has a perm
+                             per glvq layer (:class:`~llm_adapter.lattice_method.LatticeLayer`,
+                             ``"kind": "glvq"`` in its metadata; format version 2):
+                               <name>.lcodes      int32 (out, packed_length(in, w)) code offsets
+                                                  packed along the input dim, w = the smallest
+                                                  packing width >= max(group_bits)
+                               <name>.generators  float16 (n_groups, d, d)
+                               <name>.group_bits  uint8 (n_groups,)
+                               <name>.row_scale   float16 (out,)    if present
+                               <name>.col_scale   float16 (in,)     if present
+                               <name>.mu, .amax   float16 (n_groups,) µ-law compander, if present
+                               <name>.bias        (out,)            if the layer has a bias
 
 Only the quantized linear layers are stored; everything else (embeddings, norms, the
 head) comes from the base model named in ``quant_config.json["model"]``. Codes are stored
 packed in their original column order, so :meth:`QuantizedLayer.dequantize` of a loaded
 layer equals that of the saved one exactly (with ``scale_dtype="float16"``: up to the
-fp16 rounding of the scales).
+fp16 rounding of the scales); a loaded glvq layer equals the saved one exactly.
+
+Version 1 directories (uniform layers only) are read as well; a directory is written as
+version 2 only when it holds a glvq layer, so readers of version 1 keep reading the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "QuantizedFormatError",
     "TENSORS_NAME",
     "load_quantized",
@@ -47,7 +62,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "bils-quantized"
-FORMAT_VERSION = 1
+#: Newest format version written (used only when a directory holds glvq layers; else 1).
+FORMAT_VERSION = 2
+#: Versions :func:`load_quantized` reads (1: uniform layers only; 2: adds glvq layers).
+READ_VERSIONS = (1, 2)
 CONFIG_NAME = "quant_config.json"
 TENSORS_NAME = "quantized.safetensors"
 
@@ -99,8 +117,10 @@ def save_quantized(
     ----------
     path : str or path-like
         The directory to create.
-    layers : dict of str to QuantizedLayer
-        Module name (``"model.layers.0.self_attn.q_proj"``) to its quantized layer.
+    layers : dict of str to QuantizedLayer or LatticeLayer
+        Module name (``"model.layers.0.self_attn.q_proj"``) to its quantized layer
+        (uniform :class:`~llm_adapter.quantized.QuantizedLayer` or glvq
+        :class:`~llm_adapter.lattice_method.LatticeLayer`; both may be mixed).
     spec_dict : dict, optional
         The quantization spec, JSON-serialisable (stored as is under ``"spec"``).
     model_info : dict, optional
@@ -158,6 +178,9 @@ def save_quantized(
     tensors: dict[str, np.ndarray] = {}
     layer_meta: dict[str, Any] = {}
     for name, layer in layers.items():
+        if _is_lattice(layer):
+            layer_meta[name] = _lattice_tensors(name, layer, tensors)
+            continue
         _check_layer(name, layer)
         out_f, in_f = layer.shape
         tensors[f"{name}.qcodes"] = pack(layer.codes, layer.bits, axis=1)
@@ -179,14 +202,15 @@ def save_quantized(
             "stats": _jsonable(layer.stats),
         }
 
+    lattice = any(m.get("kind") == "glvq" for m in layer_meta.values())
     config = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if lattice else 1,
         "library": {"name": "bils", "version": _library_version()},
         "scale_dtype": scale_dtype,
         "spec": _jsonable(spec_dict or {}),
         "model": _jsonable(model_info or {}),
-        "bits": sorted({m["bits"] for m in layer_meta.values()}),
+        "bits": sorted({b for m in layer_meta.values() for b in _as_list(m["bits"])}),
         "layers": layer_meta,
     }
 
@@ -269,9 +293,10 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedLayer], 
 
     Returns
     -------
-    layers : dict of str to QuantizedLayer
+    layers : dict of str to QuantizedLayer or LatticeLayer
         In the order they were saved; scales are float32 (converted from float16 if
-        stored so), zeros float32, codes uint8.
+        stored so), zeros float32, codes uint8. glvq layers come back as
+        :class:`~llm_adapter.lattice_method.LatticeLayer` with their stored dtypes.
     meta : dict
         The parsed ``quant_config.json`` (``spec``, ``model``, ``library``, ``layers``...).
 
@@ -322,10 +347,10 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedLayer], 
             f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}"
         )
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise QuantizedFormatError(
             f"{CONFIG_NAME}: `format_version` {version!r} is not supported (this library reads "
-            f"version {FORMAT_VERSION}); re-quantize or upgrade bils"
+            f"versions {list(READ_VERSIONS)}); re-quantize or upgrade bils"
         )
     layer_meta = meta.get("layers")
     if not isinstance(layer_meta, dict) or not layer_meta:
@@ -348,6 +373,9 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedLayer], 
             return f.get_tensor(key)
 
         for name, m in layer_meta.items():
+            if isinstance(m, dict) and m.get("kind", "uniform") == "glvq":
+                layers[name] = _lattice_layer(name, m, get)
+                continue
             try:
                 bits, gs = int(m["bits"]), int(m["group_size"])
                 out_f, in_f, n_groups = int(m["out_features"]), int(m["in_features"]), int(m["n_groups"])
@@ -398,6 +426,108 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedLayer], 
                 f"{TENSORS_NAME} has tensors of layers not listed in {CONFIG_NAME}: {extra[:5]}"
             )
     return layers, meta
+
+
+# --------------------------------------------------------------------------- glvq layers
+_LATTICE_OPTIONAL = {"row_scale": np.float16, "col_scale": np.float16, "mu": np.float16, "amax": np.float16}
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _is_lattice(layer) -> bool:
+    from ..lattice_method import LatticeLayer
+
+    return isinstance(layer, LatticeLayer)
+
+
+def _pack_width(max_bits: int) -> int:
+    """The smallest packing width that holds codes of ``max_bits`` bits."""
+    for w in SUPPORTED_BITS:
+        if w >= max_bits:
+            return w
+    raise QuantizedFormatError(f"glvq codes of {max_bits} bits cannot be packed (at most {max(SUPPORTED_BITS)})")
+
+
+def _lattice_tensors(name: str, layer, tensors: dict) -> dict:
+    """Add the tensors of glvq layer `name` to `tensors`; return its metadata entry."""
+    def bad(msg: str):
+        raise QuantizedFormatError(f"layer {name!r}: {msg}")
+
+    codes = np.asarray(layer.codes)
+    gb = np.asarray(layer.group_bits)
+    if codes.ndim != 2 or codes.dtype.kind not in "iu":
+        bad(f"`codes` must be a 2-D integer array, got {codes.dtype} with shape {codes.shape}")
+    if gb.size == 0 or gb.min() < 1:
+        bad("`group_bits` must be positive")
+    out_f, in_f = codes.shape
+    for g in range(layer.n_groups):
+        a, b = layer.group_bounds(g)
+        blk = codes[:, a:b]
+        if blk.size and (blk.min() < 0 or blk.max() >= 1 << int(gb[g])):
+            bad(f"`codes` of group {g} must lie in [0, {(1 << int(gb[g])) - 1}] (group_bits {int(gb[g])})")
+    if not np.all(np.isfinite(np.asarray(layer.generators, dtype=np.float64))):
+        bad("`generators` has non-finite entries")
+    width = _pack_width(int(gb.max()))
+    tensors[f"{name}.lcodes"] = pack(codes, width, axis=1)
+    tensors[f"{name}.generators"] = np.ascontiguousarray(layer.generators, dtype=np.float16)
+    tensors[f"{name}.group_bits"] = np.ascontiguousarray(gb, dtype=np.uint8)
+    for field, dt in _LATTICE_OPTIONAL.items():
+        v = getattr(layer, field)
+        if v is not None:
+            tensors[f"{name}.{field}"] = np.ascontiguousarray(v, dtype=dt)
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = np.ascontiguousarray(layer.bias)
+    return {
+        "kind": "glvq",
+        "bits": sorted({int(b) for b in gb}),
+        "pack_bits": width,
+        "d": int(layer.d),
+        "group_size": int(layer.group_size),
+        "offset": float(layer.offset),
+        "out_features": int(out_f),
+        "in_features": int(in_f),
+        "n_groups": int(layer.n_groups),
+        "bias": layer.bias is not None,
+        "optional": [f for f in _LATTICE_OPTIONAL if getattr(layer, f) is not None],
+        "bits_per_weight": float(layer.bits_per_weight),
+        "stats": _jsonable(layer.stats),
+    }
+
+
+def _lattice_layer(name: str, m: dict, get):
+    """Rebuild glvq layer `name` from its metadata `m` and tensor getter `get`."""
+    from ..lattice_method import LatticeLayer
+
+    try:
+        width, d, gs = int(m["pack_bits"]), int(m["d"]), int(m["group_size"])
+        out_f, in_f, n_groups = int(m["out_features"]), int(m["in_features"]), int(m["n_groups"])
+        offset, optional = float(m["offset"]), list(m.get("optional") or [])
+    except (KeyError, TypeError, ValueError) as err:
+        raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} metadata is missing or has a bad field: {err}") from err
+    if width not in SUPPORTED_BITS:
+        raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} `pack_bits` must be one of {SUPPORTED_BITS}, got {width}")
+    lcodes = get(name, "lcodes")
+    want = (out_f, packed_length(in_f, width))
+    if lcodes.dtype != np.int32 or lcodes.shape != want:
+        raise QuantizedFormatError(f"{TENSORS_NAME}: layer {name!r} `lcodes` must be int32 {want}, got "
+                                   f"{lcodes.dtype} {lcodes.shape}")
+    arrays = {"generators": get(name, "generators"), "group_bits": get(name, "group_bits")}
+    for field in optional:
+        if field not in _LATTICE_OPTIONAL:
+            raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} names an unknown tensor {field!r}")
+        arrays[field] = get(name, field)
+    try:
+        layer = LatticeLayer(codes=unpack(lcodes, width, in_f, axis=1), d=d, group_size=gs, offset=offset,
+                             bias=get(name, "bias", required=bool(m.get("bias"))),
+                             stats=dict(m.get("stats") or {}), **arrays)
+    except ValueError as err:
+        raise QuantizedFormatError(f"{TENSORS_NAME}: glvq layer {name!r}: {err}") from err
+    if layer.n_groups != n_groups:
+        raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} `n_groups` {n_groups} does not match "
+                                   f"its tensors ({layer.n_groups})")
+    return layer
 
 
 # --------------------------------------------------------------------------- checks
