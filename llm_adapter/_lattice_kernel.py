@@ -2,8 +2,9 @@ r"""glvq decode-GEMV/GEMM: packing, a numpy reference, and a CuPy kernel (UNTEST
 
 .. warning::
 
-    The CUDA source below has **never been compiled or run**: it was written in a session
-    without a GPU. :func:`lattice_matmul_reference` (numpy, tested in
+    The CUDA source below has **never been run on a GPU**: it was written in sessions
+    without one. It does compile (NVRTC, sm_80 and sm_90; ``tests/test_cuda_sources.py``
+    checks that on every CPU test run, with the argument counts of the launches). :func:`lattice_matmul_reference` (numpy, tested in
     ``tests/test_lattice_method.py``) implements the same algorithm step by step and is
     the oracle a GPU test must compare :func:`lattice_matmul_cuda` against (and its
     latency against the uniform W2 kernel). Nothing imports this module by default.
@@ -40,10 +41,13 @@ import numpy as np
 
 from .formats.packing import pack, unpack
 
-__all__ = ["KERNEL_BITS", "LAUNCH", "pack_lattice_layer", "lattice_matmul_reference", "lattice_matmul_cuda"]
+__all__ = ["COMPILE_OPTIONS", "KERNEL_BITS", "LAUNCH", "pack_lattice_layer", "lattice_matmul_reference", "lattice_matmul_cuda"]
 
 #: Code widths of the kernel (a value never straddles two int32 words).
 KERNEL_BITS = (2, 4)
+
+#: NVRTC options of :func:`_module` (also used by the no-GPU compile test, tests/test_cuda_sources.py).
+COMPILE_OPTIONS = ("-std=c++14",)
 
 #: Launch sizes, in one place so tests can shrink them to cross block boundaries.
 LAUNCH = {"transform_threads": 256, "gemv_warps_per_block": 4}
@@ -168,7 +172,7 @@ def _module(device_id: int):
     import cupy as cp
 
     with cp.cuda.Device(device_id):
-        mod = cp.RawModule(code=_SOURCE, options=("-std=c++14",), name_expressions=_NAMES)
+        mod = cp.RawModule(code=_SOURCE, options=COMPILE_OPTIONS, name_expressions=_NAMES)
         mod.compile()
     return mod
 
