@@ -209,7 +209,44 @@ def has_cuda_kernel() -> bool:
 # --------------------------------------------------------------------------- module
 
 
-class QuantLinear(torch.nn.Module):
+class _CachedWeightLinear(torch.nn.Module):
+    """Shared by :class:`QuantLinear` and :class:`LatticeLinear`: the dequantized weight is
+    computed by the subclass's ``dequantize(dtype)`` on first use, cached per dtype and
+    device, and dropped on ``.to()`` / ``load_state_dict`` / :meth:`clear_cache`."""
+
+    _cache: torch.Tensor | None = None
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
+
+    def _weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        c = self._cache
+        if c is None or c.dtype != dtype or c.device != device:
+            with torch.inference_mode(False), torch.no_grad():
+                c = self.dequantize(dtype).to(device)
+            self._cache = c
+        return c
+
+    def _linear_cached(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight(x.dtype, x.device)
+        b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
+        return F.linear(x, w, b)
+
+    def clear_cache(self) -> None:
+        """Drop the cached dequantized weight."""
+        self._cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class QuantLinear(_CachedWeightLinear):
     """A linear layer with packed 2/3/4-bit weights, fp16 scales and zeros.
 
     Parameters
@@ -354,37 +391,14 @@ class QuantLinear(torch.nn.Module):
             self.qweight, self.scales, self.zeros, self.g_idx, self.bits, self.group_size, self.in_features, dtype
         )
 
-    def _weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        c = self._cache
-        if c is None or c.dtype != dtype or c.device != device:
-            with torch.inference_mode(False), torch.no_grad():
-                c = self.dequantize(dtype).to(device)
-            self._cache = c
-        return c
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, QuantLinear expects {self.in_features}")
+        self._check_input(x)
         if x.is_cuda and has_cuda_kernel():
             return quant_matmul(
                 x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias,
                 self.bits, self.group_size, self.in_features,
             )
-        w = self._weight(x.dtype, x.device)
-        b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
-        return F.linear(x, w, b)
-
-    def clear_cache(self) -> None:
-        """Drop the cached dequantized weight."""
-        self._cache = None
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        return self._linear_cached(x)
 
     def extra_repr(self) -> str:
         return (
@@ -393,7 +407,7 @@ class QuantLinear(torch.nn.Module):
         )
 
 
-class LatticeLinear(torch.nn.Module):
+class LatticeLinear(_CachedWeightLinear):
     r"""A linear layer whose weight is stored as glvq codes (grouped lattice VQ).
 
     Holds a :class:`~llm_adapter.lattice_method.LatticeLayer` in compressed form: codes
@@ -479,27 +493,8 @@ class LatticeLinear(torch.nn.Module):
         return torch.from_numpy(self.to_lattice_layer().dequantize(np.float64)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, LatticeLinear expects {self.in_features}")
-        c = self._cache
-        if c is None or c.dtype != x.dtype or c.device != x.device:
-            with torch.inference_mode(False), torch.no_grad():
-                c = self.dequantize(x.dtype).to(x.device)
-            self._cache = c
-        b = None if self.bias is None else self.bias.to(dtype=x.dtype, device=x.device)
-        return F.linear(x, c, b)
-
-    def clear_cache(self) -> None:
-        """Drop the cached decoded weight."""
-        self._cache = None
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        self._check_input(x)
+        return self._linear_cached(x)
 
     def extra_repr(self) -> str:
         bits = sorted({int(b) for b in self.group_bits.tolist()})

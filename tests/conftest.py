@@ -7,6 +7,7 @@ Select a profile with ``pytest --hypothesis-profile=ci`` (used by ``make test``)
 import os
 import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -30,3 +31,24 @@ settings.load_profile("dev")
 # With the OpenMP threading layer idle workers spin-wait between calls, which costs ~20x
 # the kernel's own CPU time on the 2-core CI machine; let them sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# --------------------------------------------------------------------------- CLI fixtures
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama + byte tokenizer saved with ``save_pretrained`` (see llm_fixtures)."""
+    from llm_fixtures import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A 4000-word text file of a 12-word vocabulary (calibration and evaluation text)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "doth", "speak", "and", "ere", "night", "falls", "we", "shall", "sleep"]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(" ".join(rng.choice(words, 4000)) + "\n")
+    return path

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gptq_reader import read_gptq
-from llm_fixtures import save_tiny, tiny_llama, tiny_tokenizer
+from llm_fixtures import tiny_llama, tiny_tokenizer
 from test_adapter_modules import fp16_scales, random_layer
 
 from llm_adapter.cli import main
@@ -283,21 +283,6 @@ def test_gptq_export_shape_must_fill_words():
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "queen", "doth", "speak", "and", "ere", "night", "falls", "we", "shall", "sleep"]
-    text = " ".join(rng.choice(words, 4000)) + "\n"
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(text)
-    return path
 
 
 def _run(capsys, *argv):

@@ -172,22 +172,6 @@ def test_export_gptq_refuses_glvq_layers(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from llm_fixtures import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(" ".join(rng.choice(words, 3000)) + "\n")
-    return path
-
-
 def _run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
