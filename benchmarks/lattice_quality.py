@@ -260,10 +260,9 @@ def _merge(path, key, entry):
 def table(data) -> str:
     lines = ["| protocol | calib windows | run | bits/weight | ppl | mean layer rel. loss | quant. time (s) |",
              "|---|---|---|---|---|---|---|"]
-    for key in sorted(data.get("runs", {})):
+    keys = [k for k in data.get("runs", {}) if not k.startswith("study/")]
+    for key in sorted(keys, key=lambda k: (k.split("/")[0] != "sequential", k)):
         r = data["runs"][key]
-        if key.startswith("study/"):
-            continue
         lines.append(f"| {r['protocol']} | {r['calib_windows']} | {LABELS.get(r['run'], r['run'])} | "
                      f"{r['bits_per_weight']:.3f} | {r['ppl']:.2f} | {r['mean_rel_loss']:.4f} | "
                      f"{r['quant_time_s']:.0f} |")
@@ -273,20 +272,43 @@ def table(data) -> str:
 NOTES = """\
 Bits per weight count everything stored: glvq = 2-bit codes + one fp16 8×8 generator per
 128 input columns + one fp16 scale per output row; gptq = 2-bit codes + per group an fp16
-scale and a 2-bit zero (the GPTQ checkpoint layout). Protocol `fp`: every layer is
-quantized from the input Gram of the *float* model (one calibration pass shared by all
-runs), so errors of earlier blocks are not compensated by later ones — harsher than the
-sequential protocol of `benchmarks/llm_quality.py` for every method alike. Calibration
-used 32 windows × 512 tokens (not 128) to fit the shared 2-core CPU; evaluation the
-standard 32 × 512. Float perplexity: 40.95 (`benchmarks/llm_quality.py`). glvq "exact"
-fits the generator with nearest plane and stores exact (Schnorr–Euchner, per sub-vector)
-codes; the model-level round-off run was not done (CPU budget): see the layer study.
+scale and a 2-bit zero (the GPTQ checkpoint layout). Protocol `sequential` (the protocol
+of `benchmarks/llm_quality.py`): `llm_adapter.quantize_model`, true-sequential, 128
+calibration windows × 512 tokens (seed 0), each block's layers quantized from the inputs
+of the already-quantized model. Protocol `fp` (cheaper, an earlier session): every layer
+quantized from the input Gram of the *float* model (one pass shared by all runs), 32
+windows — errors of earlier blocks are not compensated by later ones, harsher for every
+method. Evaluation: the standard 32 × 512 held-out windows; float perplexity 40.95.
+Encoders of the stored codes: round-off (GLVQ's "Babai rounding"), nearest plane, exact
+(Schnorr–Euchner per sub-vector, generator fitted with nearest plane). Quantization times
+are wall times on the shared 2-core CPU (other work ran beside some runs).
 """
+
+
+def verdict(data) -> str:
+    """One line per protocol: each glvq run against every gptq run with at least its bits."""
+    runs = [r for k, r in data.get("runs", {}).items() if not k.startswith("study/")]
+    lines = []
+    for proto in sorted({r["protocol"] for r in runs}):
+        pr = [r for r in runs if r["protocol"] == proto]
+        gl = sorted((r for r in pr if r["kind"] == "glvq"), key=lambda r: r["ppl"])
+        gp = [r for r in pr if r["kind"] == "gptq"]
+        for g in gl:
+            rivals = [r for r in gp if r["bits_per_weight"] >= g["bits_per_weight"]]
+            if not rivals:
+                continue
+            best = min(rivals, key=lambda r: r["ppl"])
+            word = "below" if g["ppl"] < best["ppl"] else "NOT below"
+            lines.append(f"* `{proto}`: {LABELS.get(g['run'], g['run'])} ({g['bits_per_weight']:.3f} b/w) "
+                         f"ppl {g['ppl']:.2f} — {word} the best uniform gptq with at least as many bits, "
+                         f"{LABELS.get(best['run'], best['run'])} ({best['bits_per_weight']:.3f} b/w) "
+                         f"ppl {best['ppl']:.2f}")
+    return "\n".join(lines)
 
 
 def markdown(data) -> str:
     parts = ["## Lattice VQ at 2 bits: glvq vs uniform GPTQ (`benchmarks/lattice_quality.py`)", "",
-             NOTES, table(data)]
+             NOTES, table(data), "", "At matched bits (target: glvq below uniform gptq):", "", verdict(data)]
     for key, st in sorted(data.get("runs", {}).items()):
         if key.startswith("study/"):
             parts += ["", f"Layer-level study ({st['what']}; calibration {st['calib_windows']} windows), "

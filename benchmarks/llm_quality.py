@@ -98,6 +98,9 @@ NOTES = [
     "(µ = α = 0.25) + Klein/K-best search, so ojbkq − regcal isolates the search: almost all of "
     "the gain over gptq comes from the target (the inputs of the quantized model, `D`), the "
     "search adds a little (W2 g128: 147.2 → 140.2; W3 g128: 51.86 → 51.81).",
+    "* Lattice VQ (`glvq`, d = 8, ≈ 2.04 bits/weight with all overhead) against the W2 rows at "
+    "matched bits, through the same sequential protocol, and its encoders (round-off, nearest "
+    "plane, exact): the next section (`benchmarks/lattice_quality.py`).",
     "* Wall times: the session-1 runs (W3 g128 rtn/gptq/regcal, W3 per-channel rtn, W4 per-channel rtn, "
     "W2 g128 rtn) shared the 2-core CPU with other jobs (load average ≈ 10) and overstate the cost "
     "several-fold; the later runs had the machine mostly to themselves (one queue, "
