@@ -117,13 +117,17 @@ class GLVQSpec:
     Notes
     -----
     Defaults and the evidence (``benchmarks/lattice_quality.py``, SmolLM2-135M, 2 bits,
-    d = 8, results in ``docs/results.md``): fitting with nearest plane and storing exact
-    codes gave perplexity 777 against 4421 with nearest-plane codes (mean relative layer
-    loss 0.0356 vs 0.0385) for the same time (the fit dominates; one exact encode per group
-    with the numba backend). On the five layers of the layer study: round-off (GLVQ's
-    rule) is worse than nearest plane on all five; fitting the generator lowers the loss
-    by 6–95 %; act-order beats the natural order on all five; column scales help on two
-    and hurt on three for +0.03 bit/weight; salience allocation (25 %) hurts on four.
+    d = 8, 2.036 bits/weight with all overhead, results in ``docs/results.md``). With the
+    sequential 128-window protocol of ``benchmarks/llm_quality.py``: exact codes (fitted
+    with nearest plane) perplexity 173.2, nearest-plane codes 169.5, round-off codes
+    (GLVQ's rule) 305.6, against uniform gptq W2 g64 (2.28 bits/weight) 909 and W2 g128
+    5101; mean relative layer loss exact 0.0350 < nearest plane 0.0379 < round-off 0.0431.
+    With float-model statistics (32 windows) exact gave 777 against 4421 for nearest
+    plane. Exact is the default for its lower layer loss; nearest plane costs about two
+    thirds of the time (the fit dominates). On the five layers of the layer study:
+    round-off is worse than nearest plane on all five; fitting the generator lowers the
+    loss by 6–95 %; act-order beats the natural order on all five; column scales help on
+    two and hurt on three for +0.03 bit/weight; salience allocation (25 %) hurts on four.
 
     Examples
     --------
