@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .formats.packing import pack, packed_length
+from .formats.packing import pack, pack_width, packed_length, unpack
+from .lattice_method import LatticeLayer
 from .quantized import QuantizedLayer
 
 __all__ = ["LatticeLinear", "QuantLinear", "dequantize_packed", "quant_matmul", "replace_linear", "unpack_torch"]
@@ -448,16 +449,12 @@ class LatticeLinear(_CachedWeightLinear):
 
     def __init__(self, layer, *, bias: torch.Tensor | None = None):
         super().__init__()
-        from .lattice_method import LatticeLayer
-
         if not isinstance(layer, LatticeLayer):
             raise TypeError(f"`layer` must be a LatticeLayer, got {type(layer).__name__}")
-        from .formats.native import _pack_width
-
         out_f, in_f = layer.shape
         self.in_features, self.out_features = int(in_f), int(out_f)
         self.d, self.group_size, self.offset = int(layer.d), int(layer.group_size), float(layer.offset)
-        self.pack_bits = _pack_width(int(np.max(layer.group_bits)))
+        self.pack_bits = pack_width(int(np.max(layer.group_bits)))
         self.register_buffer("qweight", torch.from_numpy(pack(np.asarray(layer.codes), self.pack_bits, axis=1)))
         self.register_buffer("generators", torch.from_numpy(np.asarray(layer.generators, dtype=np.float16).copy()))
         self.register_buffer("group_bits", torch.from_numpy(np.asarray(layer.group_bits, dtype=np.uint8).copy()))
@@ -475,9 +472,6 @@ class LatticeLinear(_CachedWeightLinear):
 
     def to_lattice_layer(self):
         """The stored :class:`~llm_adapter.lattice_method.LatticeLayer` (numpy arrays, CPU)."""
-        from .formats.packing import unpack
-        from .lattice_method import LatticeLayer
-
         def np_or_none(t):
             return None if t is None else t.detach().cpu().numpy()
 
@@ -556,8 +550,6 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
             f"`layers` names {len(unknown)} module(s) that `model` does not have: {unknown[:5]}"
             + (" ..." if len(unknown) > 5 else "")
         )
-    from .lattice_method import LatticeLayer
-
     for name, layer in layers.items():
         mod = modules[name]
         if not isinstance(layer, (QuantizedLayer, LatticeLayer)):

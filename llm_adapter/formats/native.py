@@ -47,8 +47,9 @@ from typing import Any
 
 import numpy as np
 
+from ..lattice_method import LatticeLayer
 from ..quantized import QuantizedLayer
-from .packing import SUPPORTED_BITS, pack, packed_length, unpack
+from .packing import SUPPORTED_BITS, pack, pack_width, packed_length, unpack
 
 __all__ = [
     "CONFIG_NAME",
@@ -178,7 +179,7 @@ def save_quantized(
     tensors: dict[str, np.ndarray] = {}
     layer_meta: dict[str, Any] = {}
     for name, layer in layers.items():
-        if _is_lattice(layer):
+        if isinstance(layer, LatticeLayer):
             layer_meta[name] = _lattice_tensors(name, layer, tensors)
             continue
         _check_layer(name, layer)
@@ -429,25 +430,12 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, QuantizedLayer], 
 
 
 # --------------------------------------------------------------------------- glvq layers
-_LATTICE_OPTIONAL = {"row_scale": np.float16, "col_scale": np.float16, "mu": np.float16, "amax": np.float16}
+#: Optional fp16 arrays of a glvq layer, stored when present.
+_LATTICE_OPTIONAL = ("row_scale", "col_scale", "mu", "amax")
 
 
 def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
-def _is_lattice(layer) -> bool:
-    from ..lattice_method import LatticeLayer
-
-    return isinstance(layer, LatticeLayer)
-
-
-def _pack_width(max_bits: int) -> int:
-    """The smallest packing width that holds codes of ``max_bits`` bits."""
-    for w in SUPPORTED_BITS:
-        if w >= max_bits:
-            return w
-    raise QuantizedFormatError(f"glvq codes of {max_bits} bits cannot be packed (at most {max(SUPPORTED_BITS)})")
 
 
 def _lattice_tensors(name: str, layer, tensors: dict) -> dict:
@@ -469,14 +457,17 @@ def _lattice_tensors(name: str, layer, tensors: dict) -> dict:
             bad(f"`codes` of group {g} must lie in [0, {(1 << int(gb[g])) - 1}] (group_bits {int(gb[g])})")
     if not np.all(np.isfinite(np.asarray(layer.generators, dtype=np.float64))):
         bad("`generators` has non-finite entries")
-    width = _pack_width(int(gb.max()))
+    try:
+        width = pack_width(int(gb.max()))
+    except ValueError as err:
+        bad(f"`group_bits`: {err}")
     tensors[f"{name}.lcodes"] = pack(codes, width, axis=1)
     tensors[f"{name}.generators"] = np.ascontiguousarray(layer.generators, dtype=np.float16)
     tensors[f"{name}.group_bits"] = np.ascontiguousarray(gb, dtype=np.uint8)
-    for field, dt in _LATTICE_OPTIONAL.items():
+    for field in _LATTICE_OPTIONAL:
         v = getattr(layer, field)
         if v is not None:
-            tensors[f"{name}.{field}"] = np.ascontiguousarray(v, dtype=dt)
+            tensors[f"{name}.{field}"] = np.ascontiguousarray(v, dtype=np.float16)
     if layer.bias is not None:
         tensors[f"{name}.bias"] = np.ascontiguousarray(layer.bias)
     return {
@@ -498,8 +489,6 @@ def _lattice_tensors(name: str, layer, tensors: dict) -> dict:
 
 def _lattice_layer(name: str, m: dict, get):
     """Rebuild glvq layer `name` from its metadata `m` and tensor getter `get`."""
-    from ..lattice_method import LatticeLayer
-
     try:
         width, d, gs = int(m["pack_bits"]), int(m["d"]), int(m["group_size"])
         out_f, in_f, n_groups = int(m["out_features"]), int(m["in_features"]), int(m["n_groups"])

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-__all__ = ["SUPPORTED_BITS", "pack", "packed_length", "period", "unpack"]
+__all__ = ["SUPPORTED_BITS", "pack", "pack_width", "packed_length", "period", "unpack"]
 
 #: Code widths the packers accept.
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -42,6 +42,34 @@ def period(bits: int) -> tuple[int, int]:
     bits = _check_bits(bits)
     g = math.gcd(bits, 32)
     return 32 // g, bits // g
+
+
+def pack_width(max_bits: int) -> int:
+    """The smallest width of :data:`SUPPORTED_BITS` that holds codes of `max_bits` bits.
+
+    Parameters
+    ----------
+    max_bits : int
+        The widest code to store (e.g. ``max(group_bits)`` of a glvq layer).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        If `max_bits` exceeds the widest supported width.
+
+    Examples
+    --------
+    >>> pack_width(1), pack_width(2), pack_width(3), pack_width(5)
+    (2, 2, 3, 8)
+    """
+    for w in SUPPORTED_BITS:
+        if w >= max_bits:
+            return w
+    raise ValueError(f"codes of {max_bits} bits cannot be packed (at most {max(SUPPORTED_BITS)})")
 
 
 def packed_length(n: int, bits: int) -> int:
