@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp
 DOCS_STAMP := $(VENV)/.stamp-docs
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: venv test demo bench docs gpu-check clean
+.PHONY: venv test gpu-sim demo bench docs gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci tests
+	$(MAKE) --no-print-directory gpu-sim
+
+# The GPU kernels on the CPU: numba-cuda's CUDA simulator runs them on numpy arrays, in a
+# pytest process of its own (the switch is process-wide). tests/gpu/conftest.py explains the markers.
+gpu-sim: $(STAMP)
+	NUMBA_ENABLE_CUDASIM=1 $(VPY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci tests/gpu
 
 demo: $(STAMP)
 	$(VPY) -m llm_adapter demo
