@@ -20,6 +20,29 @@ def _is_torch_cuda(a) -> bool:
     return type(a).__module__.startswith("torch") and getattr(getattr(a, "device", None), "type", "") == "cuda"
 
 
+def cuda_simulator() -> bool:
+    """True when numba-cuda's CUDA simulator is switched on (``NUMBA_ENABLE_CUDASIM=1``).
+
+    Then ``backend="cupy"`` runs the whole GPU code path on numpy arrays (the simulator
+    executes the kernels in Python): this is how the GPU path is tested without a GPU.
+    """
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
+
+
+def array_namespace(*arrays):
+    """``cupy`` when any input is a CuPy array or a CUDA torch tensor, else ``numpy``.
+
+    Imports cupy only in the first case (importing :mod:`bils` never imports it).
+    """
+    if any(_is_cupy_array(a) or _is_torch_cuda(a) for a in arrays if a is not None):
+        import cupy
+
+        return cupy
+    import numpy
+
+    return numpy
+
+
 def numba_available() -> bool:
     """True when numba can be imported (without importing it)."""
     if os.environ.get("BILS_DISABLE_NUMBA", "") not in ("", "0"):
@@ -31,7 +54,8 @@ def resolve_backend(backend, *arrays) -> str:
     """Turn ``backend`` (``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"``) into a concrete name.
 
     ``auto`` picks ``cupy`` when any input lives on a GPU (a CuPy array or a CUDA torch
-    tensor), else ``numba`` when importable, else ``numpy``. Asking for a backend that
+    tensor; never for numpy arrays, even under the CUDA simulator), else ``numba`` when
+    importable, else ``numpy``. Asking for a backend that
     is not installed raises :class:`ImportError` naming the extra to install.
 
     Parameters
@@ -77,8 +101,13 @@ def resolve_backend(backend, *arrays) -> str:
         return "numba" if numba_available() else "numpy"
     if backend == "numba" and importlib.util.find_spec("numba") is None:
         raise ImportError("backend='numba' needs numba: pip install 'bils[numba]'")
-    if backend == "cupy" and importlib.util.find_spec("cupy") is None:
-        raise ImportError("backend='cupy' needs CuPy: pip install 'bils[gpu]'")
+    if backend == "cupy":
+        if cuda_simulator():  # the simulator runs the GPU path on numpy arrays
+            if importlib.util.find_spec("numba") is None:
+                raise ImportError("backend='cupy' under NUMBA_ENABLE_CUDASIM needs numba-cuda: "
+                                  "pip install 'bils[cuda-sim]'")
+        elif importlib.util.find_spec("cupy") is None or importlib.util.find_spec("numba") is None:
+            raise ImportError("backend='cupy' needs CuPy and numba-cuda: pip install 'bils[gpu]'")
     if on_gpu and backend != "cupy":
         raise ValueError(f"inputs live on a GPU but `backend`={backend!r}; use 'cupy' or 'auto'")
     return backend

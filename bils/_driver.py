@@ -2,7 +2,8 @@
 
 Every solver calls :func:`run_solver` with a ``kernels`` mapping from backend name to a
 function ``kernel(can, **options) -> (x, cost, status, info)`` working on canonical
-solve-order arrays (:class:`bils._validate.Canonical`). This module handles problems
+solve-order arrays (:class:`bils._validate.Canonical`, numpy or CuPy arrays: results of
+the ``cupy`` backend stay on the device). This module handles problems
 given as :class:`~bils.problem.BILSProblem` (orderings, per-RHS orderings, constant cost
 parts), backend resolution, timing, and mapping ``x`` back to the caller's order.
 """
@@ -102,8 +103,13 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
         if "best_x" in info:
             info = dict(info, best_x=info["best_x"][:, :, 0], best_cost=info["best_cost"][:, 0])
     info = dict(info, time=time.perf_counter() - t0)
-    return BILSResult(x=x, cost=np.asarray(cost), status=np.asarray(status), backend=be,
+    return BILSResult(x=x, cost=_as_array(cost), status=_as_array(status), backend=be,
                       solver=solver, info=info)
+
+
+def _as_array(a):
+    """``a`` as an array of its own namespace (CuPy results stay on the device)."""
+    return a if type(a).__module__.startswith("cupy") else np.asarray(a)
 
 
 def _merge_infos(infos):

@@ -17,9 +17,11 @@ __all__ = ["Canonical", "problem_iv", "int_iv", "float_iv", "choice_iv"]
 
 @dataclass(frozen=True)
 class Canonical:
-    """Canonical arrays of a multi-RHS BILS problem (numpy, float64 / int64).
+    """Canonical arrays of a multi-RHS BILS problem (float64 / int64).
 
-    ``scale``, ``offset``, ``lo`` and ``hi`` are read-only broadcast views of shape (n, k).
+    The arrays live in one array namespace (:attr:`xp`): numpy, or cupy for inputs on a
+    GPU. ``scale``, ``offset``, ``lo`` and ``hi`` are read-only broadcast views of shape
+    (n, k).
     """
 
     R: np.ndarray
@@ -38,19 +40,34 @@ class Canonical:
     def k(self) -> int:
         return self.Y.shape[1]
 
+    @property
+    def xp(self):
+        """The array namespace of the arrays (numpy or cupy)."""
+        return _namespace(self.R)
+
     def astype(self, dtype):
         """The same problem with ``R``, ``Y`` (contiguous), ``scale`` and ``offset`` in ``dtype``."""
-        return Canonical(np.ascontiguousarray(self.R, dtype=dtype),
-                         np.ascontiguousarray(self.Y, dtype=dtype), self.lo, self.hi,
+        xp = self.xp
+        return Canonical(xp.ascontiguousarray(self.R, dtype=dtype),
+                         xp.ascontiguousarray(self.Y, dtype=dtype), self.lo, self.hi,
                          self.scale.astype(dtype, copy=False), self.offset.astype(dtype, copy=False),
                          self.squeeze)
 
 
-def _real_array(name, a, *, allow_int=True):
+def _namespace(a):
+    """numpy, or cupy for a CuPy array (without importing cupy otherwise)."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def _real_array(name, a, *, allow_int=True, xp=np):
     if a is None:
         raise TypeError(f"`{name}` is required")
     try:
-        arr = np.asarray(a)
+        arr = xp.asarray(a)
     except Exception as exc:  # pragma: no cover - exotic objects
         raise TypeError(f"`{name}` must be array_like of real numbers") from exc
     if arr.dtype == object or arr.dtype.kind not in ("f", "i", "u", "b"):
@@ -62,14 +79,14 @@ def _real_array(name, a, *, allow_int=True):
     return arr
 
 
-def _finite(name, arr):
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+def _finite(name, arr, xp=np):
+    if arr.dtype.kind == "f" and not bool(xp.all(xp.isfinite(arr))):
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
 
 
-def _broadcast(name, arr, shape):
+def _broadcast(name, arr, shape, xp=np):
     try:
-        return np.broadcast_to(arr, shape)
+        return xp.broadcast_to(arr, shape)
     except ValueError:
         raise ValueError(
             f"`{name}` must be broadcastable to `Y.shape` {shape}, got shape {arr.shape}"
@@ -83,7 +100,7 @@ def _as_column_shape(arr, squeeze):
     return arr
 
 
-def _has_lower_entries(R, rows=256):
+def _has_lower_entries(R, rows=256, xp=np):
     """Whether the square ``R`` has a non-zero entry below the diagonal.
 
     Checked in slabs of ``rows`` rows (only the columns left of each slab's last row), so
@@ -94,71 +111,80 @@ def _has_lower_entries(R, rows=256):
     for i0 in range(1, n, rows):
         i1 = min(n, i0 + rows)
         # rows i0..i1-1, columns 0..i1-2; entry (r, c) is below the diagonal iff c < r
-        if np.any(np.tril(R[i0:i1, : i1 - 1], i0 - 1) != 0):
+        if bool(xp.any(xp.tril(R[i0:i1, : i1 - 1], i0 - 1) != 0)):
             return True
     return False
 
 
-def triangular_iv(R, name="R"):
+def triangular_iv(R, name="R", xp=np):
     """Validate an upper-triangular factor: square, finite, non-zero diagonal."""
-    R = _real_array(name, R)
+    R = _real_array(name, R, xp=xp)
     if R.ndim != 2 or R.shape[0] != R.shape[1]:
         raise ValueError(f"`{name}` must be a square 2-D array, got shape {R.shape}")
     if R.shape[0] == 0:
         raise ValueError(f"`{name}` must have at least one row")
-    R = np.ascontiguousarray(R, dtype=np.float64)
-    _finite(name, R)
-    if _has_lower_entries(R):
+    R = xp.ascontiguousarray(R, dtype=np.float64)
+    _finite(name, R, xp)
+    if _has_lower_entries(R, xp=xp):
         raise ValueError(f"`{name}` must be upper triangular (entries below the diagonal must be 0)")
-    if np.any(np.diag(R) == 0):
+    if bool(xp.any(xp.diag(R) == 0)):
         raise ValueError(f"`{name}` must have a non-zero diagonal")
     return R
 
 
-def problem_iv(R, Y, lo, hi, scale=None, offset=None) -> Canonical:
-    """Validate ``R, Y, lo, hi, scale, offset`` and return :class:`Canonical` arrays."""
-    R = triangular_iv(R)
+def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
+    """Validate ``R, Y, lo, hi, scale, offset`` and return :class:`Canonical` arrays.
+
+    Validation runs in the array namespace ``xp`` (default: cupy when any input is a
+    CuPy array or a CUDA torch tensor, else numpy): device inputs stay on the device and
+    only scalars and flags (the outcome of each check) cross to the host.
+    """
+    if xp is None:
+        from ._backend import array_namespace
+
+        xp = array_namespace(R, Y, lo, hi, scale, offset)
+    R = triangular_iv(R, xp=xp)
     n = R.shape[0]
-    Y = _real_array("Y", Y)
+    Y = _real_array("Y", Y, xp=xp)
     if Y.ndim not in (1, 2):
         raise ValueError(f"`Y` must be 1-D (n,) or 2-D (n, k), got {Y.ndim}-D")
     if Y.shape[0] != n:
         raise ValueError(f"`Y` must have `R.shape[0]` = {n} rows, got {Y.shape[0]}")
     squeeze = Y.ndim == 1
-    Y = np.ascontiguousarray(Y.reshape(n, -1), dtype=np.float64)
+    Y = xp.ascontiguousarray(Y.reshape(n, -1), dtype=np.float64)
     if Y.shape[1] == 0:
         raise ValueError("`Y` must have at least one column")
-    _finite("Y", Y)
+    _finite("Y", Y, xp)
     shape = Y.shape
 
     bounds = []
     for name, b in (("lo", lo), ("hi", hi)):
-        b = _real_array(name, b)
-        _finite(name, b)
+        b = _real_array(name, b, xp=xp)
+        _finite(name, b, xp)
         if b.dtype.kind == "f":
-            if np.any(b != np.round(b)):
+            if bool(xp.any(b != xp.round(b))):
                 raise ValueError(f"`{name}` must hold integers")
-            if np.any(np.abs(b) > 2**52):
+            if bool(xp.any(xp.abs(b) > 2**52)):
                 raise ValueError(f"`{name}` must have magnitude <= 2**52")
-        b = _broadcast(name, _as_column_shape(b.astype(np.int64, copy=False), squeeze), shape)
+        b = _broadcast(name, _as_column_shape(b.astype(np.int64, copy=False), squeeze), shape, xp)
         bounds.append(b)
     lo, hi = bounds
-    if np.any(lo > hi):
+    if bool(xp.any(lo > hi)):
         raise ValueError("`lo` must not exceed `hi` (elementwise)")
 
     if scale is None:
-        scale = np.ones((1, 1))
-    scale = _real_array("scale", scale).astype(np.float64, copy=False)
-    _finite("scale", scale)
-    if np.any(scale == 0):
+        scale = xp.ones((1, 1))
+    scale = _real_array("scale", scale, xp=xp).astype(np.float64, copy=False)
+    _finite("scale", scale, xp)
+    if bool(xp.any(scale == 0)):
         raise ValueError("`scale` must be non-zero")
-    scale = _broadcast("scale", _as_column_shape(scale, squeeze), shape)
+    scale = _broadcast("scale", _as_column_shape(scale, squeeze), shape, xp)
 
     if offset is None:
-        offset = np.zeros((1, 1))
-    offset = _real_array("offset", offset).astype(np.float64, copy=False)
-    _finite("offset", offset)
-    offset = _broadcast("offset", _as_column_shape(offset, squeeze), shape)
+        offset = xp.zeros((1, 1))
+    offset = _real_array("offset", offset, xp=xp).astype(np.float64, copy=False)
+    _finite("offset", offset, xp)
+    offset = _broadcast("offset", _as_column_shape(offset, squeeze), shape, xp)
     return Canonical(R, Y, lo, hi, scale, offset, squeeze)
 
 

@@ -66,7 +66,13 @@ def _babai_numba():
     return babai_kernel
 
 
-KERNELS = {"numpy": lambda: _babai_numpy, "numba": _babai_numba}
+def _babai_cupy():
+    from ._cuda.babai import babai_kernel
+
+    return babai_kernel
+
+
+KERNELS = {"numpy": lambda: _babai_numpy, "numba": _babai_numba, "cupy": _babai_cupy}
 
 
 #: Working precisions of :func:`babai`.
