@@ -140,7 +140,13 @@ def _enumerate_numba():
     return enumerate_kernel
 
 
-KERNELS = {"numpy": lambda: _enumerate_numpy, "numba": _enumerate_numba}
+def _enumerate_cupy():
+    from ._cuda.enumerate import enumerate_kernel
+
+    return enumerate_kernel
+
+
+KERNELS = {"numpy": lambda: _enumerate_numpy, "numba": _enumerate_numba, "cupy": _enumerate_cupy}
 
 
 def enumerate(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, max_nodes=None,
