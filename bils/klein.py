@@ -8,7 +8,7 @@ import numpy as np
 
 from ._driver import run_solver
 from ._rng import column_seeds, uniform
-from ._validate import float_iv, int_iv
+from ._validate import _namespace, float_iv, int_iv
 from .babai import box_round, nearest_plane_sweep
 from .result import Status
 
@@ -41,10 +41,11 @@ def lls_tau(R, scale, n_samples):
     temperature (:math:`P(x_i = z) \propto \exp(-A\, r_{ii}^2 (c_i - z)^2)`), with
     :math:`\rho` from :func:`lls_rho` for ``n_samples`` samples.
     """
-    R = np.asarray(R)
+    xp = _namespace(R)  # numpy, or cupy for device arrays
+    R = xp.asarray(R)
     n = R.shape[0]
-    d2 = (np.diag(R)[:, None] * np.asarray(scale)) ** 2
-    return np.min(d2, axis=0) / math.log(lls_rho(n_samples, n))
+    d2 = (xp.diag(R)[:, None] * xp.asarray(scale)) ** 2
+    return xp.min(d2, axis=0) / math.log(lls_rho(n_samples, n))
 
 
 def _klein_numpy(can, *, n_samples, tau, seeds, block_size):
@@ -91,7 +92,13 @@ def _klein_numba():
     return klein_kernel
 
 
-KERNELS = {"numpy": lambda: _klein_numpy, "numba": _klein_numba}
+def _klein_cupy():
+    from ._cuda.klein import klein_kernel
+
+    return klein_kernel
+
+
+KERNELS = {"numpy": lambda: _klein_numpy, "numba": _klein_numba, "cupy": _klein_cupy}
 
 
 def klein(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, n_samples=8, tau="auto",
@@ -169,8 +176,9 @@ def klein(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, n_samples=
     def options(can, cols, k_total):
         if "seeds" not in cache:
             cache["seeds"] = column_seeds(gen, k_total)
-        t = lls_tau(can.R, can.scale, n_samples) if tau == "auto" else np.full(can.k, tau)
-        return {"n_samples": n_samples, "tau": np.asarray(t, dtype=np.float64),
+        xp = _namespace(can.R)
+        t = lls_tau(can.R, can.scale, n_samples) if tau == "auto" else xp.full(can.k, tau)
+        return {"n_samples": n_samples, "tau": xp.asarray(t, dtype=np.float64),
                 "seeds": cache["seeds"][cols], "block_size": block_size}
 
     return run_solver("klein", KERNELS, R, Y, lo, hi, scale, offset, backend, options)
