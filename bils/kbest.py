@@ -86,7 +86,13 @@ def _kbest_numba():
     return kbest_kernel
 
 
-KERNELS = {"numpy": lambda: _kbest_numpy, "numba": _kbest_numba}
+def _kbest_cupy():
+    from ._cuda.kbest import kbest_kernel
+
+    return kbest_kernel
+
+
+KERNELS = {"numpy": lambda: _kbest_numpy, "numba": _kbest_numba, "cupy": _kbest_cupy}
 
 
 def kbest(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, beam_width=8,

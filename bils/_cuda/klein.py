@@ -47,7 +47,7 @@ def _wt(buf, q, z, d, c, emin, tau):
     return math.exp(-((r * r - emin) / tau))
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline=True)
 def klein_pick(c, d, lo, hi, tau, sqrt_tau, seed, sample, level, n, lbuf, ubuf):
     """Klein's draw at one level: :func:`bils._numba.klein.klein_pick` on the device."""
     m = box_round(c, lo, hi)
