@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.linalg
 
+from ._backend import resolve_backend as _resolve_backend
 from ._validate import _real_array, choice_iv, float_iv, int_iv
 from .babai import babai
 from .enumeration import enumerate as _enumerate
@@ -404,7 +405,9 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
     max_nodes : int, optional
         ``"exact"`` only: node budget per sub-vector.
     backend : {"auto", "numpy", "numba", "cupy"}
-        Passed to the solver (``"round_off"`` is numpy).
+        Passed to the solver (``"round_off"`` is numpy). With ``"cupy"`` (picked by
+        ``"auto"`` for ``V`` on a GPU) every method runs on the device and the result
+        holds CuPy arrays.
 
     Returns
     -------
@@ -457,6 +460,11 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
     >>> bils.lattice.decode(cb, [1, 0]).tolist()
     [1.0, 0.0]
     """
+    if _resolve_backend(backend, V) == "cupy":  # device encoders: bils._cuda.lattice
+        from ._cuda.lattice import encode as encode_cuda
+
+        return encode_cuda(codebook, V, metric, method=method, beam_width=beam_width,
+                           max_nodes=max_nodes)
     codebook = _codebook_iv(codebook)
     V, squeeze = _vectors_iv("V", V, codebook.d)
     method = choice_iv("method", method, ENCODE_METHODS)
