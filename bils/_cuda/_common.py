@@ -8,6 +8,7 @@ never materialised on the device. A dense (n, k) grid is accepted as it is.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from numba import cuda
 from .._backend import cuda_simulator
 
 __all__ = ["LAUNCH", "Launch", "xp_module", "to_device", "compact", "grids", "at", "box_round",
-           "splitmix64", "uniform", "blocks"]
+           "splitmix64", "uniform", "blocks", "launch", "record_launches"]
 
 
 @dataclass
@@ -52,9 +53,13 @@ KMAX = 16
 NMAX = 64
 
 
+#: Test hook (:func:`record_launches`): when a list, launches are recorded, not run.
+_RECORDER = None
+
+
 def xp_module():
-    """The device array module: cupy, or numpy under the CUDA simulator."""
-    if cuda_simulator():
+    """The device array module: cupy, or numpy under the CUDA simulator (or recording)."""
+    if cuda_simulator() or _RECORDER is not None:
         return np
     import cupy
 
@@ -94,6 +99,31 @@ def blocks(k, threads=None):
     """Grid size for ``k`` threads (one per RHS) in blocks of ``LAUNCH.threads``."""
     t = LAUNCH.threads if threads is None else threads
     return max(1, -(-k // t)), t
+
+
+def launch(kern, n_threads, *args):
+    """Launch ``kern`` with one thread per item of ``n_threads`` (blocks of LAUNCH.threads)."""
+    if _RECORDER is not None:
+        from numba import typeof
+
+        _RECORDER.append((kern, tuple(typeof(a) for a in args)))
+        return
+    grid, threads = blocks(n_threads)
+    kern[grid, threads](*args)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Run the host code with numpy arrays and record ``(kernel, argument types)`` of every
+    launch instead of running it (for the PTX compilation checks: the exact launch
+    signatures, without a GPU). Outputs of kernels stay uninitialised."""
+    global _RECORDER
+    saved = _RECORDER
+    _RECORDER = []
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = saved
 
 
 @cuda.jit(device=True, inline=True)

@@ -32,7 +32,7 @@ import numpy as np
 from numba import cuda
 
 from ..result import Status
-from ._common import LAUNCH, SHARED_LEVELS, at, blocks, box_round, grids, to_device, xp_module
+from ._common import LAUNCH, SHARED_LEVELS, at, box_round, grids, launch, to_device, xp_module
 
 __all__ = ["babai_kernel", "sweep", "sweep_kernel", "block_levels"]
 
@@ -151,13 +151,11 @@ def sweep(can, levels, dtype, *, k_rhs=None, sampled=None):
     X = xp.empty((n, kc), dtype=np.int64)
     Z = xp.empty((n, kc), dtype=dtype)
     cost = xp.zeros(kc)
-    grid, threads = blocks(kc)
     for e in range(n, 0, -levels):
         a = max(0, e - levels)
         has_g = e < n
         G = xp.matmul(R[a:e, e:], Z[e:]) if has_g else Z[:1]
-        kern[grid, threads](Y, G, has_g, R, a, e - a, S, O, LO, HI, X, Z, cost, tau, sqt, seeds,
-                            k, n)
+        launch(kern, kc, Y, G, has_g, R, a, e - a, S, O, LO, HI, X, Z, cost, tau, sqt, seeds, k, n)
     return X, Z, cost
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from numba import cuda
 
 from ..result import Status
-from ._common import NMAX, at, blocks, grids, to_device, xp_module
+from ._common import NMAX, at, grids, launch, to_device, xp_module
 
 __all__ = ["enumerate_kernel", "search_kernel"]
 
@@ -179,9 +179,8 @@ def enumerate_kernel(can, *, max_nodes, n_best):
     nodes = xp.empty(k, dtype=np.int64)
     best_x = xp.zeros((n_best, n, k), dtype=np.int64)
     best_cost = xp.full((n_best, k), np.inf)
-    grid, threads = blocks(k)
-    search_kernel()[grid, threads](R, Yo, S, LO, HI, int(max_nodes), x, cost, status, nodes,
-                                   best_x, best_cost)
+    launch(search_kernel(), k, R, Yo, S, LO, HI, int(max_nodes), x, cost, status, nodes, best_x,
+           best_cost)
     info = {"nodes": nodes, "max_nodes": max_nodes}
     if n_best > 1:
         info.update(best_x=best_x, best_cost=best_cost)

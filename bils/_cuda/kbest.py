@@ -22,7 +22,8 @@ import numpy as np
 from numba import cuda
 
 from ..result import Status
-from ._common import KBEST_LEVELS, KMAX, LAUNCH, at, blocks, box_round, grids, to_device, xp_module
+from ._common import (KBEST_LEVELS, KMAX, LAUNCH, at, box_round, grids, launch, to_device,
+                      xp_module)
 
 __all__ = ["kbest_kernel", "panel_kernel", "backtrack_kernel"]
 
@@ -241,16 +242,15 @@ def kbest_kernel(can, *, beam_width, n_children):
     pcost = xp.zeros((K, k))
     bslot = xp.zeros(k, dtype=np.int64)
     Zref = xp.empty((n, k))
-    grid, threads = blocks(k)
     kern = panel_kernel()
     for e in range(n, 0, -levels):
         a = max(0, e - levels)
         has_g = e < n
         G = xp.matmul(R[a:e, e:], Zref[e:]) if has_g else Zref[:1]
-        kern[grid, threads](Y, G, has_g, R, a, e - a, S, O, LO, HI, K, C, xcode, par, nbeam,
-                            pcost, bslot, Zref)
+        launch(kern, k, Y, G, has_g, R, a, e - a, S, O, LO, HI, K, C, xcode, par, nbeam, pcost,
+               bslot, Zref)
     x = xp.empty((n, k), dtype=np.int64)
     cost = xp.empty(k)
-    backtrack_kernel()[grid, threads](xcode, par, nbeam, pcost, x, cost)
+    launch(backtrack_kernel(), k, xcode, par, nbeam, pcost, x, cost)
     status = xp.full(k, int(Status.HEURISTIC), dtype=np.int8)
     return x, cost, status, {"beam_width": beam_width, "n_children": n_children}
