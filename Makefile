@@ -46,9 +46,11 @@ docs: $(DOCS_STAMP)
 
 # GPU tests and benchmarks on a CUDA machine (the `device` tool's H100), with its own
 # python and the repo on PYTHONPATH (no virtualenv, no install): one call, results under
-# benchmarks/results/ named after the device. What exists so far: the glvq decode-kernel
-# test (tests/gpu). The CuPy solver backend and the uniform low-bit kernels with their
-# benchmarks (issues #4, #6) are not written: no GPU has been lent to this project yet.
+# benchmarks/results/ named after the device: the GPU tests (tests/gpu: the cupy solver
+# backend against numba, its PTX, the glvq decode kernel) and benchmarks/gpu_solvers.py
+# (the cupy backend on a 4096x4096 layer vs GPTQ's torch loop on the same GPU, writes
+# gpu_solvers_<device>.json). The uniform low-bit kernels (benchmarks/gpu_kernels.py,
+# issue #6) are not written yet.
 gpu-check:
 	@mkdir -p benchmarks/results
 	@dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '_'); \

@@ -125,7 +125,7 @@ def gptq_lean(W, H, scale, zero, *, maxq=15, blocksize=128, percdamp=0.01, dtype
     H = H[perm][:, perm]
     H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.empty(columns, W.shape[0], dtype=dtype)
+    codes = torch.empty(columns, W.shape[0], dtype=dtype, device=W.device)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         W1 = W[:, i1:i2].t().contiguous()  # (count, out): row i is column i1 + i

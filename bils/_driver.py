@@ -15,9 +15,9 @@ import time
 import numpy as np
 
 from ._backend import resolve_backend
-from ._validate import problem_iv
+from ._validate import _namespace, problem_iv
 from .problem import BILSProblem
-from .result import BILSResult
+from .result import BILSResult, _to_host
 
 __all__ = ["run_solver", "canonical_from_args"]
 
@@ -69,7 +69,7 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
         for j in range(k):
             Rj, yj, loj, hij, sj, oj, p = problem.rhs_subproblem(j)
             cj = problem_iv(Rj, yj[:, None], loj[:, None], hij[:, None], sj[:, None], oj[:, None])
-            xj, cj_cost, stj, info = kernel(cj, **opts(cj, slice(j, j + 1), k_total))
+            xj, cj_cost, stj, info = _host(kernel(cj, **opts(cj, slice(j, j + 1), k_total)))
             x[p, j] = xj[:, 0]
             cost[j], status[j] = cj_cost[0], stj[0]
             if "best_x" in info:
@@ -86,17 +86,20 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     else:
         x, cost, status, info = kernel(can, **opts(can, slice(0, k_total), k_total))
         if problem is not None and problem.perm is not None:
-            xo = np.empty_like(x)
-            xo[problem.perm] = x
+            xp = _namespace(x)
+            perm = xp.asarray(problem.perm)
+            xo = xp.empty_like(x)
+            xo[perm] = x
             x = xo
             if "best_x" in info:
-                bx = np.empty_like(info["best_x"])
-                bx[:, problem.perm] = info["best_x"]
+                bx = xp.empty_like(info["best_x"])
+                bx[:, perm] = info["best_x"]
                 info = dict(info, best_x=bx)
     if problem is not None:
-        cost = cost + problem.cost_offset
+        off = _namespace(cost).asarray(problem.cost_offset)
+        cost = cost + off
         if "best_cost" in info:
-            info = dict(info, best_cost=info["best_cost"] + problem.cost_offset)
+            info = dict(info, best_cost=info["best_cost"] + off)
     squeeze = problem.squeeze if problem is not None else can.squeeze
     if squeeze:
         x, cost, status = x[:, 0], cost[0], status[0]
@@ -105,6 +108,15 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     info = dict(info, time=time.perf_counter() - t0)
     return BILSResult(x=x, cost=_as_array(cost), status=_as_array(status), backend=be,
                       solver=solver, info=info)
+
+
+def _host(out):
+    """A kernel's ``(x, cost, status, info)`` with device arrays copied to the host (the
+    per-RHS orderings of a host-side BILSProblem assemble their columns in numpy)."""
+    x, cost, status, info = out
+    h = lambda a: np.asarray(_to_host(a))  # noqa: E731
+    return h(x), h(cost), h(status), {k: h(v) if hasattr(v, "shape") else v
+                                      for k, v in info.items()}
 
 
 def _as_array(a):
