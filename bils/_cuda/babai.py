@@ -43,10 +43,10 @@ def sweep_kernel(dtype, sampled=False):
     """The block kernel for working ``dtype`` (float32/float64); ``sampled``: Klein's draw.
 
     Signature ``(Y, G, has_g, R, a, m, S, O, LO, HI, X, Z, cost, tau, sqrt_tau, seeds,
-    k_rhs, nlev)``: ``Y`` (n, k_rhs) float64; ``G`` (>= m, kc) and ``R`` (n, n), ``Z``
+    k_rhs, s0, nlev)``: ``Y`` (n, k_rhs) float64; ``G`` (>= m, kc) and ``R`` (n, n), ``Z``
     (n, kc) in ``dtype``; ``X`` (n, kc) int64; ``cost`` (kc,) float64; grids compact;
     ``tau``, ``sqrt_tau`` (k_rhs,) float64 and ``seeds`` (k_rhs,) uint64 (read only when
-    ``sampled``). Column ``c`` of ``X`` is RHS ``c % k_rhs`` of sample ``c // k_rhs``.
+    ``sampled``). Column ``c`` of ``X`` is RHS ``c % k_rhs`` of sample ``s0 + c // k_rhs``.
     Launch: one thread per column, any number of threads per block.
     """
     dtype = np.dtype(dtype)
@@ -66,7 +66,8 @@ def sweep_kernel(dtype, sampled=False):
             return c
 
     @cuda.jit
-    def kern(Y, G, has_g, R, a, m, S, O, LO, HI, X, Z, cost, tau, sqrt_tau, seeds, k_rhs, nlev):
+    def kern(Y, G, has_g, R, a, m, S, O, LO, HI, X, Z, cost, tau, sqrt_tau, seeds, k_rhs, s0,
+             nlev):
         sh = cuda.shared.array(NT, dtype)
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -80,7 +81,7 @@ def sweep_kernel(dtype, sampled=False):
         if c >= X.shape[1]:
             return
         j = c % k_rhs
-        smp = c // k_rhs
+        smp = s0 + c // k_rhs
         zl = cuda.local.array(L, dtype)
         lbuf = cuda.local.array(NBUF, np.float64)
         ubuf = cuda.local.array(NBUF, np.float64)
@@ -127,9 +128,9 @@ def sweep(can, levels, dtype, *, k_rhs=None, sampled=None):
     """One blocked nearest-plane sweep on the device; returns ``(X, Z, cost)``.
 
     ``can`` a :class:`~bils._validate.Canonical` (numpy or device arrays), ``levels`` per
-    block, ``dtype`` the working precision. With ``sampled = (n_samples, tau, seeds)``
+    block, ``dtype`` the working precision. With ``sampled = (s0, n_samples, tau, seeds)``
     (Klein) the sweep runs on ``n_samples * k`` columns, column ``s * k + j`` drawing
-    RHS ``j``'s sample ``s``.
+    RHS ``j``'s sample ``s0 + s``.
     """
     xp = xp_module()
     dtype = np.dtype(dtype)
@@ -141,8 +142,9 @@ def sweep(can, levels, dtype, *, k_rhs=None, sampled=None):
         kc = k
         tau = sqt = xp.zeros(1)
         seeds = xp.zeros(1, dtype=np.uint64)
+        s0 = 0
     else:
-        ns, tau_h, seeds_h = sampled
+        s0, ns, tau_h, seeds_h = sampled
         kc = ns * k
         tau = to_device(tau_h, np.float64)
         sqt = xp.sqrt(tau)
@@ -155,7 +157,8 @@ def sweep(can, levels, dtype, *, k_rhs=None, sampled=None):
         a = max(0, e - levels)
         has_g = e < n
         G = xp.matmul(R[a:e, e:], Z[e:]) if has_g else Z[:1]
-        launch(kern, kc, Y, G, has_g, R, a, e - a, S, O, LO, HI, X, Z, cost, tau, sqt, seeds, k, n)
+        launch(kern, kc, Y, G, has_g, R, a, e - a, S, O, LO, HI, X, Z, cost, tau, sqt, seeds, k,
+               s0, n)
     return X, Z, cost
 
 

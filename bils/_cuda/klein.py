@@ -7,7 +7,7 @@ level of every (sample, RHS) pair. The uniforms are the counter-based streams of
 :mod:`bils._rng` (one seed per RHS, then a pure function of (seed, sample, level)), so a
 seeded run draws the CPU's samples. The winner per RHS is the first of (Babai, sample 0,
 sample 1, ...) with the least cost, which is what the CPU's sequential strict-improvement
-loop keeps.
+loop keeps. Samples are drawn in groups of at most :data:`SAMPLE_BYTES` of device memory.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ WINDOW_SIGMAS = 6.0
 _SKIP_EXP = 45.0
 #: Candidates per side of the centre whose weights are kept in local memory.
 NBUF = 32
+#: Device bytes of sample codes and points per sampled sweep (int64 + float64 per level,
+#: RHS and sample): more samples are drawn in several sweeps.
+SAMPLE_BYTES = 4 << 30
 
 
 @cuda.jit(device=True, inline=True)
@@ -127,14 +130,21 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
     x, cost = xb, cost_b
     improved = xp.zeros(k, dtype=bool)
     if n_samples > 0:
-        with np.errstate(over="ignore"):  # uint64 hashing wraps (simulator)
-            xs, _, cs = sweep(can, levels, np.float64, sampled=(n_samples, tau, seeds))
-        allc = xp.concatenate([cost_b[None, :], cs.reshape(n_samples, k)])
-        best = xp.argmin(allc, axis=0)  # first least: strict improvements, in sample order
+        # samples in groups of at most SAMPLE_BYTES of (codes + points) per sweep
+        group = max(1, min(n_samples, SAMPLE_BYTES // max(1, 16 * n * k)))
         cols = xp.arange(k)
-        cost = allc[best, cols]
-        pick = xp.maximum(best - 1, 0) * k + cols
-        x = xp.where((best > 0)[None, :], xs[:, pick], xb)
+        best = xp.zeros(k, dtype=np.int64)  # 0: Babai, s + 1: sample s
+        for s0 in range(0, n_samples, group):
+            g = min(group, n_samples - s0)
+            with np.errstate(over="ignore"):  # uint64 hashing wraps (simulator)
+                xs, _, cs = sweep(can, levels, np.float64, sampled=(s0, g, tau, seeds))
+            cs = cs.reshape(g, k)
+            first = xp.argmin(cs, axis=0)  # first least sample of the group
+            cmin = cs[first, cols]
+            better = cmin < cost  # strict: earlier samples (and Babai) win ties
+            cost = xp.where(better, cmin, cost)
+            best = xp.where(better, s0 + first + 1, best)
+            x = xp.where(better[None, :], xs[:, first * k + cols], x)
         improved = best > 0
     status = xp.full(k, int(Status.HEURISTIC), dtype=np.int8)
     return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,

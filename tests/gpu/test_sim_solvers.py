@@ -145,6 +145,19 @@ def test_klein_seeded_matches_cpu(n_samples, tau):
         assert c.info["improved"].any()  # the comparison covers sampled winners
 
 
+def test_klein_sample_groups(monkeypatch):
+    """Samples drawn in several sweeps (groups of 3 + 1) give the single sweep's answer."""
+    from bils._cuda import klein as cuda_klein
+
+    R, Y, scale, offset = _problem(10, 13, 7, cond=0.5)
+    case = (R, Y, -6, 6, scale, offset)
+    one = H(call(bils.klein, case, n_samples=4, rng=5, backend="cupy"))
+    monkeypatch.setattr(cuda_klein, "SAMPLE_BYTES", 16 * 10 * 13 * 3)
+    grouped = H(call(bils.klein, case, n_samples=4, rng=5, backend="cupy"))
+    assert np.array_equal(one.x, grouped.x) and np.array_equal(one.cost, grouped.cost)
+    assert np.array_equal(one.info["improved"], grouped.info["improved"])
+
+
 @pytest.mark.parametrize("method", ["round_off", "nearest_plane", "kbest", "exact"])
 @pytest.mark.parametrize("companded", [False, True])
 def test_lattice_encoders_match_cpu(method, companded):
