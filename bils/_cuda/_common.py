@@ -28,13 +28,16 @@ class Launch:
     ``threads``: threads per CUDA block (one thread per RHS). ``levels``: levels per
     Babai/Klein block (the block of ``R`` sits in shared memory; at most
     :data:`SHARED_LEVELS` of the dtype); ``kbest_levels``: levels per K-best panel (at
-    most :data:`KBEST_LEVELS`). Tests shrink them (e.g. ``threads=8, levels=4``) to cross
+    most :data:`KBEST_LEVELS`). ``min_blocks``: with few right-hand sides the CUDA blocks
+    shrink (down to one warp) until there are at least this many (2 per SM of an
+    H100/H200), so that the per-thread sequential work is spread over every SM. Tests shrink them (e.g. ``threads=8, levels=4``) to cross
     block and tile edges on small problems; results depend on them only up to rounding.
     """
 
     threads: int = 128
     levels: int = 128
     kbest_levels: int = 64
+    min_blocks: int = 264
 
 
 #: The launch sizes used by every kernel (mutable: tests shrink them).
@@ -96,8 +99,14 @@ def grids(can, dtype=np.float64):
 
 
 def blocks(k, threads=None):
-    """Grid size for ``k`` threads (one per RHS) in blocks of ``LAUNCH.threads``."""
+    """``(grid, threads per block)`` for ``k`` threads (one per RHS).
+
+    Blocks of ``LAUNCH.threads``, halved (not below a warp of 32) while the grid has fewer
+    than ``LAUNCH.min_blocks`` blocks.
+    """
     t = LAUNCH.threads if threads is None else threads
+    while t > 32 and -(-k // t) < LAUNCH.min_blocks:
+        t //= 2
     return max(1, -(-k // t)), t
 
 

@@ -64,3 +64,16 @@ def test_kernels_compile_to_ptx(cc):
         ptx, resty = cuda.compile_ptx(kern.py_func, sig, cc=cc)
         assert ".entry" in ptx and f".target sm_{cc[0]}{cc[1]}" in ptx, kern.py_func.__qualname__
         assert str(resty) == "none"
+
+
+def test_launch_grid_spreads_over_sms():
+    """Few RHS: CUDA blocks shrink (down to a warp) so the grid reaches LAUNCH.min_blocks."""
+    from bils._cuda._common import LAUNCH, blocks
+
+    assert LAUNCH.min_blocks >= 132
+    for k in (1, 5, 4096, 32768, 100_000, 10**6):
+        grid, t = blocks(k)
+        assert grid * t >= k and 32 <= t <= LAUNCH.threads and t % 32 == 0
+        assert grid >= LAUNCH.min_blocks or t == 32
+    assert blocks(4096) == (128, 32)
+    assert blocks(10**6)[1] == LAUNCH.threads
