@@ -478,6 +478,10 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
 
 def _encode(codebook, V, C, method, beam_width, max_nodes, backend, squeeze=False):
     """:func:`encode` on validated (and companded) ``V`` and metric factor ``C``."""
+    if backend != "auto" and _resolve_backend(backend, V) == "cupy":  # fit_generator on a GPU
+        from ._cuda.lattice import encode_factor
+
+        return encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze, host=True)
     lat = _build(codebook, V, C)
     N = V.shape[1]
     info = {}

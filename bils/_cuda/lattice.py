@@ -16,11 +16,11 @@ import math
 
 import numpy as np
 
-from ..result import BILSResult, Status
+from ..result import BILSResult, Status, _to_host
 from .._validate import _real_array, choice_iv, int_iv
 from ._common import to_device, xp_module
 
-__all__ = ["encode"]
+__all__ = ["encode", "encode_factor"]
 
 
 def _vectors_iv(name, V, d, xp):
@@ -65,9 +65,6 @@ def _basis(codebook, C):
 def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, max_nodes=None):
     """:func:`bils.lattice.encode` with ``backend="cupy"`` (arguments validated alike)."""
     from .. import lattice as lat
-    from ..babai import babai
-    from ..enumeration import enumerate as bils_enumerate
-    from ..kbest import kbest
 
     xp = xp_module()
     codebook = lat._codebook_iv(codebook)
@@ -75,12 +72,25 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
     method = choice_iv("method", method, lat.ENCODE_METHODS)
     beam_width = int_iv("beam_width", beam_width, minimum=1)
     max_nodes = int_iv("max_nodes", max_nodes, minimum=1, allow_none=True)
-    n, N = V.shape
-    d = codebook.d
-    C = lat._metric_factor(metric, n)
+    C = lat._metric_factor(metric, V.shape[0])
     if codebook.companded:  # compand (bils.lattice.compand) on the device
         mu, amax = codebook.mu, codebook.amax
         V = amax * xp.sign(V) * xp.log1p(mu * xp.abs(V) / amax) / math.log1p(mu)
+    return encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze)
+
+
+def encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze=False, *, host=False):
+    """:func:`bils.lattice._encode` on the device: validated (and companded) ``V`` (n, N),
+    metric factor ``C`` (host). With ``host=True`` the result's arrays are copied back to
+    the host (for :func:`bils.lattice.fit_generator`, whose fitting runs in numpy)."""
+    from ..babai import babai
+    from ..enumeration import enumerate as bils_enumerate
+    from ..kbest import kbest
+
+    xp = xp_module()
+    V = to_device(V, np.float64)
+    n, N = V.shape
+    d = codebook.d
     Rh, QtC = _basis(codebook, C)
     R = to_device(Rh)
     Y = to_device(to_device(QtC) @ V)
@@ -128,5 +138,9 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
         cost = res.cost
     if squeeze:
         Z, cost, status = Z[:, 0], cost[0], status[0]
+    if host:
+        h = lambda a: np.asarray(_to_host(a))  # noqa: E731
+        Z, cost, status = h(Z), h(cost), h(status)
+        info = {k: h(v) for k, v in info.items()}
     return BILSResult(x=Z, cost=xp.asarray(cost), status=xp.asarray(status), backend="cupy",
                       solver=f"lattice/{method}", info=info)

@@ -180,6 +180,15 @@ def test_lattice_encoders_match_cpu(method, companded):
     assert np.array_equal(host(one.x), ref.x) and host(one.status) == ref.status
 
 
+def test_fit_generator_on_cupy_matches_cpu():
+    rng = np.random.default_rng(4)
+    V = rng.standard_normal((4, 30))
+    g = bils.fit_generator(V, 2, d=2, n_iter=2, backend="cupy")
+    c = bils.fit_generator(V, 2, d=2, n_iter=2, backend="numba")
+    assert np.array_equal(g.x, c.x) and isinstance(g.x, np.ndarray)
+    np.testing.assert_allclose(g.codebook.G, c.codebook.G, rtol=1e-9, atol=1e-12)
+
+
 BAD = [
     ((np.ones((3, 2)), np.ones(3), 0, 1), {}),  # R not square
     ((np.tril(np.ones((3, 3))), np.ones(3), 0, 1), {}),  # R not upper triangular
