@@ -26,8 +26,10 @@ class Launch:
     """Launch sizes of every CUDA kernel, in one place.
 
     ``threads``: threads per CUDA block (one thread per RHS). ``levels``: levels per
-    Babai/Klein block (the block of ``R`` sits in shared memory; at most
-    :data:`SHARED_LEVELS` of the dtype); ``kbest_levels``: levels per K-best panel (at
+    Babai/Klein block, i.e. per kernel launch and product (at most :data:`MAX_LEVELS`);
+    ``sub_levels``: levels per shared-memory sub-block inside a launch (at most
+    :data:`SHARED_LEVELS` of the dtype: the whole 128-level block in float32, two
+    64-level halves in float64); ``kbest_levels``: levels per K-best panel (at
     most :data:`KBEST_LEVELS`). ``min_blocks``: with few right-hand sides the CUDA blocks
     shrink (down to one warp) until there are at least this many (2 per SM of an
     H100/H200), so that the per-thread sequential work is spread over every SM. Tests shrink them (e.g. ``threads=8, levels=4``) to cross
@@ -36,6 +38,7 @@ class Launch:
 
     threads: int = 128
     levels: int = 128
+    sub_levels: int = 128
     kbest_levels: int = 64
     min_blocks: int = 264
 
@@ -43,9 +46,12 @@ class Launch:
 #: The launch sizes used by every kernel (mutable: tests shrink them).
 LAUNCH = Launch()
 
-#: Capacity of the shared-memory block of ``R`` (levels) per working dtype: the packed
-#: upper triangle of a 128-level block is 33 KiB in float32; in float64 a 64-level block
-#: (16.6 KiB; 128 levels would need 66 KiB, over the 48 KiB of static shared memory).
+#: Most levels per Babai/Klein launch (the block's decided points live in local memory).
+MAX_LEVELS = 128
+#: Capacity of a shared-memory sub-block of ``R`` (levels) per working dtype: the packed
+#: upper triangle of 128 levels is 33 KiB in float32; in float64 the 128-level block is
+#: done as two 64-level sub-blocks (triangle 16.6 KiB, the square coupling them 32 KiB),
+#: since 128 levels would need 66 KiB, over the 48 KiB of static shared memory.
 SHARED_LEVELS = {np.dtype(np.float32): 128, np.dtype(np.float64): 64}
 #: Capacity (levels) of a K-best panel: each thread keeps ``2 * KMAX * KBEST_LEVELS``
 #: residuals in local memory.

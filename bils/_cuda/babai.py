@@ -1,7 +1,7 @@
 r"""CUDA box Babai: per block of levels one kernel rounds every RHS, then one product.
 
 Levels are decided from ``n - 1`` down to ``0`` in blocks ``[a, e)`` of
-``min(block_size, LAUNCH.levels, SHARED_LEVELS[dtype])`` levels. For each block
+``min(block_size, LAUNCH.levels, MAX_LEVELS)`` levels (128). For each block
 
 .. math::
 
@@ -9,9 +9,11 @@ Levels are decided from ``n - 1`` down to ``0`` in blocks ``[a, e)`` of
 
 is one device product (``xp.matmul``: cuBLAS), ``Z`` holding the decided points with
 their offset. Then one kernel decides the block for every right-hand side: one thread per
-RHS, the packed upper triangle of :math:`R_{a:e,\,a:e}` in shared memory (loaded once per
-CUDA block, read as a broadcast by all threads), the block's decided points in local
-memory. Level ``i`` forms
+RHS, the block of :math:`R` in shared memory (loaded once per CUDA block, read as a
+broadcast by all threads: the packed upper triangle of the 128 levels in float32; in
+float64, which would need 66 KiB, two 64-level sub-blocks, each triangle and the square
+coupling them loaded in turn), the block's decided points in local memory. Level ``i``
+forms
 
 .. math::
 
@@ -32,9 +34,10 @@ import numpy as np
 from numba import cuda
 
 from ..result import Status
-from ._common import LAUNCH, SHARED_LEVELS, at, box_round, grids, launch, to_device, xp_module
+from ._common import (LAUNCH, MAX_LEVELS, SHARED_LEVELS, at, box_round, grids, launch, to_device,
+                      xp_module)
 
-__all__ = ["babai_kernel", "sweep", "sweep_kernel", "block_levels"]
+__all__ = ["babai_kernel", "sweep", "sweep_kernel", "block_levels", "sub_levels"]
 
 _KERNELS = {}
 
@@ -42,20 +45,31 @@ _KERNELS = {}
 def sweep_kernel(dtype, sampled=False):
     """The block kernel for working ``dtype`` (float32/float64); ``sampled``: Klein's draw.
 
-    Signature ``(Y, G, has_g, R, a, m, S, O, LO, HI, X, Z, cost, tau, sqrt_tau, seeds,
-    k_rhs, s0, nlev)``: ``Y`` (n, k_rhs) float64; ``G`` (>= m, kc) and ``R`` (n, n), ``Z``
-    (n, kc) in ``dtype``; ``X`` (n, kc) int64; ``cost`` (kc,) float64; grids compact;
-    ``tau``, ``sqrt_tau`` (k_rhs,) float64 and ``seeds`` (k_rhs,) uint64 (read only when
-    ``sampled``). Column ``c`` of ``X`` is RHS ``c % k_rhs`` of sample ``s0 + c // k_rhs``.
-    Launch: one thread per column, any number of threads per block.
+    Signature ``(Y, G, has_g, R, a, m, sub, S, O, LO, HI, X, Z, cost, tau, sqrt_tau,
+    seeds, k_rhs, s0, nlev)``: decides levels ``[a, a + m)`` (``m <= MAX_LEVELS``) in
+    sub-blocks of ``sub <= SHARED_LEVELS[dtype]`` levels, top first; ``Y`` (n, k_rhs)
+    float64; ``G`` (>= m, kc) and ``R`` (n, n), ``Z`` (n, kc) in ``dtype``; ``X`` (n, kc)
+    int64; ``cost`` (kc,) float64; grids compact; ``tau``, ``sqrt_tau`` (k_rhs,) float64
+    and ``seeds`` (k_rhs,) uint64 (read only when ``sampled``). Column ``c`` of ``X`` is
+    RHS ``c % k_rhs`` of sample ``s0 + c // k_rhs``. Launch: one thread per column, any
+    number of threads per block (all of them help load ``R`` into shared memory).
+
+    Per sub-block ``[lo, hi)`` each thread takes its targets ``Y - G``, subtracts the
+    decided sub-blocks above it (their coupling rectangle of ``R`` loaded into shared
+    memory in turn, top first), then decides the sub-block with its packed triangle in
+    shared memory. Each target sees the updates of the decided levels from the highest
+    down, as in :mod:`bils._numba.babai`.
     """
     dtype = np.dtype(dtype)
     key = (dtype, bool(sampled))
     if key in _KERNELS:
         return _KERNELS[key]
     cast = np.float32 if dtype == np.float32 else np.float64
-    L = SHARED_LEVELS[dtype]
-    NT = L * (L + 1) // 2
+    SC = SHARED_LEVELS[dtype]
+    NB = SC * (SC + 1) // 2
+    if MAX_LEVELS > SC:  # room for a coupling rectangle between sub-blocks
+        NB = max(NB, SC * SC)
+    ML = MAX_LEVELS
     if sampled:
         from .klein import NBUF, klein_pick
     else:  # never called: a placeholder of the same arity
@@ -66,62 +80,95 @@ def sweep_kernel(dtype, sampled=False):
             return c
 
     @cuda.jit
-    def kern(Y, G, has_g, R, a, m, S, O, LO, HI, X, Z, cost, tau, sqrt_tau, seeds, k_rhs, s0,
-             nlev):
-        sh = cuda.shared.array(NT, dtype)
+    def kern(Y, G, has_g, R, a, m, sub, S, O, LO, HI, X, Z, cost, tau, sqrt_tau, seeds, k_rhs,
+             s0, nlev):
+        sh = cuda.shared.array(NB, dtype)
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
-        for idx in range(tid, m * m, nt):
-            q = idx // m
-            l = idx - q * m
-            if l >= q:
-                sh[q * (2 * L - q + 1) // 2 + (l - q)] = R[a + q, a + l]
-        cuda.syncthreads()
         c = cuda.grid(1)
-        if c >= X.shape[1]:
-            return
+        active = c < X.shape[1]
         j = c % k_rhs
         smp = s0 + c // k_rhs
-        zl = cuda.local.array(L, dtype)
+        zl = cuda.local.array(ML, dtype)  # decided points of the block (index q)
+        tl = cuda.local.array(SC, dtype)  # targets of the current sub-block
         lbuf = cuda.local.array(NBUF, np.float64)
         ubuf = cuda.local.array(NBUF, np.float64)
         cl = 0.0
-        for qq in range(m):
-            q = m - 1 - qq
-            i = a + q
-            if has_g:
-                t = cast(Y[i, j] - G[q, c])
-            else:
-                t = cast(Y[i, j])
-            base = q * (2 * L - q + 1) // 2 - q
-            for ll in range(m - 1 - q):
-                l = m - 1 - ll
-                t = t - sh[base + l] * zl[l]
-            rii = sh[base + q]
-            s = cast(at(S, i, j))
-            o = cast(at(O, i, j))
-            t = t - rii * o
-            d = rii * s
-            if sampled:
-                xi = klein_pick(t / d, d, at(LO, i, j), at(HI, i, j), tau[j], sqrt_tau[j],
-                                seeds[j], smp, i, nlev, lbuf, ubuf)
-            else:
-                xi = box_round(t / d, at(LO, i, j), at(HI, i, j))
-            X[i, c] = np.int64(xi)
-            z = s * xi + o
-            Z[i, c] = z
-            zl[q] = z
-            e = t - d * xi
-            cl += e * e
-        cost[c] += cl
+        nsb = (m + sub - 1) // sub
+        for sbi in range(nsb):
+            hq = m - sbi * sub  # sub-block [lq, hq) of the block, top first
+            lq = max(0, hq - sub)
+            w = hq - lq
+            if active:
+                for qq in range(w):
+                    i = a + lq + qq
+                    if has_g:
+                        tl[qq] = cast(Y[i, j] - G[lq + qq, c])
+                    else:
+                        tl[qq] = cast(Y[i, j])
+            for pbi in range(sbi):  # decided sub-blocks above, top first
+                ph = m - pbi * sub
+                pl = ph - sub
+                cuda.syncthreads()
+                for idx in range(tid, w * sub, nt):
+                    r = idx // sub
+                    l = idx - r * sub
+                    sh[idx] = R[a + lq + r, a + pl + l]
+                cuda.syncthreads()
+                if active:
+                    for qq in range(w):
+                        t = tl[qq]
+                        for ll in range(sub):
+                            l = sub - 1 - ll
+                            t = t - sh[qq * sub + l] * zl[pl + l]
+                        tl[qq] = t
+            cuda.syncthreads()
+            for idx in range(tid, w * w, nt):
+                q = idx // w
+                l = idx - q * w
+                if l >= q:
+                    sh[q * (2 * SC - q + 1) // 2 + (l - q)] = R[a + lq + q, a + lq + l]
+            cuda.syncthreads()
+            if active:
+                for qq in range(w):
+                    q = w - 1 - qq
+                    i = a + lq + q
+                    base = q * (2 * SC - q + 1) // 2 - q
+                    t = tl[q]
+                    for ll in range(w - 1 - q):
+                        l = w - 1 - ll
+                        t = t - sh[base + l] * zl[lq + l]
+                    rii = sh[base + q]
+                    s = cast(at(S, i, j))
+                    o = cast(at(O, i, j))
+                    t = t - rii * o
+                    d = rii * s
+                    if sampled:
+                        xi = klein_pick(t / d, d, at(LO, i, j), at(HI, i, j), tau[j],
+                                        sqrt_tau[j], seeds[j], smp, i, nlev, lbuf, ubuf)
+                    else:
+                        xi = box_round(t / d, at(LO, i, j), at(HI, i, j))
+                    X[i, c] = np.int64(xi)
+                    z = s * xi + o
+                    Z[i, c] = z
+                    zl[lq + q] = z
+                    e = t - d * xi
+                    cl += e * e
+        if active:
+            cost[c] += cl
 
     _KERNELS[key] = kern
     return kern
 
 
-def block_levels(block_size, dtype):
-    """Levels per block: ``block_size`` capped by the launch size and shared memory."""
-    return max(1, min(int(block_size), LAUNCH.levels, SHARED_LEVELS[np.dtype(dtype)]))
+def block_levels(block_size, dtype=None):
+    """Levels per block (launch and product): ``block_size`` capped by the launch size."""
+    return max(1, min(int(block_size), LAUNCH.levels, MAX_LEVELS))
+
+
+def sub_levels(dtype):
+    """Levels per shared-memory sub-block for working ``dtype``."""
+    return max(1, min(LAUNCH.sub_levels, SHARED_LEVELS[np.dtype(dtype)]))
 
 
 def sweep(can, levels, dtype, *, k_rhs=None, sampled=None):
@@ -150,6 +197,7 @@ def sweep(can, levels, dtype, *, k_rhs=None, sampled=None):
         sqt = xp.sqrt(tau)
         seeds = to_device(seeds_h, np.uint64)
     kern = sweep_kernel(dtype, sampled is not None)
+    sub = sub_levels(dtype)
     X = xp.empty((n, kc), dtype=np.int64)
     Z = xp.empty((n, kc), dtype=dtype)
     cost = xp.zeros(kc)
@@ -157,8 +205,8 @@ def sweep(can, levels, dtype, *, k_rhs=None, sampled=None):
         a = max(0, e - levels)
         has_g = e < n
         G = xp.matmul(R[a:e, e:], Z[e:]) if has_g else Z[:1]
-        launch(kern, kc, Y, G, has_g, R, a, e - a, S, O, LO, HI, X, Z, cost, tau, sqt, seeds, k,
-               s0, n)
+        launch(kern, kc, Y, G, has_g, R, a, e - a, sub, S, O, LO, HI, X, Z, cost, tau, sqt, seeds,
+               k, s0, n)
     return X, Z, cost
 
 

@@ -35,15 +35,16 @@ def H(res):
                                  info=info, backend=res.backend)
 
 
-@pytest.fixture(autouse=True, params=[(8, 4, 3), (16, 5, 4)], ids=["t8-l4", "t16-l5"])
+@pytest.fixture(autouse=True, params=[(8, 4, 2, 3), (16, 5, 3, 4)], ids=["t8-l4-s2", "t16-l5-s3"])
 def small_launch(request):
-    """Shrunk launch sizes: (threads per block, levels per block, K-best panel levels)."""
+    """Shrunk launch sizes: (threads per block, levels per block, levels per shared-memory
+    sub-block, K-best panel levels)."""
     from bils._cuda._common import LAUNCH
 
-    saved = (LAUNCH.threads, LAUNCH.levels, LAUNCH.kbest_levels)
-    LAUNCH.threads, LAUNCH.levels, LAUNCH.kbest_levels = request.param
+    saved = (LAUNCH.threads, LAUNCH.levels, LAUNCH.sub_levels, LAUNCH.kbest_levels)
+    LAUNCH.threads, LAUNCH.levels, LAUNCH.sub_levels, LAUNCH.kbest_levels = request.param
     yield request.param
-    LAUNCH.threads, LAUNCH.levels, LAUNCH.kbest_levels = saved
+    LAUNCH.threads, LAUNCH.levels, LAUNCH.sub_levels, LAUNCH.kbest_levels = saved
 
 
 def call(fn, case, **kw):
@@ -78,6 +79,23 @@ def test_babai_float64_matches_numba(n, k, grid):
     assert np.array_equal(g.status, cpu.status)
     assert_feasible(g, case)
     assert_cost_consistent(g, case)
+
+
+def test_babai_default_launch_sizes(monkeypatch):
+    """The shipped sizes: 128-level blocks (float64: two 64-level shared-memory sub-blocks)."""
+    from bils._cuda._common import LAUNCH, Launch
+
+    monkeypatch.setattr(LAUNCH, "levels", Launch.levels)
+    monkeypatch.setattr(LAUNCH, "sub_levels", Launch.sub_levels)
+    rng = np.random.default_rng(9)
+    n, k = 140, 3
+    R = np.triu(rng.standard_normal((n, n))) * 0.1 + 2 * np.eye(n)
+    Y = rng.standard_normal((n, k)) * 5
+    for precision in ("float64", "float32"):
+        g = H(bils.babai(R, Y, -4, 4, precision=precision, backend="cupy"))
+        c = bils.babai(R, Y, -4, 4, precision=precision, backend="numba")
+        assert np.array_equal(g.x, c.x)
+        np.testing.assert_allclose(g.cost, c.cost, rtol=1e-5 if precision == "float32" else 1e-12)
 
 
 def test_babai_float32_matches_numba():
