@@ -2,8 +2,9 @@
 
 Every solver calls :func:`run_solver` with a ``kernels`` mapping from backend name to a
 function ``kernel(can, **options) -> (x, cost, status, info)`` working on canonical
-solve-order arrays (:class:`bils._validate.Canonical`, numpy or CuPy arrays: results of
-the ``cupy`` backend stay on the device). This module handles problems
+solve-order arrays (:class:`bils._validate.Canonical`, numpy or CuPy arrays; results are
+arrays of the inputs' namespace: device inputs' results stay on the device, numpy inputs
+solved by the ``cupy`` backend get numpy results). This module handles problems
 given as :class:`~bils.problem.BILSProblem` (orderings, per-RHS orderings, constant cost
 parts), backend resolution, timing, and mapping ``x`` back to the caller's order.
 """
@@ -84,7 +85,9 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
         if best_x is not None:
             info.update(best_x=best_x, best_cost=best_cost)
     else:
-        x, cost, status, info = kernel(can, **opts(can, slice(0, k_total), k_total))
+        out = kernel(can, **opts(can, slice(0, k_total), k_total))
+        # results in the inputs' namespace: numpy inputs on the cupy backend come back
+        x, cost, status, info = _host(out) if be == "cupy" and can.xp is np else out
         if problem is not None and problem.perm is not None:
             xp = _namespace(x)
             perm = xp.asarray(problem.perm)
@@ -111,8 +114,8 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
 
 
 def _host(out):
-    """A kernel's ``(x, cost, status, info)`` with device arrays copied to the host (the
-    per-RHS orderings of a host-side BILSProblem assemble their columns in numpy)."""
+    """A kernel's ``(x, cost, status, info)`` with device arrays copied to the host (for
+    host inputs, and the per-RHS orderings of a BILSProblem, assembled in numpy)."""
     x, cost, status, info = out
     h = lambda a: np.asarray(_to_host(a))  # noqa: E731
     return h(x), h(cost), h(status), {k: h(v) if hasattr(v, "shape") else v

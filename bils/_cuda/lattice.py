@@ -7,7 +7,8 @@ and the metric (host inputs), so they are formed on the host as in
 :func:`bils.lattice._build` and copied to the device once; ``V`` never leaves the
 device: companding, :math:`Y = Q^T C V`, the solvers (``backend="cupy"`` kernels) and
 the costs run in the device namespace. Validation of ``V`` runs there too (only the
-outcome of each check crosses to the host) with the CPU's messages.
+outcome of each check crosses to the host) with the CPU's messages. A numpy ``V`` gets
+numpy results (copied back), a device ``V`` device results.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import numpy as np
 
 from ..result import BILSResult, Status, _to_host
+from .._backend import array_namespace
 from .._validate import _real_array, choice_iv, int_iv
 from ._common import to_device, xp_module
 
@@ -67,6 +69,7 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
     from .. import lattice as lat
 
     xp = xp_module()
+    on_host = array_namespace(V) is np  # numpy in, numpy out (copied back)
     codebook = lat._codebook_iv(codebook)
     V, squeeze = _vectors_iv("V", V, codebook.d, xp)
     method = choice_iv("method", method, lat.ENCODE_METHODS)
@@ -76,7 +79,7 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
     if codebook.companded:  # compand (bils.lattice.compand) on the device
         mu, amax = codebook.mu, codebook.amax
         V = amax * xp.sign(V) * xp.log1p(mu * xp.abs(V) / amax) / math.log1p(mu)
-    return encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze)
+    return encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze, host=on_host)
 
 
 def encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze=False, *, host=False):
