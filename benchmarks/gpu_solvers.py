@@ -12,7 +12,9 @@ the device once, and every GPU timing is a full public call on CuPy inputs (vali
 the device included), synchronised, minimum over ``--repeats`` after a warm-up (kernel
 compilation is reported separately).
 
-Sections: Babai float64 and float32 (codes compared with the numba backend on the host),
+Sections: Babai float64 and float32 (codes compared with the numba backend on the host;
+also the kernels alone on validated arrays, and a 128 x 32 call: the fixed cost of
+launches),
 Klein S = 8 and K-best K = 8 at 3 bits (codes compared with numba on the first
 ``--check-rhs`` columns), enumeration of 10⁵ RHS of n = 16 in the box [0, 7] (codes
 compared with numba on the first ``--check-rhs`` columns), GPTQ's lean loop in torch on
@@ -150,6 +152,19 @@ def main(argv=None):
         rec[f"babai_{prec}_cost_rel_diff"] = float(np.max(np.abs(host(res.cost) - cpu.cost)
                                                           / np.maximum(cpu.cost, 1e-300)))
         del res
+    # diagnostics: the kernels alone (validated arrays reused) and the fixed cost of a call
+    from bils._cuda.babai import babai_kernel
+    from bils._validate import problem_iv
+
+    R_, Y_, lo_, hi_, S_, O_ = dargs
+    can_d = problem_iv(R_, Y_, lo_, hi_, S_, O_)
+    for prec in ("float64", "float32"):
+        rec[f"babai_{prec}_kernels_only_s"], _ = timed(
+            lambda: babai_kernel(can_d, block_size=128, precision=prec), sync, args.repeats)
+    del can_d
+    small = (xp.asarray(R_host[:128, :128]), dargs[1][:128, :32])
+    rec["babai_128x32_call_s"], _ = timed(lambda: bils.babai(*small, 0, 15, backend="cupy"),
+                                          sync, max(3, args.repeats))
     f64_x = ref["float64"].x
     rec["babai_float32_vs_float64_match"] = float(np.mean(ref["float32"].x == f64_x))
     del ref
