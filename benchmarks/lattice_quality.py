@@ -14,7 +14,7 @@ Protocols (``--protocol``):
     identical statistics, so the comparison is fair, but inputs are not the outputs of
     already-quantized blocks (GPTQ's sequential protocol), which favours no method.
 ``sequential``
-    :func:`llm_adapter.calibrate.quantize_model`, true-sequential (the protocol of
+    :func:`llm_adapter.calibration.quantize_model`, true-sequential (the protocol of
     ``benchmarks/llm_quality.py``); roughly 4 forward passes per block per run.
 
 Data as ``benchmarks/llm_quality.py``: model ``smollm2-135m`` (float32, CPU), calibration
@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
 from llm_adapter.evaluate import perplexity  # noqa: E402
-from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq  # noqa: E402
+from llm_adapter.methods.glvq import GLVQSpec, quantize_weight_glvq  # noqa: E402
 from llm_adapter.models import load_model  # noqa: E402
 
 logger = logging.getLogger("lattice_quality")
@@ -87,14 +87,14 @@ def _gptq_bits(bits, group_size, in_features):
 
 # --------------------------------------------------------------------------- fp protocol
 def _linears(model, targets=("*",)):
-    from llm_adapter.calibrate import select_linears
+    from llm_adapter.calibration import select_linears
 
     return {n: m for sel in select_linears(model, targets).values() for n, m in sel.items()}
 
 
 def collect_hessians(model, windows, cache_dir, batch_size, targets=("*",)):
     """``{layer: H}`` (float64 sums / tokens) from one float forward pass; cached per file."""
-    from llm_adapter.calibrate import forward_pre_hooks
+    from llm_adapter.calibration import forward_pre_hooks
 
     tag = "" if tuple(targets) == ("*",) else "_" + str(abs(hash(tuple(targets))) % 10**8)
     cache = Path(cache_dir) / f"H_{windows.shape[0]}x{windows.shape[1]}{tag}.npz"
@@ -146,8 +146,8 @@ def quantize_fp(model, H, run, float_state, targets=("*",)):
             q = quantize_weight_glvq(W, H[name], spec=GLVQSpec(**fields), backend=backend)
             bits_total += q.storage_bits()
         else:
-            from llm_adapter.quantize import quantize_weight
-            from llm_adapter.spec import QuantSpec
+            from llm_adapter.methods.uniform import quantize_weight
+            from llm_adapter.methods.uniform import QuantSpec
 
             q = quantize_weight(W, H[name], None, QuantSpec(method="gptq", **fields), backend=backend)
             bits_total += _gptq_bits(fields["bits"], fields["group_size"], W.shape[1]) * W.size
@@ -162,9 +162,9 @@ def quantize_fp(model, H, run, float_state, targets=("*",)):
 
 # --------------------------------------------------------------------------- sequential
 def quantize_sequential(model, windows, run, float_state, batch_size, targets=("*",), checkpoint_dir=None):
-    """True-sequential :func:`~llm_adapter.calibrate.quantize_model` (glvq or gptq) in place."""
-    from llm_adapter.calibrate import quantize_model
-    from llm_adapter.spec import QuantSpec
+    """True-sequential :func:`~llm_adapter.calibration.quantize_model` (glvq or gptq) in place."""
+    from llm_adapter.calibration import quantize_model
+    from llm_adapter.methods.uniform import QuantSpec
 
     kind, fields, backend = RUNS[run]
     model.load_state_dict(float_state)
@@ -208,8 +208,8 @@ DEFAULT_STUDY = ("gptq_w2g128", "gptq_w2g64", "glvq_ro", "glvq_np_it0", "glvq_np
 
 def layer_study(model, H, layers=STUDY_LAYERS, variants=DEFAULT_STUDY):
     """Relative layer loss ``tr(E H Eᵀ) / tr(W H Wᵀ)`` and bits/weight per variant and layer."""
-    from llm_adapter.quantize import quantize_weight
-    from llm_adapter.spec import QuantSpec
+    from llm_adapter.methods.uniform import quantize_weight
+    from llm_adapter.methods.uniform import QuantSpec
 
     mods = dict(model.named_modules())
     out = {}

@@ -12,7 +12,7 @@ Protocol (the GPTQ one, on the offline Shakespeare corpus):
   asymmetric min-max grid, static groups, act-order, damping 0.01, true-sequential.
 
 Each (config, method) run starts from the float weights, quantizes the model with
-:func:`llm_adapter.calibrate.quantize_model`, and records perplexity and wall time.
+:func:`llm_adapter.calibration.quantize_model`, and records perplexity and wall time.
 Results are merged into ``benchmarks/results/llm_quality.json`` (atomic write) and a
 table is printed and written into ``docs/results.md`` (between markers, so the rest of
 that file is left alone). Partial runs are fine: select with ``--configs`` and
@@ -43,11 +43,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from llm_adapter.calibrate import quantize_model  # noqa: E402
+from llm_adapter.calibration import quantize_model  # noqa: E402
 from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
 from llm_adapter.evaluate import perplexity  # noqa: E402
 from llm_adapter.models import load_model  # noqa: E402
-from llm_adapter.spec import QuantSpec  # noqa: E402
+from llm_adapter.methods.uniform import QuantSpec  # noqa: E402
 
 logger = logging.getLogger("llm_quality")
 

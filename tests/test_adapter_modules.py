@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llm_adapter.formats.packing import pack, packed_length, period, unpack
-from llm_adapter.modules import QuantLinear, quant_matmul, replace_linear, unpack_torch
-from llm_adapter.quantized import QuantizedLayer
+from llm_adapter.nn import QuantLinear, quant_matmul, replace_linear, unpack_torch
+from llm_adapter.methods.uniform import QuantizedLayer
 
 
 def random_layer(rng, out_f, in_f, bits, group_size, *, act_order=False, bias=True, zero_range=None):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from llm_adapter import calibrate
-from llm_adapter.calibrate import find_blocks, load_layer, quantize_model, save_layer, select_linears
-from llm_adapter.quantize import compute_grid, quantize_weight
-from llm_adapter.spec import QuantSpec
+from llm_adapter.calibration import find_blocks, load_layer, quantize_model, save_layer, select_linears
+from llm_adapter.methods.uniform import compute_grid, quantize_weight
+from llm_adapter.methods.uniform import QuantSpec
 from llm_fixtures import BOS_ID, tiny_llama
 from oracles import gptq_fasterquant_reference
 

@@ -1,10 +1,10 @@
-"""Tests of the glvq method (llm_adapter.lattice_method): format, storage, guarantees."""
+"""Tests of the glvq method (llm_adapter.methods.glvq): format, storage, guarantees."""
 
 import numpy as np
 import pytest
 
 from bils.lattice import decode
-from llm_adapter.lattice_method import (
+from llm_adapter.methods.glvq import (
     GLVQSpec,
     LatticeLayer,
     load_lattice_layer,
@@ -211,8 +211,8 @@ def test_glvq_through_the_calibration_driver_and_resume(tmp_path):
     torch = pytest.importorskip("torch")
     from llm_fixtures import BOS_ID, tiny_llama
 
-    from llm_adapter.calibrate import quantize_model
-    from llm_adapter.lattice_method import LatticeLayer
+    from llm_adapter.calibration import quantize_model
+    from llm_adapter.methods.glvq import LatticeLayer
 
     g = torch.Generator().manual_seed(0)
     win = torch.randint(2, 258, (4, 24), generator=g)

@@ -9,10 +9,10 @@ torch = pytest.importorskip("torch")
 
 from llm_adapter.cli import main  # noqa: E402
 from llm_adapter.formats import QuantizedFormatError, export_gptq, load_quantized, save_quantized  # noqa: E402
-from llm_adapter.lattice_method import GLVQSpec, LatticeLayer, quantize_weight_glvq  # noqa: E402
-from llm_adapter.modules import LatticeLinear, QuantLinear, replace_linear  # noqa: E402
-from llm_adapter.quantize import quantize_weight  # noqa: E402
-from llm_adapter.spec import QuantSpec  # noqa: E402
+from llm_adapter.methods.glvq import GLVQSpec, LatticeLayer, quantize_weight_glvq  # noqa: E402
+from llm_adapter.nn import LatticeLinear, QuantLinear, replace_linear  # noqa: E402
+from llm_adapter.methods.uniform import quantize_weight  # noqa: E402
+from llm_adapter.methods.uniform import QuantSpec  # noqa: E402
 
 
 def _layer(seed=0, out=12, n=64, tokens=300):

@@ -31,15 +31,8 @@ counts all of it.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,23 +40,17 @@ import scipy.linalg
 
 from bils.lattice import ENCODE_METHODS, Codebook, decode, encode, fit_generator
 
-__all__ = ["GLVQSpec", "LatticeLayer", "quantize_weight_glvq", "salience_bits", "save_lattice_layer",
-           "load_lattice_layer"]
+from ..errors import ParameterError, QuantizedFormatError
+from ..formats.packing import SUPPORTED_BITS, pack, pack_width, packed_length, unpack
+from ._shared import as_float64, damped_hessian, is_int, is_real, with_fallback
+from .registry import LayerFormat, Method, register
 
-logger = logging.getLogger(__name__)
+__all__ = ["GLVQSpec", "GLVQ_FORMAT", "LatticeLayer", "quantize_weight_glvq", "salience_bits"]
 
 #: Lattice dimensions of the storage format and the decode kernel.
 LATTICE_DIMS = (2, 4, 8, 16, 32)
 #: Decision orders of the sub-vector blocks.
 GLVQ_ORDERS = ("natural", "act")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -140,7 +127,7 @@ class GLVQSpec:
     >>> GLVQSpec(d=3)
     Traceback (most recent call last):
         ...
-    ValueError: `d` must be one of (2, 4, 8, 16, 32), got 3
+    llm_adapter.errors.ParameterError: `d` must be one of (2, 4, 8, 16, 32), got 3
     """
 
     bits: int = 2
@@ -161,53 +148,63 @@ class GLVQSpec:
     max_nodes: int | None = None
 
     def __post_init__(self):
-        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
-            raise ValueError(f"`bits` must be an int in [1, 8], got {self.bits!r}")
-        if self.d not in LATTICE_DIMS or not _is_int(self.d):
-            raise ValueError(f"`d` must be one of {LATTICE_DIMS}, got {self.d!r}")
-        if not _is_int(self.group_size) or self.group_size < self.d or self.group_size % self.d:
-            raise ValueError(f"`group_size` must be a positive multiple of `d` = {self.d}, got {self.group_size!r}")
+        if not is_int(self.bits) or not 1 <= self.bits <= 8:
+            raise ParameterError("bits", f"`bits` must be an int in [1, 8], got {self.bits!r}")
+        if self.d not in LATTICE_DIMS or not is_int(self.d):
+            raise ParameterError("d", f"`d` must be one of {LATTICE_DIMS}, got {self.d!r}")
+        if not is_int(self.group_size) or self.group_size < self.d or self.group_size % self.d:
+            raise ParameterError("group_size", f"`group_size` must be a positive multiple of `d` = {self.d}, got {self.group_size!r}")
         if self.encode not in ENCODE_METHODS:
-            raise ValueError(f"`encode` must be one of {ENCODE_METHODS}, got {self.encode!r}")
+            raise ParameterError("encode", f"`encode` must be one of {ENCODE_METHODS}, got {self.encode!r}")
         if self.fit_encode is not None and self.fit_encode not in ENCODE_METHODS:
-            raise ValueError(f"`fit_encode` must be None or one of {ENCODE_METHODS}, got {self.fit_encode!r}")
-        if not _is_int(self.n_iter) or self.n_iter < 0:
-            raise ValueError(f"`n_iter` must be an int >= 0, got {self.n_iter!r}")
+            raise ParameterError("fit_encode", f"`fit_encode` must be None or one of {ENCODE_METHODS}, got {self.fit_encode!r}")
+        if not is_int(self.n_iter) or self.n_iter < 0:
+            raise ParameterError("n_iter", f"`n_iter` must be an int >= 0, got {self.n_iter!r}")
         for name in ("penalty", "damp"):
             v = getattr(self, name)
-            if not _is_real(v) or v < 0:
-                raise ValueError(f"`{name}` must be a finite float >= 0, got {v!r}")
+            if not is_real(v) or v < 0:
+                raise ParameterError(name, f"`{name}` must be a finite float >= 0, got {v!r}")
         if self.sv_bounds is not None:
             sv = self.sv_bounds
-            if (not isinstance(sv, (tuple, list)) or len(sv) != 2 or not all(_is_real(x) for x in sv)
+            if (not isinstance(sv, (tuple, list)) or len(sv) != 2 or not all(is_real(x) for x in sv)
                     or not 0 < sv[0] <= 1 <= sv[1]):
-                raise ValueError(f"`sv_bounds` must be None or (lo, hi) with 0 < lo <= 1 <= hi, got {sv!r}")
+                raise ParameterError("sv_bounds", f"`sv_bounds` must be None or (lo, hi) with 0 < lo <= 1 <= hi, got {sv!r}")
             object.__setattr__(self, "sv_bounds", (float(sv[0]), float(sv[1])))
         for name in ("row_scale", "col_scale"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+                raise ParameterError(name, f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if self.order not in GLVQ_ORDERS:
-            raise ValueError(f"`order` must be one of {GLVQ_ORDERS}, got {self.order!r}")
-        if not _is_real(self.salience_frac) or not 0 <= self.salience_frac <= 0.5:
-            raise ValueError(f"`salience_frac` must be a float in [0, 0.5], got {self.salience_frac!r}")
+            raise ParameterError("order", f"`order` must be one of {GLVQ_ORDERS}, got {self.order!r}")
+        if not is_real(self.salience_frac) or not 0 <= self.salience_frac <= 0.5:
+            raise ParameterError("salience_frac", f"`salience_frac` must be a float in [0, 0.5], got {self.salience_frac!r}")
         if self.salience_frac > 0 and self.bits < 2:
-            raise ValueError("`salience_frac` > 0 needs `bits` >= 2 (the least salient groups get bits - 1)")
-        if self.mu is not None and (not _is_real(self.mu) or self.mu <= 0):
-            raise ValueError(f"`mu` must be None or a float > 0, got {self.mu!r}")
-        if not _is_int(self.beam_width) or self.beam_width < 1:
-            raise ValueError(f"`beam_width` must be an int >= 1, got {self.beam_width!r}")
-        if self.max_nodes is not None and (not _is_int(self.max_nodes) or self.max_nodes < 1):
-            raise ValueError(f"`max_nodes` must be None or an int >= 1, got {self.max_nodes!r}")
+            raise ParameterError("salience_frac", "`salience_frac` > 0 needs `bits` >= 2 (the least salient groups get bits - 1)")
+        if self.mu is not None and (not is_real(self.mu) or self.mu <= 0):
+            raise ParameterError("mu", f"`mu` must be None or a float > 0, got {self.mu!r}")
+        if not is_int(self.beam_width) or self.beam_width < 1:
+            raise ParameterError("beam_width", f"`beam_width` must be an int >= 1, got {self.beam_width!r}")
+        if self.max_nodes is not None and (not is_int(self.max_nodes) or self.max_nodes < 1):
+            raise ParameterError("max_nodes", f"`max_nodes` must be None or an int >= 1, got {self.max_nodes!r}")
 
     @property
     def method(self) -> str:
-        """Always ``"glvq"`` (the dispatch key next to :class:`llm_adapter.spec.QuantSpec`)."""
+        """Always ``"glvq"`` (the dispatch key next to :class:`llm_adapter.methods.uniform.QuantSpec`)."""
         return "glvq"
 
     @property
     def joint(self) -> bool:
         """``False``: glvq uses ``H`` only (no cross term ``D``)."""
         return False
+
+    @property
+    def alpha_beta(self) -> None:
+        """``None``: no per-sequence α sampling."""
+        return None
+
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        return (f"{self.bits}-bit lattice codes, d = {self.d}, one generator per {self.group_size} columns, "
+                f"encode {self.encode}")
 
     def to_dict(self) -> dict:
         """Plain ``dict`` of the fields plus ``method`` (JSON-serialisable)."""
@@ -220,7 +217,7 @@ class GLVQSpec:
     def from_dict(cls, d: dict) -> "GLVQSpec":
         d = dict(d)
         if d.pop("method", "glvq") != "glvq":
-            raise ValueError("`method` must be 'glvq' for a GLVQSpec")
+            raise ParameterError("method", "`method` must be 'glvq' for a GLVQSpec")
         if d.get("sv_bounds") is not None:
             d["sv_bounds"] = tuple(d["sv_bounds"])
         return cls(**d)
@@ -252,13 +249,12 @@ class LatticeLayer:
     stats : dict
         ``loss``, ``rel_loss``, ``time``, ``method``, ``encode``, ``bits_per_weight``,
         ``fit_gain`` (mean final/initial fitting loss), ``edge_frac`` (fraction of codes
-        on a face of the box); ``clipped_frac`` (NaN) and ``alpha`` (None) for the
-        calibration driver's log line.
+        on a face of the box).
 
     Examples
     --------
     >>> import numpy as np
-    >>> from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq
+    >>> from llm_adapter.methods.glvq import GLVQSpec, quantize_weight_glvq
     >>> rng = np.random.default_rng(0)
     >>> W = rng.standard_normal((8, 32)); X = rng.standard_normal((32, 128))
     >>> spec = GLVQSpec(bits=2, d=4, group_size=16, n_iter=2, encode="nearest_plane")
@@ -352,7 +348,7 @@ class LatticeLayer:
 
     # ----------------------------------------------------------------- persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Arrays to store (the metadata goes in a JSON string, see :func:`save_lattice_layer`)."""
+        """The arrays of the layer (optional ones when present); see :meth:`metadata`."""
         arrays = {"codes": self.codes, "generators": self.generators, "group_bits": self.group_bits}
         for name in ("row_scale", "col_scale", "mu", "amax", "bias"):
             v = getattr(self, name)
@@ -361,124 +357,19 @@ class LatticeLayer:
         return arrays
 
     def metadata(self) -> dict:
+        """The scalars of the layer (JSON): ``format``, ``d``, ``group_size``, ``offset``, ``stats``."""
+        from ..formats._io import jsonable
+
         return {"format": "glvq", "d": self.d, "group_size": self.group_size, "offset": self.offset,
-                "stats": _jsonable(self.stats)}
+                "stats": jsonable(self.stats)}
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj
-
-
-def save_lattice_layer(path, layer: LatticeLayer) -> Path:
-    """Write ``layer`` to ``path`` atomically: safetensors (``.safetensors``) or ``.npz``.
-
-    The metadata (``d``, ``group_size``, ``offset``, ``stats``) is a JSON string in the
-    safetensors header (``__metadata__["glvq"]``) or a ``meta`` byte array in the npz.
-
-    Parameters
-    ----------
-    path : str or path-like
-        The file to write (its directory must exist); a ``.safetensors`` suffix selects
-        safetensors, anything else ``.npz``. An existing file is replaced.
-    layer : LatticeLayer
-
-    Returns
-    -------
-    pathlib.Path
-        `path`.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq
-    >>> rng = np.random.default_rng(0)
-    >>> W = rng.standard_normal((8, 32)); X = rng.standard_normal((32, 128))
-    >>> spec = GLVQSpec(bits=2, d=4, group_size=16, n_iter=2, encode="nearest_plane")
-    >>> q = quantize_weight_glvq(W, X @ X.T, spec=spec, backend="numpy")
-    >>> import tempfile, pathlib
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> path = save_lattice_layer(pathlib.Path(tmp.name) / "fc.safetensors", q)
-    >>> r = load_lattice_layer(path)
-    >>> bool(np.array_equal(r.dequantize(), q.dequantize())), r.stats["method"]
-    (True, 'glvq')
-    >>> tmp.cleanup()
-    """
-    path = Path(path)
-    arrays = {k: np.ascontiguousarray(v) for k, v in layer.to_arrays().items()}
-    meta = json.dumps(layer.metadata())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
-            save_file(arrays, tmp, metadata={"glvq": meta})
-        else:
-            with open(tmp, "wb") as f:
-                np.savez(f, meta=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def load_lattice_layer(path) -> LatticeLayer:
-    """Read a layer written by :func:`save_lattice_layer`.
-
-    Parameters
-    ----------
-    path : str or path-like
-        A ``.safetensors`` or ``.npz`` file written by :func:`save_lattice_layer`.
-
-    Returns
-    -------
-    LatticeLayer
-
-    Raises
-    ------
-    ValueError
-        If the file does not hold a glvq layer.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq
-    >>> rng = np.random.default_rng(0)
-    >>> W = rng.standard_normal((8, 32)); X = rng.standard_normal((32, 128))
-    >>> spec = GLVQSpec(bits=2, d=4, group_size=16, n_iter=2, encode="nearest_plane")
-    >>> q = quantize_weight_glvq(W, X @ X.T, spec=spec, backend="numpy")
-    >>> import tempfile, pathlib
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> r = load_lattice_layer(save_lattice_layer(pathlib.Path(tmp.name) / "fc.npz", q))
-    >>> r.shape, r.d, r.group_size, bool(np.array_equal(r.codes, q.codes))
-    ((8, 32), 4, 16, True)
-    >>> tmp.cleanup()
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads(f.metadata()["glvq"])
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        with np.load(path) as z:
-            meta = json.loads(z["meta"].tobytes().decode())
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-    if meta.get("format") != "glvq":
-        raise ValueError(f"{str(path)!r} does not hold a glvq layer")
-    return LatticeLayer(d=meta["d"], group_size=meta["group_size"], offset=meta["offset"],
-                        stats=meta["stats"], **arrays)
+    @classmethod
+    def from_arrays(cls, arrays: dict, meta: dict) -> "LatticeLayer":
+        """Inverse of :meth:`to_arrays` + :meth:`metadata`."""
+        if meta.get("format") != "glvq":
+            raise ValueError("`meta` does not describe a glvq layer")
+        return cls(d=meta["d"], group_size=meta["group_size"], offset=meta["offset"], stats=meta["stats"],
+                   **arrays)
 
 
 # --------------------------------------------------------------------------- the method
@@ -514,17 +405,6 @@ def salience_bits(salience, bits, frac):
     return out
 
 
-def _to_numpy(name, a):
-    if a is None:
-        return None
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().double().numpy()
-    a = np.asarray(a, dtype=np.float64)
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"`{name}` must be finite")
-    return a
-
-
 def _fp16(a):
     return np.asarray(a, dtype=np.float16).astype(np.float64)
 
@@ -533,7 +413,7 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
                          bias=None) -> LatticeLayer:
     r"""Quantize ``W`` (out, in) with grouped lattice VQ; pure, numpy in and out.
 
-    Same call as :func:`llm_adapter.quantize.quantize_weight`, so a calibration driver
+    Same call as :func:`llm_adapter.methods.uniform.quantize_weight`, so a calibration driver
     can dispatch on ``spec.method``.
 
     Parameters
@@ -581,24 +461,20 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
     if not isinstance(spec, GLVQSpec):
         raise TypeError(f"`spec` must be a GLVQSpec, got {type(spec).__name__}")
     t0 = time.perf_counter()
-    W = _to_numpy("W", W)
+    W = as_float64("W", W)
     if W is None or W.ndim != 2:
         raise ValueError("`W` must be a 2-D (out, in) array")
     out, n = W.shape
     if n % spec.d:
         raise ValueError(f"`W` must have a multiple of `d` = {spec.d} columns, got {n}")
-    H = _to_numpy("H", H)
+    H = as_float64("H", H)
     if H is None or H.shape != (n, n):
         raise ValueError(f"`H` must be ({n}, {n}) to match `W` {W.shape}, got {None if H is None else H.shape}")
     if bias is not None:
-        bias = _to_numpy("bias", bias).astype(np.float32).reshape(-1)
+        bias = as_float64("bias", bias).astype(np.float32).reshape(-1)
 
     # damping as GPTQ / bils.BILSProblem.from_gram: dead columns get H_ii = 1 and weight 0
-    Hd = H.copy()
-    dead = np.diag(Hd) == 0
-    Hd[dead, dead] = 1.0
-    if spec.damp:
-        Hd[np.diag_indices(n)] += spec.damp * np.mean(np.diag(Hd))
+    Hd, dead = damped_hessian(H, spec.damp)
     Wt = np.where(dead[None, :], 0.0, W)
 
     gs, d = spec.group_size, spec.d
@@ -690,29 +566,140 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
                    "backend": be, "loss": loss,
                    "rel_loss": loss / ref if ref > 0 else 0.0, "bits_per_weight": layer.bits_per_weight,
                    "fit_gain": float(np.mean(gains)), "edge_frac": edges / codes.size,
-                   "clipped_frac": float("nan"), "alpha": None,  # not defined for lattice codes
                    "time": time.perf_counter() - t0}
     return layer
 
 
-def _with_fallback(fn, backend):
-    """Run ``fn(backend)``; with ``"auto"`` fall back to numpy when a compiled kernel is missing."""
-    try:
-        return fn(backend), backend
-    except (NotImplementedError, ImportError) as err:
-        if backend != "auto":
-            raise
-        logger.warning("glvq: no compiled kernel (%s); using backend='numpy'", err)
-        return fn("numpy"), "numpy"
-
-
 def _fit(V, bits, spec, M, weights, backend):
-    return _with_fallback(lambda be: fit_generator(
+    return with_fallback(lambda be: fit_generator(
         V, bits, d=spec.d, metric=M, weights=weights, n_iter=spec.n_iter, penalty=spec.penalty,
         sv_bounds=spec.sv_bounds, encode_method=spec.fit_encode or spec.encode, mu=spec.mu, beam_width=spec.beam_width,
-        max_nodes=spec.max_nodes, backend=be), backend)
+        max_nodes=spec.max_nodes, backend=be), backend, "glvq")
 
 
 def _encode(cb, V, M, spec, backend):
-    return _with_fallback(lambda be: encode(cb, V, M, method=spec.encode, beam_width=spec.beam_width,
-                                            max_nodes=spec.max_nodes, backend=be), backend)
+    return with_fallback(lambda be: encode(cb, V, M, method=spec.encode, beam_width=spec.beam_width,
+                                            max_nodes=spec.max_nodes, backend=be), backend, "glvq")
+
+
+# --------------------------------------------------------------------------- stored format
+#: Optional fp16 arrays of a glvq layer, stored when present.
+_LATTICE_OPTIONAL = ("row_scale", "col_scale", "mu", "amax")
+
+
+def _write(name: str, layer, tensors: dict, **_options) -> dict:
+    """Add the tensors of glvq layer `name` to `tensors`; return its metadata entry."""
+    from ..formats._io import jsonable
+
+    def bad(msg: str):
+        raise QuantizedFormatError(f"layer {name!r}: {msg}")
+
+    codes = np.asarray(layer.codes)
+    gb = np.asarray(layer.group_bits)
+    if codes.ndim != 2 or codes.dtype.kind not in "iu":
+        bad(f"`codes` must be a 2-D integer array, got {codes.dtype} with shape {codes.shape}")
+    if gb.size == 0 or gb.min() < 1:
+        bad("`group_bits` must be positive")
+    out_f, in_f = codes.shape
+    for g in range(layer.n_groups):
+        a, b = layer.group_bounds(g)
+        blk = codes[:, a:b]
+        if blk.size and (blk.min() < 0 or blk.max() >= 1 << int(gb[g])):
+            bad(f"`codes` of group {g} must lie in [0, {(1 << int(gb[g])) - 1}] (group_bits {int(gb[g])})")
+    if not np.all(np.isfinite(np.asarray(layer.generators, dtype=np.float64))):
+        bad("`generators` has non-finite entries")
+    try:
+        width = pack_width(int(gb.max()))
+    except ValueError as err:
+        bad(f"`group_bits`: {err}")
+    tensors[f"{name}.lcodes"] = pack(codes, width, axis=1)
+    tensors[f"{name}.generators"] = np.ascontiguousarray(layer.generators, dtype=np.float16)
+    tensors[f"{name}.group_bits"] = np.ascontiguousarray(gb, dtype=np.uint8)
+    for field in _LATTICE_OPTIONAL:
+        v = getattr(layer, field)
+        if v is not None:
+            tensors[f"{name}.{field}"] = np.ascontiguousarray(v, dtype=np.float16)
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = np.ascontiguousarray(layer.bias)
+    return {
+        "kind": "glvq",
+        "bits": sorted({int(b) for b in gb}),
+        "pack_bits": width,
+        "d": int(layer.d),
+        "group_size": int(layer.group_size),
+        "offset": float(layer.offset),
+        "out_features": int(out_f),
+        "in_features": int(in_f),
+        "n_groups": int(layer.n_groups),
+        "bias": layer.bias is not None,
+        "optional": [f for f in _LATTICE_OPTIONAL if getattr(layer, f) is not None],
+        "bits_per_weight": float(layer.bits_per_weight),
+        "stats": jsonable(layer.stats),
+    }
+
+
+def _read(name: str, m: dict, get) -> LatticeLayer:
+    """Rebuild glvq layer `name` from its metadata `m` and tensor getter `get`."""
+    from ..formats.native import CONFIG_NAME, TENSORS_NAME
+
+    try:
+        width, d, gs = int(m["pack_bits"]), int(m["d"]), int(m["group_size"])
+        out_f, in_f, n_groups = int(m["out_features"]), int(m["in_features"]), int(m["n_groups"])
+        offset, optional = float(m["offset"]), list(m.get("optional") or [])
+    except (KeyError, TypeError, ValueError) as err:
+        raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} metadata is missing or has a bad field: {err}") from err
+    if width not in SUPPORTED_BITS:
+        raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} `pack_bits` must be one of {SUPPORTED_BITS}, got {width}")
+    lcodes = get(name, "lcodes")
+    want = (out_f, packed_length(in_f, width))
+    if lcodes.dtype != np.int32 or lcodes.shape != want:
+        raise QuantizedFormatError(f"{TENSORS_NAME}: layer {name!r} `lcodes` must be int32 {want}, got "
+                                   f"{lcodes.dtype} {lcodes.shape}")
+    arrays = {"generators": get(name, "generators"), "group_bits": get(name, "group_bits")}
+    for field in optional:
+        if field not in _LATTICE_OPTIONAL:
+            raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} names an unknown tensor {field!r}")
+        arrays[field] = get(name, field)
+    try:
+        layer = LatticeLayer(codes=unpack(lcodes, width, in_f, axis=1), d=d, group_size=gs, offset=offset,
+                             bias=get(name, "bias", required=bool(m.get("bias"))),
+                             stats=dict(m.get("stats") or {}), **arrays)
+    except ValueError as err:
+        raise QuantizedFormatError(f"{TENSORS_NAME}: glvq layer {name!r}: {err}") from err
+    if layer.n_groups != n_groups:
+        raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} `n_groups` {n_groups} does not match "
+                                   f"its tensors ({layer.n_groups})")
+    return layer
+
+
+#: glvq layers in the native format (kind ``"glvq"``, format version 2).
+GLVQ_FORMAT = LayerFormat(kind="glvq", write=_write, read=_read, format_version=2)
+
+def cli_options(parser) -> None:
+    """The ``quantize`` options of glvq."""
+    from ..cli.argtypes import nonneg_float, positive_int
+
+    lat = parser.add_argument_group("glvq (with --method glvq)")
+    lat.add_argument("--lattice-dim", type=positive_int, default=8,
+                     help="lattice dimension d in {2, 4, 8, 16, 32} (default 8)")
+    lat.add_argument("--encode", choices=ENCODE_METHODS, default="exact",
+                     help="encoder of the stored codes (default exact; the generator is fitted with nearest plane)")
+    lat.add_argument("--fit-iters", type=int, default=20, help="generator-fitting iterations per group (default 20)")
+    lat.add_argument("--salience-frac", type=nonneg_float, default=0.0,
+                     help="fraction of groups coded with bits+1 (as many get bits-1; default 0)")
+
+
+def spec_from_cli(args) -> GLVQSpec:
+    """:class:`GLVQSpec` from the parsed ``quantize`` arguments."""
+    if args.group_size == -1:
+        raise ParameterError("group_size", "glvq needs a positive group size (a multiple of --lattice-dim), not -1")
+    return GLVQSpec(bits=args.bits, d=args.lattice_dim, group_size=args.group_size, encode=args.encode,
+                    fit_encode="nearest_plane", n_iter=args.fit_iters, salience_frac=args.salience_frac,
+                    damp=args.damp)
+
+
+METHOD = register(Method(name="glvq", spec_type=GLVQSpec, quantize=quantize_weight_glvq, layer_type=LatticeLayer,
+                         format=GLVQ_FORMAT, module="llm_adapter.nn.linear:LatticeLinear",
+                         description="grouped lattice VQ, one generator per column group (GLVQ)",
+                         cli_options=cli_options, spec_from_cli=spec_from_cli,
+                         cli_flags={"d": "--lattice-dim", "n_iter": "--fit-iters"}))

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .formats.packing import pack, pack_width, packed_length, unpack
-from .lattice_method import LatticeLayer
-from .quantized import QuantizedLayer
+from .. import methods
+from ..formats.packing import pack, pack_width, packed_length, unpack
+from ..methods.glvq import LatticeLayer
+from ..methods.uniform import QuantizedLayer
 
 __all__ = ["LatticeLinear", "QuantLinear", "dequantize_packed", "quant_matmul", "replace_linear", "unpack_torch"]
 
@@ -149,7 +150,7 @@ def dequantize_packed(
     --------
     >>> import numpy as np, torch
     >>> from llm_adapter.formats.packing import pack
-    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> from llm_adapter.methods.uniform import QuantizedLayer
     >>> q = QuantizedLayer(codes=np.array([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=np.uint8),
     ...                    scales=np.array([[0.5], [0.25]], dtype=np.float32),
     ...                    zeros=np.array([[1.0], [2.0]], dtype=np.float32),
@@ -275,7 +276,7 @@ class QuantLinear(_CachedWeightLinear):
     Examples
     --------
     >>> import numpy as np
-    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> from llm_adapter.methods.uniform import QuantizedLayer
     >>> rng = np.random.default_rng(0)
     >>> layer = QuantizedLayer(codes=rng.integers(0, 8, (4, 64)).astype(np.uint8),
     ...     scales=np.full((4, 1), 0.5, np.float32), zeros=np.full((4, 1), 3.0, np.float32),
@@ -350,6 +351,16 @@ class QuantLinear(_CachedWeightLinear):
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def supports(cls, layer) -> bool:
+        """Whether :meth:`from_layer` packs `layer` (its bits and group size are supported)."""
+        return layer.bits in QUANT_LINEAR_BITS and layer.group_size in QUANT_LINEAR_GROUP_SIZES
+
+    @classmethod
+    def from_layer(cls, layer: QuantizedLayer, *, bias=None) -> "QuantLinear":
+        """The registry's constructor: :meth:`from_quantized`."""
+        return cls.from_quantized(layer, bias=bias)
+
+    @classmethod
     def from_quantized(cls, layer: QuantizedLayer, *, bias=None) -> "QuantLinear":
         """Pack a :class:`QuantizedLayer` once. `bias` overrides ``layer.bias``.
 
@@ -411,7 +422,7 @@ class QuantLinear(_CachedWeightLinear):
 class LatticeLinear(_CachedWeightLinear):
     r"""A linear layer whose weight is stored as glvq codes (grouped lattice VQ).
 
-    Holds a :class:`~llm_adapter.lattice_method.LatticeLayer` in compressed form: codes
+    Holds a :class:`~llm_adapter.methods.glvq.LatticeLayer` in compressed form: codes
     packed into int32 words along the input dimension (``qcodes``, width = the smallest
     packing width holding ``max(group_bits)``: 2 bits for a plain W2 glvq layer), fp16
     generators, per-group bits, fp16 row/column scales and µ-law parameters when present.
@@ -425,14 +436,14 @@ class LatticeLinear(_CachedWeightLinear):
     Parameters
     ----------
     layer : LatticeLayer
-        The quantized layer (see :func:`~llm_adapter.lattice_method.quantize_weight_glvq`).
+        The quantized layer (see :func:`~llm_adapter.methods.glvq.quantize_weight_glvq`).
     bias : torch.Tensor, optional
         Overrides ``layer.bias``.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq
+    >>> from llm_adapter.methods.glvq import GLVQSpec, quantize_weight_glvq
     >>> rng = np.random.default_rng(0)
     >>> W = rng.standard_normal((8, 32)); X = rng.standard_normal((32, 128))
     >>> q = quantize_weight_glvq(W, X @ X.T, spec=GLVQSpec(bits=2, d=4, group_size=16, n_iter=2),
@@ -470,8 +481,18 @@ class LatticeLinear(_CachedWeightLinear):
         self.register_buffer("bias", bias)
         self._cache: torch.Tensor | None = None
 
+    @classmethod
+    def supports(cls, layer) -> bool:
+        """``True``: every glvq layer can be held."""
+        return True
+
+    @classmethod
+    def from_layer(cls, layer: LatticeLayer, *, bias=None) -> "LatticeLinear":
+        """The registry's constructor: ``LatticeLinear(layer, bias=bias)``."""
+        return cls(layer, bias=bias)
+
     def to_lattice_layer(self):
-        """The stored :class:`~llm_adapter.lattice_method.LatticeLayer` (numpy arrays, CPU)."""
+        """The stored :class:`~llm_adapter.methods.glvq.LatticeLayer` (numpy arrays, CPU)."""
         def np_or_none(t):
             return None if t is None else t.detach().cpu().numpy()
 
@@ -496,11 +517,12 @@ class LatticeLinear(_CachedWeightLinear):
                 f"group_size={self.group_size}, bits={bits}, bias={self.bias is not None}")
 
 
-def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) -> torch.nn.Module:
-    """Swap the ``nn.Linear`` modules named in `layers` for :class:`QuantLinear`, in place.
+def replace_linear(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
+    """Swap the ``nn.Linear`` modules named in `layers` for their methods' torch modules, in place.
 
-    glvq layers (:class:`~llm_adapter.lattice_method.LatticeLayer`) become
-    :class:`LatticeLinear`.
+    The module class comes from the method registry (:attr:`llm_adapter.methods.Method.module`):
+    uniform layers become :class:`QuantLinear`, glvq layers
+    (:class:`~llm_adapter.methods.glvq.LatticeLayer`) :class:`LatticeLinear`.
 
     Every name is checked first (it must be an ``nn.Linear`` of `model` with the layer's
     shape); nothing is replaced if any check fails. The new module is put on the old
@@ -512,7 +534,7 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
         Modified in place.
     layers : dict of str to QuantizedLayer or LatticeLayer
         Module name (as in ``model.named_modules()``) to its quantized layer, e.g. the
-        result of :func:`llm_adapter.calibrate.quantize_model` or
+        result of :func:`llm_adapter.calibration.quantize_model` or
         :func:`llm_adapter.formats.native.load_quantized`.
 
     Returns
@@ -529,8 +551,8 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
 
     Examples
     --------
-    >>> from llm_adapter.quantize import quantize_weight
-    >>> from llm_adapter.spec import QuantSpec
+    >>> from llm_adapter.methods.uniform import quantize_weight
+    >>> from llm_adapter.methods.uniform import QuantSpec
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(),
     ...                             torch.nn.Linear(16, 4))
     >>> q = quantize_weight(model[0].weight, spec=QuantSpec(bits=4, method="rtn"))
@@ -550,10 +572,13 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
             f"`layers` names {len(unknown)} module(s) that `model` does not have: {unknown[:5]}"
             + (" ..." if len(unknown) > 5 else "")
         )
+    classes = {}
     for name, layer in layers.items():
         mod = modules[name]
-        if not isinstance(layer, (QuantizedLayer, LatticeLayer)):
-            raise ValueError(f"layer {name!r} must be a QuantizedLayer or LatticeLayer, got {type(layer).__name__}")
+        try:
+            classes[name] = methods.for_layer(layer).module_class()
+        except TypeError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
         if not isinstance(mod, torch.nn.Linear):
             raise ValueError(f"module {name!r} is a {type(mod).__name__}, not an nn.Linear")
         if tuple(mod.weight.shape) != tuple(layer.shape):
@@ -565,12 +590,8 @@ def replace_linear(model: torch.nn.Module, layers: dict[str, QuantizedLayer]) ->
         bias = None
         if layer.bias is None and mod.bias is not None:
             bias = mod.bias.detach().to(torch.float32).cpu()
-        if isinstance(layer, QuantizedLayer):
-            new = QuantLinear.from_quantized(layer, bias=bias)
-        else:
-            new = LatticeLinear(layer, bias=bias)
-        new = new.to(mod.weight.device)
+        new = classes[name].from_layer(layer, bias=bias).to(mod.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    logger.info("replaced %d linear layers with QuantLinear/LatticeLinear", len(layers))
+    logger.info("replaced %d linear layers with quantized modules", len(layers))
     return model
