@@ -1,7 +1,7 @@
 """Tiny, offline LLM pieces for tests: a random Llama and a byte-level tokenizer.
 
-Import from tests as ``from llm_fixtures import tiny_llama, tiny_tokenizer, save_tiny``
-(``tests/conftest.py`` puts this directory on ``sys.path``). Nothing here downloads
+Import from tests as ``from tests.llm_fixtures import tiny_llama, tiny_tokenizer, save_tiny``
+(``tests`` is a package). Nothing here downloads
 anything, and nothing seeds a global RNG: weights are drawn from a local
 ``torch.Generator``.
 """

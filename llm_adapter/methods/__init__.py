@@ -19,10 +19,11 @@ method is one module that calls :func:`register` (or
 :func:`~llm_adapter.methods.uniform.register_uniform`); see ``docs/architecture.md``.
 """
 
-from .registry import LayerFormat, Method, for_kind, for_layer, for_spec, get, names, register, spec_from_dict
+from .registry import (LayerFormat, Method, for_kind, for_layer, for_spec, get, names, register, spec_from_dict,
+                       unregister)
 
 # the built-in methods register themselves on import, in this order
 from . import rtn, gptq, ojbkq, regcal, glvq  # noqa: E402,F401  isort: skip
 
 __all__ = ["LayerFormat", "Method", "for_kind", "for_layer", "for_spec", "get", "names", "register",
-           "spec_from_dict"]
+           "spec_from_dict", "unregister"]

@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["LayerFormat", "Method", "register", "get", "names", "for_spec", "for_layer", "for_kind",
+__all__ = ["LayerFormat", "Method", "register", "unregister", "get", "names", "for_spec", "for_layer", "for_kind",
            "spec_from_dict"]
 
 
@@ -120,6 +120,13 @@ def register(method: Method, *, replace: bool = False) -> Method:
     if method.name in _METHODS and not replace:
         raise ValueError(f"`method` {method.name!r} is already registered; pass replace=True to replace it")
     _METHODS[method.name] = method
+    return method
+
+
+def unregister(name: str) -> Method:
+    """Remove method `name` from the registry and return it (:class:`KeyError` if absent)."""
+    method = get(name)
+    del _METHODS[name]
     return method
 
 

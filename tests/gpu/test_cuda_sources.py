@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from nvrtc import NVRTCError, compile_ptx, find_nvrtc
+from tests.nvrtc import NVRTCError, compile_ptx, find_nvrtc
 
 pytestmark = pytest.mark.skipif(find_nvrtc() is None, reason="NVRTC wheels not installed (extra cuda-compile)")
 

@@ -25,8 +25,8 @@ from bils.testing import (
     contract,
     threaded_rng,
 )
-from oracles import babai_textbook, brute_force
-from strategies import bils_problems, layer_problems, shifted_problems
+from bils.testing.oracles import babai_textbook, brute_force
+from bils.testing.strategies import bils_problems, layer_problems, shifted_problems
 
 BACKENDS = ("numpy", "numba")
 

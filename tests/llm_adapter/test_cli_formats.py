@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from gptq_reader import read_gptq
-from llm_fixtures import tiny_llama, tiny_tokenizer
-from test_adapter_modules import fp16_scales, random_layer
+from tests.gptq_reader import read_gptq
+from tests.llm_fixtures import tiny_llama, tiny_tokenizer
+from tests.llm_adapter.test_nn import fp16_scales, random_layer
 
 from llm_adapter.cli import main
 from llm_adapter.formats import (

@@ -152,12 +152,12 @@ def test_replace_linear_mixes_lattice_and_uniform():
     replace_linear(model, {"0": q0, "2": q2})
     assert isinstance(model[0], LatticeLinear) and isinstance(model[2], QuantLinear)
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)  # old bias kept on the lattice layer
-    with pytest.raises(ValueError, match="must be a QuantizedLayer or LatticeLayer"):
+    with pytest.raises(ValueError, match="belongs to no registered method"):
         replace_linear(model, {"0": "codes"})
 
 
 def test_export_gptq_refuses_glvq_layers(tmp_path):
-    from llm_fixtures import tiny_llama
+    from tests.llm_fixtures import tiny_llama
 
     model = tiny_llama()
     name = "model.layers.0.self_attn.q_proj"
@@ -166,7 +166,7 @@ def test_export_gptq_refuses_glvq_layers(tmp_path):
                              backend="numpy")
     from llm_adapter.formats import GPTQExportError
 
-    with pytest.raises(GPTQExportError, match="LatticeLayer, not a uniform QuantizedLayer"):
+    with pytest.raises(GPTQExportError, match=r"LatticeLayer \(glvq\), not a uniform-grid layer"):
         export_gptq(model, {name: q}, tmp_path / "gptq")
     assert not (tmp_path / "gptq").exists()
 

@@ -234,7 +234,7 @@ def test_quant_linear_rejects_bad_input_width():
 
 
 def test_replace_linear_on_tiny_llama():
-    from llm_fixtures import tiny_llama
+    from tests.llm_fixtures import tiny_llama
 
     model, reference = tiny_llama(), tiny_llama()
     rng = np.random.default_rng(3)
@@ -254,7 +254,7 @@ def test_replace_linear_on_tiny_llama():
 
 
 def test_replace_linear_errors():
-    from llm_fixtures import tiny_llama
+    from tests.llm_fixtures import tiny_llama
 
     model = tiny_llama()
     rng = np.random.default_rng(4)

@@ -28,7 +28,7 @@ from bils.testing import (
     assert_same_solution,
     brute_force,
 )
-from strategies import bils_problems, layer_problems, make_gram
+from bils.testing.strategies import bils_problems, layer_problems, make_gram
 
 ALL_ORDERINGS = ORDERINGS + ("chang_han",)
 small = bils_problems(max_n=5, max_k=3, max_box_points=2048)

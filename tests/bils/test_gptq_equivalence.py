@@ -25,8 +25,8 @@ import pytest
 
 import bils
 from bils.ordering import ORDERINGS
-from oracles import gptq_fasterquant_reference, quantize_codes
-from strategies import make_gram
+from tests.oracles import gptq_fasterquant_reference, quantize_codes
+from bils.testing.strategies import make_gram
 
 BACKENDS = ("numpy", "numba")
 

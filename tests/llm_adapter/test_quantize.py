@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from llm_adapter import calibrate
-from llm_adapter.calibration import find_blocks, load_layer, quantize_model, save_layer, select_linears
+from llm_adapter.calibration import (InlineSolver, find_blocks, load_layer, quantize_model, save_layer,
+                                     select_linears)
 from llm_adapter.methods.uniform import compute_grid, quantize_weight
 from llm_adapter.methods.uniform import QuantSpec
-from llm_fixtures import BOS_ID, tiny_llama
-from oracles import gptq_fasterquant_reference
+from tests.llm_fixtures import BOS_ID, tiny_llama
+from tests.oracles import gptq_fasterquant_reference
 
 NUMPY = "numpy"  # the reference backend; the numba kernels have their own tests
 
@@ -224,19 +224,28 @@ def test_select_linears_by_pattern():
     assert find_blocks(model)[0] == "model.layers"
 
 
-def test_calibration_statistics(monkeypatch):
+class _Recording(InlineSolver):
+    """The default solver, recording what the driver submits."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def submit(self, name, W, H, D, spec, **kw):
+        self.record(W, H, D)
+        return super().submit(name, W, H, D, spec, **kw)
+
+
+def test_calibration_statistics():
     """H/D shapes, groups in execution order, and H of the first layer equals X Xᵀ / N."""
     model = tiny_llama()
     win = _windows()
-    real = calibrate.quantize_weight
     order_cb = []
 
     def cb(name, q):
         order_cb.append(name)
 
     calls = []
-    monkeypatch.setattr(calibrate, "quantize_weight",
-                        lambda W, H, D, spec, **kw: calls.append((tuple(W.shape), H, D)) or real(W, H, D, spec, **kw))
+    solver = _Recording(lambda W, H, D: calls.append((tuple(W.shape), H, D)))
 
     # float inputs of block 0's q_proj (before quantization changes anything)
     x0 = []
@@ -247,7 +256,7 @@ def test_calibration_statistics(monkeypatch):
     X = torch.cat([x.reshape(-1, x.shape[-1]) for x in x0]).double().numpy()
 
     spec = QuantSpec(bits=4, group_size=32, method="ojbkq", n_samples=1, beam_width=1)
-    res = quantize_model(model, win, spec, batch_size=4, progress=False, backend=NUMPY, callback=cb)
+    res = quantize_model(model, win, spec, batch_size=4, progress=False, backend=NUMPY, callback=cb, solver=solver)
     assert len(res) == len(calls) == 14
     order = [n.split(".")[-1] for n in order_cb[:7]]
     assert order == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -267,14 +276,12 @@ def test_calibration_statistics(monkeypatch):
     np.testing.assert_array_equal(model.model.layers[1].mlp.down_proj.weight.detach().numpy(), q.dequantize())
 
 
-def test_gptq_on_real_calibration_h_matches_the_loop(monkeypatch):
+def test_gptq_on_real_calibration_h_matches_the_loop():
     model = tiny_llama()
     got = []
-    real = calibrate.quantize_weight
-    monkeypatch.setattr(calibrate, "quantize_weight",
-                        lambda W, H, D, spec, **kw: got.append((W.numpy().copy(), H)) or real(W, H, D, spec, **kw))
+    real = quantize_weight
     quantize_model(model, _windows(), QuantSpec(bits=3, group_size=32), progress=False, backend=NUMPY,
-                   targets=["*.o_proj", "*.down_proj"])
+                   targets=["*.o_proj", "*.down_proj"], solver=_Recording(lambda W, H, D: got.append((W.copy(), H))))
     assert len(got) == 4
     for W, H in got:
         ref, *_ = gptq_fasterquant_reference(W, H, bits=3, group_size=32, act_order=True, static_groups=True)

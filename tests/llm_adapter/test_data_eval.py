@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from llm_fixtures import BOS_ID, TINY_VOCAB, save_tiny, tiny_llama, tiny_tokenizer, write_tiny_gguf  # noqa: E402
+from tests.llm_fixtures import BOS_ID, TINY_VOCAB, save_tiny, tiny_llama, tiny_tokenizer, write_tiny_gguf  # noqa: E402
 
 from llm_adapter import data, models  # noqa: E402
 from llm_adapter.data import (  # noqa: E402

@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 
 from bils.lattice import decode
-from llm_adapter.methods.glvq import (
-    GLVQSpec,
-    LatticeLayer,
-    load_lattice_layer,
-    quantize_weight_glvq,
-    salience_bits,
-    save_lattice_layer,
-)
+from llm_adapter.calibration.checkpoints import load_layer, save_layer
+from llm_adapter.methods.glvq import GLVQSpec, LatticeLayer, quantize_weight_glvq, salience_bits
 
 BE = "numpy"
 
@@ -60,8 +54,8 @@ def test_dequantize_equals_decode_and_reported_loss(layer_and_q):
 def test_storage_round_trip(layer_and_q, tmp_path, suffix):
     pytest.importorskip("safetensors") if suffix == ".safetensors" else None
     _, _, q = layer_and_q
-    path = save_lattice_layer(tmp_path / f"layer{suffix}", q)
-    r = load_lattice_layer(path)
+    path = save_layer(tmp_path / f"layer{suffix}", q)
+    r = load_layer(path)
     assert isinstance(r, LatticeLayer)
     assert (r.d, r.group_size, r.offset) == (q.d, q.group_size, q.offset)
     for name, a in q.to_arrays().items():
@@ -76,8 +70,29 @@ def test_storage_round_trip(layer_and_q, tmp_path, suffix):
 def test_load_rejects_other_formats(tmp_path):
     p = tmp_path / "x.npz"
     np.savez(p, meta=np.frombuffer(b'{"format": "gptq"}', dtype=np.uint8))
-    with pytest.raises(ValueError, match="does not hold a glvq layer"):
-        load_lattice_layer(p)
+    with pytest.raises(ValueError, match="kind 'gptq', which no registered method reads"):
+        load_layer(p)
+
+
+def test_checkpoints_of_the_earlier_per_method_writers_stay_readable(layer_and_q, tmp_path):
+    """glvq safetensors with the JSON under ``"glvq"``; uniform npz whose meta has no ``format``."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from llm_adapter.methods.uniform import QuantSpec, quantize_weight
+
+    _, _, q = layer_and_q
+    save_file({k: np.ascontiguousarray(v) for k, v in q.to_arrays().items()}, str(tmp_path / "g.safetensors"),
+              metadata={"glvq": json.dumps(q.metadata())})
+    np.testing.assert_array_equal(load_layer(tmp_path / "g.safetensors").codes, q.codes)
+    u = quantize_weight(np.random.default_rng(1).standard_normal((4, 8)), spec=QuantSpec(bits=3, method="rtn"))
+    meta = json.dumps({"bits": u.bits, "group_size": u.group_size, "stats": u.stats}).encode()
+    np.savez(tmp_path / "u.npz", codes=u.codes, scales=u.scales, zeros=u.zeros, g_idx=u.g_idx,
+             meta=np.frombuffer(meta, dtype=np.uint8))
+    r = load_layer(tmp_path / "u.npz")
+    np.testing.assert_array_equal(r.dequantize(), u.dequantize())
+    assert (r.bits, r.group_size, r.perm, r.bias) == (3, -1, None, None)
 
 
 def test_bits_accounting(layer_and_q):
@@ -209,7 +224,7 @@ def test_kernel_packing_rejects_unsupported_layers(layer_and_q):
 def test_glvq_through_the_calibration_driver_and_resume(tmp_path):
     """`quantize_model` dispatches `GLVQSpec` to the glvq method; a killed run resumes identically."""
     torch = pytest.importorskip("torch")
-    from llm_fixtures import BOS_ID, tiny_llama
+    from tests.llm_fixtures import BOS_ID, tiny_llama
 
     from llm_adapter.calibration import quantize_model
     from llm_adapter.methods.glvq import LatticeLayer
