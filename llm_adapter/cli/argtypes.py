@@ -7,34 +7,28 @@ import argparse
 __all__ = ["group_size", "nonneg_float", "positive_int"]
 
 
+def _checked(text: str, convert, ok, expected: str):
+    """``convert(text)`` if it satisfies `ok`, else :class:`argparse.ArgumentTypeError`."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        shown = value if convert is int else repr(text)
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {shown}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def group_size(text: str) -> int:
     """-1 (per-channel) or an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected -1 (per-channel) or a positive integer, got {text!r}") from None
-    if value != -1 and value < 1:
-        raise argparse.ArgumentTypeError(f"expected -1 (per-channel) or a positive integer, got {value}")
-    return value
+    return _checked(text, int, lambda v: v == -1 or v >= 1, "-1 (per-channel) or a positive integer")
 
 
 def nonneg_float(text: str) -> float:
     """A float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v >= 0, "a number >= 0")
