@@ -25,7 +25,7 @@ import bils.testing
 
 numba = pytest.importorskip("numba")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 RTOL = 1e-9
 
 

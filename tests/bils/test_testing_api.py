@@ -354,7 +354,7 @@ def test_docs_walkthrough_runs():
     import pathlib
     import re
 
-    doc = (pathlib.Path(__file__).parents[1] / "docs" / "testing.md").read_text()
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "testing.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     toy, fix = blocks[0], blocks[2].strip()
     ns: dict = {}

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from tests.gptq_reader import read_gptq
-from tests.llm_fixtures import tiny_llama, tiny_tokenizer
+from tests.llm_fixtures import dequantized_perplexity, run_cli, tiny_llama, tiny_tokenizer
 from tests.llm_adapter.test_nn import fp16_scales, random_layer
 
-from llm_adapter.cli import main
 from llm_adapter.formats import (
     GPTQExportError,
     QuantizedFormatError,
@@ -285,10 +284,8 @@ def test_gptq_export_shape_must_fill_words():
 # --------------------------------------------------------------------------- CLI
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
+
 
 
 @pytest.mark.parametrize(
@@ -321,8 +318,6 @@ def test_cli_existing_out_dir(tmp_path, capsys, tiny_dir, text_file):
 
 
 def test_cli_quantize_evaluate_generate_end_to_end(tmp_path, capsys, tiny_dir, text_file):
-    from llm_adapter import evaluation_windows, load_model, load_text, perplexity
-
     code, out, err = _run(
         capsys, "quantize", "--model", tiny_dir, "--method", "gptq", "--bits", "4", "--group-size", "32",
         "--calib", text_file, "--calib-windows", "4", "--seqlen", "64", "--backend", "numpy",
@@ -363,12 +358,8 @@ def test_cli_quantize_evaluate_generate_end_to_end(tmp_path, capsys, tiny_dir, t
     ppl = float(out.split("perplexity")[1].split()[0])
 
     # the same perplexity from the dequantized weights, computed here directly
-    model, tok = load_model(tiny_dir)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            model.get_submodule(name).weight.copy_(torch.from_numpy(fp16_scales(layer).dequantize()))
-    windows = evaluation_windows(tok, load_text(str(text_file), split="evaluation"), n_windows=2, seqlen=64)
-    expected = perplexity(model, windows, progress=False).ppl
+    expected = dequantized_perplexity(tiny_dir, layers, text_file, seqlen=64,
+                                      dequantize=lambda l: fp16_scales(l).dequantize())
     assert ppl == pytest.approx(expected, rel=1e-4)
 
     code, out, err = _run(capsys, "evaluate", "--model", tiny_dir, "--text", text_file, "--windows", "2",

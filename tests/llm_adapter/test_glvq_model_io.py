@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llm_adapter.cli import main  # noqa: E402
 from llm_adapter.formats import QuantizedFormatError, export_gptq, load_quantized, save_quantized  # noqa: E402
 from llm_adapter.methods.glvq import GLVQSpec, LatticeLayer, quantize_weight_glvq  # noqa: E402
 from llm_adapter.nn import LatticeLinear, QuantLinear, replace_linear  # noqa: E402
 from llm_adapter.methods.uniform import quantize_weight  # noqa: E402
 from llm_adapter.methods.uniform import QuantSpec  # noqa: E402
+from tests.llm_fixtures import dequantized_perplexity, run_cli  # noqa: E402
 
 
 def _layer(seed=0, out=12, n=64, tokens=300):
@@ -172,15 +172,11 @@ def test_export_gptq_refuses_glvq_layers(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
+
 
 
 def test_cli_glvq_quantize_save_evaluate(tmp_path, capsys, tiny_dir, text_file):
-    from llm_adapter import evaluation_windows, load_model, load_text, perplexity
-
     code, out, err = _run(capsys, "quantize", "--model", tiny_dir, "--method", "glvq", "--bits", "2",
                           "--lattice-dim", "8", "--group-size", "32", "--encode", "nearest_plane",
                           "--fit-iters", "2", "--calib", text_file, "--calib-windows", "2", "--seqlen", "32",
@@ -198,12 +194,7 @@ def test_cli_glvq_quantize_save_evaluate(tmp_path, capsys, tiny_dir, text_file):
                           "--windows", "2", "--seqlen", "32")
     assert code == 0, err
     ppl = float(out.split("perplexity")[1].split()[0])
-    model, tok = load_model(tiny_dir)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            model.get_submodule(name).weight.copy_(torch.from_numpy(layer.dequantize()))
-    windows = evaluation_windows(tok, load_text(str(text_file), split="evaluation"), n_windows=2, seqlen=32)
-    assert ppl == pytest.approx(perplexity(model, windows, progress=False).ppl, rel=1e-4)
+    assert ppl == pytest.approx(dequantized_perplexity(tiny_dir, layers, text_file, seqlen=32), rel=1e-4)
 
 
 @pytest.mark.parametrize("argv, flag", [
