@@ -214,7 +214,8 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
                 run.finish_all([(name, mod, None, None) for sel in selected.values() for name, mod in sel.items()])
                 return run.results
             bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
-            _calibrate(model, blocks, selected, windows, spec, true_sequential, batch_size, device, run, bar)
+            _calibrate(model, blocks, selected, windows, run, bar=bar, true_sequential=true_sequential,
+                       batch_size=batch_size, device=device)
     finally:
         model.train(was_training)
     return run.results
@@ -260,7 +261,9 @@ class _Run:
                 self.callback(name, q)
 
 
-def _calibrate(model, blocks, selected, windows, spec, true_sequential, batch_size, device, run, bar):
+def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, batch_size, device):
+    """The block loop: capture inputs, collect statistics per stage, hand layers to `run`."""
+    spec = run.spec
     joint = spec.joint
     inps = first_block_inputs(model, blocks, windows, batch_size, device)
     qstream = [h for h, _, _ in inps]  # X̃: block inputs from the quantized model, per batch
@@ -294,8 +297,8 @@ def _calibrate(model, blocks, selected, windows, spec, true_sequential, batch_si
             leads = [g[0] for g in stage if g[0] in todo]
             stats = {}
             if leads:
-                stats = _capture(block, layers, leads, qstream, extras, finputs, alpha_m, n_seq, run.seed,
-                                 stop_early=true_sequential)
+                stats = _capture(block, {n: layers[n] for n in leads}, qstream, extras, finputs,
+                                 alpha_m=alpha_m, n_seq=n_seq, seed=run.seed, stop_early=true_sequential)
             items = []
             for g in stage:
                 if g[0] in stats:
@@ -310,8 +313,9 @@ def _calibrate(model, blocks, selected, windows, spec, true_sequential, batch_si
         logger.info("block %d done in %.1f s", bi, time.perf_counter() - t0)
 
 
-def _capture(block, layers, leads, qstream, extras, finputs, alpha_m, n_seq, seed, *, stop_early):
-    r"""Run the block on the quantized stream and return ``{lead: LayerStatistics}``.
+def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, stop_early):
+    r"""Run the block on the quantized stream and return ``{lead: LayerStatistics}`` for the
+    layers `leads` (``{name: module}``).
 
     With ``stop_early`` (one lead) the pass stops at the lead's input: nothing after it
     is needed. Per-sequence α (``alpha_m`` = Beta parameter) is drawn from
@@ -321,7 +325,7 @@ def _capture(block, layers, leads, qstream, extras, finputs, alpha_m, n_seq, see
     for lead in leads:
         alphas = None if alpha_m is None else torch.from_numpy(
             fold_beta(layer_rng(seed, lead), alpha_m, size=n_seq)).float()
-        acc[lead] = LayerStatistics(layers[lead].in_features, joint=finputs is not None, alphas=alphas)
+        acc[lead] = LayerStatistics(leads[lead].in_features, joint=finputs is not None, alphas=alphas)
     state = {"batch": 0, "seq": 0}
 
     def accumulate(name, m, args):
@@ -330,7 +334,7 @@ def _capture(block, layers, leads, qstream, extras, finputs, alpha_m, n_seq, see
         if stop_early:
             raise StopForward()
 
-    with forward_pre_hooks({n: layers[n] for n in leads}, accumulate):
+    with forward_pre_hooks(leads, accumulate):
         for b, (h, e) in enumerate(zip(qstream, extras)):
             state["batch"] = b
             try:
