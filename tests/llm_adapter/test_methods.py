@@ -129,3 +129,41 @@ def test_a_method_registered_from_outside_runs_end_to_end(floor_method, tmp_path
                "--calib", str(text_file), "--calib-windows", "2", "--seqlen", "16", "--out", str(out)])
     assert rc == 0
     assert json.loads((out / "quant_config.json").read_text())["spec"]["method"] == "floor"
+
+
+# --------------------------------------------------------------------------- files written before
+SAVED = Path(__file__).parent / "data" / "saved_before_16"
+
+
+def test_files_written_before_the_restructuring_stay_readable():
+    """Native directories (v1 uniform; v2 mixed with fp16 scales) and per-layer checkpoints
+    (uniform npz, glvq npz and safetensors) written by the code before issue #16."""
+    from llm_adapter.calibration import load_layer
+    from llm_adapter.methods.glvq import LatticeLayer
+
+    with np.load(SAVED / "expected.npz") as z:
+        want = {k: z[k] for k in z.files}
+    v1, meta1 = load_quantized(SAVED / "native_v1")
+    assert meta1["format_version"] == 1
+    np.testing.assert_array_equal(v1["fc.u"].codes, want["u_codes"])
+    np.testing.assert_array_equal(v1["fc.u"].dequantize(), want["u_deq"])
+    v2, meta2 = load_quantized(SAVED / "native_v2")
+    assert meta2["format_version"] == 2 and isinstance(v2["fc.g"], LatticeLayer)
+    np.testing.assert_array_equal(v2["fc.g"].codes, want["g_codes"])
+    np.testing.assert_array_equal(v2["fc.g"].dequantize(), want["g_deq"])
+    np.testing.assert_array_equal(v2["fc.u"].codes, want["u_codes"])
+    u = load_layer(SAVED / "ckpt_uniform.npz")
+    np.testing.assert_array_equal(u.dequantize(), want["u_deq"])
+    for name in ("ckpt_glvq.npz", "ckpt_glvq.safetensors"):
+        g = load_layer(SAVED / name)
+        np.testing.assert_array_equal(g.dequantize(), want["g_deq"])
+    # written again now, the files are the same: tensors byte for byte, config equal
+    import filecmp
+    import tempfile
+
+    for name, scale_dtype in (("native_v1", "float32"), ("native_v2", "float16")):
+        layers, meta = load_quantized(SAVED / name)
+        with tempfile.TemporaryDirectory() as tmp:
+            p = save_quantized(Path(tmp) / "q", layers, meta["spec"], meta["model"], scale_dtype=scale_dtype)
+            assert filecmp.cmp(p / "quantized.safetensors", SAVED / name / "quantized.safetensors", shallow=False)
+            assert json.loads((p / "quant_config.json").read_text()) == meta
