@@ -14,7 +14,7 @@ Protocols (``--protocol``):
     identical statistics, so the comparison is fair, but inputs are not the outputs of
     already-quantized blocks (GPTQ's sequential protocol), which favours no method.
 ``sequential``
-    :func:`llm_adapter.calibrate.quantize_model`, true-sequential (the protocol of
+    :func:`llm_adapter.calibration.quantize_model`, true-sequential (the protocol of
     ``benchmarks/llm_quality.py``); roughly 4 forward passes per block per run.
 
 Data as ``benchmarks/llm_quality.py``: model ``smollm2-135m`` (float32, CPU), calibration
@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import io
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -48,9 +48,10 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _common import write_atomically, write_doc, write_json_file  # noqa: E402
 from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
 from llm_adapter.evaluate import perplexity  # noqa: E402
-from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq  # noqa: E402
+from llm_adapter.methods.glvq import GLVQSpec, quantize_weight_glvq  # noqa: E402
 from llm_adapter.models import load_model  # noqa: E402
 
 logger = logging.getLogger("lattice_quality")
@@ -87,14 +88,14 @@ def _gptq_bits(bits, group_size, in_features):
 
 # --------------------------------------------------------------------------- fp protocol
 def _linears(model, targets=("*",)):
-    from llm_adapter.calibrate import select_linears
+    from llm_adapter.calibration import select_linears
 
     return {n: m for sel in select_linears(model, targets).values() for n, m in sel.items()}
 
 
 def collect_hessians(model, windows, cache_dir, batch_size, targets=("*",)):
     """``{layer: H}`` (float64 sums / tokens) from one float forward pass; cached per file."""
-    from llm_adapter.calibrate import forward_pre_hooks
+    from llm_adapter.calibration import forward_pre_hooks
 
     tag = "" if tuple(targets) == ("*",) else "_" + str(abs(hash(tuple(targets))) % 10**8)
     cache = Path(cache_dir) / f"H_{windows.shape[0]}x{windows.shape[1]}{tag}.npz"
@@ -125,11 +126,9 @@ def collect_hessians(model, windows, cache_dir, batch_size, targets=("*",)):
                         windows.shape[0], time.perf_counter() - t0)
     n_tok = windows.numel()
     H = {n: (acc[owner[n]] / n_tok).numpy() for n in layers}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **{n: h.astype(np.float32) for n, h in H.items()})
-    os.replace(tmp, cache)
+    buf = io.BytesIO()
+    np.savez(buf, **{n: h.astype(np.float32) for n, h in H.items()})
+    write_atomically(cache, buf.getvalue())
     return {n: h.astype(np.float32).astype(np.float64) for n, h in H.items()}
 
 
@@ -146,8 +145,8 @@ def quantize_fp(model, H, run, float_state, targets=("*",)):
             q = quantize_weight_glvq(W, H[name], spec=GLVQSpec(**fields), backend=backend)
             bits_total += q.storage_bits()
         else:
-            from llm_adapter.quantize import quantize_weight
-            from llm_adapter.spec import QuantSpec
+            from llm_adapter.methods.uniform import quantize_weight
+            from llm_adapter.methods.uniform import QuantSpec
 
             q = quantize_weight(W, H[name], None, QuantSpec(method="gptq", **fields), backend=backend)
             bits_total += _gptq_bits(fields["bits"], fields["group_size"], W.shape[1]) * W.size
@@ -162,9 +161,9 @@ def quantize_fp(model, H, run, float_state, targets=("*",)):
 
 # --------------------------------------------------------------------------- sequential
 def quantize_sequential(model, windows, run, float_state, batch_size, targets=("*",), checkpoint_dir=None):
-    """True-sequential :func:`~llm_adapter.calibrate.quantize_model` (glvq or gptq) in place."""
-    from llm_adapter.calibrate import quantize_model
-    from llm_adapter.spec import QuantSpec
+    """True-sequential :func:`~llm_adapter.calibration.quantize_model` (glvq or gptq) in place."""
+    from llm_adapter.calibration import quantize_model
+    from llm_adapter.methods.uniform import QuantSpec
 
     kind, fields, backend = RUNS[run]
     model.load_state_dict(float_state)
@@ -208,8 +207,8 @@ DEFAULT_STUDY = ("gptq_w2g128", "gptq_w2g64", "glvq_ro", "glvq_np_it0", "glvq_np
 
 def layer_study(model, H, layers=STUDY_LAYERS, variants=DEFAULT_STUDY):
     """Relative layer loss ``tr(E H Eᵀ) / tr(W H Wᵀ)`` and bits/weight per variant and layer."""
-    from llm_adapter.quantize import quantize_weight
-    from llm_adapter.spec import QuantSpec
+    from llm_adapter.methods.uniform import quantize_weight
+    from llm_adapter.methods.uniform import QuantSpec
 
     mods = dict(model.named_modules())
     out = {}
@@ -249,11 +248,7 @@ def _merge(path, key, entry):
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
         data.setdefault("runs", {})[key] = entry
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_file(path, data)
     return data
 
 
@@ -319,21 +314,6 @@ def markdown(data) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_doc(path: Path, text: str) -> None:
-    """Replace the marked section of ``path`` (or append it), leaving the rest alone."""
-    block = f"{BEGIN}\n{text}{END}\n"
-    old = path.read_text() if path.exists() else "# Results\n\n"
-    if BEGIN in old and END in old:
-        a, b = old.index(BEGIN), old.index(END) + len(END)
-        new = old[:a] + block.rstrip("\n") + old[b:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", default=["glvq_np", "gptq_w2g128", "gptq_w2g64"],
@@ -365,7 +345,7 @@ def main(argv=None):
         data = json.loads(args.out.read_text())
         print(markdown(data))
         if args.doc:
-            write_doc(args.doc, markdown(data))
+            write_doc(args.doc, markdown(data), BEGIN, END)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -420,7 +400,7 @@ def main(argv=None):
             logger.info("float perplexity (benchmarks/llm_quality.py): %.3f", fl)
     print(markdown(data))
     if args.doc:
-        write_doc(args.doc, markdown(data))
+        write_doc(args.doc, markdown(data), BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Protocol (the GPTQ one, on the offline Shakespeare corpus):
   asymmetric min-max grid, static groups, act-order, damping 0.01, true-sequential.
 
 Each (config, method) run starts from the float weights, quantizes the model with
-:func:`llm_adapter.calibrate.quantize_model`, and records perplexity and wall time.
+:func:`llm_adapter.calibration.quantize_model`, and records perplexity and wall time.
 Results are merged into ``benchmarks/results/llm_quality.json`` (atomic write) and a
 table is printed and written into ``docs/results.md`` (between markers, so the rest of
 that file is left alone). Partial runs are fine: select with ``--configs`` and
@@ -30,9 +30,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,11 +41,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from llm_adapter.calibrate import quantize_model  # noqa: E402
+from _common import write_doc, write_json_file  # noqa: E402
+from llm_adapter.calibration import quantize_model  # noqa: E402
 from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
 from llm_adapter.evaluate import perplexity  # noqa: E402
 from llm_adapter.models import load_model  # noqa: E402
-from llm_adapter.spec import QuantSpec  # noqa: E402
+from llm_adapter.methods.uniform import QuantSpec  # noqa: E402
 
 logger = logging.getLogger("llm_quality")
 
@@ -61,7 +60,7 @@ CONFIGS = {
 }
 CONFIG_LABELS = {"w3g128": "W3 g128", "w3pc": "W3 per-channel", "w2g128": "W2 g128",
                  "w2g64": "W2 g64", "w4pc": "W4 per-channel"}
-#: Methods: name -> QuantSpec method fields (defaults documented in llm_adapter/spec.py).
+#: Methods: name -> QuantSpec method fields (defaults documented in llm_adapter/methods/uniform.py).
 METHODS = {
     "rtn": {"method": "rtn"},
     "gptq": {"method": "gptq"},
@@ -85,7 +84,7 @@ NOTES = [
     "* `gptq` is `bils.babai` on the layer's `H` (act-order = `ordering=\"diag\"`, static groups). "
     "Its codes are identical to a float64 transcription of GPTQ's `fasterquant` "
     "(`tests/oracles.py`) on random layers and on real calibration `H` "
-    "(`tests/test_adapter_quantize.py`), and on SmolLM2 layers (H from 8 of this protocol's calibration windows): "
+    "(`tests/llm_adapter/test_quantize.py`), and on SmolLM2 layers (H from 8 of this protocol's calibration windows): "
     "block 0 `q_proj` and block 1 `down_proj`, per-channel and g128, 0 mismatches out of "
     "331,776 and 884,736 codes.",
     "* Remaining differences from the reference column come from the float pipeline, not the "
@@ -127,20 +126,6 @@ def _parse_set(items):
     return out
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _load(path: Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
@@ -159,7 +144,7 @@ def _merge_run(path: Path, protocol, float_result, key, run) -> dict:
             data = {"runs": {}}
         data.update(protocol=protocol, float=float_result)
         data.setdefault("runs", {})[key] = run
-        _write_json_atomic(path, data)
+        write_json_file(path, data)
     return data
 
 
@@ -185,7 +170,7 @@ def markdown(data: dict) -> str:
         f"{proto.get('eval_windows', 32)} non-overlapping windows × {proto.get('seqlen', 512)} tokens of the "
         "held-out plays; perplexity = exp(mean token NLL). All linear layers of the decoder blocks; "
         "asymmetric min-max grid, static groups, act-order (`ordering=\"diag\"`), damping 0.01, "
-        "true-sequential, block 128. Method defaults as in `llm_adapter/spec.py` "
+        "true-sequential, block 128. Method defaults as in `llm_adapter/methods/uniform.py` "
         "(ojbkq: µ = 0.25, least-cost of the Babai path, 5 Klein paths and K-best with K = 4; regcal: "
         "α = 0.25, plain successive rounding).",
         "",
@@ -262,22 +247,6 @@ def target_lines(data: dict) -> list[str]:
     return out
 
 
-def write_doc(path: Path, table: str) -> None:
-    """Replace the marked section of ``path`` (or append it), leaving the rest alone."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    block = f"{BEGIN}\n{table}{END}\n"
-    text = path.read_text() if path.exists() else "# Results\n\n"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -314,7 +283,7 @@ def main(argv=None):
         table = markdown(data)
         print(table)
         if not args.no_doc:
-            write_doc(args.doc, table)
+            write_doc(args.doc, table, BEGIN, END)
         return
 
     protocol = {"model": args.model, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
@@ -336,7 +305,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         data["float"] = {"ppl": perplexity(model, evalw, progress=False).ppl,
                          "eval_time_s": time.perf_counter() - t0}
-        _write_json_atomic(args.out, data)
+        write_json_file(args.out, data)
     logger.info("float perplexity %.3f", data["float"]["ppl"])
 
     overrides = _parse_set(args.set)
@@ -384,7 +353,7 @@ def main(argv=None):
     table = markdown(data)
     print(table)
     if not args.no_doc:
-        write_doc(args.doc, table)
+        write_doc(args.doc, table, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -14,31 +14,33 @@ The usual path, from a transformers causal LM::
                                                n_windows=32, seqlen=512)).ppl)
     save_quantized("smollm2-w3g128", layers, spec.to_dict())
 
-Submodules: :mod:`llm_adapter.data` (corpora and token windows),
-:mod:`llm_adapter.models` (loading, GGUF dequantization cache),
-:mod:`llm_adapter.calibrate` (block-by-block calibration, :func:`quantize_model`),
-:mod:`llm_adapter.quantize` (the pure per-layer :func:`quantize_weight`),
-:mod:`llm_adapter.lattice_method` (GLVQ), :mod:`llm_adapter.formats` (native format,
-GPTQ export), :mod:`llm_adapter.modules` (``QuantLinear``),
-:mod:`llm_adapter.evaluate` (perplexity), :mod:`llm_adapter.cli` (``python -m llm_adapter``).
+Subpackages and modules: :mod:`llm_adapter.methods` (the method registry; rtn, gptq,
+ojbkq, regcal, glvq — one unit each), :mod:`llm_adapter.calibration` (block-by-block
+calibration, :func:`quantize_model`), :mod:`llm_adapter.formats` (native format, GPTQ
+export, atomic I/O), :mod:`llm_adapter.nn` (``QuantLinear``, ``LatticeLinear``),
+:mod:`llm_adapter.data` (corpora and token windows), :mod:`llm_adapter.models` (loading,
+GGUF dequantization cache), :mod:`llm_adapter.evaluate` (perplexity),
+:mod:`llm_adapter.cli` (``python -m llm_adapter``). See ``docs/architecture.md``.
 """
 
-from .calibrate import quantize_model
+from . import methods
+from .calibration import quantize_model
 from .data import calibration_windows, evaluation_windows, load_text, shakespeare_dir
+from .errors import ParameterError, QuantizedFormatError
 from .evaluate import PerplexityResult, perplexity
 from .formats import export_gptq, load_quantized, save_quantized
-from .lattice_method import GLVQSpec, LatticeLayer, quantize_weight_glvq
+from .methods.glvq import GLVQSpec, LatticeLayer, quantize_weight_glvq
+from .methods.uniform import QuantizedLayer, QuantSpec, quantize_weight
 from .models import DEFAULT_MODEL, load_model
-from .quantize import quantize_weight
-from .quantized import QuantizedLayer
-from .spec import QuantSpec
 
 __all__ = [
     "DEFAULT_MODEL",
     "GLVQSpec",
     "LatticeLayer",
+    "ParameterError",
     "PerplexityResult",
     "QuantSpec",
+    "QuantizedFormatError",
     "QuantizedLayer",
     "calibration_windows",
     "evaluation_windows",
@@ -46,6 +48,7 @@ __all__ = [
     "load_model",
     "load_quantized",
     "load_text",
+    "methods",
     "perplexity",
     "quantize_model",
     "quantize_weight",

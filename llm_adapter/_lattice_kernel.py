@@ -9,7 +9,7 @@ r"""glvq decode-GEMV/GEMM: packing, a numpy reference, and a CuPy kernel (UNTEST
     the oracle a GPU test must compare :func:`lattice_matmul_cuda` against (and its
     latency against the uniform W2 kernel). Nothing imports this module by default.
 
-The algorithm. For a :class:`~llm_adapter.lattice_method.LatticeLayer` with uniform
+The algorithm. For a :class:`~llm_adapter.methods.glvq.LatticeLayer` with uniform
 ``bits`` (no salience allocation), sub-vector ``s`` of group ``g`` of row ``j`` decodes to
 :math:`\hat W_{j,s} = r_j\, c_s \circ G_g (z_{js} + o)` with :math:`z + o = q - (2^b-1)/2`
 for the stored code offsets :math:`q \in [0, 2^b)` (default box, :math:`o = 1/2`). So

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ._cache import cache_root, file_key, write_atomically
+from ._cache import cache_root, file_key
+from .formats._io import write_dir_atomically
 
 __all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "ModelNotFoundError", "builtin_gguf_path", "load_model"]
 
@@ -244,7 +245,7 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype, cache_dir):
         tokenizer.save_pretrained(tmp)
 
     try:
-        write_atomically(entry, fill)
+        write_dir_atomically(entry, fill, on_exists="keep", mode=0o755)  # another process may have cached it first
         logger.info("cached %s in %s (%.1f s)", name, entry, time.perf_counter() - t1)
     except OSError as err:
         logger.warning("could not cache %s in %s: %s", name, entry, err)

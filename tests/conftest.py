@@ -1,18 +1,16 @@
-"""Shared pytest configuration: test helpers on ``sys.path`` and Hypothesis profiles.
+"""Shared pytest configuration: Hypothesis profiles and shared fixtures.
+
+``tests`` is a package: helpers are imported as ``tests.oracles``, ``tests.llm_fixtures``...
+(the layout mirrors the packages: ``tests/bils/``, ``tests/llm_adapter/``, ``tests/gpu/``).
 
 Select a profile with ``pytest --hypothesis-profile=ci`` (used by ``make test``) or
 ``--hypothesis-profile=dev``.
 """
 
 import os
-import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
-
-_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
 
 settings.register_profile(
     "ci",
@@ -36,8 +34,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # --------------------------------------------------------------------------- CLI fixtures
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny random Llama + byte tokenizer saved with ``save_pretrained`` (see llm_fixtures)."""
-    from llm_fixtures import save_tiny
+    """A tiny random Llama + byte tokenizer saved with ``save_pretrained`` (see tests.llm_fixtures)."""
+    from tests.llm_fixtures import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 

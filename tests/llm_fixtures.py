@@ -1,7 +1,7 @@
 """Tiny, offline LLM pieces for tests: a random Llama and a byte-level tokenizer.
 
-Import from tests as ``from llm_fixtures import tiny_llama, tiny_tokenizer, save_tiny``
-(``tests/conftest.py`` puts this directory on ``sys.path``). Nothing here downloads
+Import from tests as ``from tests.llm_fixtures import tiny_llama, tiny_tokenizer, save_tiny``
+(``tests`` is a package). Nothing here downloads
 anything, and nothing seeds a global RNG: weights are drawn from a local
 ``torch.Generator``.
 """
@@ -160,3 +160,28 @@ def write_tiny_gguf(path: str | os.PathLike, model=None) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def run_cli(capsys, *argv):
+    """``llm-adapter *argv`` in-process: ``(exit status, stdout, stderr)``."""
+    from llm_adapter.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def dequantized_perplexity(model_dir, layers, text_file, *, seqlen, n_windows=2, dequantize=None):
+    """Perplexity of the model in `model_dir` with `layers` written in as dequantized weights
+    (``dequantize(layer)``, default ``layer.dequantize()``): what ``evaluate --quantized``
+    must report."""
+    from llm_adapter import evaluation_windows, load_model, load_text, perplexity
+
+    model, tok = load_model(model_dir)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            W = layer.dequantize() if dequantize is None else dequantize(layer)
+            model.get_submodule(name).weight.copy_(torch.from_numpy(W))
+    windows = evaluation_windows(tok, load_text(str(text_file), split="evaluation"), n_windows=n_windows,
+                                 seqlen=seqlen)
+    return perplexity(model, windows, progress=False).ppl

@@ -1,7 +1,7 @@
 r"""Slow, obviously correct oracles for the test-suite.
 
 Brute force, the textbook Babai loop and the exact solver with a certificate are public
-API in :mod:`bils.testing.oracles` and re-exported here. The GPTQ reference loop is
+API in :mod:`bils.testing.oracles` (import them from there). The GPTQ reference loop is
 test-only: :func:`gptq_fasterquant_reference` is a plain float64 numpy transcription of
 GPTQ's published ``GPTQ.fasterquant`` and ``Quantizer`` (Frantar et al. 2023,
 github.com/IST-DASLab/gptq, ``gptq.py`` and ``quant.py``), kept deliberately close to the
@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bils.testing.oracles import *  # noqa: F401,F403 - re-export
-from bils.testing.oracles import babai_textbook, brute_force, exact_solve  # noqa: F401
-
-__all__ = ["brute_force", "babai_textbook", "exact_solve", "gptq_fasterquant_reference",
-           "Quantizer"]
+__all__ = ["Quantizer", "gptq_fasterquant_reference", "quantize_codes"]
 
 
 class Quantizer:

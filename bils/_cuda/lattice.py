@@ -4,7 +4,7 @@ Encoding ``V`` (n, N) under the metric :math:`M = C^T C` is the BILS
 :math:`\min \lVert Q^T C v - R (z + o) \rVert^2` with :math:`C (I_m \otimes G) = Q R`
 (one QR per diagonal d x d block). ``R`` and the block ``Q`` depend only on the codebook
 and the metric (host inputs), so they are formed on the host as in
-:func:`bils.lattice._build` and copied to the device once; ``V`` never leaves the
+:func:`bils.lattice.encode._build` and copied to the device once; ``V`` never leaves the
 device: companding, :math:`Y = Q^T C V`, the solvers (``backend="cupy"`` kernels) and
 the costs run in the device namespace. Validation of ``V`` runs there too (only the
 outcome of each check crosses to the host) with the CPU's messages. A numpy ``V`` gets
@@ -26,7 +26,7 @@ __all__ = ["encode", "encode_factor"]
 
 
 def _vectors_iv(name, V, d, xp):
-    """:func:`bils.lattice._vectors_iv` in the namespace ``xp``."""
+    """:func:`bils.lattice.codebook.check_vectors` in the namespace ``xp``."""
     V = _real_array(name, V, xp=xp)
     if V.ndim not in (1, 2):
         raise ValueError(f"`{name}` must be 1-D (n,) or 2-D (n, N), got {V.ndim}-D")
@@ -66,16 +66,17 @@ def _basis(codebook, C):
 
 def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, max_nodes=None):
     """:func:`bils.lattice.encode` with ``backend="cupy"`` (arguments validated alike)."""
-    from .. import lattice as lat
+    from ..lattice.codebook import check_codebook, metric_factor
+    from ..lattice.encode import ENCODE_METHODS
 
     xp = xp_module()
     on_host = array_namespace(V) is np  # numpy in, numpy out (copied back)
-    codebook = lat._codebook_iv(codebook)
+    codebook = check_codebook(codebook)
     V, squeeze = _vectors_iv("V", V, codebook.d, xp)
-    method = choice_iv("method", method, lat.ENCODE_METHODS)
+    method = choice_iv("method", method, ENCODE_METHODS)
     beam_width = int_iv("beam_width", beam_width, minimum=1)
     max_nodes = int_iv("max_nodes", max_nodes, minimum=1, allow_none=True)
-    C = lat._metric_factor(metric, V.shape[0])
+    C = metric_factor(metric, V.shape[0])
     if codebook.companded:  # compand (bils.lattice.compand) on the device
         mu, amax = codebook.mu, codebook.amax
         V = amax * xp.sign(V) * xp.log1p(mu * xp.abs(V) / amax) / math.log1p(mu)
@@ -83,7 +84,7 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
 
 
 def encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze=False, *, host=False):
-    """:func:`bils.lattice._encode` on the device: validated (and companded) ``V`` (n, N),
+    """:func:`bils.lattice.encode.encode_prepared` on the device: validated (and companded) ``V`` (n, N),
     metric factor ``C`` (host). With ``host=True`` the result's arrays are copied back to
     the host (for :func:`bils.lattice.fit_generator`, whose fitting runs in numpy)."""
     from ..babai import babai

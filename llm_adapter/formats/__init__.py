@@ -3,6 +3,8 @@
 * :mod:`~llm_adapter.formats.packing` — b-bit codes packed into int32 words (GPTQ layout).
 * :mod:`~llm_adapter.formats.native` — the library's own directory format
   (:func:`save_quantized` / :func:`load_quantized`), written atomically.
+* :mod:`~llm_adapter.formats._io` — the one module that writes files and directories
+  atomically (temporary sibling, fsync, :func:`os.replace`); every writer uses it.
 * :mod:`~llm_adapter.formats.gptq` — export as a transformers-style GPTQ checkpoint
   (:func:`export_gptq`).
 """

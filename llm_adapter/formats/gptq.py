@@ -41,8 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from ..quantized import QuantizedLayer
-from .native import QuantizedFormatError, _check_layer, _library_version, write_dir_atomically
+from .. import methods
+from ..errors import QuantizedFormatError
+from ._io import write_dir_atomically
+from .native import library_version
 from .packing import SUPPORTED_BITS, pack, period
 
 __all__ = ["GPTQExportError", "export_gptq", "gptq_tensors", "quantization_config"]
@@ -62,7 +64,7 @@ class GPTQExportError(QuantizedFormatError):
     Examples
     --------
     >>> import numpy as np, torch
-    >>> from llm_adapter.quantized import QuantizedLayer
+    >>> from llm_adapter.methods.uniform import QuantizedLayer
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
     >>> q = QuantizedLayer(codes=np.zeros((8, 8), np.uint8), scales=np.ones((8, 1), np.float32),
     ...                    zeros=np.full((8, 1), 8.0, np.float32), g_idx=np.zeros(8, np.int32),
@@ -96,12 +98,12 @@ def quantization_config(
         "format": checkpoint_format,
         "pack_dtype": "int32",
         "checkpoint_format": checkpoint_format,
-        "meta": {"quantizer": [f"bils:{_library_version()}"]},
+        "meta": {"quantizer": [f"bils:{library_version()}"]},
     }
 
 
 def gptq_tensors(
-    name: str, layer: QuantizedLayer, *, checkpoint_format: str = "gptq", bias_dtype=np.float16
+    name: str, layer, *, checkpoint_format: str = "gptq", bias_dtype=np.float16
 ) -> dict[str, np.ndarray]:
     """The GPTQ tensors of one layer: ``{<name>.qweight, .qzeros, .scales, .g_idx[, .bias]}``.
 
@@ -115,7 +117,9 @@ def gptq_tensors(
     """
     if checkpoint_format not in _FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {_FORMATS}, got {checkpoint_format!r}")
-    _check_layer(name, layer)
+    from ..methods.uniform import check_layer  # lazy: the methods import the packing of this package
+
+    check_layer(name, layer)
     bits = int(layer.bits)
     out_f, in_f = layer.shape
     values, _ = period(bits)
@@ -180,7 +184,7 @@ def _shift_zero_groups(name, codes, zint, g_idx, maxq):
 
 def export_gptq(
     model,
-    layers: dict[str, QuantizedLayer],
+    layers: dict[str, Any],
     out_dir: str | os.PathLike,
     *,
     tokenizer=None,
@@ -244,8 +248,8 @@ def export_gptq(
     >>> model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama: nothing is downloaded
     ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
     ...     num_attention_heads=4, num_key_value_heads=2)).eval()
-    >>> from llm_adapter.calibrate import quantize_model
-    >>> from llm_adapter.spec import QuantSpec
+    >>> from llm_adapter.calibration import quantize_model
+    >>> from llm_adapter.methods.uniform import QuantSpec
     >>> windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     >>> layers = quantize_model(model, windows, QuantSpec(bits=4, method="rtn"), progress=False)
     >>> import json, tempfile, pathlib
@@ -274,9 +278,10 @@ def export_gptq(
     problems = []
     for name, layer in layers.items():
         mod = modules.get(name)
-        if not isinstance(layer, QuantizedLayer):
-            problems.append(f"{name!r} is a {type(layer).__name__}, not a uniform QuantizedLayer "
-                            "(glvq layers have no GPTQ layout; save them with save_quantized)")
+        kind = _kind(layer)
+        if kind != "uniform":
+            problems.append(f"{name!r} is a {type(layer).__name__} ({kind}), not a uniform-grid layer "
+                            f"({kind} layers have no GPTQ layout; save them with save_quantized)")
         elif not isinstance(mod, torch.nn.Linear):
             problems.append(f"{name!r} is not an nn.Linear of the model")
         elif tuple(mod.weight.shape) != layer.shape:
@@ -361,7 +366,7 @@ def export_gptq(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    path = write_dir_atomically(target, fill, overwrite=overwrite)
+    path = write_dir_atomically(target, fill, on_exists="replace" if overwrite else "error")
     logger.info(
         "wrote GPTQ checkpoint %s: %d layers, %d-bit, group size %d, desc_act=%s, sym=%s, format %s",
         path, len(layers), bits, group_size, desc_act, sym, checkpoint_format,
@@ -369,7 +374,15 @@ def export_gptq(
     return path
 
 
-def _static_g_idx(layer: QuantizedLayer) -> bool:
+def _static_g_idx(layer) -> bool:
     in_f = layer.shape[1]
     gs = in_f if layer.group_size == -1 else layer.group_size
     return bool(np.array_equal(np.asarray(layer.g_idx), np.arange(in_f) // gs))
+
+
+def _kind(layer) -> str:
+    """The stored-format kind of `layer`'s method (``"uniform"`` for the integer-grid methods)."""
+    try:
+        return methods.for_layer(layer).format.kind
+    except TypeError:
+        return "unknown"

@@ -15,7 +15,7 @@ except Exception:  # no driver / no device
 pytestmark = pytest.mark.skipif(_N_DEV == 0, reason="no CUDA device")
 
 from llm_adapter import _lattice_kernel as lk  # noqa: E402
-from llm_adapter.lattice_method import GLVQSpec, quantize_weight_glvq  # noqa: E402
+from llm_adapter.methods.glvq import GLVQSpec, quantize_weight_glvq  # noqa: E402
 
 
 def _layer(out, n, seed):

@@ -1,0 +1,345 @@
+r"""Block-by-block calibration and quantization of a transformers causal LM.
+
+:func:`quantize_model` runs the model's decoder blocks one at a time on calibration
+windows. For each selected linear layer it accumulates
+
+.. math::
+
+    H = \tilde X \tilde X^\top, \qquad D = (X - \tilde X)\,\tilde X^\top
+
+(both divided by the number of tokens), where :math:`\tilde X` are the layer's inputs
+when every earlier layer is already quantized and :math:`X` those of the float model;
+``D`` is only computed for methods that use it (``spec.joint``). Each layer is
+then handed to its method's pure ``quantize`` (:mod:`llm_adapter.methods`) through a
+:class:`LayerSolver` (the seam for running solves elsewhere), and its
+dequantized weights are written back into the model in place.
+
+Lifecycle, kept apart from the maths:
+
+* The inputs of the first block, and the exact keyword arguments the model passes to its
+  blocks (attention mask, rotary position embeddings, cache flags), are captured by
+  swapping the first block for a stand-in that raises (:mod:`~llm_adapter.calibration.blocks`).
+* The block list is found generically: the longest :class:`torch.nn.ModuleList`.
+* Layers are chosen by :func:`fnmatch` patterns on their names (full or block-relative).
+* Hooks are registered through :func:`~llm_adapter.calibration.hooks.forward_pre_hooks`
+  only, which removes them in ``finally``; the sums are :class:`~llm_adapter.calibration.statistics.LayerStatistics`.
+* True-sequential (default, as GPTQ's reference): the selected layers of a block are
+  split into groups that read the same input tensor, in execution order (Llama:
+  q/k/v, o, gate/up, down); a group's statistics are collected with the earlier groups
+  already quantized. A capture pass stops the block as soon as the group's input is
+  seen (nothing after it is needed).
+* Memory: the two streams of block inputs (quantized and, for joint methods, float),
+  plus for joint methods the float inputs of the current block's layer groups.
+* Resume: with ``checkpoint_dir`` every finished layer is written atomically; a
+  restarted run loads finished layers instead of solving them and ends bit-identical
+  (sampling is seeded from ``(seed, layer name)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bils.targets import fold_beta
+
+from .. import methods
+from ..errors import ParameterError
+from .blocks import StopForward, find_blocks, first_block_inputs, layer_groups, run_block, select_linears
+from .checkpoints import check_manifest, layer_path, load_layer, save_layer
+from .hooks import forward_pre_hooks
+from .statistics import LayerStatistics
+
+__all__ = ["ExecutorSolver", "InlineSolver", "LayerSolver", "quantize_model", "solve_layer"]
+
+logger = logging.getLogger("llm_adapter.calibration")
+
+
+# --------------------------------------------------------------------------- the seam
+def solve_layer(W, H, D, spec, *, backend="auto", rng=None, bias=None):
+    """Quantize one layer with its spec's registered method (what a solver runs)."""
+    return methods.for_spec(spec).quantize(W, H, D, spec, backend=backend, rng=rng, bias=bias)
+
+
+@dataclass
+class _Done:
+    """A finished future."""
+
+    value: Any
+
+    def result(self, timeout=None):
+        return self.value
+
+
+class LayerSolver:
+    """Where the driver's layer solves run: ``submit(...)`` returns an object with ``result()``.
+
+    The driver calls ``submit(name, W, H, D, spec, backend=..., rng=..., bias=...)`` for
+    every layer of a stage (numpy arrays in: ``W`` (out, in) float32, ``H`` / ``D`` (in, in)
+    float64 or None), then ``result()`` on each in submission order.
+    """
+
+    def submit(self, name, W, H, D, spec, *, backend="auto", rng=None, bias=None):
+        raise NotImplementedError
+
+
+class InlineSolver(LayerSolver):
+    """Solve at submission, in this process (the default)."""
+
+    def submit(self, name, W, H, D, spec, *, backend="auto", rng=None, bias=None):
+        return _Done(solve_layer(W, H, D, spec, backend=backend, rng=rng, bias=bias))
+
+
+class ExecutorSolver(LayerSolver):
+    """Hand solves to `executor`: anything with ``submit(fn, *args, **kwargs) -> future``
+    (:class:`concurrent.futures.ProcessPoolExecutor`, ``distributed.Client``).
+
+    The method must be registered in the worker processes too (built-ins always are).
+    """
+
+    def __init__(self, executor):
+        self.executor = executor
+
+    def submit(self, name, W, H, D, spec, *, backend="auto", rng=None, bias=None):
+        return self.executor.submit(solve_layer, W, H, D, spec, backend=backend, rng=rng, bias=bias)
+
+
+def layer_rng(seed, name):
+    """Generator seeded from (seed, layer name): independent of how many layers ran before."""
+    return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+
+
+# --------------------------------------------------------------------------- driver
+def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", "*.lm_head"),
+                   true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
+                   callback=None, rtn_calibrate=False, progress=True, solver=None):
+    r"""Quantize the linear layers of a causal LM block by block, in place.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        Modified in place: every selected layer's weight becomes its dequantized value.
+    windows : (n_windows, T) integer torch.Tensor
+        Calibration token windows (:func:`llm_adapter.data.calibration_windows`).
+    spec : QuantSpec, GLVQSpec, ...
+        The spec of a registered method (:mod:`llm_adapter.methods`); ``spec.method`` picks it.
+    targets, exclude : str or sequence of str
+        :func:`fnmatch` patterns selecting linear layers inside the blocks (see
+        :func:`select_linears`).
+    true_sequential : bool
+        Quantize groups of layers sharing an input in execution order, re-running the
+        block between groups (GPTQ's ``--true-sequential``). ``False``: one capture pass
+        per block for all its layers.
+    batch_size : int
+        Windows per forward pass (statistics are sums, so the result does not depend
+        on it beyond floating-point rounding).
+    seed : int
+        Seeds α sampling and Klein paths per layer, from ``(seed, layer name)``.
+    checkpoint_dir : path-like, optional
+        Per-layer checkpoints (``<name>.npz`` + ``manifest.json``). Layers found there
+        are loaded instead of solved, so a killed run restarted with the same
+        arguments finishes with identical codes.
+    backend : str
+        Passed to the method's ``quantize``.
+    callback : callable, optional
+        ``callback(name, qlayer)`` after each layer is done (solved or loaded); an
+        exception raised there aborts the run (after its checkpoint was written).
+    rtn_calibrate : bool
+        Methods that need no activations (rtn): by default no forward pass is run and
+        no loss is reported. ``True`` collects ``H`` anyway for the loss.
+    progress : bool
+        tqdm bar over blocks.
+    solver : LayerSolver, optional
+        Where layer solves run: :class:`InlineSolver` (default, in this process, at
+        submission) or :class:`ExecutorSolver` around a ``concurrent.futures`` executor or a
+        ``distributed.Client``. All layers of a stage are submitted before the first
+        result is awaited; results are applied in submission order, so the codes do not
+        depend on the solver.
+
+    Returns
+    -------
+    dict
+        ``{layer name: QuantizedLayer}`` in quantization order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama: nothing is downloaded
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> from llm_adapter import QuantSpec
+    >>> windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    >>> layers = quantize_model(model, windows, QuantSpec(bits=4, method="gptq"),
+    ...                         targets="self_attn.*", backend="numpy", progress=False)
+    >>> list(layers)[:4]  # doctest: +NORMALIZE_WHITESPACE
+    ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj',
+     'model.layers.0.self_attn.v_proj', 'model.layers.0.self_attn.o_proj']
+    >>> q = layers["model.layers.1.self_attn.k_proj"]
+    >>> q.shape, q.bits, q.stats["method"], q.stats["rel_loss"] < 0.05
+    ((16, 32), 4, 'gptq', True)
+    >>> w = model.model.layers[1].self_attn.k_proj.weight  # dequantized in place
+    >>> bool(torch.equal(w, torch.from_numpy(q.dequantize())))
+    True
+    """
+    method = methods.for_spec(spec)
+    if not isinstance(windows, torch.Tensor) or windows.ndim != 2:
+        raise ParameterError("windows", "`windows` must be a 2-D integer torch.Tensor (n_windows, T)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParameterError("batch_size", f"`batch_size` must be a positive int, got {batch_size!r}")
+    from tqdm.auto import tqdm
+
+    solver = InlineSolver() if solver is None else solver
+    selected = select_linears(model, targets, exclude)
+    _, blocks = find_blocks(model)
+    device = next(blocks[0].parameters()).device
+    if checkpoint_dir is not None:
+        check_manifest(checkpoint_dir, {
+            "spec": spec.to_dict(), "true_sequential": bool(true_sequential), "seed": int(seed),
+            "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
+            "layers": sorted(n for sel in selected.values() for n in sel)})
+    run = _Run(spec, seed, checkpoint_dir, backend, solver, callback)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if not method.needs_calibration and not rtn_calibrate:
+                run.finish_all([(name, mod, None, None) for sel in selected.values() for name, mod in sel.items()])
+                return run.results
+            bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
+            _calibrate(model, blocks, selected, windows, run, bar=bar, true_sequential=true_sequential,
+                       batch_size=batch_size, device=device)
+    finally:
+        model.train(was_training)
+    return run.results
+
+
+class _Run:
+    """One run's layer bookkeeping: checkpoints, submission to the solver, write-back."""
+
+    def __init__(self, spec, seed, checkpoint_dir, backend, solver, callback):
+        self.spec, self.seed, self.checkpoint_dir = spec, seed, checkpoint_dir
+        self.backend, self.solver, self.callback = backend, solver, callback
+        self.results = {}
+
+    def done(self, name) -> bool:
+        return self.checkpoint_dir is not None and layer_path(self.checkpoint_dir, name).exists()
+
+    def finish_all(self, items):
+        """Solve (or load) ``[(name, module, H, D), ...]``: submit every solve, then apply in order."""
+        pending = []
+        for name, mod, H, D in items:
+            if self.done(name):
+                path = layer_path(self.checkpoint_dir, name)
+                pending.append((name, mod, _Done(load_layer(path)), path))
+                logger.info("%s: loaded from %s", name, path)
+                continue
+            W = mod.weight.detach().cpu().numpy()
+            bias = None if mod.bias is None else mod.bias.detach().cpu().numpy()
+            fut = self.solver.submit(name, W, H, D, self.spec, backend=self.backend,
+                                     rng=layer_rng(self.seed, name), bias=bias)
+            pending.append((name, mod, fut, None))
+        for name, mod, fut, loaded_from in pending:
+            q = fut.result()
+            if loaded_from is None:
+                if self.checkpoint_dir is not None:
+                    save_layer(layer_path(self.checkpoint_dir, name), q)
+                st = q.stats
+                logger.info("%s: %s rel_loss %s  %.2f s", name, st.get("method"),
+                            "-" if st.get("rel_loss") is None else f"{st['rel_loss']:.4g}", st.get("time", 0.0))
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(q.dequantize()).to(mod.weight.dtype))
+            self.results[name] = q
+            if self.callback is not None:
+                self.callback(name, q)
+
+
+def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, batch_size, device):
+    """The block loop: capture inputs, collect statistics per stage, hand layers to `run`."""
+    spec = run.spec
+    joint = spec.joint
+    inps = first_block_inputs(model, blocks, windows, batch_size, device)
+    qstream = [h for h, _, _ in inps]  # X̃: block inputs from the quantized model, per batch
+    fstream = [h.clone() for h in qstream] if joint else None  # X: float block inputs
+    extras = [(r, k) for _, r, k in inps]
+    n_tok = sum(h.shape[0] * h.shape[1] for h in qstream)
+    alpha_m = spec.alpha_beta
+    n_seq = windows.shape[0]
+
+    for bi in bar:
+        block = blocks[bi]
+        layers = selected.get(bi, {})
+        t0 = time.perf_counter()
+        # groups of layers reading the same input tensor, in execution order; a stage is
+        # what is solved between two capture passes
+        groups = layer_groups(block, layers, (qstream[0], *extras[0])) if layers else []
+        stages = [[g] for g in groups] if true_sequential else ([groups] if groups else [])
+        todo = [g[0] for g in groups if not all(run.done(n) for n in g)]
+
+        # Float pass (joint methods), before anything in this block is quantized, so the
+        # block itself is the float block: keep the float inputs of the groups to solve.
+        finputs = {lead: [] for lead in todo} if joint else None
+        if joint:
+            def keep(name, m, args):
+                finputs[name].append(args[0].reshape(-1, args[0].shape[-1]).clone())
+
+            with forward_pre_hooks({n: layers[n] for n in todo}, keep):
+                fstream = [run_block(block, h, *e) for h, e in zip(fstream, extras)]
+
+        for stage in stages:
+            leads = [g[0] for g in stage if g[0] in todo]
+            stats = {}
+            if leads:
+                stats = _capture(block, {n: layers[n] for n in leads}, qstream, extras, finputs,
+                                 alpha_m=alpha_m, n_seq=n_seq, seed=run.seed, stop_early=true_sequential)
+            items = []
+            for g in stage:
+                if g[0] in stats:
+                    Hn, Dn = stats.pop(g[0]).mean(n_tok)
+                else:
+                    Hn = Dn = None  # every layer of the group is in the checkpoint
+                items.extend((name, layers[name], Hn, Dn) for name in g)
+            run.finish_all(items)
+        # the next quantized stream goes through the (now quantized) block
+        qstream = [run_block(block, h, *e) for h, e in zip(qstream, extras)]
+        finputs = None
+        logger.info("block %d done in %.1f s", bi, time.perf_counter() - t0)
+
+
+def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, stop_early):
+    r"""Run the block on the quantized stream and return ``{lead: LayerStatistics}`` for the
+    layers `leads` (``{name: module}``).
+
+    With ``stop_early`` (one lead) the pass stops at the lead's input: nothing after it
+    is needed. Per-sequence α (``alpha_m`` = Beta parameter) is drawn from
+    ``(seed, lead)`` and folded into ``D``.
+    """
+    acc = {}
+    for lead in leads:
+        alphas = None if alpha_m is None else torch.from_numpy(
+            fold_beta(layer_rng(seed, lead), alpha_m, size=n_seq)).float()
+        acc[lead] = LayerStatistics(leads[lead].in_features, joint=finputs is not None, alphas=alphas)
+    state = {"batch": 0, "seq": 0}
+
+    def accumulate(name, m, args):
+        x_float = None if finputs is None else finputs[name][state["batch"]]
+        acc[name].add(args[0], x_float, seq=state["seq"])
+        if stop_early:
+            raise StopForward()
+
+    with forward_pre_hooks(leads, accumulate):
+        for b, (h, e) in enumerate(zip(qstream, extras)):
+            state["batch"] = b
+            try:
+                run_block(block, h, *e)
+            except StopForward:
+                pass
+            state["seq"] += h.shape[0]
+    return acc

@@ -1,0 +1,127 @@
+"""``llm-adapter quantize``: quantize a model's linear layers and save them."""
+
+from __future__ import annotations
+
+import time
+
+from .. import methods
+from ..errors import ParameterError
+from .argtypes import group_size, nonneg_float, positive_int
+from .common import (CLIError, check_new_dir, layer_table, load_model_or_fail, load_text_or_fail, make_windows,
+                     model_source)
+
+__all__ = ["add_parser", "run"]
+
+_BITS = (2, 3, 4, 8)
+_BACKENDS = ("auto", "numpy", "numba", "cupy")
+
+
+def add_parser(sub, common) -> None:
+    """Add the ``quantize`` command to the subparsers `sub`; the method list and the
+    method-specific options come from the registry."""
+    from .main import model_args
+
+    q = sub.add_parser("quantize", parents=[common], help="quantize a model's linear layers and save them",
+                       description="Quantize the linear layers of the decoder blocks and save them "
+                                   "(native format, optionally a GPTQ checkpoint).")
+    model_args(q, quantized=False)
+    described = "; ".join(f"{n} = {methods.get(n).description}" for n in methods.names() if methods.get(n).description)
+    q.add_argument("--method", choices=methods.names(), default="gptq",
+                   help=f"quantization method (default gptq): {described}")
+    q.add_argument("--bits", type=int, choices=_BITS, default=4, help="code width (default 4)")
+    q.add_argument("--group-size", type=group_size, default=128,
+                   help="input columns per group, -1 for per-channel (default 128)")
+    q.add_argument("--damp", type=nonneg_float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
+    q.add_argument("--calib", nargs="+", default=["shakespeare"], metavar="CORPUS_OR_FILE",
+                   help="calibration text: a corpus name (shakespeare, wikitext2, c4) or text file(s)")
+    seen = []
+    for name in methods.names():
+        add = methods.get(name).cli_options
+        if add is not None and add not in seen:
+            seen.append(add)
+            add(q)
+    q.add_argument("--calib-windows", type=positive_int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per calibration window (default 2048)")
+    q.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the windows and of sampling (default 0)")
+    q.add_argument("--targets", nargs="+", default=["*"], metavar="PATTERN",
+                   help="fnmatch patterns of the linear layers to quantize (default: all in the blocks)")
+    q.add_argument("--out", metavar="DIR", default=None, help="write the quantized layers here (native format)")
+    q.add_argument("--export-gptq", metavar="DIR", default=None, help="also write a GPTQ checkpoint here")
+    q.add_argument("--gptq-format", choices=("gptq", "gptq_v2"), default="gptq",
+                   help="GPTQ checkpoint format (default gptq = v1, stores zero - 1)")
+    q.add_argument("--checkpoint", "--resume", dest="checkpoint", metavar="DIR", default=None,
+                   help="per-layer checkpoints; rerunning with the same DIR resumes where it stopped")
+    q.add_argument("--backend", choices=_BACKENDS, default="auto", help="bils solver backend (default auto)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing --out / --export-gptq directories")
+    q.set_defaults(func=run)
+
+
+def spec_from_args(args):
+    """The spec of ``args.method`` from the parsed arguments; errors name the flag."""
+    method = methods.get(args.method)
+    try:
+        return method.spec_from_cli(args)
+    except ParameterError as err:
+        raise CLIError(method.flag(err.param), str(err)) from err
+
+
+def run(args) -> int:
+    """Run ``quantize``; returns the exit status."""
+    from ..calibration import quantize_model
+    from ..data import calibration_windows
+
+    if args.out is None and args.export_gptq is None:
+        raise CLIError("--out", "give --out DIR and/or --export-gptq DIR, or the result is lost")
+    check_new_dir(args.out, "--out", args.overwrite)
+    check_new_dir(args.export_gptq, "--export-gptq", args.overwrite)
+    spec = spec_from_args(args)
+    method = methods.get(args.method)
+    if method.format.kind != "uniform" and args.export_gptq is not None:
+        raise CLIError("--export-gptq", f"{args.method} layers have no GPTQ layout; use --out (the native format)")
+    text = load_text_or_fail(args.calib, "calibration", "--calib")
+    source = model_source(args.model)
+    model, tok = load_model_or_fail(source)
+    windows = make_windows(calibration_windows, "--calib-windows/--seqlen", tok, text,
+                           n_windows=args.calib_windows, seqlen=args.seqlen, seed=args.seed)
+    print(f"quantizing {source} with {args.method}: {spec.describe()}, calibration {args.calib_windows} x "
+          f"{args.seqlen} tokens", flush=True)
+    t0 = time.perf_counter()
+    flags = {"targets": "--targets", "checkpoint_dir": "--checkpoint"}
+    try:
+        layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
+                                seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
+                                rtn_calibrate=True)
+    except ParameterError as err:
+        if err.param in flags:
+            raise CLIError(flags[err.param], str(err)) from err
+        raise
+    elapsed = time.perf_counter() - t0
+    print(layer_table(layers))
+    print(f"{len(layers)} layers quantized in {elapsed:.1f} s")
+    if all(hasattr(l, "storage_bits") for l in layers.values()):
+        bits = sum(l.storage_bits() for l in layers.values())
+        print(f"storage: {bits / sum(l.codes.size for l in layers.values()):.4f} bits per weight "
+              "(codes + fp16 generators and scales)")
+    model_info = {
+        "source": source,
+        "model_type": getattr(model.config, "model_type", None),
+        "config": model.config.to_dict(),
+        "calibration": {"text": list(args.calib), "windows": args.calib_windows, "seqlen": args.seqlen,
+                        "seed": args.seed},
+    }
+    if args.out is not None:
+        from ..formats import save_quantized
+
+        path = save_quantized(args.out, layers, spec.to_dict(), model_info, overwrite=args.overwrite)
+        print(f"wrote {path}")
+    if args.export_gptq is not None:
+        from ..formats import GPTQExportError, export_gptq
+
+        try:
+            path = export_gptq(model, layers, args.export_gptq, tokenizer=tok, damp_percent=args.damp,
+                               checkpoint_format=args.gptq_format, overwrite=args.overwrite)
+        except GPTQExportError as err:
+            raise CLIError("--export-gptq", str(err)) from err
+        print(f"wrote GPTQ checkpoint {path}")
+    return 0
