@@ -260,3 +260,138 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
         info = {key: (v[..., 0] if is_dask_array(v) else v) for key, v in info.items()}
     info["time"] = time.perf_counter() - t0  # building the graph; the solve runs at compute
     return BILSResult(x=x, cost=cost, status=status, backend=be, solver=solver, info=info)
+
+
+# ---------------------------------------------------------------------- BILSProblem with dask targets
+def map_columns(func, const, Y, rows, dtype=np.float64):
+    """``func(const, block)`` for every column chunk of the dask array ``Y`` (n, k).
+
+    ``const`` (in memory) is one graph key shared by every chunk task; each output block
+    has ``rows`` rows and the chunk's columns.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    Y = Y.rechunk({0: -1})
+    c_key = f"bils-const-{tokenize(const)}"
+    out = f"bils-{getattr(func, '__name__', 'map')}-{tokenize(func, c_key, Y.name)}"
+    dsk = {c_key: const}
+    for j in range(Y.numblocks[1]):
+        dsk[(out, 0, j)] = (func, c_key, (Y.name, 0, j))
+    graph = HighLevelGraph.from_collections(out, dsk, dependencies=[Y])
+    return da.Array(graph, out, chunks=((rows,), Y.chunks[1]), dtype=dtype,
+                    meta=np.empty((0, 0), dtype=dtype))
+
+
+def _targets_iv(name, T, rows, rows_rule):
+    """Shape and dtype checks of dask targets; values are checked per chunk when solved."""
+    _check_dtype(name, T)
+    if T.ndim not in (1, 2) or T.shape[0] != rows:
+        raise ValueError(f"`{name}` must have {rows_rule} = {rows} rows, got shape {T.shape}")
+    squeeze = T.ndim == 1
+    T = T.reshape(rows, -1).astype(np.float64)
+    if T.shape[1] == 0 or any(np.isnan(c) for c in T.shape):
+        raise ValueError(f"`{name}` must have at least one column (and known chunk sizes)")
+    return T.map_blocks(_finite_block, name, dtype=np.float64), squeeze
+
+
+def _finite_block(block, name):
+    if not np.all(np.isfinite(block)):
+        raise ValueError(f"`{name}` must be finite (no NaN or inf)")
+    return block
+
+
+def _left_multiply(M, B):
+    return M @ B
+
+
+def _trmm(R, B):
+    from .problem import _triangular_times
+
+    return _triangular_times(R, np.array(B, dtype=np.float64, order="C"))
+
+
+def build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offset, *, gram, dead):
+    """:meth:`BILSProblem._build` for a dask ``Y`` (R in memory, already validated)."""
+    from .ordering import column_order
+
+    if ordering == "chang_han":
+        raise NotImplementedError("ordering='chang_han' (per-RHS orderings) is not supported with "
+                                  "dask targets; use a shared ordering such as 'diag' or 'sqrd'")
+    n, k = Y.shape
+    grids = [_grid_2d(nm, a, n, k, squeeze, d).astype(t) for nm, a, d, t in
+             (("lo", lo, 0, np.int64), ("hi", hi, 0, np.int64), ("scale", scale, 1.0, np.float64),
+              ("offset", offset, 0.0, np.float64))]
+    for nm, g in zip(("lo", "hi", "scale", "offset"), (lo, hi, scale, offset)):
+        if g is not None:
+            _check_dtype(nm, g if is_dask_array(g) else np.asarray(g))
+    cost_offset = cost_offset if is_dask_array(cost_offset) else np.asarray(cost_offset, dtype=np.float64)
+    if ordering == "natural":
+        return cls(R, Y, *grids, None, cost_offset, dead, squeeze)
+    G = gram if gram is not None else R.T @ R
+    perm = column_order(G, ordering)
+    Q, Rp = np.linalg.qr(R[:, perm])
+    sign = np.sign(np.diag(Rp))
+    sign[sign == 0] = 1.0
+    Rp = sign[:, None] * Rp
+    Yp = map_columns(_left_multiply, np.ascontiguousarray((Q * sign[None, :]).T), Y, n)
+    grids = [g[perm] if g.shape[0] > 1 else g for g in grids]
+    return cls(np.triu(Rp), Yp, *grids, perm, cost_offset, dead, squeeze)
+
+
+def problem_from_triangular(cls, R, Y, lo, hi, scale, offset, ordering):
+    """:meth:`BILSProblem.from_triangular` with dask right-hand sides ``Y``."""
+    from ._validate import triangular_iv
+
+    R = triangular_iv(R)
+    Y, squeeze = _targets_iv("Y", Y, R.shape[0], "`R.shape[0]`")
+    return build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, np.zeros(Y.shape[1]),
+                         gram=None, dead=None)
+
+
+def problem_from_design(cls, A, B, lo, hi, scale, offset, ordering):
+    """:meth:`BILSProblem.from_design` with dask observations ``B`` (``A`` in memory)."""
+    import dask.array as da
+
+    B, squeeze = _targets_iv("B", B, A.shape[0], "`A.shape[0]`")
+    Q, R = np.linalg.qr(A)
+    if np.any(np.abs(np.diag(R)) <= 1e-13 * max(1.0, np.abs(R).max())):
+        raise ValueError("`A` must have full column rank")
+    Y = map_columns(_left_multiply, np.ascontiguousarray(Q.T), B, A.shape[1])
+    cost_offset = da.maximum(da.sum(B * B, axis=0) - da.sum(Y * Y, axis=0), 0.0)
+    return build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offset,
+                         gram=A.T @ A, dead=None)
+
+
+def gram_targets(T, n):
+    """Validated dask targets of :meth:`BILSProblem.from_gram`: (T (n, k) float64, squeeze)."""
+    return _targets_iv("T", T, n, "`H.shape[0]`")
+
+
+def gram_problem(cls, R, T, perm, dead, lo, hi, scale, offset, squeeze):
+    """The rest of :meth:`BILSProblem.from_gram` for dask targets ``T`` (n, k).
+
+    ``R`` is the Cholesky factor of the permuted, damped Gram matrix and ``perm`` the
+    shared ordering (None for natural); ``Y = R T[perm]`` per column chunk.
+    """
+    import dask.array as da
+
+    n, k = T.shape
+    if dead is not None and dead.any():
+        T = da.where(dead[:, None], 0.0, T)
+    Tp = T if perm is None else T[perm]
+    Y = map_columns(_trmm, R, Tp, n)
+
+    def rows(a):  # grids in original order -> solve order
+        if a is None or perm is None:
+            return a
+        a = a if is_dask_array(a) else np.asarray(a)
+        if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
+            return a[perm]
+        return a
+
+    prob = build_problem(cls, R, Y, *(rows(a) for a in (lo, hi, scale, offset)), squeeze,
+                         "natural", np.zeros(k), gram=None, dead=dead)
+    return cls(prob.R, prob.Y, prob.lo, prob.hi, prob.scale, prob.offset, perm,
+               prob.cost_offset, dead, squeeze)
