@@ -188,9 +188,11 @@ class LayerSolveExecutor:
     client : distributed.Client
         Any client: a ``LocalCluster``, a scheduler address, dask-jobqueue, Kubernetes.
     rows_per_task : int, optional
-        Output rows per task. Default: the layer split into ``2 ×`` the cluster's
-        thread count (at least 16 rows per task), so every thread has work and a
-        straggler costs little.
+        Output rows per task. Every task repeats the per-layer work that does not
+        depend on the rows (damping, Cholesky factor of ``H`` and ordering, :math:`O(n^3)`),
+        so fewer, larger tasks are cheaper as long as the workers stay busy. Default:
+        ``ceil(threads / 4)`` tasks per layer (one per layer on a small cluster, where
+        the layers submitted together — 7 per transformer block — already fill it).
 
     Notes
     -----
@@ -216,7 +218,7 @@ class LayerSolveExecutor:
     def _rows(self, m):
         if self.rows_per_task is not None:
             return self.rows_per_task
-        return max(16, math.ceil(m / (2 * self._threads())))
+        return math.ceil(m / max(1, math.ceil(self._threads() / 4)))
 
     def _scatter(self, H, D):
         key = (id(H), id(D))
