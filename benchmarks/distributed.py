@@ -24,6 +24,7 @@ the 2-worker speed-up is understated when other processes compete for the 2 core
 Re-run on a quiet machine with ``make bench-distributed`` (or the command below).
 
 Usage: python benchmarks/distributed.py [--quick] [--k 1000000] [--chunk 50000] [--repeats 2]
+       [--parts rhs,layers]
 Writes benchmarks/results/distributed.json (atomically) and prints tables.
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -113,6 +115,7 @@ def solve_rhs(client, solver, R, Y, **kw):
 def bench_rhs(args, out):
     import dask
     import dask.array as da
+    from distributed import wait
 
     import bils
 
@@ -121,7 +124,8 @@ def bench_rhs(args, out):
     k, chunk = args.k, args.chunk
     n_chunks = -(-k // chunk)
     rows = []
-    res = {"k": k, "n": N, "box": [0, HI], "chunk": chunk, "chunks": n_chunks, "solvers": {}}
+    res = {"k": k, "n": N, "box": [0, HI], "chunk": chunk, "chunks": n_chunks, "solvers": {},
+           "loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     # in memory, one process, one numba thread (Y materialised first, not timed)
     Ymem = targets(R, k, chunk).compute(scheduler="sync")
     for name, (solver, kw) in solvers.items():
@@ -138,7 +142,8 @@ def bench_rhs(args, out):
         c, client = cluster(workers)
         try:
             client.wait_for_workers(workers, timeout=120)
-            Y = targets(R, k, chunk)
+            Y = client.persist(targets(R, k, chunk))  # the RHS live on the workers, made before timing
+            wait(Y)
             for name, (solver, kw) in solvers.items():
                 solve_rhs(client, solver, R, targets(R, 2 * workers * 1000, 1000), **kw)  # warm workers
                 best = None
@@ -164,6 +169,7 @@ def bench_rhs(args, out):
         e["rhs_per_s_2_workers"] = k / e["workers2_s"]
         rows.append([name, f"{e['in_memory_s']:.2f}", f"{e['workers1_s']:.2f}", f"{e['workers2_s']:.2f}",
                      f"{e['speedup_2_vs_1']:.2f}x", f"{1e3 * e['overhead_per_chunk_s']:.1f}"])
+    res["loadavg_end"] = _loadavg()
     out["rhs"] = res
     print(f"\n{k} RHS, n={N}, box [0, {HI}], {n_chunks} chunks of {chunk} (numba, 1 thread per worker)")
     print(markdown_table(["solver", "in-memory s", "1 worker s", "2 workers s", "speed-up",
@@ -188,7 +194,8 @@ def bench_layers(args, out):
     layers = {name: random_layer(*shape, seed=i) for i, (name, shape) in enumerate(SMOLLM2_BLOCK.items())}
     specs = {"gptq": QuantSpec(bits=3, group_size=128, method="gptq"),
              "ojbkq": QuantSpec(bits=3, group_size=128, method="ojbkq")}
-    res = {"model": "SmolLM2-135M shapes (random Hessians)", "bits": 3, "group_size": 128,
+    res = {"loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "model": "SmolLM2-135M shapes (random Hessians)", "bits": 3, "group_size": 128,
            "layers": {k: list(v) for k, v in SMOLLM2_BLOCK.items()}, "n_blocks": N_BLOCKS, "methods": {}}
     for mname, spec in specs.items():
         e = res["methods"][mname] = {"local_per_layer_s": {}}
@@ -237,6 +244,7 @@ def bench_layers(args, out):
         e["speedup_2_vs_1"] = e["workers1_block_s"] / e["workers2_block_s"]
         e["model_estimate_2_workers_s"] = N_BLOCKS * e["workers2_block_s"]
         e["bytes_per_block_H"] = int(sum(H.nbytes for _, H in layers.values()))
+    res["loadavg_end"] = _loadavg()
     out["layers"] = res
     rows = [[m, f"{e['local_block_s']:.2f}", f"{e['workers1_block_s']:.2f}", f"{e['workers2_block_s']:.2f}",
              f"{e['speedup_2_vs_1']:.2f}x", f"{e['model_estimate_2_workers_s']:.0f}"]
@@ -256,8 +264,13 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=1_000_000)
     p.add_argument("--chunk", type=int, default=50_000)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--parts", default="rhs,layers",
+                   help="comma-separated subset of rhs,layers; parts not run keep their entry "
+                        "from an existing JSON")
     args = p.parse_args(argv)
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not parts <= {"rhs", "layers"}:
+        p.error(f"--parts must name rhs and/or layers, got {args.parts!r}")
     if args.quick:
         args.k, args.chunk, args.repeats = 100_000, 10_000, 1
     import dask
@@ -269,11 +282,17 @@ def main(argv=None):
            "command": "python benchmarks/distributed.py" + (" --quick" if args.quick else ""),
            "note": "2-core machine possibly shared with other jobs: see loadavg_*; a busy machine "
                    "understates the 2-worker speed-up"}
-    bench_rhs(args, out)
-    if not args.skip_layers:
+    name = "distributed_quick.json" if args.quick else "distributed.json"
+    previous = os.path.join(_common.RESULTS, name)
+    if os.path.exists(previous):
+        with open(previous) as f:
+            old = json.load(f)
+        out.update({part: old[part] for part in ("rhs", "layers") if part in old and part not in parts})
+    if "rhs" in parts:
+        bench_rhs(args, out)
+    if "layers" in parts:
         bench_layers(args, out)
     out["loadavg_end"] = _loadavg()
-    name = "distributed_quick.json" if args.quick else "distributed.json"
     print("wrote", write_json(name, out))
 
 
