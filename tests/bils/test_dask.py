@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bils
 
@@ -113,6 +115,30 @@ def test_numba_chunks_bit_identical(name):
         lazy = _lazy(solver, R, Y, lo, hi, S, O, cols, backend="numba", **kw)
         # enumerate's wrapper forms Y - R @ offset with a numpy product over all columns
         _same(ref, lazy.compute(scheduler="threads"), exact_cost=name != "enumerate")
+
+
+@st.composite
+def _chunked_cases(draw):
+    n = draw(st.integers(1, 6))
+    k = draw(st.integers(1, 25))
+    cuts = sorted(draw(st.sets(st.integers(1, k - 1), max_size=6))) if k > 1 else []
+    chunks = tuple(b - a for a, b in zip([0] + cuts, cuts + [k]))
+    return n, k, chunks, draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from(sorted(SOLVERS)))
+
+
+@given(case=_chunked_cases())
+@settings(max_examples=40, deadline=None)
+def test_any_chunking_equals_in_memory(case):
+    n, k, chunks, seed, name = case
+    solver, kw = SOLVERS[name]
+    rng = np.random.default_rng(seed)
+    R = np.triu(rng.standard_normal((n, n))) + 2.0 * np.eye(n)
+    Y = rng.standard_normal((n, k)) * 5
+    S = rng.uniform(0.5, 1.5, (1, k))
+    ref = solver(R, Y, -3, 3, scale=S, backend="numpy", **kw)
+    lazy = solver(R, da.from_array(Y, chunks=((n,), chunks)), -3, 3, scale=S, backend="numpy", **kw)
+    assert lazy.x.chunks[1] == chunks
+    _same(ref, lazy.compute(scheduler="sync"), exact_cost=False)
 
 
 def test_klein_seeds_follow_the_global_column_and_the_generator():
