@@ -141,6 +141,16 @@ def test_any_chunking_equals_in_memory(case):
     _same(ref, lazy.compute(scheduler="sync"), exact_cost=False)
 
 
+@pytest.mark.slow
+def test_multiprocessing_scheduler_equals_in_memory():
+    R, Y, lo, hi, S, O = _case(13)
+    for name in ("babai", "klein"):
+        solver, kw = SOLVERS[name]
+        ref = solver(R, Y, lo, hi, scale=S, offset=O, backend="numpy", **kw)
+        lazy = _lazy(solver, R, Y, lo, hi, S, O, 10, backend="numpy", **kw)
+        _same(ref, lazy.compute(scheduler="processes", num_workers=2), exact_cost=False)
+
+
 def test_klein_seeds_follow_the_global_column_and_the_generator():
     R, Y, lo, hi, S, O = _case(2)
     gen_a, gen_b = np.random.default_rng(5), np.random.default_rng(5)
