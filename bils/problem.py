@@ -223,7 +223,9 @@ class BILSProblem:
         H : (n, n) array_like
             Symmetric positive semi-definite Gram matrix.
         T : (n,) or (n, k) array_like
-            Targets.
+            Targets. A ``dask.array`` keeps the problem lazy: ``Y = R T[perm]`` is formed
+            per column chunk (``R`` one graph key) and the solvers return lazy results
+            (any shared ordering; not ``"chang_han"``).
         lo, hi : array_like of int
             Box, broadcastable to (n, k).
         scale, offset : array_like, optional
