@@ -33,8 +33,8 @@ Examples
 >>> rng = np.random.default_rng(0)
 >>> W = rng.standard_normal((64, 32)); X = rng.standard_normal((32, 256)); H = X @ X.T
 >>> spec = QuantSpec(bits=3, group_size=16, method="gptq")
->>> with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-...                   dashboard_address=None) as cluster, Client(cluster) as client:
+>>> with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, host="127.0.0.1",
+...                   protocol="tcp", dashboard_address=None) as cluster, Client(cluster) as client:
 ...     ex = LayerSolveExecutor(client, rows_per_task=16)
 ...     remote = ex.submit(W, H, None, spec, backend="numpy").result(timeout=60)
 >>> local = quantize_weight(W, H, None, spec, backend="numpy")

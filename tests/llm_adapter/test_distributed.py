@@ -103,7 +103,7 @@ def test_row_blocks_and_options():
 
 def test_cluster_gone_is_a_clear_error():
     cluster = distributed.LocalCluster(processes=False, n_workers=1, threads_per_worker=1,
-                                       dashboard_address=None)
+                                       dashboard_address=None, host="127.0.0.1", protocol="tcp")
     client = distributed.Client(cluster, timeout=TIMEOUT)
     W, H, D, _ = _layer(2, m=20, n=16)
     spec = QuantSpec(bits=3, group_size=16, method="gptq")
