@@ -295,6 +295,21 @@ def test_local_cluster_numba_and_problem(client):
         np.testing.assert_allclose(b.cost, a.cost, rtol=1e-12)
 
 
+def _incoming_transfers(dask_worker, key):
+    return sum(1 for t in dask_worker.transfer_incoming_log for k in t.get("keys", {}) if k == key)
+
+
+@pytest.mark.slow
+def test_R_travels_at_most_once_to_each_worker(client):
+    R, Y, lo, hi, S, O = _case(14, k=400)
+    res = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, scale=S, backend="numpy")
+    r_key = next(k for k in dict(res.x.__dask_graph__()) if isinstance(k, str) and k.startswith("bils-R-"))
+    before = client.run(_incoming_transfers, key=r_key)
+    _compute(client, res)  # 40 chunk tasks over 2 workers
+    after = client.run(_incoming_transfers, key=r_key)
+    assert all(after[w] - before.get(w, 0) <= 1 for w in after), after
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_solve_gives_the_same_result(client):
     # numpy K-best with a wide beam: each of the 12 chunks takes a noticeable time
