@@ -144,6 +144,9 @@ def bench_rhs(args, out):
             client.wait_for_workers(workers, timeout=120)
             Y = client.persist(targets(R, k, chunk))  # the RHS live on the workers, made before timing
             wait(Y)
+            client.rebalance(Y)  # solve tasks run where their chunk lives: spread the chunks evenly
+            res["placement"] = res.get("placement", {})
+            res["placement"][f"workers{workers}"] = sorted(len(v) for v in client.has_what().values())
             for name, (solver, kw) in solvers.items():
                 solve_rhs(client, solver, R, targets(R, 2 * workers * 1000, 1000), **kw)  # warm workers
                 best = None
