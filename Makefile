@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp
 DOCS_STAMP := $(VENV)/.stamp-docs
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: venv test gpu-sim demo bench docs gpu-check clean
+.PHONY: venv test gpu-sim demo bench bench-distributed docs gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VPY) benchmarks/solver_quality.py
 	$(VPY) benchmarks/cpu_solvers.py
+
+# Dask scale-out: 1 vs 2 LocalCluster workers (10^6 RHS; SmolLM2-shaped layer solves).
+# Run on a quiet machine: the JSON records the load average.
+bench-distributed: $(STAMP)
+	$(VPY) benchmarks/distributed.py
 
 # The site: plots from benchmarks/results/*.json (docs/img/), then a strict build into site/.
 $(DOCS_STAMP): $(STAMP)

@@ -41,6 +41,11 @@ def array_namespace(*arrays):
     import numpy
 
     return numpy
+def _chunk_meta(a):
+    """A dask array stands for its chunks: resolve from its ``_meta`` (numpy, cupy, ...)."""
+    if type(a).__module__.startswith("dask.array"):
+        return getattr(a, "_meta", None)
+    return a
 
 
 def numba_available() -> bool:
@@ -65,7 +70,8 @@ def resolve_backend(backend, *arrays) -> str:
     *arrays : array_like or None
         The inputs of the call (``None`` entries are ignored). With ``"auto"`` they
         decide whether the GPU is used; with ``"numpy"`` or ``"numba"`` none of them may
-        live on a GPU.
+        live on a GPU. A ``dask.array`` counts as its chunk type (its ``_meta``): numpy
+        chunks resolve like numpy arrays, CuPy chunks like CuPy arrays.
 
     Returns
     -------
@@ -94,6 +100,7 @@ def resolve_backend(backend, *arrays) -> str:
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    arrays = [_chunk_meta(a) for a in arrays]
     on_gpu = any(_is_cupy_array(a) or _is_torch_cuda(a) for a in arrays if a is not None)
     if backend == "auto":
         if on_gpu:

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from ._backend import resolve_backend
+from ._dask import run_solver_dask, uses_dask  # dask itself is imported only when used
 from ._validate import _namespace, problem_iv
 from .problem import BILSProblem
 from .result import BILSResult, _to_host
@@ -52,6 +53,8 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     canonical (sub)problem ``can`` holding RHS columns ``cols`` (a slice) of ``k_total``
     (for options that depend on the data, such as Klein's temperature and seeds).
     """
+    if uses_dask(R, Y, lo, hi, scale, offset):  # dask right-hand sides: a lazy graph of chunk solves
+        return run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, options)
     t0 = time.perf_counter()
     problem, can = canonical_from_args(R, Y, lo, hi, scale, offset)
     arrays = (R,) if problem is not None else (R, Y)

@@ -104,7 +104,10 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
         :class:`~bils.BILSProblem` (then ``Y``, ``lo``, ``hi``, ``scale``, ``offset``
         come from it and ``x`` is returned in its original coordinate order).
     Y : (n,) or (n, k) array_like
-        Right-hand sides, one per column.
+        Right-hand sides, one per column. A ``dask.array`` (chunked along the columns)
+        gives a lazy result: ``x``, ``cost`` and ``status`` are dask arrays with the same
+        column chunks, one solve task per chunk, equal to the in-memory solve for any
+        chunking (see the "Scaling out" guide and :meth:`BILSResult.compute`).
     lo, hi : array_like of int
         Box bounds, broadcastable to ``Y.shape``; ``lo <= hi``.
     scale, offset : array_like, optional

@@ -171,14 +171,40 @@ def klein(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, n_samples=
         gen = np.random.default_rng(rng)
     except (TypeError, ValueError):
         raise TypeError("`rng` must be None, a non-negative int or a numpy.random.Generator") from None
-    cache = {}
+    return run_solver("klein", KERNELS, R, Y, lo, hi, scale, offset, backend,
+                      _KleinOptions(gen, n_samples, tau, block_size))
 
-    def options(can, cols, k_total):
-        if "seeds" not in cache:
-            cache["seeds"] = column_seeds(gen, k_total)
+
+class _KleinOptions:
+    """Kernel options of one :func:`klein` call, per (sub)problem ``can`` and columns ``cols``.
+
+    The seeds of all ``k_total`` right-hand sides are drawn from the generator once, in
+    column order, the first time they are needed; a sub-problem gets the slice of its
+    global columns, so a result does not depend on how the columns are split (per-RHS
+    orderings, dask chunks). :meth:`rhs_arrays` lets the dask driver draw them up front
+    and ship each chunk its slice; pickled copies (dask tasks) drop the generator and
+    the seeds and must be called with ``seeds=``.
+    """
+
+    def __init__(self, gen, n_samples, tau, block_size):
+        self.gen, self.n_samples, self.tau, self.block_size = gen, n_samples, tau, block_size
+        self.seeds = None
+
+    def rhs_arrays(self, k_total):
+        """Per-RHS arrays drawn once by the caller, (k_total,) each."""
+        if self.seeds is None:
+            if self.gen is None:
+                raise RuntimeError("klein options were copied without their generator; pass `seeds`")
+            self.seeds = column_seeds(self.gen, k_total)
+        return {"seeds": self.seeds}
+
+    def __call__(self, can, cols, k_total, seeds=None):
+        if seeds is None:
+            seeds = self.rhs_arrays(k_total)["seeds"][cols]
         xp = _namespace(can.R)
-        t = lls_tau(can.R, can.scale, n_samples) if tau == "auto" else xp.full(can.k, tau)
-        return {"n_samples": n_samples, "tau": xp.asarray(t, dtype=np.float64),
-                "seeds": cache["seeds"][cols], "block_size": block_size}
+        t = lls_tau(can.R, can.scale, self.n_samples) if self.tau == "auto" else xp.full(can.k, self.tau)
+        return {"n_samples": self.n_samples, "tau": xp.asarray(t, dtype=np.float64),
+                "seeds": seeds, "block_size": self.block_size}
 
-    return run_solver("klein", KERNELS, R, Y, lo, hi, scale, offset, backend, options)
+    def __getstate__(self):
+        return dict(self.__dict__, gen=None, seeds=None)

@@ -20,6 +20,8 @@ import scipy.linalg
 import scipy.linalg.blas
 import scipy.linalg.lapack
 
+from . import _dask
+from ._dask import is_dask_array
 from ._validate import _real_array, choice_iv, float_iv, problem_iv
 from .ordering import DIAGONAL_ORDERINGS, ORDERINGS, chang_han, column_order, order_from_diagonal
 
@@ -148,6 +150,9 @@ class BILSProblem:
         >>> bils.babai(p).x.tolist()
         [0, 3]
         """
+        if is_dask_array(Y):  # lazy right-hand sides: R in memory, Y stays a dask array
+            choice_iv("ordering", ordering, _ORDER_CHOICES)
+            return _dask.problem_from_triangular(cls, R, Y, lo, hi, scale, offset, ordering)
         can = problem_iv(R, Y, lo, hi, scale, offset)
         return cls._build(can.R, can.Y, lo, hi, scale, offset, can.squeeze, ordering,
                           np.zeros(can.k), gram=None, dead=None)
@@ -186,6 +191,9 @@ class BILSProblem:
             raise ValueError(f"`A` must be a 2-D (m, n) array with m >= n >= 1, got shape {A.shape}")
         if not np.all(np.isfinite(A)):
             raise ValueError("`A` must be finite")
+        if is_dask_array(B):  # lazy observations: Y = Qᵀ B and the cost offset per chunk
+            choice_iv("ordering", ordering, _ORDER_CHOICES)
+            return _dask.problem_from_design(cls, A, B, lo, hi, scale, offset, ordering)
         B = _real_array("B", B).astype(np.float64)
         if B.ndim not in (1, 2) or B.shape[0] != A.shape[0]:
             raise ValueError(f"`B` must have `A.shape[0]` = {A.shape[0]} rows, got shape {B.shape}")
@@ -215,7 +223,9 @@ class BILSProblem:
         H : (n, n) array_like
             Symmetric positive semi-definite Gram matrix.
         T : (n,) or (n, k) array_like
-            Targets.
+            Targets. A ``dask.array`` keeps the problem lazy: ``Y = R T[perm]`` is formed
+            per column chunk (``R`` one graph key) and the solvers return lazy results
+            (any shared ordering; not ``"chang_han"``).
         lo, hi : array_like of int
             Box, broadcastable to (n, k).
         scale, offset : array_like, optional
@@ -247,24 +257,31 @@ class BILSProblem:
         if damp < 0:
             raise ValueError(f"`damp` must be >= 0, got {damp}")
         n = H.shape[0]
-        T = _real_array("T", T)
-        if T.ndim not in (1, 2) or T.shape[0] != n:
-            raise ValueError(f"`T` must have `H.shape[0]` = {n} rows, got shape {T.shape}")
-        squeeze = T.ndim == 1
-        T = T.astype(np.float64, copy=False).reshape(n, -1)
-        if not np.all(np.isfinite(T)):
-            raise ValueError("`T` must be finite")
+        lazy = is_dask_array(T)  # dask targets: Y = R T[perm] per column chunk, at compute time
+        if lazy:
+            T, squeeze = _dask.gram_targets(T, n)
+        else:
+            T = _real_array("T", T)
+            if T.ndim not in (1, 2) or T.shape[0] != n:
+                raise ValueError(f"`T` must have `H.shape[0]` = {n} rows, got shape {T.shape}")
+            squeeze = T.ndim == 1
+            T = T.astype(np.float64, copy=False).reshape(n, -1)
+            if not np.all(np.isfinite(T)):
+                raise ValueError("`T` must be finite")
         # Only the diagonal changes: dead coordinates get H_ii = 1, then damping.
         diag = np.diag(H).copy()
         dead = diag == 0
         diag[dead] = 1.0
         if damp:
             diag += damp * np.mean(diag)
-        if dead.any():
+        if dead.any() and not lazy:
             T = T.copy()
             T[dead] = 0.0
         order = "natural" if ordering == "chang_han" else ordering
         choice_iv("ordering", ordering, _ORDER_CHOICES)
+        if lazy and ordering == "chang_han":
+            raise NotImplementedError("ordering='chang_han' (per-RHS orderings) is not supported "
+                                      "with dask targets; use a shared ordering such as 'diag'")
         if order in DIAGONAL_ORDERINGS:  # rules that read the diagonal only
             perm = order_from_diagonal(diag, order)
         else:
@@ -280,6 +297,9 @@ class BILSProblem:
         R = _upper_cholesky_inplace(Hp)
         if R is None:
             raise ValueError("`H` (after damping) must be positive definite; increase `damp`")
+        if lazy:
+            return _dask.gram_problem(cls, R, T, None if order == "natural" else perm, dead,
+                                      lo, hi, scale, offset, squeeze)
         Y = _triangular_times(R, T[perm])
         prob = cls._build(R, Y, *(_rows2(nm, a, perm, n, squeeze) for nm, a in
                             (("lo", lo), ("hi", hi), ("scale", scale), ("offset", offset))), squeeze,

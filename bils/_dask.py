@@ -1,0 +1,397 @@
+"""Solves whose right-hand sides are a ``dask.array``: one task per RHS chunk.
+
+Every solver's :func:`bils._driver.run_solver` hands over to :func:`run_solver_dask` when
+``Y`` (or a grid array, or the targets of a :class:`~bils.BILSProblem`) is a dask array.
+The graph holds
+
+* one key for ``R`` (the shared factor, in memory): every chunk task depends on it, so a
+  distributed scheduler ships it once per worker, not once per chunk;
+* one solve task per column chunk of ``Y`` (rechunked to a single chunk along ``n``),
+  which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks;
+* small ``getitem`` tasks turning each solve's tuple into blocks of ``x``, ``cost``,
+  ``status`` (and the per-RHS entries of ``info``).
+
+Results do not depend on the chunking: every solver is column-separable, and Klein's
+per-RHS seeds are drawn once on the caller's side for all ``k`` columns (exactly as the
+in-memory call draws them) and each chunk receives the slice of its global columns.
+
+Nothing here imports dask at :mod:`bils` import time; this module is imported only when
+a dask array has been seen (:func:`is_dask_array` looks at the type's module name).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import time
+import uuid
+
+import numpy as np
+
+__all__ = ["is_dask_array", "uses_dask", "run_solver_dask"]
+
+#: Per-RHS entries of ``info`` (shape (k,) or (m, k)) returned lazily, by solver.
+_RHS_INFO = {
+    "klein": {"tau": np.float64, "improved": np.bool_},
+    "enumerate": {"nodes": np.int64},
+}
+
+
+def is_dask_array(a) -> bool:
+    """True for a ``dask.array.Array`` (checked by type module: dask is not imported)."""
+    return type(a).__module__.startswith("dask.array")
+
+
+def uses_dask(R, Y, lo, hi, scale, offset) -> bool:
+    """Whether a solver call must build a dask graph."""
+    from .problem import BILSProblem
+
+    if isinstance(R, BILSProblem):
+        return any(is_dask_array(a) for a in (R.Y, R.lo, R.hi, R.scale, R.offset, R.cost_offset))
+    return any(is_dask_array(a) for a in (R, Y, lo, hi, scale, offset))
+
+
+# ---------------------------------------------------------------------- shape helpers
+def _grid_2d(name, a, n, k, squeeze, default):
+    """``a`` (numpy or dask) as a 2-D array of shape (1 or n, 1 or k), numpy broadcasting."""
+    if a is None:
+        return np.full((1, 1), default)
+    if not is_dask_array(a):
+        a = np.asarray(a)
+    if squeeze and a.ndim == 1:
+        a = a[:, None]
+    if a.ndim > 2:
+        raise ValueError(f"`{name}` must be broadcastable to `Y.shape` {(n, k)}, got shape {a.shape}")
+    a = a.reshape((1,) * (2 - a.ndim) + tuple(a.shape))
+    if a.shape[0] not in (1, n) or a.shape[1] not in (1, k):
+        raise ValueError(f"`{name}` must be broadcastable to `Y.shape` {(n, k)}, got shape {a.shape}")
+    return a
+
+
+def _check_dtype(name, a):
+    kind = np.dtype(a.dtype).kind
+    if kind not in ("f", "i", "u"):
+        raise TypeError(f"`{name}` must hold real numbers, got dtype {a.dtype}")
+
+
+class _Blocks:
+    """The per-column-chunk pieces of one argument: a (1 or n, 1 or k) grid or a (k,) vector.
+
+    Per-RHS data (last axis of length ``k``) is cut like ``Y``'s columns: numpy slices are
+    embedded in their chunk's task, dask arrays are rechunked to ``Y``'s column chunks and
+    referenced by key. Shared data (last axis 1) goes whole into every task (it is small:
+    at most ``n`` numbers).
+    """
+
+    def __init__(self, a, col_chunks, deps):
+        k = sum(col_chunks)
+        self.per_rhs = a.shape[-1] == k and (k > 1 or is_dask_array(a))
+        if is_dask_array(a):
+            lead = tuple((s,) for s in a.shape[:-1])
+            a = a.rechunk(lead + ((tuple(col_chunks),) if self.per_rhs else ((a.shape[-1],),)))
+            deps.append(a)
+        self.a = a
+        self.offsets = np.concatenate([[0], np.cumsum(col_chunks)]).astype(int)
+
+    def block(self, j):
+        a = self.a
+        if is_dask_array(a):
+            return (a.name,) + (0,) * (a.ndim - 1) + ((j,) if self.per_rhs else (0,))
+        if not self.per_rhs:
+            return a
+        return a[..., self.offsets[j]:self.offsets[j + 1]]
+
+
+# ---------------------------------------------------------------------- chunk task
+class _ChunkOptions:
+    """A callable-options object seen from one chunk: local columns -> global columns."""
+
+    def __init__(self, options, j0, k_total, rhs):
+        self.options, self.j0, self.k_total, self.rhs = options, j0, k_total, rhs
+
+    def __call__(self, can, cols, k_total):
+        glob = slice(self.j0 + cols.start, self.j0 + cols.stop)
+        extra = {name: arr[cols] for name, arr in self.rhs.items()}
+        return self.options(can, glob, self.k_total, **extra)
+
+
+def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
+                 options, rhs_names, j0, k_total, perm, dead, info_keys):
+    """Solve one column chunk in memory; returns (x, cost, status, per-RHS info)."""
+    from ._driver import run_solver
+    from .problem import BILSProblem
+
+    if callable(options):
+        options = _ChunkOptions(options, j0, k_total, dict(zip(rhs_names, rhs)))
+    Y = np.asarray(Y)
+    if cost_offset is not None:  # a BILSProblem chunk: keeps its ordering and constant cost
+        prob = BILSProblem(R, Y, *(np.asarray(g) for g in (lo, hi, scale, offset)), perm,
+                           np.asarray(cost_offset, dtype=np.float64), dead, False)
+        res = run_solver(solver, kernels, prob, None, None, None, None, None, backend, options)
+    else:
+        res = run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options)
+    info = {key: np.asarray(res.info[key]) for key in info_keys if key in res.info}
+    return res.x, res.cost, res.status, info
+
+
+def _info_get(out, key):
+    return out[3][key]
+
+
+# ---------------------------------------------------------------------- driver
+def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
+    """Build the lazy result of ``solver`` for dask right-hand sides (see module docstring)."""
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    from ._backend import resolve_backend
+    from ._validate import triangular_iv
+    from .problem import BILSProblem
+    from .result import BILSResult
+
+    t0 = time.perf_counter()
+    if isinstance(R, BILSProblem):
+        problem = R
+        if any(a is not None for a in (Y, lo, hi, scale, offset)):
+            raise TypeError("when the first argument is a BILSProblem, `Y`, `lo`, `hi`, `scale` "
+                            "and `offset` must not be given (they come from the problem)")
+        if problem.perm is not None and np.ndim(problem.perm) == 2:
+            raise NotImplementedError("per-RHS orderings ('chang_han') are not supported with dask "
+                                      "right-hand sides; use a shared ordering")
+        Rm, Y, lo, hi, scale, offset = (problem.R, problem.Y, problem.lo, problem.hi,
+                                       problem.scale, problem.offset)
+        squeeze, perm, dead = problem.squeeze, problem.perm, problem.dead
+        cost_offset = problem.cost_offset
+    else:
+        if is_dask_array(R):
+            raise TypeError("`R` must be an in-memory array (it is sent once to every worker), "
+                            "not a dask array; call `R.compute()` first")
+        if Y is None or lo is None or hi is None:
+            raise TypeError("`R`, `Y`, `lo` and `hi` are required (or pass a BILSProblem)")
+        problem, Rm, perm, dead, cost_offset = None, R, None, None, None
+    Rm = triangular_iv(Rm)
+    n = Rm.shape[0]
+    if not is_dask_array(Y):
+        Y = np.asarray(Y)
+    _check_dtype("Y", Y)
+    if Y.ndim not in (1, 2):
+        raise ValueError(f"`Y` must be 1-D (n,) or 2-D (n, k), got {Y.ndim}-D")
+    if Y.shape[0] != n:
+        raise ValueError(f"`Y` must have `R.shape[0]` = {n} rows, got {Y.shape[0]}")
+    if problem is None:
+        squeeze = Y.ndim == 1
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    k = Y.shape[1]
+    if k == 0 or any(np.isnan(c) for c in Y.shape):
+        raise ValueError("`Y` must have at least one column (and known chunk sizes)")
+
+    grids = []
+    for name, a, default in (("lo", lo, 0), ("hi", hi, 0), ("scale", scale, 1.0), ("offset", offset, 0.0)):
+        g = _grid_2d(name, a, n, k, squeeze, default)
+        _check_dtype(name, g)
+        grids.append(g)
+    # the column chunking comes from Y, or from the first dask grid when Y is in memory
+    if is_dask_array(Y):
+        Y = Y.rechunk({0: -1})
+    else:
+        ref = next((g for g in grids if is_dask_array(g) and g.shape[1] == k), None)
+        Y = da.from_array(Y, chunks=(n, ref.chunks[1] if ref is not None else k))
+    col_chunks = Y.chunks[1]
+    nb = len(col_chunks)
+    starts = np.concatenate([[0], np.cumsum(col_chunks)]).astype(int)
+
+    be = resolve_backend(backend, Rm, Y)
+    co = None  # a problem's constant cost part, (k,)
+    if problem is not None:
+        co = cost_offset if is_dask_array(cost_offset) else \
+            np.broadcast_to(np.asarray(cost_offset, dtype=np.float64), (k,))
+    rhs = {}
+    if callable(options) and hasattr(options, "rhs_arrays"):
+        rhs = options.rhs_arrays(k)  # drawn here, once, for the global columns (Klein's seeds)
+
+    deps = [Y]
+    pieces = [_Blocks(g, col_chunks, deps) for g in grids]
+    co_piece = None if co is None else _Blocks(co, col_chunks, deps)
+    rhs_pieces = [_Blocks(np.asarray(v), col_chunks, deps) for v in rhs.values()]
+    info_keys = tuple(_RHS_INFO.get(solver, {}))
+    n_best = options.get("n_best", 1) if isinstance(options, dict) else 1
+    if n_best > 1:
+        info_keys += ("best_x", "best_cost")
+
+    token = tokenize(solver, Rm, Y.name, [g if not is_dask_array(g) else g.name for g in grids],
+                     None if co is None else (co if not is_dask_array(co) else co.name), be,
+                     options if isinstance(options, dict) else uuid.uuid4().hex,
+                     [np.asarray(v) for v in rhs.values()])
+    r_key = f"bils-R-{tokenize(Rm)}"
+    name = f"bils-{solver}-{token}"
+    func = functools.partial(_solve_block, solver=solver, kernels=kernels, backend=be,
+                             options=options, rhs_names=tuple(rhs), k_total=k, perm=perm,
+                             dead=dead, info_keys=info_keys)
+    solve = {r_key: Rm}
+    for j in range(nb):
+        args = [r_key, (Y.name, 0, j)] + [p.block(j) for p in pieces]
+        args.append(None if co_piece is None else co_piece.block(j))
+        args += [p.block(j) for p in rhs_pieces]
+        solve[(name, j)] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
+
+    def lazy(suffix, index, chunks, dtype, getter=operator.getitem):
+        out = f"{name}-{suffix}"
+        dsk = dict(solve)
+        lead = (0,) * (len(chunks) - 1)
+        for j in range(nb):
+            dsk[(out,) + lead + (j,)] = (getter, (name, j), index)
+        graph = HighLevelGraph.from_collections(out, dsk, dependencies=deps)
+        return da.Array(graph, out, chunks=chunks, dtype=dtype,
+                        meta=np.empty((0,) * len(chunks), dtype=dtype))
+
+    x = lazy("x", 0, ((n,), col_chunks), np.int64)
+    cost = lazy("cost", 1, (col_chunks,), np.float64)
+    status = lazy("status", 2, (col_chunks,), np.int8)
+    info = {"chunks": col_chunks}
+    for key, dtype in _RHS_INFO.get(solver, {}).items():
+        info[key] = lazy(key, key, (col_chunks,), dtype, _info_get)
+    if n_best > 1:
+        info["best_x"] = lazy("best_x", "best_x", ((n_best,), (n,), col_chunks), np.int64, _info_get)
+        info["best_cost"] = lazy("best_cost", "best_cost", ((n_best,), col_chunks), np.float64, _info_get)
+    if squeeze:
+        x, cost, status = x[:, 0], cost[0], status[0]
+        info = {key: (v[..., 0] if is_dask_array(v) else v) for key, v in info.items()}
+    info["time"] = time.perf_counter() - t0  # building the graph; the solve runs at compute
+    return BILSResult(x=x, cost=cost, status=status, backend=be, solver=solver, info=info)
+
+
+# ---------------------------------------------------------------------- BILSProblem with dask targets
+def map_columns(func, const, Y, rows, dtype=np.float64):
+    """``func(const, block)`` for every column chunk of the dask array ``Y`` (n, k).
+
+    ``const`` (in memory) is one graph key shared by every chunk task; each output block
+    has ``rows`` rows and the chunk's columns.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    Y = Y.rechunk({0: -1})
+    c_key = f"bils-const-{tokenize(const)}"
+    out = f"bils-{getattr(func, '__name__', 'map')}-{tokenize(func, c_key, Y.name)}"
+    dsk = {c_key: const}
+    for j in range(Y.numblocks[1]):
+        dsk[(out, 0, j)] = (func, c_key, (Y.name, 0, j))
+    graph = HighLevelGraph.from_collections(out, dsk, dependencies=[Y])
+    return da.Array(graph, out, chunks=((rows,), Y.chunks[1]), dtype=dtype,
+                    meta=np.empty((0, 0), dtype=dtype))
+
+
+def _targets_iv(name, T, rows, rows_rule):
+    """Shape and dtype checks of dask targets; values are checked per chunk when solved."""
+    _check_dtype(name, T)
+    if T.ndim not in (1, 2) or T.shape[0] != rows:
+        raise ValueError(f"`{name}` must have {rows_rule} = {rows} rows, got shape {T.shape}")
+    squeeze = T.ndim == 1
+    T = T.reshape(rows, -1).astype(np.float64)
+    if T.shape[1] == 0 or any(np.isnan(c) for c in T.shape):
+        raise ValueError(f"`{name}` must have at least one column (and known chunk sizes)")
+    return T.map_blocks(_finite_block, name, dtype=np.float64), squeeze
+
+
+def _finite_block(block, name):
+    if not np.all(np.isfinite(block)):
+        raise ValueError(f"`{name}` must be finite (no NaN or inf)")
+    return block
+
+
+def _left_multiply(M, B):
+    return M @ B
+
+
+def _trmm(R, B):
+    from .problem import _triangular_times
+
+    return _triangular_times(R, np.array(B, dtype=np.float64, order="C"))
+
+
+def build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offset, *, gram, dead):
+    """:meth:`BILSProblem._build` for a dask ``Y`` (R in memory, already validated)."""
+    from .ordering import column_order
+
+    if ordering == "chang_han":
+        raise NotImplementedError("ordering='chang_han' (per-RHS orderings) is not supported with "
+                                  "dask targets; use a shared ordering such as 'diag' or 'sqrd'")
+    n, k = Y.shape
+    grids = [_grid_2d(nm, a, n, k, squeeze, d).astype(t) for nm, a, d, t in
+             (("lo", lo, 0, np.int64), ("hi", hi, 0, np.int64), ("scale", scale, 1.0, np.float64),
+              ("offset", offset, 0.0, np.float64))]
+    for nm, g in zip(("lo", "hi", "scale", "offset"), (lo, hi, scale, offset)):
+        if g is not None:
+            _check_dtype(nm, g if is_dask_array(g) else np.asarray(g))
+    cost_offset = cost_offset if is_dask_array(cost_offset) else np.asarray(cost_offset, dtype=np.float64)
+    if ordering == "natural":
+        return cls(R, Y, *grids, None, cost_offset, dead, squeeze)
+    G = gram if gram is not None else R.T @ R
+    perm = column_order(G, ordering)
+    Q, Rp = np.linalg.qr(R[:, perm])
+    sign = np.sign(np.diag(Rp))
+    sign[sign == 0] = 1.0
+    Rp = sign[:, None] * Rp
+    Yp = map_columns(_left_multiply, np.ascontiguousarray((Q * sign[None, :]).T), Y, n)
+    grids = [g[perm] if g.shape[0] > 1 else g for g in grids]
+    return cls(np.triu(Rp), Yp, *grids, perm, cost_offset, dead, squeeze)
+
+
+def problem_from_triangular(cls, R, Y, lo, hi, scale, offset, ordering):
+    """:meth:`BILSProblem.from_triangular` with dask right-hand sides ``Y``."""
+    from ._validate import triangular_iv
+
+    R = triangular_iv(R)
+    Y, squeeze = _targets_iv("Y", Y, R.shape[0], "`R.shape[0]`")
+    return build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, np.zeros(Y.shape[1]),
+                         gram=None, dead=None)
+
+
+def problem_from_design(cls, A, B, lo, hi, scale, offset, ordering):
+    """:meth:`BILSProblem.from_design` with dask observations ``B`` (``A`` in memory)."""
+    import dask.array as da
+
+    B, squeeze = _targets_iv("B", B, A.shape[0], "`A.shape[0]`")
+    Q, R = np.linalg.qr(A)
+    if np.any(np.abs(np.diag(R)) <= 1e-13 * max(1.0, np.abs(R).max())):
+        raise ValueError("`A` must have full column rank")
+    Y = map_columns(_left_multiply, np.ascontiguousarray(Q.T), B, A.shape[1])
+    cost_offset = da.maximum(da.sum(B * B, axis=0) - da.sum(Y * Y, axis=0), 0.0)
+    return build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offset,
+                         gram=A.T @ A, dead=None)
+
+
+def gram_targets(T, n):
+    """Validated dask targets of :meth:`BILSProblem.from_gram`: (T (n, k) float64, squeeze)."""
+    return _targets_iv("T", T, n, "`H.shape[0]`")
+
+
+def gram_problem(cls, R, T, perm, dead, lo, hi, scale, offset, squeeze):
+    """The rest of :meth:`BILSProblem.from_gram` for dask targets ``T`` (n, k).
+
+    ``R`` is the Cholesky factor of the permuted, damped Gram matrix and ``perm`` the
+    shared ordering (None for natural); ``Y = R T[perm]`` per column chunk.
+    """
+    import dask.array as da
+
+    n, k = T.shape
+    if dead is not None and dead.any():
+        T = da.where(dead[:, None], 0.0, T)
+    Tp = T if perm is None else T[perm]
+    Y = map_columns(_trmm, R, Tp, n)
+
+    def rows(a):  # grids in original order -> solve order
+        if a is None or perm is None:
+            return a
+        a = a if is_dask_array(a) else np.asarray(a)
+        if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
+            return a[perm]
+        return a
+
+    prob = build_problem(cls, R, Y, *(rows(a) for a in (lo, hi, scale, offset)), squeeze,
+                         "natural", np.zeros(k), gram=None, dead=dead)
+    return cls(prob.R, prob.Y, prob.lo, prob.hi, prob.scale, prob.offset, perm,
+               prob.cost_offset, dead, squeeze)

@@ -1,0 +1,340 @@
+"""Dask right-hand sides: lazy results equal the in-memory solve on any scheduler.
+
+The cluster tests run a 2-process ``LocalCluster`` on loopback (module-scoped, every
+wait bounded by a timeout). Oracle: the same solver called on the numpy arrays. Codes
+and statuses must be identical; costs are identical with the numba backend and equal to
+rounding with the numpy reference (numpy's vector products round differently for
+different column counts).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bils
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+distributed = pytest.importorskip("distributed")
+
+TIMEOUT = 120  # seconds: every wait on the cluster is bounded
+
+SOLVERS = {
+    "babai": (bils.babai, {"block_size": 4}),
+    "klein": (bils.klein, {"n_samples": 5, "rng": 11}),
+    "kbest": (bils.kbest, {"beam_width": 4}),
+    "enumerate": (bils.enumerate, {"max_nodes": 500, "n_best": 2}),
+}
+CHUNKINGS = (1, 7, 16, 40)  # columns per chunk; k = 40
+
+
+def _case(seed=0, n=9, k=40):
+    rng = np.random.default_rng(seed)
+    R = np.triu(rng.standard_normal((n, n))) + 2.5 * np.eye(n)
+    Y = rng.standard_normal((n, k)) * 6
+    S = rng.uniform(0.5, 1.5, (n, k))
+    O = rng.standard_normal((1, k))
+    lo = rng.integers(-4, -1, (n, 1))
+    hi = rng.integers(1, 4, (n, k))
+    return R, Y, lo, hi, S, O
+
+
+def _same(ref, res, *, exact_cost):
+    np.testing.assert_array_equal(res.x, ref.x)
+    np.testing.assert_array_equal(res.status, ref.status)
+    if exact_cost:
+        np.testing.assert_array_equal(res.cost, ref.cost)
+    else:
+        np.testing.assert_allclose(res.cost, ref.cost, rtol=1e-12, atol=1e-12)
+    for key, v in ref.info.items():
+        if key in res.info and isinstance(v, np.ndarray) and key != "chunks":
+            np.testing.assert_allclose(res.info[key], v, rtol=1e-12, err_msg=key)
+
+
+def _lazy(solver, R, Y, lo, hi, S, O, cols, **kw):
+    # Y chunked along both axes (rows are rechunked to one), the per-RHS grid as dask too
+    return solver(R, da.from_array(Y, chunks=(4, cols)), lo, hi,
+                  scale=da.from_array(S, chunks=(Y.shape[0], max(1, cols // 2 + 3))), offset=O, **kw)
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                       dashboard_address=None, host="127.0.0.1",
+                                       worker_class=distributed.Nanny, timeout=TIMEOUT)
+    c = distributed.Client(cluster, timeout=TIMEOUT)
+    try:
+        c.wait_for_workers(2, timeout=TIMEOUT)
+        yield c
+    finally:
+        c.close(timeout=TIMEOUT)
+        cluster.close(timeout=TIMEOUT)
+
+
+def _compute(client, res):
+    fut = client.compute([res.x, res.cost, res.status,
+                          {k: v for k, v in res.info.items() if bils.result._is_dask(v)}])
+    x, cost, status, info = [f.result(timeout=TIMEOUT) for f in fut]
+    return bils.BILSResult(x=x, cost=cost, status=status, backend=res.backend, solver=res.solver,
+                           info=dict(res.info, **info))
+
+
+# ---------------------------------------------------------------------- no cluster
+def test_importing_bils_does_not_import_dask():
+    code = "import sys, bils; bils.babai([[1.0]], [0.4], 0, 1, backend='numpy'); print('dask' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("cols", CHUNKINGS)
+def test_threaded_scheduler_equals_in_memory(name, cols):
+    solver, kw = SOLVERS[name]
+    R, Y, lo, hi, S, O = _case()
+    ref = solver(R, Y, lo, hi, scale=S, offset=O, backend="numpy", **kw)
+    lazy = _lazy(solver, R, Y, lo, hi, S, O, cols, backend="numpy", **kw)
+    assert lazy.is_lazy and isinstance(lazy.x, da.Array) and lazy.x.chunks[1] == da.from_array(
+        Y, chunks=(4, cols)).chunks[1]
+    _same(ref, lazy.compute(scheduler="threads"), exact_cost=False)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_numba_chunks_bit_identical(name):
+    solver, kw = SOLVERS[name]
+    R, Y, lo, hi, S, O = _case(1)
+    ref = solver(R, Y, lo, hi, scale=S, offset=O, backend="numba", **kw)
+    for cols in (3, 40):
+        lazy = _lazy(solver, R, Y, lo, hi, S, O, cols, backend="numba", **kw)
+        # enumerate's wrapper forms Y - R @ offset with a numpy product over all columns
+        _same(ref, lazy.compute(scheduler="threads"), exact_cost=name != "enumerate")
+
+
+@st.composite
+def _chunked_cases(draw):
+    n = draw(st.integers(1, 6))
+    k = draw(st.integers(1, 25))
+    cuts = sorted(draw(st.sets(st.integers(1, k - 1), max_size=6))) if k > 1 else []
+    chunks = tuple(b - a for a, b in zip([0] + cuts, cuts + [k]))
+    return n, k, chunks, draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from(sorted(SOLVERS)))
+
+
+@given(case=_chunked_cases())
+@settings(max_examples=40, deadline=None)
+def test_any_chunking_equals_in_memory(case):
+    n, k, chunks, seed, name = case
+    solver, kw = SOLVERS[name]
+    rng = np.random.default_rng(seed)
+    R = np.triu(rng.standard_normal((n, n))) + 2.0 * np.eye(n)
+    Y = rng.standard_normal((n, k)) * 5
+    S = rng.uniform(0.5, 1.5, (1, k))
+    ref = solver(R, Y, -3, 3, scale=S, backend="numpy", **kw)
+    lazy = solver(R, da.from_array(Y, chunks=((n,), chunks)), -3, 3, scale=S, backend="numpy", **kw)
+    assert lazy.x.chunks[1] == chunks
+    _same(ref, lazy.compute(scheduler="sync"), exact_cost=False)
+
+
+@pytest.mark.slow
+def test_multiprocessing_scheduler_equals_in_memory():
+    R, Y, lo, hi, S, O = _case(13)
+    for name in ("babai", "klein"):
+        solver, kw = SOLVERS[name]
+        ref = solver(R, Y, lo, hi, scale=S, offset=O, backend="numpy", **kw)
+        lazy = _lazy(solver, R, Y, lo, hi, S, O, 10, backend="numpy", **kw)
+        _same(ref, lazy.compute(scheduler="processes", num_workers=2), exact_cost=False)
+
+
+def test_klein_seeds_follow_the_global_column_and_the_generator():
+    R, Y, lo, hi, S, O = _case(2)
+    gen_a, gen_b = np.random.default_rng(5), np.random.default_rng(5)
+    ref = bils.klein(R, Y, lo, hi, scale=S, offset=O, n_samples=6, rng=gen_a, backend="numpy")
+    lazy = bils.klein(R, da.from_array(Y, chunks=(9, 6)), lo, hi, scale=S, offset=O,
+                      n_samples=6, rng=gen_b, backend="numpy")
+    # the seeds are drawn when the graph is built: both generators advanced alike
+    assert gen_a.integers(1 << 30) == gen_b.integers(1 << 30)
+    got = lazy.compute(scheduler="threads")
+    np.testing.assert_array_equal(got.x, ref.x)
+    np.testing.assert_array_equal(got.info["improved"], ref.info["improved"])
+    assert ref.info["improved"].any()  # the samples matter in this case
+    # computing twice (or elsewhere) gives the same codes
+    np.testing.assert_array_equal(lazy.compute(scheduler="sync").x, got.x)
+
+
+def test_R_is_one_graph_key_for_every_chunk():
+    R, Y, lo, hi, S, O = _case(3)
+    res = bils.kbest(R, da.from_array(Y, chunks=(9, 5)), lo, hi, scale=S, offset=O, backend="numpy")
+    graph = {}
+    for a in (res.x, res.cost, res.status):
+        graph.update(dict(a.__dask_graph__()))
+    r_keys = [key for key in graph if isinstance(key, str) and key.startswith("bils-R-")]
+    assert len(r_keys) == 1
+    solves = [key for key in graph if isinstance(key, tuple)
+              and re.fullmatch(r"bils-kbest-[0-9a-f]+", key[0])]
+    assert len(solves) == 8
+    deps = {key: dask.core.get_dependencies(graph, key) for key in solves}
+    assert all(r_keys[0] in d for d in deps.values())
+    # R itself appears once in the graph: count the tasks holding an (n, n) array equal to R
+    def holds_R(task):
+        data = getattr(task, "value", task)
+        return isinstance(data, np.ndarray) and data.shape == R.shape and np.array_equal(data, R)
+    assert sum(holds_R(t) for t in graph.values()) == 1
+
+
+def test_problem_with_dask_targets_from_gram():
+    rng = np.random.default_rng(4)
+    n, k = 12, 30
+    X = rng.standard_normal((n, 40))
+    H = X @ X.T
+    H[2], H[:, 2] = 0.0, 0.0  # a dead input
+    T = rng.standard_normal((n, k))
+    S = rng.uniform(0.2, 0.4, (n, k))
+    for ordering in ("natural", "diag"):
+        ref = bils.BILSProblem.from_gram(H, T, 0, 7, scale=S, offset=-4 * S, damp=0.01,
+                                         ordering=ordering)
+        lazy = bils.BILSProblem.from_gram(H, da.from_array(T, chunks=(5, 8)), 0, 7, scale=S,
+                                          offset=-4 * S, damp=0.01, ordering=ordering)
+        assert isinstance(lazy.Y, da.Array)
+        np.testing.assert_allclose(lazy.Y.compute(), ref.Y, rtol=1e-13, atol=1e-13)
+        for name, (solver, kw) in SOLVERS.items():
+            a = solver(ref, backend="numba", **kw)
+            b = solver(lazy, backend="numba", **kw).compute(scheduler="threads")
+            np.testing.assert_array_equal(b.x, a.x, err_msg=f"{name} {ordering}")
+            np.testing.assert_allclose(b.cost, a.cost, rtol=1e-12)
+
+
+def test_problem_from_design_and_triangular_with_dask_targets():
+    rng = np.random.default_rng(6)
+    A = rng.standard_normal((20, 6))
+    B = rng.standard_normal((20, 25)) * 4
+    for ordering in ("natural", "sqrd"):
+        ref = bils.BILSProblem.from_design(A, B, -5, 5, ordering=ordering)
+        lazy = bils.BILSProblem.from_design(A, da.from_array(B, chunks=(7, 9)), -5, 5, ordering=ordering)
+        a, b = bils.babai(ref, backend="numpy"), bils.babai(lazy, backend="numpy").compute()
+        np.testing.assert_array_equal(b.x, a.x)
+        np.testing.assert_allclose(b.cost, a.cost, rtol=1e-12)  # includes the cost offset
+        R = ref.R
+        ref_t = bils.BILSProblem.from_triangular(R, B[:6], -5, 5, ordering=ordering)
+        lazy_t = bils.BILSProblem.from_triangular(R, da.from_array(B[:6], chunks=(6, 4)), -5, 5,
+                                                  ordering=ordering)
+        np.testing.assert_array_equal(bils.kbest(lazy_t, backend="numpy").compute().x,
+                                      bils.kbest(ref_t, backend="numpy").x)
+
+
+def test_single_rhs_and_dask_grid_only():
+    R, Y, lo, hi, S, O = _case(7)
+    ref = bils.babai(R, Y[:, 0], -3, 3, backend="numpy")
+    lazy = bils.babai(R, da.from_array(Y[:, 0], chunks=4), -3, 3, backend="numpy")
+    assert lazy.x.shape == (9,) and lazy.cost.shape == ()
+    got = lazy.compute()
+    np.testing.assert_array_equal(got.x, ref.x)
+    assert got.cost.shape == () and np.isclose(got.cost, ref.cost)
+    # Y in memory, only the per-RHS scale lazy: chunked like the scale
+    ref = bils.babai(R, Y, lo, hi, scale=S, backend="numpy")
+    lazy = bils.babai(R, Y, lo, hi, scale=da.from_array(S, chunks=(9, 11)), backend="numpy")
+    assert lazy.x.chunks[1] == (11, 11, 11, 7)
+    np.testing.assert_array_equal(lazy.compute().x, ref.x)
+
+
+def test_resolve_backend_reads_the_chunk_type():
+    Yd = da.zeros((3, 4), chunks=(3, 2))
+    assert bils.resolve_backend("numpy", Yd) == "numpy"
+    assert bils.resolve_backend("auto", Yd) in ("numba", "numpy")
+
+
+def test_errors_name_the_argument():
+    R, Y, lo, hi, S, O = _case(8)
+    Yd = da.from_array(Y, chunks=(9, 10))
+    with pytest.raises(TypeError, match="`R` must be an in-memory array"):
+        bils.babai(da.from_array(R), Yd, lo, hi)
+    with pytest.raises(ValueError, match=r"`Y` must have `R.shape\[0\]` = 9 rows"):
+        bils.babai(R, Yd[:5], lo, hi)
+    with pytest.raises(ValueError, match="`scale` must be broadcastable"):
+        bils.babai(R, Yd, lo, hi, scale=np.ones((9, 3)))
+    with pytest.raises(NotImplementedError, match="chang_han"):
+        bils.BILSProblem.from_triangular(R, Yd, lo, hi, ordering="chang_han")
+    bad = Y.copy()
+    bad[0, 33] = np.nan
+    lazy = bils.babai(R, da.from_array(bad, chunks=(9, 10)), lo, hi, backend="numpy")
+    with pytest.raises(ValueError, match="`Y` must be finite"):  # values are checked per chunk
+        lazy.compute(scheduler="sync")
+
+
+# ---------------------------------------------------------------------- 2-process cluster
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_local_cluster_equals_in_memory(client, name):
+    solver, kw = SOLVERS[name]
+    R, Y, lo, hi, S, O = _case(9)
+    ref = solver(R, Y, lo, hi, scale=S, offset=O, backend="numpy", **kw)
+    for cols in (5, 16, 40):
+        lazy = _lazy(solver, R, Y, lo, hi, S, O, cols, backend="numpy", **kw)
+        _same(ref, _compute(client, lazy), exact_cost=False)
+
+
+@pytest.mark.slow
+def test_local_cluster_numba_and_problem(client):
+    rng = np.random.default_rng(10)
+    n, k = 16, 64
+    X = rng.standard_normal((n, 50))
+    T = rng.standard_normal((n, k))
+    S = np.full((n, 1), 0.3)
+    ref = bils.BILSProblem.from_gram(X @ X.T, T, 0, 7, scale=S, offset=-1.2, ordering="diag")
+    lazy = bils.BILSProblem.from_gram(X @ X.T, da.from_array(T, chunks=(n, 10)), 0, 7, scale=S,
+                                      offset=-1.2, ordering="diag")
+    for solver, kw in ((bils.babai, {}), (bils.klein, {"n_samples": 4, "rng": 2})):
+        a = solver(ref, backend="numba", **kw)
+        b = _compute(client, solver(lazy, backend="numba", **kw))
+        np.testing.assert_array_equal(b.x, a.x)
+        np.testing.assert_allclose(b.cost, a.cost, rtol=1e-12)
+
+
+def _incoming_transfers(dask_worker, key):
+    return sum(1 for t in dask_worker.transfer_incoming_log for k in t.get("keys", {}) if k == key)
+
+
+@pytest.mark.slow
+def test_R_travels_at_most_once_to_each_worker(client):
+    R, Y, lo, hi, S, O = _case(14, k=400)
+    res = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, scale=S, backend="numpy")
+    r_key = next(k for k in dict(res.x.__dask_graph__()) if isinstance(k, str) and k.startswith("bils-R-"))
+    before = client.run(_incoming_transfers, key=r_key)
+    _compute(client, res)  # 40 chunk tasks over 2 workers
+    after = client.run(_incoming_transfers, key=r_key)
+    assert all(after[w] - before.get(w, 0) <= 1 for w in after), after
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_solve_gives_the_same_result(client):
+    # numpy K-best with a wide beam: each of the 12 chunks takes a noticeable time
+    R, Y, lo, hi, S, O = _case(12, n=14, k=240)
+    kw = {"beam_width": 48, "n_children": 7}
+    ref = bils.kbest(R, Y, lo, hi, scale=S, offset=O, backend="numpy", **kw)
+    lazy = bils.kbest(R, da.from_array(Y, chunks=(14, 20)), lo, hi, scale=S, offset=O,
+                      backend="numpy", **kw)
+    pids = client.run(os.getpid)
+    fut = client.compute([lazy.x, lazy.cost, lazy.status])
+    # wait until both workers are busy with solve tasks, then SIGKILL one of them
+    victim = None
+    deadline = time.monotonic() + TIMEOUT
+    while victim is None and time.monotonic() < deadline:
+        busy = {w: ks for w, ks in client.processing().items()
+                if any("bils-kbest" in str(key) for key in ks)}
+        if len(busy) == 2:
+            victim = sorted(busy)[0]
+        else:
+            time.sleep(0.05)
+    assert victim is not None, "the solve never occupied both workers"
+    assert not all(f.done() for f in fut)
+    os.kill(pids[victim], signal.SIGKILL)  # a process this test's cluster started
+    x, cost, status = [f.result(timeout=TIMEOUT) for f in fut]
+    np.testing.assert_array_equal(x, ref.x)
+    np.testing.assert_array_equal(status, ref.status)
+    np.testing.assert_allclose(cost, ref.cost, rtol=1e-12)
+    client.wait_for_workers(2, timeout=TIMEOUT)  # the nanny restarts the killed worker
