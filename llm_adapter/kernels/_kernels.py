@@ -1,0 +1,266 @@
+r"""numba-cuda kernels: dequantize-GEMV/GEMM from the packed GPTQ layout, and the glvq transform.
+
+Private: :mod:`llm_adapter.kernels` validates, allocates and launches. Imported lazily
+(it imports numba). The same code runs on a device, in numba-cuda's simulator
+(``NUMBA_ENABLE_CUDASIM=1``, numpy arrays) and compiles with ``numba.cuda.compile_ptx``.
+
+``qmm`` — one kernel for every batch tile ``NB`` (compile-time), bits ``BITS`` in
+{2, 3, 4, 8}. ``qweight`` is ``(words, out)`` int32, codes packed along the input dim as a
+little-endian bit stream (:mod:`llm_adapter.formats.packing`): a *period* of ``P`` values
+fills ``W`` whole words (8/1 at 4 bits, 16/1 at 2, 32/3 at 3, 4/1 at 8). Thread
+``(tx, ty)`` of block ``(bx, by)`` owns output column ``j = bx * TX + tx`` and periods
+``ty, ty + TY, ...`` of the block's input slice ``[by * KV, (by + 1) * KV)``; a warp reads 32
+consecutive words of one packed row (coalesced). Per period of group ``g``:
+
+.. math::
+
+    \mathrm{acc}_b \mathrel{+}= s_{gj} \Big(\sum_{t<P} x_{b,i_t} q_{i_t j} - z_{gj} \sum_{t<P} x_{b,i_t}\Big)
+
+with the per-period sums of ``x`` precomputed in shared memory, so a weight costs a shift,
+a mask-or and one FMA per batch row (the code becomes a float through the exponent trick
+``as_float(0x4B000000 | q) - 2**23``, no integer-to-float conversion). With ``use_gidx``
+(act-order ``g_idx``, or a group size that splits a period) the group is looked up per
+value from shared memory instead. The ``TY`` partial sums meet in shared memory (no warp
+shuffles: the simulator has none); with a split-K grid (``gridDim.y > 1``) each block
+writes its partial to ``part`` and the last block of a column tile (an atomic counter,
+reset by that block, so the kernel can be replayed in a CUDA graph) adds them up. The
+finishing block writes ``y = acc + escale_j * sum(eparts[b]) + bias_j`` in ``y``'s dtype;
+the ``eparts`` term carries the glvq centre (``n_eparts = 0`` for GPTQ).
+
+``glvq_transform`` — ``u[b, p] = sum_i G_g[i, k] c_{s0+i} x[b, s0+i]`` (``p = s0 + k``,
+sub-vectors of ``d``), and per block the partial ``sum_p centre_g(p) u[b, p]`` in
+``cparts[b, block]`` (tree reduction in shared memory).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import config, cuda, float32, int32
+
+from ..formats.packing import period
+
+#: True when numba-cuda runs kernels in its simulator (process-wide switch).
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+_MAGIC = 0x4B000000  # exponent of 2**23: as_float(_MAGIC | q) == 2**23 + q for q < 2**23
+_MAGIC_F = 8388608.0
+
+if SIMULATOR:
+
+    def bits_as_float(i):
+        """Reinterpret the bits of an int32 as float32 (simulator version)."""
+        return np.int32(i).view(np.float32)
+
+else:  # pragma: no cover - needs the CUDA toolchain (compiled in the PTX tests)
+    from numba.cuda import libdevice
+
+    bits_as_float = libdevice.int_as_float
+
+
+@functools.lru_cache(maxsize=None)
+def qmm_kernel(bits: int, nb: int, tx: int, ty: int, kv: int):
+    """The dequantize-GEMM kernel for `bits`, batch tile `nb` and launch sizes (tx, ty, kv).
+
+    Launch: ``grid = (ceil(out / tx), ceil(in / kv))``, ``block = (tx, ty)``. Arguments:
+    ``(x, qweight, scales, zeros, gidx, use_gidx, gsize, n_in, bias, has_bias, eparts,
+    escale, n_eparts, part, counters, y)``.
+    """
+    P, W = period(bits)
+    if kv % P:
+        raise ValueError(f"`kv` = {kv} must be a multiple of the period {P} of {bits}-bit codes")
+    BITS, NB, TX, TY, KV = int(bits), int(nb), int(tx), int(ty), int(kv)
+    NPER = KV // P
+    MASK = (1 << BITS) - 1
+    NT = TX * TY
+    MAGIC, MAGIC_F = _MAGIC, float32(_MAGIC_F)
+
+    @cuda.jit
+    def qmm(x, qw, scales, zeros, gidx, use_gidx, gsize, n_in, bias, has_bias, eparts, escale, n_eparts,
+            part, counters, y):
+        sx = cuda.shared.array((NB, KV), float32)
+        sxs = cuda.shared.array((NB, NPER), float32)
+        sg = cuda.shared.array(KV, int32)
+        red = cuda.shared.array((TY, NB, TX), float32)
+        last = cuda.shared.array(1, int32)
+        txi = cuda.threadIdx.x
+        tyi = cuda.threadIdx.y
+        tid = tyi * TX + txi
+        nbatch = x.shape[0]
+        n_out = qw.shape[1]
+        n_words = qw.shape[0]
+        j = cuda.blockIdx.x * TX + txi
+        split = cuda.blockIdx.y
+        n_split = cuda.gridDim.y
+        v0 = split * KV
+
+        # stage the slice of x (float32, zero-padded) and, for act-order, the groups
+        for e in range(tid, NB * KV, NT):
+            b = e // KV
+            v = e - b * KV
+            i = v0 + v
+            val = float32(0.0)
+            if b < nbatch and i < n_in:
+                val = float32(x[b, i])
+            sx[b, v] = val
+            if b == 0:
+                gv = 0
+                if use_gidx != 0 and i < n_in:
+                    gv = gidx[i]
+                sg[v] = gv
+        cuda.syncthreads()
+        for e in range(tid, NB * NPER, NT):
+            b = e // NPER
+            p = e - b * NPER
+            s = float32(0.0)
+            for t in range(P):
+                s += sx[b, p * P + t]
+            sxs[b, p] = s
+        cuda.syncthreads()
+
+        acc = cuda.local.array(NB, float32)
+        dots = cuda.local.array(NB, float32)
+        for b in range(NB):
+            acc[b] = float32(0.0)
+        if j < n_out:
+            for p in range(tyi, NPER, TY):
+                k = (split * NPER + p) * W
+                if k >= n_words:
+                    break
+                w0 = qw[k, j]
+                w1 = w0
+                w2 = w0
+                if W > 1:
+                    w1 = qw[k + 1, j]
+                    w2 = qw[k + 2, j]
+                if use_gidx == 0:
+                    g = (v0 + p * P) // gsize
+                    sc = float32(scales[g, j])
+                    zc = float32(zeros[g, j])
+                    for b in range(NB):
+                        dots[b] = float32(0.0)
+                    for t in range(P):
+                        off = BITS * t
+                        wi = off // 32
+                        sh = off - 32 * wi
+                        w = w0 if wi == 0 else (w1 if wi == 1 else w2)
+                        if sh + BITS <= 32:
+                            q = (w >> sh) & MASK
+                        else:
+                            nlo = 32 - sh
+                            wn = w1 if wi == 0 else w2
+                            q = ((w >> sh) & ((1 << nlo) - 1)) | ((wn & ((1 << (BITS - nlo)) - 1)) << nlo)
+                        qf = bits_as_float(int32(MAGIC | q)) - MAGIC_F
+                        for b in range(NB):
+                            dots[b] += sx[b, p * P + t] * qf
+                    for b in range(NB):
+                        acc[b] += sc * (dots[b] - zc * sxs[b, p])
+                else:
+                    for t in range(P):
+                        off = BITS * t
+                        wi = off // 32
+                        sh = off - 32 * wi
+                        w = w0 if wi == 0 else (w1 if wi == 1 else w2)
+                        if sh + BITS <= 32:
+                            q = (w >> sh) & MASK
+                        else:
+                            nlo = 32 - sh
+                            wn = w1 if wi == 0 else w2
+                            q = ((w >> sh) & ((1 << nlo) - 1)) | ((wn & ((1 << (BITS - nlo)) - 1)) << nlo)
+                        qf = bits_as_float(int32(MAGIC | q)) - MAGIC_F
+                        g = sg[p * P + t]
+                        wv = float32(scales[g, j]) * (qf - float32(zeros[g, j]))
+                        for b in range(NB):
+                            acc[b] += sx[b, p * P + t] * wv
+        for b in range(NB):
+            red[tyi, b, txi] = acc[b]
+        cuda.syncthreads()
+        if tyi == 0 and j < n_out:
+            for b in range(NB):
+                if b < nbatch:
+                    tot = float32(0.0)
+                    for r in range(TY):
+                        tot += red[r, b, txi]
+                    if n_split == 1:
+                        if n_eparts > 0:
+                            ce = float32(0.0)
+                            for t in range(n_eparts):
+                                ce += eparts[b, t]
+                            tot += float32(escale[j]) * ce
+                        if has_bias != 0:
+                            tot += float32(bias[j])
+                        y[b, j] = tot
+                    else:
+                        part[split, b, j] = tot
+        if n_split > 1:
+            cuda.threadfence()
+            cuda.syncthreads()
+            if tid == 0:
+                seen = cuda.atomic.add(counters, cuda.blockIdx.x, 1)
+                last[0] = 1 if seen == n_split - 1 else 0
+            cuda.syncthreads()
+            if last[0] == 1:
+                if tid == 0:
+                    counters[cuda.blockIdx.x] = 0
+                if tyi == 0 and j < n_out:
+                    for b in range(NB):
+                        if b < nbatch:
+                            tot = float32(0.0)
+                            for s in range(n_split):
+                                tot += part[s, b, j]
+                            if n_eparts > 0:
+                                ce = float32(0.0)
+                                for t in range(n_eparts):
+                                    ce += eparts[b, t]
+                                tot += float32(escale[j]) * ce
+                            if has_bias != 0:
+                                tot += float32(bias[j])
+                            y[b, j] = tot
+
+    return qmm
+
+
+@functools.lru_cache(maxsize=None)
+def transform_kernel(threads: int):
+    """The glvq transform for blocks of `threads` (a power of two).
+
+    Launch: ``grid = (ceil(in / threads), batch)``, ``block = threads``. Arguments:
+    ``(x, generators, col_scale, has_col_scale, centre, d, gsize, u, cparts)``.
+    """
+    T = int(threads)
+    if T < 1 or T & (T - 1):
+        raise ValueError(f"`threads` must be a power of two, got {threads}")
+
+    @cuda.jit
+    def glvq_transform(x, gen, col_scale, has_cs, centre, d, gsize, u, cparts):
+        sm = cuda.shared.array(T, float32)
+        tid = cuda.threadIdx.x
+        p = cuda.blockIdx.x * T + tid
+        b = cuda.blockIdx.y
+        n_in = x.shape[1]
+        cval = float32(0.0)
+        if p < n_in:
+            s0 = (p // d) * d
+            kk = p - s0
+            g = p // gsize
+            a = float32(0.0)
+            for i in range(d):
+                xi = float32(x[b, s0 + i])
+                if has_cs != 0:
+                    xi *= float32(col_scale[s0 + i])
+                a += float32(gen[g, i, kk]) * xi
+            u[b, p] = a
+            cval = a * centre[g]
+        sm[tid] = cval
+        cuda.syncthreads()
+        h = T // 2
+        while h > 0:
+            if tid < h:
+                sm[tid] += sm[tid + h]
+            cuda.syncthreads()
+            h //= 2
+        if tid == 0:
+            cparts[b, cuda.blockIdx.x] = sm[0]
+
+    return glvq_transform
