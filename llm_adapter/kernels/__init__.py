@@ -300,16 +300,21 @@ def quant_matmul(x, qweight, scales, zeros, g_idx, bits, group_size, in_features
     """
     arrays, bits, group_size, in_features, n_out, P = _quant_matmul_iv(
         x, qweight, scales, zeros, g_idx, bits, group_size, in_features, bias)
-    use_gidx = g_idx is not None or (group_size != -1 and group_size % P != 0)
+    pow2 = group_size > 0 and group_size & (group_size - 1) == 0 and group_size % P == 0
+    use_gidx = g_idx is not None or (group_size != -1 and not pow2)
     if g_idx is None and use_gidx:
         g_idx = np.arange(in_features, dtype=np.int32) // group_size
-    gsize = in_features if group_size == -1 else group_size
+    gshift = _PER_CHANNEL_SHIFT if group_size == -1 else group_size.bit_length() - 1
     gidx = arrays.asarray(g_idx, "int32") if use_gidx else arrays.const_zeros((1,), "int32")
-    return _qmm_launch(arrays, x, qweight, scales, zeros, gidx, use_gidx, gsize, in_features, n_out, bits,
+    return _qmm_launch(arrays, x, qweight, scales, zeros, gidx, use_gidx, gshift, in_features, n_out, bits,
                        bias, None, None)
 
 
-def _qmm_launch(arrays, x, qweight, scales, zeros, gidx, use_gidx, gsize, in_features, n_out, bits, bias,
+#: ``i >> 40 == 0`` for every column index: one group.
+_PER_CHANNEL_SHIFT = 40
+
+
+def _qmm_launch(arrays, x, qweight, scales, zeros, gidx, use_gidx, gshift, in_features, n_out, bits, bias,
                 eparts, escale, out_dtype=None):
     """Launch the GEMV/GEMM kernel over batch tiles of at most 16 rows (`x` validated)."""
     from ._kernels import qmm_kernel
@@ -338,7 +343,7 @@ def _qmm_launch(arrays, x, qweight, scales, zeros, gidx, use_gidx, gsize, in_fea
         ys = y[r0:r0 + rows]
         ep = eparts[r0:r0 + rows] if eparts is not None else arrays.const_zeros((1, 1), "float32")
         es = escale if escale is not None else dummy
-        args = (xs, qweight, scales, zeros, gidx, np.int32(use_gidx), np.int32(gsize), np.int32(in_features),
+        args = (xs, qweight, scales, zeros, gidx, np.int32(use_gidx), np.int32(gshift), np.int32(in_features),
                 b_arr, np.int32(has_bias), ep, es, np.int32(n_ep), part, counters, ys)
         args = tuple(arrays.dev(a) if hasattr(a, "shape") and not isinstance(a, np.generic) else a for a in args)
         kernel[grid, (tx, ty), stream](*args)
@@ -423,6 +428,6 @@ def lattice_matmul(x, qweight_t, generators, centre, row_scale, col_scale, bias,
         args = tuple(arrays.dev(a) if hasattr(a, "shape") and not isinstance(a, np.generic) else a for a in args)
         transform_kernel(T)[(n_blocks, batch), T, arrays.stream()](*args)
     zeros = arrays.const_zeros(tuple(row_scale.shape), arrays.dtype_name(row_scale))
-    y = _qmm_launch(arrays, u, qweight_t, row_scale, zeros, arrays.const_zeros((1,), "int32"), False, in_features,
-                    in_features, n_out, bits, bias, cparts, row_scale.reshape(-1), arrays.dtype_name(x))
+    y = _qmm_launch(arrays, u, qweight_t, row_scale, zeros, arrays.const_zeros((1,), "int32"), False,
+                    _PER_CHANNEL_SHIFT, in_features, n_out, bits, bias, cparts, row_scale.reshape(-1), arrays.dtype_name(x))
     return y

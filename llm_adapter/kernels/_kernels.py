@@ -16,10 +16,11 @@ consecutive words of one packed row (coalesced). Per period of group ``g``:
 
     \mathrm{acc}_b \mathrel{+}= s_{gj} \Big(\sum_{t<P} x_{b,i_t} q_{i_t j} - z_{gj} \sum_{t<P} x_{b,i_t}\Big)
 
-with the per-period sums of ``x`` precomputed in shared memory, so a weight costs a shift,
+(static groups of ``2**gshift`` columns, ``g = i >> gshift``) with the per-period sums of
+``x`` precomputed in shared memory, so a weight costs a shift,
 a mask-or and one FMA per batch row (the code becomes a float through the exponent trick
 ``as_float(0x4B000000 | q) - 2**23``, no integer-to-float conversion). With ``use_gidx``
-(act-order ``g_idx``, or a group size that splits a period) the group is looked up per
+(act-order ``g_idx``, or a group size that is not a power of two or splits a period) the group is looked up per
 value from shared memory instead. The ``TY`` partial sums meet in shared memory (no warp
 shuffles: the simulator has none); with a split-K grid (``gridDim.y > 1``) each block
 writes its partial to ``part`` and the last block of a column tile (an atomic counter,
@@ -37,7 +38,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import config, cuda, float32, int32
+from numba import config, cuda, float32, int32, uint32, uint64
 
 from ..formats.packing import period
 
@@ -59,130 +60,114 @@ else:  # pragma: no cover - needs the CUDA toolchain (compiled in the PTX tests)
     bits_as_float = libdevice.int_as_float
 
 
-@functools.lru_cache(maxsize=None)
-def qmm_kernel(bits: int, nb: int, tx: int, ty: int, kv: int):
-    """The dequantize-GEMM kernel for `bits`, batch tile `nb` and launch sizes (tx, ty, kv).
+def _extract(bits: int, t: int) -> str:
+    """Source of code ``t`` of a period (words ``w0, w1, w2`` as uint64), as a uint64."""
+    off = bits * t
+    wi, sh = divmod(off, 32)
+    mask = (1 << bits) - 1
+    if sh + bits <= 32:
+        return f"((w{wi} >> U[{sh}]) & U[{mask}])" if sh else f"(w{wi} & U[{mask}])"
+    nlo = 32 - sh
+    return (f"(((w{wi} >> U[{sh}]) & U[{(1 << nlo) - 1}]) | "
+            f"((w{wi + 1} & U[{(1 << (bits - nlo)) - 1}]) << U[{nlo}]))")
 
-    Launch: ``grid = (ceil(out / tx), ceil(in / kv))``, ``block = (tx, ty)``. Arguments:
-    ``(x, qweight, scales, zeros, gidx, use_gidx, gsize, n_in, bias, has_bias, eparts,
-    escale, n_eparts, part, counters, y)``.
-    """
-    P, W = period(bits)
-    if kv % P:
-        raise ValueError(f"`kv` = {kv} must be a multiple of the period {P} of {bits}-bit codes")
-    BITS, NB, TX, TY, KV = int(bits), int(nb), int(tx), int(ty), int(kv)
-    NPER = KV // P
-    MASK = (1 << BITS) - 1
-    NT = TX * TY
-    MAGIC, MAGIC_F = _MAGIC, float32(_MAGIC_F)
 
-    @cuda.jit
-    def qmm(x, qw, scales, zeros, gidx, use_gidx, gsize, n_in, bias, has_bias, eparts, escale, n_eparts,
-            part, counters, y):
-        sx = cuda.shared.array((NB, KV), float32)
-        sxs = cuda.shared.array((NB, NPER), float32)
-        sg = cuda.shared.array(KV, int32)
-        red = cuda.shared.array((TY, NB, TX), float32)
-        last = cuda.shared.array(1, int32)
-        txi = cuda.threadIdx.x
-        tyi = cuda.threadIdx.y
-        tid = tyi * TX + txi
-        nbatch = x.shape[0]
-        n_out = qw.shape[1]
-        n_words = qw.shape[0]
-        j = cuda.blockIdx.x * TX + txi
-        split = cuda.blockIdx.y
-        n_split = cuda.gridDim.y
-        v0 = split * KV
+_QMM_TEMPLATE = """
+def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, eparts, escale, n_eparts,
+        part, counters, y):
+    sx = cuda.shared.array((NB, KV), float32)
+    sxs = cuda.shared.array((NB, NPER), float32)
+    sg = cuda.shared.array(KV, int32)
+    red = cuda.shared.array((TY, NB, TX), float32)
+    last = cuda.shared.array(1, int32)
+    txi = cuda.threadIdx.x
+    tyi = cuda.threadIdx.y
+    tid = tyi * TX + txi
+    nbatch = x.shape[0]
+    n_out = qw.shape[1]
+    n_words = qw.shape[0]
+    j = cuda.blockIdx.x * TX + txi
+    split = cuda.blockIdx.y
+    n_split = cuda.gridDim.y
+    v0 = split * KV
 
-        # stage the slice of x (float32, zero-padded) and, for act-order, the groups
-        for e in range(tid, NB * KV, NT):
-            b = e // KV
-            v = e - b * KV
-            i = v0 + v
-            val = float32(0.0)
-            if b < nbatch and i < n_in:
-                val = float32(x[b, i])
-            sx[b, v] = val
-            if b == 0:
-                gv = 0
-                if use_gidx != 0 and i < n_in:
-                    gv = gidx[i]
-                sg[v] = gv
-        cuda.syncthreads()
-        for e in range(tid, NB * NPER, NT):
-            b = e // NPER
-            p = e - b * NPER
-            s = float32(0.0)
-            for t in range(P):
-                s += sx[b, p * P + t]
-            sxs[b, p] = s
-        cuda.syncthreads()
+    # stage the slice of x (float32, zero-padded) and, for act-order, the groups
+    for e in range(tid, NB * KV, NT):
+        b = e // KV
+        v = e - b * KV
+        i = v0 + v
+        val = float32(0.0)
+        if b < nbatch and i < n_in:
+            val = float32(x[b, i])
+        sx[b, v] = val
+        if b == 0:
+            gv = 0
+            if use_gidx != 0 and i < n_in:
+                gv = gidx[i]
+            sg[v] = gv
+    cuda.syncthreads()
+    for e in range(tid, NB * NPER, NT):
+        b = e // NPER
+        p = e - b * NPER
+        s = float32(0.0)
+        for t in range(P):
+            s += sx[b, p * P + t]
+        sxs[b, p] = s
+    cuda.syncthreads()
 
-        acc = cuda.local.array(NB, float32)
-        dots = cuda.local.array(NB, float32)
+{init_acc}
+    if j < n_out:
+        ju = uint64(j)
+        for p in range(tyi, NPER, TY):
+            k = (split * NPER + p) * W
+            if k >= n_words:
+                break
+            ku = uint64(k)
+{load_words}
+            base = uint64(p) * U[P]
+            if use_gidx == 0:
+                g = uint64(v0 + p * P) >> uint64(gshift)
+                sc = float32(scales[g, ju])
+                zc = float32(zeros[g, ju])
+                pu = uint64(p)
+{static_body}
+            else:
+{gidx_body}
+{store_acc}
+    cuda.syncthreads()
+    if tyi == 0 and j < n_out:
         for b in range(NB):
-            acc[b] = float32(0.0)
-        if j < n_out:
-            for p in range(tyi, NPER, TY):
-                k = (split * NPER + p) * W
-                if k >= n_words:
-                    break
-                w0 = qw[k, j]
-                w1 = w0
-                w2 = w0
-                if W > 1:
-                    w1 = qw[k + 1, j]
-                    w2 = qw[k + 2, j]
-                if use_gidx == 0:
-                    g = (v0 + p * P) // gsize
-                    sc = float32(scales[g, j])
-                    zc = float32(zeros[g, j])
-                    for b in range(NB):
-                        dots[b] = float32(0.0)
-                    for t in range(P):
-                        off = BITS * t
-                        wi = off // 32
-                        sh = off - 32 * wi
-                        w = w0 if wi == 0 else (w1 if wi == 1 else w2)
-                        if sh + BITS <= 32:
-                            q = (w >> sh) & MASK
-                        else:
-                            nlo = 32 - sh
-                            wn = w1 if wi == 0 else w2
-                            q = ((w >> sh) & ((1 << nlo) - 1)) | ((wn & ((1 << (BITS - nlo)) - 1)) << nlo)
-                        qf = bits_as_float(int32(MAGIC | q)) - MAGIC_F
-                        for b in range(NB):
-                            dots[b] += sx[b, p * P + t] * qf
-                    for b in range(NB):
-                        acc[b] += sc * (dots[b] - zc * sxs[b, p])
+            if b < nbatch:
+                tot = float32(0.0)
+                for r in range(TY):
+                    tot += red[r, b, txi]
+                if n_split == 1:
+                    if n_eparts > 0:
+                        ce = float32(0.0)
+                        for t in range(n_eparts):
+                            ce += eparts[b, t]
+                        tot += float32(escale[j]) * ce
+                    if has_bias != 0:
+                        tot += float32(bias[j])
+                    y[b, j] = tot
                 else:
-                    for t in range(P):
-                        off = BITS * t
-                        wi = off // 32
-                        sh = off - 32 * wi
-                        w = w0 if wi == 0 else (w1 if wi == 1 else w2)
-                        if sh + BITS <= 32:
-                            q = (w >> sh) & MASK
-                        else:
-                            nlo = 32 - sh
-                            wn = w1 if wi == 0 else w2
-                            q = ((w >> sh) & ((1 << nlo) - 1)) | ((wn & ((1 << (BITS - nlo)) - 1)) << nlo)
-                        qf = bits_as_float(int32(MAGIC | q)) - MAGIC_F
-                        g = sg[p * P + t]
-                        wv = float32(scales[g, j]) * (qf - float32(zeros[g, j]))
-                        for b in range(NB):
-                            acc[b] += sx[b, p * P + t] * wv
-        for b in range(NB):
-            red[tyi, b, txi] = acc[b]
+                    part[split, b, j] = tot
+    if n_split > 1:
+        cuda.threadfence()
         cuda.syncthreads()
-        if tyi == 0 and j < n_out:
-            for b in range(NB):
-                if b < nbatch:
-                    tot = float32(0.0)
-                    for r in range(TY):
-                        tot += red[r, b, txi]
-                    if n_split == 1:
+        if tid == 0:
+            seen = cuda.atomic.add(counters, cuda.blockIdx.x, 1)
+            last[0] = 1 if seen == n_split - 1 else 0
+        cuda.syncthreads()
+        if last[0] == 1:
+            if tid == 0:
+                counters[cuda.blockIdx.x] = 0
+            if tyi == 0 and j < n_out:
+                for b in range(NB):
+                    if b < nbatch:
+                        tot = float32(0.0)
+                        for s in range(n_split):
+                            tot += part[s, b, j]
                         if n_eparts > 0:
                             ce = float32(0.0)
                             for t in range(n_eparts):
@@ -191,34 +176,58 @@ def qmm_kernel(bits: int, nb: int, tx: int, ty: int, kv: int):
                         if has_bias != 0:
                             tot += float32(bias[j])
                         y[b, j] = tot
-                    else:
-                        part[split, b, j] = tot
-        if n_split > 1:
-            cuda.threadfence()
-            cuda.syncthreads()
-            if tid == 0:
-                seen = cuda.atomic.add(counters, cuda.blockIdx.x, 1)
-                last[0] = 1 if seen == n_split - 1 else 0
-            cuda.syncthreads()
-            if last[0] == 1:
-                if tid == 0:
-                    counters[cuda.blockIdx.x] = 0
-                if tyi == 0 and j < n_out:
-                    for b in range(NB):
-                        if b < nbatch:
-                            tot = float32(0.0)
-                            for s in range(n_split):
-                                tot += part[s, b, j]
-                            if n_eparts > 0:
-                                ce = float32(0.0)
-                                for t in range(n_eparts):
-                                    ce += eparts[b, t]
-                                tot += float32(escale[j]) * ce
-                            if has_bias != 0:
-                                tot += float32(bias[j])
-                            y[b, j] = tot
+"""
 
-    return qmm
+
+def qmm_source(bits: int, nb: int) -> str:
+    """The generated source of the qmm kernel body for `bits` and batch tile `nb`.
+
+    The period loop is written out (one line per code and batch row), with compile-time
+    shifts and masks, unsigned indices (no negative-index wraparound code) and scalar
+    accumulators, so the hot loop is straight-line register code.
+    """
+    P, W = period(bits)
+    ind = " " * 16
+    init_acc = "\n".join(f"    a{b} = float32(0.0)" for b in range(nb))
+    load = [f"            w0 = uint64(uint32(qw[ku, ju]))"]
+    for w in range(1, W):
+        load.append(f"            w{w} = uint64(uint32(qw[ku + U[{w}], ju]))")
+    static = [ind + f"d{b} = float32(0.0)" for b in range(nb)]
+    gidx = []
+    for t in range(P):
+        static.append(ind + f"f = bits_as_float(int32(MAGIC | {_extract(bits, t)})) - MAGIC_F")
+        static += [ind + f"d{b} += sx[U[{b}], base + U[{t}]] * f" for b in range(nb)]
+        gidx.append(ind + f"f = bits_as_float(int32(MAGIC | {_extract(bits, t)})) - MAGIC_F")
+        gidx.append(ind + f"g = uint64(sg[base + U[{t}]])")
+        gidx.append(ind + "f = float32(scales[g, ju]) * (f - float32(zeros[g, ju]))")
+        gidx += [ind + f"a{b} += sx[U[{b}], base + U[{t}]] * f" for b in range(nb)]
+    static += [ind + f"a{b} += sc * (d{b} - zc * sxs[U[{b}], pu])" for b in range(nb)]
+    store = "\n".join(f"    red[tyi, {b}, txi] = a{b}" for b in range(nb))
+    return _QMM_TEMPLATE.format(init_acc=init_acc, load_words="\n".join(load), static_body="\n".join(static),
+                                gidx_body="\n".join(gidx), store_acc=store)
+
+
+@functools.lru_cache(maxsize=None)
+def qmm_kernel(bits: int, nb: int, tx: int, ty: int, kv: int):
+    """The dequantize-GEMM kernel for `bits`, batch tile `nb` and launch sizes (tx, ty, kv).
+
+    Launch: ``grid = (ceil(out / tx), ceil(in / kv))``, ``block = (tx, ty)``. Arguments:
+    ``(x, qweight, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, eparts,
+    escale, n_eparts, part, counters, y)``. Source: :func:`qmm_source`.
+    """
+    P, W = period(bits)
+    if kv % P:
+        raise ValueError(f"`kv` = {kv} must be a multiple of the period {P} of {bits}-bit codes")
+    scope = {
+        "cuda": cuda, "float32": float32, "int32": int32, "uint32": uint32, "uint64": uint64,
+        "bits_as_float": bits_as_float, "MAGIC": np.uint64(_MAGIC), "MAGIC_F": float32(_MAGIC_F),
+        "U": tuple(np.uint64(i) for i in range(max(64, (1 << bits)))),
+        "NB": int(nb), "TX": int(tx), "TY": int(ty), "KV": int(kv), "NPER": int(kv) // P, "NT": int(tx) * int(ty),
+        "P": P, "W": W,
+    }
+    source = qmm_source(bits, nb)
+    exec(compile(source, f"<llm_adapter.kernels qmm bits={bits} nb={nb}>", "exec"), scope)  # noqa: S102
+    return cuda.jit(scope["qmm"])
 
 
 @functools.lru_cache(maxsize=None)
