@@ -75,7 +75,7 @@ def _extract(bits: int, t: int) -> str:
 _QMM_TEMPLATE = """
 def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, eparts, escale, n_eparts,
         part, counters, y):
-    sx = cuda.shared.array((NB, KV), float32)
+    sx = cuda.shared.array((KV, NB), float32{align})
     sxs = cuda.shared.array((NB, NPER), float32)
     sg = cuda.shared.array(KV, int32)
     red = cuda.shared.array((TY, NB, TX), float32)
@@ -99,7 +99,7 @@ def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, epar
         val = float32(0.0)
         if b < nbatch and i < n_in:
             val = float32(x[b, i])
-        sx[b, v] = val
+        sx[v, b] = val
         if b == 0:
             gv = 0
             if use_gidx != 0 and i < n_in:
@@ -111,7 +111,7 @@ def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, epar
         p = e - b * NPER
         s = float32(0.0)
         for t in range(P):
-            s += sx[b, p * P + t]
+            s += sx[p * P + t, b]
         sxs[b, p] = s
     cuda.syncthreads()
 
@@ -199,7 +199,7 @@ def qmm_source(bits: int, nb: int) -> str:
     if ch == P:  # 4 and 8 bits: one word per period, written out
         for t in range(P):
             static.append(ind + f"f = bits_as_float(int32(MAGIC | {_extract(bits, t)})) - MAGIC_F")
-            static += [ind + f"d{b} += sx[U[{b}], base + U[{t}]] * f" for b in range(nb)]
+            static += [ind + f"d{b} += sx[base + U[{t}], U[{b}]] * f" for b in range(nb)]
     else:
         # 2 and 3 bits: a loop over chunks of `ch` codes (ch * bits <= 32 bits, read from the
         # 64-bit concatenation of two adjacent words), each chunk written out; a fully
@@ -215,7 +215,7 @@ def qmm_source(bits: int, nb: int) -> str:
         for t in range(ch):
             q = f"((chunk >> U[{bits * t}]) & U[{(1 << bits) - 1}])" if t else f"(chunk & U[{(1 << bits) - 1}])"
             static.append(ind + f"    f = bits_as_float(int32(MAGIC | {q})) - MAGIC_F")
-            static += [ind + f"    d{b} += sx[U[{b}], cb + U[{t}]] * f" for b in range(nb)]
+            static += [ind + f"    d{b} += sx[cb + U[{t}], U[{b}]] * f" for b in range(nb)]
     # per-value groups (act-order): a plain loop over the period (the slow path; keeps the
     # kernel small), the code read from the 64-bit concatenation of two adjacent words
     gidx = [ind + "for t in range(P):",
@@ -228,10 +228,13 @@ def qmm_source(bits: int, nb: int) -> str:
             ind + "    f = bits_as_float(int32(MAGIC | q)) - MAGIC_F",
             ind + "    g = uint64(sg[base + uint64(t)])",
             ind + "    f = float32(scales[g, ju]) * (f - float32(zeros[g, ju]))"]
-    gidx += [ind + f"    a{b} += sx[U[{b}], base + uint64(t)] * f" for b in range(nb)]
+    gidx += [ind + f"    a{b} += sx[base + uint64(t), U[{b}]] * f" for b in range(nb)]
     static += [ind + f"a{b} += sc * (d{b} - zc * sxs[U[{b}], pu])" for b in range(nb)]
     store = "\n".join(f"    red[tyi, {b}, txi] = a{b}" for b in range(nb))
-    return _QMM_TEMPLATE.format(init_acc=init_acc, load_words="\n".join(load), static_body="\n".join(static),
+    # 16-byte rows of batch values let LLVM load four rows at once (ld.shared.v4); the
+    # simulator has no alignment option
+    align = "" if SIMULATOR else ", alignment=16"
+    return _QMM_TEMPLATE.format(align=align, init_acc=init_acc, load_words="\n".join(load), static_body="\n".join(static),
                                 gidx_body="\n".join(gidx), store_acc=store)
 
 
