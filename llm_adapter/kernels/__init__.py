@@ -156,8 +156,23 @@ class _Arrays:
         buf = _CONST_ZEROS.get(key)
         if buf is None:
             buf = self.zeros(tuple(shape), dtype)
-            _CONST_ZEROS[key] = buf
+            if not self._capturing():  # a buffer zeroed inside a graph capture is zero only in the graph
+                _CONST_ZEROS[key] = buf
         return buf
+
+    def _capturing(self) -> bool:
+        if self.kind == "torch":
+            import torch
+
+            return bool(torch.cuda.is_current_stream_capturing())
+        if self.kind == "cupy":
+            import cupy
+
+            try:
+                return bool(cupy.cuda.get_current_stream().is_capturing())
+            except (AttributeError, RuntimeError):  # old CuPy, or the legacy null stream
+                return False
+        return False
 
     def workspace_counters(self, n: int):
         """Self-resetting split-K counters (zeros; kernels leave them at zero), cached per
@@ -168,7 +183,8 @@ class _Arrays:
         buf = _COUNTERS.get(key)
         if buf is None or buf.shape[0] < n:
             buf = self.zeros((max(n, 1024),), "int32")
-            _COUNTERS[key] = buf
+            if not self._capturing():
+                _COUNTERS[key] = buf
         return buf
 
 

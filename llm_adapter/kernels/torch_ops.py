@@ -139,7 +139,8 @@ def _lattice_layout(qweight, group_bits, row_scale, offset):
     r = (torch.ones(1, out, dtype=torch.float16, device=qweight.device) if row_scale is None
          else row_scale.to(torch.float16).reshape(1, out).contiguous())
     layout = (qt, centre, r)
-    _LATTICE_CACHE[key] = (weakref.ref(qweight), qweight._version, qweight.device, layout)
+    if not (qweight.is_cuda and torch.cuda.is_current_stream_capturing()):  # else: valid in the graph only
+        _LATTICE_CACHE[key] = (weakref.ref(qweight), qweight._version, qweight.device, layout)
     return layout
 
 
