@@ -8,19 +8,21 @@ Private: :mod:`llm_adapter.kernels` validates, allocates and launches. Imported 
 {2, 3, 4, 8}. ``qweight`` is ``(words, out)`` int32, codes packed along the input dim as a
 little-endian bit stream (:mod:`llm_adapter.formats.packing`): a *period* of ``P`` values
 fills ``W`` whole words (8/1 at 4 bits, 16/1 at 2, 32/3 at 3, 4/1 at 8). Thread
-``(tx, ty)`` of block ``(bx, by)`` owns output column ``j = bx * TX + tx`` and periods
-``ty, ty + TY, ...`` of the block's input slice ``[by * KV, (by + 1) * KV)``; a warp reads 32
-consecutive words of one packed row (coalesced). Per period of group ``g``:
+``(tx, ty)`` of block ``(bx, by)`` owns output column ``j = bx * TX + tx`` and the ``ty``-th
+of ``TY`` contiguous runs of periods of the block's input slice ``[by * KV, (by + 1) * KV)``
+(so a group's scale and zero are loaded once per run); a warp reads 32 consecutive words of
+one packed row (coalesced). Per period of group ``g``:
 
 .. math::
 
     \mathrm{acc}_b \mathrel{+}= s_{gj} \Big(\sum_{t<P} x_{b,i_t} q_{i_t j} - z_{gj} \sum_{t<P} x_{b,i_t}\Big)
 
 (static groups of ``2**gshift`` columns, ``g = i >> gshift``) with the per-period sums of
-``x`` precomputed in shared memory, so a weight costs a shift,
-a mask-or and one FMA per batch row (the code becomes a float through the exponent trick
-``as_float(0x4B000000 | q) - 2**23``, no integer-to-float conversion). With ``use_gidx``
-(act-order ``g_idx``, or a group size that is not a power of two or splits a period) the group is looked up per
+``x`` precomputed in shared memory, so a weight costs a shift, a mask-or and one FMA per
+batch row: the code becomes the float ``f = 1 + q / 2**bits`` by moving its bits to the top
+of the mantissa of 1.0 (no integer-to-float conversion, no subtraction), and
+``sum_t x_t q_t = 2**bits (sum_t x_t f_t - sum_t x_t)``. With ``use_gidx`` (act-order
+``g_idx``, or a group size that is not a power of two or splits a period) the group is looked up per
 value from shared memory instead. The ``TY`` partial sums meet in shared memory (no warp
 shuffles: the simulator has none); with a split-K grid (``gridDim.y > 1``) each block
 writes its partial to ``part`` and the last block of a column tile (an atomic counter,
@@ -60,16 +62,12 @@ else:  # pragma: no cover - needs the CUDA toolchain (compiled in the PTX tests)
     bits_as_float = libdevice.int_as_float
 
 
-def _extract(bits: int, t: int) -> str:
-    """Source of code ``t`` of a period (words ``w0, w1, w2`` as uint64), as a uint64."""
-    off = bits * t
-    wi, sh = divmod(off, 32)
-    mask = (1 << bits) - 1
-    if sh + bits <= 32:
-        return f"((w{wi} >> U[{sh}]) & U[{mask}])" if sh else f"(w{wi} & U[{mask}])"
-    nlo = 32 - sh
-    return (f"(((w{wi} >> U[{sh}]) & U[{(1 << nlo) - 1}]) | "
-            f"((w{wi + 1} & U[{(1 << (bits - nlo)) - 1}]) << U[{nlo}]))")
+def _mantissa(src: str, bits: int, s: int) -> str:
+    """Source moving bits ``[s, s + bits)`` of uint64 `src` to the top of a float32 mantissa
+    (bits ``[23 - bits, 23)``): or-ed with the bits of 1.0 it is the float ``1 + q / 2**bits``."""
+    target = 23 - bits
+    e = f"({src} >> U[{s - target}])" if s > target else (f"({src} << U[{target - s}])" if s < target else src)
+    return f"({e} & QMASK)"
 
 
 _QMM_TEMPLATE = """
@@ -118,7 +116,11 @@ def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, epar
 {init_acc}
     if j < n_out:
         ju = uint64(j)
-        for p in range(tyi, NPER, TY):
+        gcur = uint64(NOGROUP)
+        sc = float32(0.0)
+        zc = float32(0.0)
+        p0 = tyi * NPT
+        for p in range(p0, min(p0 + NPT, NPER)):
             k = (split * NPER + p) * W
             if k >= n_words:
                 break
@@ -127,8 +129,10 @@ def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, epar
             base = uint64(p) * U[P]
             if use_gidx == 0:
                 g = uint64(v0 + p * P) >> uint64(gshift)
-                sc = float32(scales[g, ju])
-                zc = float32(zeros[g, ju])
+                if g != gcur:
+                    gcur = g
+                    sc = float32(scales[g, ju])
+                    zc = float32(zeros[g, ju])
                 pu = uint64(p)
 {static_body}
             else:
@@ -198,7 +202,7 @@ def qmm_source(bits: int, nb: int) -> str:
     ch = min(P, 32 // bits, 8)  # codes per chunk: one chunk fits in 32 bits
     if ch == P:  # 4 and 8 bits: one word per period, written out
         for t in range(P):
-            static.append(ind + f"f = bits_as_float(int32(MAGIC | {_extract(bits, t)})) - MAGIC_F")
+            static.append(ind + f"f = bits_as_float(int32(ONE | {_mantissa('w0', bits, bits * t)}))")
             static += [ind + f"d{b} += sx[base + U[{t}], U[{b}]] * f" for b in range(nb)]
     else:
         # 2 and 3 bits: a loop over chunks of `ch` codes (ch * bits <= 32 bits, read from the
@@ -213,8 +217,7 @@ def qmm_source(bits: int, nb: int) -> str:
                    ind + f"    chunk = ((wlo | (whi << U[32])) >> sh) & U64MASK{ch * bits}",
                    ind + f"    cb = base + uint64(c) * U[{ch}]"]
         for t in range(ch):
-            q = f"((chunk >> U[{bits * t}]) & U[{(1 << bits) - 1}])" if t else f"(chunk & U[{(1 << bits) - 1}])"
-            static.append(ind + f"    f = bits_as_float(int32(MAGIC | {q})) - MAGIC_F")
+            static.append(ind + f"    f = bits_as_float(int32(ONE | {_mantissa('chunk', bits, bits * t)}))")
             static += [ind + f"    d{b} += sx[cb + U[{t}], U[{b}]] * f" for b in range(nb)]
     # per-value groups (act-order): a plain loop over the period (the slow path; keeps the
     # kernel small), the code read from the 64-bit concatenation of two adjacent words
@@ -229,7 +232,8 @@ def qmm_source(bits: int, nb: int) -> str:
             ind + "    g = uint64(sg[base + uint64(t)])",
             ind + "    f = float32(scales[g, ju]) * (f - float32(zeros[g, ju]))"]
     gidx += [ind + f"    a{b} += sx[base + uint64(t), U[{b}]] * f" for b in range(nb)]
-    static += [ind + f"a{b} += sc * (d{b} - zc * sxs[U[{b}], pu])" for b in range(nb)]
+    # f = 1 + q / 2**bits, so sum x q = 2**bits (sum x f - sum x)
+    static += [ind + f"a{b} += sc * (QS * d{b} - (QS + zc) * sxs[U[{b}], pu])" for b in range(nb)]
     store = "\n".join(f"    red[tyi, {b}, txi] = a{b}" for b in range(nb))
     # 16-byte rows of batch values let LLVM load four rows at once (ld.shared.v4); the
     # simulator has no alignment option
@@ -252,8 +256,11 @@ def qmm_kernel(bits: int, nb: int, tx: int, ty: int, kv: int):
     scope = {
         "cuda": cuda, "float32": float32, "int32": int32, "uint32": uint32, "uint64": uint64,
         "bits_as_float": bits_as_float, "MAGIC": np.uint64(_MAGIC), "MAGIC_F": float32(_MAGIC_F),
+        "ONE": np.uint64(0x3F800000), "QMASK": np.uint64(((1 << bits) - 1) << (23 - bits)),
+        "QS": float32(2.0 ** bits),
         "U": tuple(np.uint64(i) for i in range(max(64, (1 << bits)))),
         "NB": int(nb), "TX": int(tx), "TY": int(ty), "KV": int(kv), "NPER": int(kv) // P, "NT": int(tx) * int(ty),
+        "NPT": -(-(int(kv) // P) // int(ty)), "NOGROUP": np.uint64(2**63),
         "P": P, "W": W, "BITS": int(bits), "MASK": (1 << int(bits)) - 1,
         "U64MASK16": np.uint64(0xFFFF), "U64MASK24": np.uint64(0xFFFFFF), "U64MASK32": np.uint64(0xFFFFFFFF),
     }

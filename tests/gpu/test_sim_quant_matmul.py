@@ -108,6 +108,20 @@ def test_single_split_and_launch_sizes_from_the_table(monkeypatch):
     _check(y, x.astype(np.float64) @ w, x, np.abs(w))
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_groups_change_within_a_thread_run(bits, monkeypatch):
+    """ty = 1: one thread walks the whole 128-column slice, four groups of 32 (the cached
+    scale and zero must follow the group)."""
+    monkeypatch.setitem(K.LAUNCH, 1, {"tx": 8, "ty": 1, "kv": 128})
+    rng = np.random.default_rng(bits)
+    codes, scales, zeros, _, g = _uniform_layer(rng, bits, 256, 12, 32, False)
+    x = rng.standard_normal((1, 256)).astype(np.float16)
+    y = K.quant_matmul(_to_device(x), _to_device(pack(codes, bits, axis=0)), _to_device(scales), _to_device(zeros),
+                       None, bits, 32, 256)
+    w = scales[g].astype(np.float64) * (codes - zeros[g].astype(np.float64))
+    _check(y, x.astype(np.float64) @ w, x, np.abs(w))
+
+
 def test_quant_matmul_rejects_bad_arguments():
     rng = np.random.default_rng(0)
     codes, scales, zeros, _, _ = _uniform_layer(rng, 4, 64, 8, 32, False)
