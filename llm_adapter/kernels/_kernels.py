@@ -47,6 +47,11 @@ from ..formats.packing import period
 #: True when numba-cuda runs kernels in its simulator (process-wide switch).
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
+#: Batch tiles up to this size load a thread's whole run of words first (see qmm_source).
+PREFETCH_MAX_TILE = 2
+#: ... when the run has at most this many words (registers).
+PREFETCH_MAX_WORDS = 48
+
 _MAGIC = 0x4B000000  # exponent of 2**23: as_float(_MAGIC | q) == 2**23 + q for q < 2**23
 _MAGIC_F = 8388608.0
 
@@ -120,22 +125,28 @@ def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, epar
         sc = float32(0.0)
         zc = float32(0.0)
         p0 = tyi * NPT
-        for p in range(p0, min(p0 + NPT, NPER)):
-            k = (split * NPER + p) * W
-            if k >= n_words:
-                break
-            ku = uint64(k)
+        if PREFETCH and use_gidx == 0:
+            # every word of the thread's run is loaded first (NPT * W loads in flight)
+            p0u = uint64(p0)
+            kb = (split * NPER + p0) * W
+{prefetch_body}
+        else:
+            for p in range(p0, min(p0 + NPT, NPER)):
+                k = (split * NPER + p) * W
+                if k >= n_words:
+                    break
+                ku = uint64(k)
 {load_words}
-            base = uint64(p) * U[P]
-            if use_gidx == 0:
-                g = uint64(v0 + p * P) >> uint64(gshift)
-                if g != gcur:
-                    gcur = g
-                    sc = float32(scales[g, ju])
-                    zc = float32(zeros[g, ju])
-                pu = uint64(p)
+                base = uint64(p) * U[P]
+                if use_gidx == 0:
+                    g = uint64(v0 + p * P) >> uint64(gshift)
+                    if g != gcur:
+                        gcur = g
+                        sc = float32(scales[g, ju])
+                        zc = float32(zeros[g, ju])
+                    pu = uint64(p)
 {static_body}
-            else:
+                else:
 {gidx_body}
 {store_acc}
     cuda.syncthreads()
@@ -183,44 +194,59 @@ def qmm(x, qw, scales, zeros, gidx, use_gidx, gshift, n_in, bias, has_bias, epar
 """
 
 
-def qmm_source(bits: int, nb: int) -> str:
-    """The generated source of the qmm kernel body for `bits` and batch tile `nb`.
-
-    The period loop is written out (one line per code and batch row), with compile-time
-    shifts and masks, unsigned indices (no negative-index wraparound code) and scalar
-    accumulators, so the hot loop is straight-line register code.
-    """
-    P, W = period(bits)
-    ind = " " * 16
-    init_acc = "\n".join(f"    a{b} = float32(0.0)" for b in range(nb))
-    load = [f"            w0 = uint64(uint32(qw[ku, ju]))"]
-    for w in range(1, W):
-        load.append(f"            w{w} = uint64(uint32(qw[ku + U[{w}], ju]))")
-    if W == 1:
-        load += ["            w1 = w0", "            w2 = w0"]
-    static = [ind + f"d{b} = float32(0.0)" for b in range(nb)]
+def _static_body(bits: int, nb: int, ind: str, words=("w0", "w1", "w2")) -> list:
+    """Lines of one period with static groups: ``d_b = sum_t x_bt f_t`` written out, then
+    ``a_b += sc (2**bits d_b - (2**bits + zc) sum_t x_bt)``; uses ``base`` and ``pu``."""
+    P, _ = period(bits)
+    w0, w1, w2 = words
+    out = [ind + f"d{b} = float32(0.0)" for b in range(nb)]
     ch = min(P, 32 // bits, 8)  # codes per chunk: one chunk fits in 32 bits
     if ch == P:  # 4 and 8 bits: one word per period, written out
         for t in range(P):
-            static.append(ind + f"f = bits_as_float(int32(ONE | {_mantissa('w0', bits, bits * t)}))")
-            static += [ind + f"d{b} += sx[base + U[{t}], U[{b}]] * f" for b in range(nb)]
+            out.append(ind + f"f = bits_as_float(int32(ONE | {_mantissa(w0, bits, bits * t)}))")
+            out += [ind + f"d{b} += sx[base + U[{t}], U[{b}]] * f" for b in range(nb)]
     else:
         # 2 and 3 bits: a loop over chunks of `ch` codes (ch * bits <= 32 bits, read from the
         # 64-bit concatenation of two adjacent words), each chunk written out; a fully
         # written-out 3-bit period (32 codes x 16 rows) takes LLVM minutes to compile
-        static += [ind + f"for c in range({P // ch}):",
-                   ind + f"    off = uint64(c) * U[{ch * bits}]",
-                   ind + "    wi = off >> U[5]",
-                   ind + "    sh = off & U[31]",
-                   ind + "    wlo = w0 if wi == U[0] else (w1 if wi == U[1] else w2)",
-                   ind + "    whi = w1 if wi == U[0] else w2",
-                   ind + f"    chunk = ((wlo | (whi << U[32])) >> sh) & U64MASK{ch * bits}",
-                   ind + f"    cb = base + uint64(c) * U[{ch}]"]
+        out += [ind + f"for c in range({P // ch}):",
+                ind + f"    off = uint64(c) * U[{ch * bits}]",
+                ind + "    wi = off >> U[5]",
+                ind + "    sh = off & U[31]",
+                ind + f"    wlo = {w0} if wi == U[0] else ({w1} if wi == U[1] else {w2})",
+                ind + f"    whi = {w1} if wi == U[0] else {w2}",
+                ind + f"    chunk = ((wlo | (whi << U[32])) >> sh) & U64MASK{ch * bits}",
+                ind + f"    cb = base + uint64(c) * U[{ch}]"]
         for t in range(ch):
-            static.append(ind + f"    f = bits_as_float(int32(ONE | {_mantissa('chunk', bits, bits * t)}))")
-            static += [ind + f"    d{b} += sx[cb + U[{t}], U[{b}]] * f" for b in range(nb)]
+            out.append(ind + f"    f = bits_as_float(int32(ONE | {_mantissa('chunk', bits, bits * t)}))")
+            out += [ind + f"    d{b} += sx[cb + U[{t}], U[{b}]] * f" for b in range(nb)]
+    # f = 1 + q / 2**bits, so sum x q = 2**bits (sum x f - sum x)
+    out += [ind + f"a{b} += sc * (QS * d{b} - (QS + zc) * sxs[U[{b}], pu])" for b in range(nb)]
+    return out
+
+
+def qmm_source(bits: int, nb: int, npt: int, prefetch: bool) -> str:
+    """The generated source of the qmm kernel for `bits`, batch tile `nb`, `npt` periods per
+    thread, and whether the run's words are all loaded first (`prefetch`, small tiles).
+
+    The period body is written out (one line per code and batch row), with compile-time
+    shifts and masks, unsigned indices (no negative-index wraparound code) and scalar
+    accumulators, so the hot loop is straight-line register code. With `prefetch` the
+    whole run of `npt` periods is written out after its ``npt * W`` loads, so that many
+    loads are in flight per thread (memory-level parallelism for the batch-1 GEMV).
+    """
+    P, W = period(bits)
+    init_acc = "\n".join(f"    a{b} = float32(0.0)" for b in range(nb))
+    ind = " " * 16
+    load = [f"{ind}w0 = uint64(uint32(qw[ku, ju]))"]
+    for w in range(1, W):
+        load.append(f"{ind}w{w} = uint64(uint32(qw[ku + U[{w}], ju]))")
+    if W == 1:
+        load += [f"{ind}w1 = w0", f"{ind}w2 = w0"]
+    static = _static_body(bits, nb, " " * 20)
     # per-value groups (act-order): a plain loop over the period (the slow path; keeps the
     # kernel small), the code read from the 64-bit concatenation of two adjacent words
+    ind = " " * 20
     gidx = [ind + "for t in range(P):",
             ind + "    off = uint64(t) * U[BITS]",
             ind + "    wi = off >> U[5]",
@@ -232,14 +258,33 @@ def qmm_source(bits: int, nb: int) -> str:
             ind + "    g = uint64(sg[base + uint64(t)])",
             ind + "    f = float32(scales[g, ju]) * (f - float32(zeros[g, ju]))"]
     gidx += [ind + f"    a{b} += sx[base + uint64(t), U[{b}]] * f" for b in range(nb)]
-    # f = 1 + q / 2**bits, so sum x q = 2**bits (sum x f - sum x)
-    static += [ind + f"a{b} += sc * (QS * d{b} - (QS + zc) * sxs[U[{b}], pu])" for b in range(nb)]
+    pre = []
+    if prefetch:
+        ind = " " * 12
+        for r in range(npt):
+            pre.append(f"{ind}ok{r} = p0 + {r} < NPER and kb + {r * W} < n_words")
+            for w in range(W):
+                pre.append(f"{ind}w{r}_{w} = uint64(uint32(qw[uint64(kb + {r * W + w}), ju])) if ok{r} else U[0]")
+        for r in range(npt):
+            words = tuple(f"w{r}_{min(w, W - 1)}" for w in range(3))
+            pre += [f"{ind}if ok{r}:",
+                    f"{ind}    pu = p0u + U[{r}]",
+                    f"{ind}    base = pu * U[P]",
+                    f"{ind}    g = uint64(v0 + (p0 + {r}) * P) >> uint64(gshift)",
+                    f"{ind}    if g != gcur:",
+                    f"{ind}        gcur = g",
+                    f"{ind}        sc = float32(scales[g, ju])",
+                    f"{ind}        zc = float32(zeros[g, ju])"]
+            pre += _static_body(bits, nb, ind + "    ", words)
+    else:
+        pre.append(" " * 12 + "pass")
     store = "\n".join(f"    red[tyi, {b}, txi] = a{b}" for b in range(nb))
     # 16-byte rows of batch values let LLVM load four rows at once (ld.shared.v4); the
     # simulator has no alignment option
     align = "" if SIMULATOR else ", alignment=16"
-    return _QMM_TEMPLATE.format(align=align, init_acc=init_acc, load_words="\n".join(load), static_body="\n".join(static),
-                                gidx_body="\n".join(gidx), store_acc=store)
+    return _QMM_TEMPLATE.format(align=align, init_acc=init_acc, load_words="\n".join(load),
+                                static_body="\n".join(static), gidx_body="\n".join(gidx),
+                                prefetch_body="\n".join(pre), store_acc=store)
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,7 +309,10 @@ def qmm_kernel(bits: int, nb: int, tx: int, ty: int, kv: int):
         "P": P, "W": W, "BITS": int(bits), "MASK": (1 << int(bits)) - 1,
         "U64MASK16": np.uint64(0xFFFF), "U64MASK24": np.uint64(0xFFFFFF), "U64MASK32": np.uint64(0xFFFFFFFF),
     }
-    source = qmm_source(bits, nb)
+    npt = scope["NPT"]
+    prefetch = int(nb) <= PREFETCH_MAX_TILE and npt * W <= PREFETCH_MAX_WORDS
+    scope["PREFETCH"] = prefetch
+    source = qmm_source(bits, nb, npt, prefetch)
     exec(compile(source, f"<llm_adapter.kernels qmm bits={bits} nb={nb}>", "exec"), scope)  # noqa: S102
     return cuda.jit(scope["qmm"])
 
