@@ -125,8 +125,8 @@ def test_groups_change_within_a_thread_run(bits, monkeypatch):
 def test_quant_matmul_rejects_bad_arguments():
     rng = np.random.default_rng(0)
     codes, scales, zeros, _, _ = _uniform_layer(rng, 4, 64, 8, 32, False)
-    qw = pack(codes, 4, axis=0)
-    x = np.ones((1, 64), np.float16)
+    qw, scales, zeros = _to_device(pack(codes, 4, axis=0)), _to_device(scales), _to_device(zeros)
+    x = _to_device(np.ones((1, 64), np.float16))
     with pytest.raises(ValueError, match=r"`bits` must be one of \(2, 3, 4, 8\), got 5"):
         K.quant_matmul(x, qw, scales, zeros, None, 5, 32, 64)
     with pytest.raises(ValueError, match=r"`x` must be \(batch, in_features\) = \(batch, 64\)"):
@@ -136,7 +136,7 @@ def test_quant_matmul_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"`scales` must have n_groups = 2 rows"):
         K.quant_matmul(x, qw, scales[:1], zeros[:1], None, 4, 32, 64)
     with pytest.raises(ValueError, match=r"`g_idx` must be \(64,\)"):
-        K.quant_matmul(x, qw, scales, zeros, np.zeros(8, np.int32), 4, 32, 64)
+        K.quant_matmul(x, qw, scales, zeros, _to_device(np.zeros(8, np.int32)), 4, 32, 64)
     with pytest.raises(ValueError, match="`x` must be float16 or float32"):
         K.quant_matmul(x.astype(np.float64), qw, scales, zeros, None, 4, 32, 64)
 
