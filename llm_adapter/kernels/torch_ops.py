@@ -6,7 +6,9 @@ r"""The kernels as torch custom ops, so :class:`~llm_adapter.modules.QuantLinear
   :mod:`llm_adapter.modules`): the CUDA implementation registered here is
   :func:`llm_adapter.kernels.quant_matmul` for up to :data:`MAX_FUSED_BATCH` rows, and a
   transient dequantize + cuBLAS ``F.linear`` beyond (prefill: the weight is read once per
-  GEMM instead of once per 16 rows; nothing is cached).
+  GEMM instead of once per 16 rows; nothing is cached). GPTQ act-order weights are
+  repacked once (columns sorted by group, cached per weight tensor) so the kernel runs with
+  static groups on ``x[:, perm]``.
 * ``llm_adapter::lattice_matmul`` (defined here): CPU = decode the weight in torch, then
   ``F.linear``; fake = the output shape; CUDA = :func:`llm_adapter.kernels.lattice_matmul`
   on the kernel layout, derived once per codes tensor (the transpose of
@@ -62,9 +64,49 @@ def _quant_matmul_cuda(x, qweight, scales, zeros, g_idx, bias, bits, group_size,
         w = dequantize_packed(qweight, scales, zeros, g_idx, bits, group_size, in_features, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     b = None if bias is None else bias.to(torch.float32).contiguous()
+    if g_idx is not None:
+        sorted_layout = _act_order_layout(qweight, g_idx, bits, group_size, in_features)
+        if sorted_layout is not None:  # static groups on sorted columns, x gathered to match
+            qweight, perm = sorted_layout
+            x2, g_idx = x2.index_select(1, perm), None
     y = kernel(_kernel_dtype(x2), qweight.contiguous(), scales.contiguous(), zeros.contiguous(),
                None if g_idx is None else g_idx.to(torch.int32).contiguous(), bits, group_size, in_features, bias=b)
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
+
+
+#: Act-order repacking: id(qweight) -> (weakref(qweight), version, weakref(g_idx), g_idx version, layout)
+_ACT_ORDER_CACHE: dict = {}
+
+
+def _act_order_layout(qweight, g_idx, bits, group_size, in_features):
+    """``(qweight of the columns sorted by group, perm)`` when sorting the input columns by
+    ``g_idx`` (stable) makes the groups the static ``i // group_size`` ones (GPTQ act-order),
+    else None (the kernel then looks the group up per value). Computed once per weight (a
+    load-time repacking; the stored buffers do not change) and cached; never inside a CUDA
+    graph capture (it needs the host), where the per-value path runs instead."""
+    hit = _ACT_ORDER_CACHE.get(id(qweight))
+    if (hit is not None and hit[0]() is qweight and hit[1] == qweight._version and hit[2]() is g_idx
+            and hit[3] == g_idx._version):
+        return hit[4]
+    if qweight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    for k in [k for k, v in _ACT_ORDER_CACHE.items() if v[0]() is None]:
+        del _ACT_ORDER_CACHE[k]
+    layout = None
+    if group_size != -1:
+        from ..formats.packing import pack
+        from ..modules import unpack_torch
+
+        g = g_idx.to(torch.int64)
+        perm = torch.sort(g, stable=True).indices
+        static = torch.arange(in_features, device=g.device) // group_size
+        if torch.equal(g[perm], static):
+            codes = unpack_torch(qweight, bits, in_features)[perm]
+            packed = torch.from_numpy(pack(codes.cpu().numpy(), bits, axis=0)).to(qweight.device)
+            layout = (packed, perm.to(qweight.device))
+    _ACT_ORDER_CACHE[id(qweight)] = (weakref.ref(qweight), qweight._version, weakref.ref(g_idx), g_idx._version,
+                                     layout)
+    return layout
 
 
 # --------------------------------------------------------------------------- lattice_matmul

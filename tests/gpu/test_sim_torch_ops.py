@@ -73,6 +73,26 @@ def test_quant_matmul_cuda_impl(dtype, act_order):
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+def test_act_order_weights_are_repacked_once_into_static_groups():
+    m = _quant_module(4, True, seed=3)
+    layout = torch_ops._act_order_layout(m.qweight, m.g_idx, 4, 32, 96)
+    assert layout is not None
+    packed, perm = layout
+    assert torch.equal(m.g_idx[perm].long(), torch.arange(96) // 32)
+    assert torch_ops._act_order_layout(m.qweight, m.g_idx, 4, 32, 96) is layout  # cached
+    x = torch.randn(2, 96)
+    y = torch_ops._quant_matmul_cuda(x, *_args(m))
+    torch.testing.assert_close(y, x @ m.dequantize().T + m.bias, rtol=2e-3, atol=2e-3)
+    odd = m.g_idx.clone()
+    odd[:3] = 0  # group counts no longer 32 each: no static layout, the per-value path runs
+    assert torch_ops._act_order_layout(m.qweight, odd, 4, 32, 96) is None
+    y = torch_ops._quant_matmul_cuda(x, m.qweight, m.scales, m.zeros, odd, m.bias, 4, 32, 96)
+    g = odd.long()
+    w = (m.scales.float()[g] * (m.dequantize().T / m.scales.float()[m.g_idx.long()] + m.zeros.float()[m.g_idx.long()]
+                                - m.zeros.float()[g])).T
+    torch.testing.assert_close(y, x @ w.T + m.bias, rtol=2e-3, atol=2e-3)
+
+
 def test_quant_matmul_cuda_impl_large_batch_falls_back_to_dequantize():
     m = _quant_module(4, False)
     x = torch.randn(torch_ops.MAX_FUSED_BATCH + 1, 96)
