@@ -49,8 +49,8 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 #: Batch tiles up to this size load a thread's whole run of words first (see qmm_source).
 PREFETCH_MAX_TILE = 2
-#: ... when the run has at most this many words (registers).
-PREFETCH_MAX_WORDS = 48
+#: ... when the run has at most this many words (registers; 8-bit runs take the loop).
+PREFETCH_MAX_WORDS = 16
 
 _MAGIC = 0x4B000000  # exponent of 2**23: as_float(_MAGIC | q) == 2**23 + q for q < 2**23
 _MAGIC_F = 8388608.0
