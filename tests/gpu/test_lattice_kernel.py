@@ -81,7 +81,7 @@ def test_quant_linear_on_cuda_matches_cpu(bits, group_size, act_order, batch):
     y = mc(x.half().cuda())
     assert mc._cache is None
     assert y.dtype == torch.float16
-    _close(y.float().cpu(), ref, x, m.dequantize())
+    _close(y.float().cpu(), ref, x, m.dequantize().cpu())
 
 
 def test_bfloat16_and_cuda_graph_replay():
