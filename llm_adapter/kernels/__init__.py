@@ -175,31 +175,29 @@ class _Arrays:
         return False
 
     def workspace_counters(self, n: int):
-        """Self-resetting split-K counters (zeros; kernels leave them at zero), cached per
-        device and stream, so a CUDA graph can replay the kernels."""
+        """`n` split-K counters at zero. Kernels leave their counters at zero, so they come
+        round-robin from one zeroed pool per device (no memset per call, none in a CUDA
+        graph); calls far apart in the pool may run concurrently on different streams."""
         if self.kind == "numpy":
             return np.zeros(n, np.int32)
-        key = (self.kind, str(getattr(self.ref, "device", "")), _stream_key(self))
-        buf = _COUNTERS.get(key)
-        if buf is None or buf.shape[0] < n:
-            buf = self.zeros((max(n, 1024),), "int32")
-            if not self._capturing():
-                _COUNTERS[key] = buf
-        return buf
+        key = (self.kind, str(getattr(self.ref, "device", "")))
+        pool = _COUNTERS.get(key)
+        if pool is None:
+            if self._capturing():  # zeroed inside the capture: valid in the graph only
+                return self.zeros((n,), "int32")
+            pool = _COUNTERS[key] = [self.zeros((COUNTER_POOL,), "int32"), 0]
+        buf, off = pool
+        if off + n > buf.shape[0]:
+            off = 0
+        pool[1] = off + n
+        return buf[off:off + n]
 
+
+#: Split-K counters per device (int32): the pool the launches take their counters from.
+COUNTER_POOL = 1 << 20
 
 _COUNTERS: dict = {}
 _CONST_ZEROS: dict = {}
-
-
-def _stream_key(arrays: _Arrays):
-    if arrays.kind == "torch":
-        import torch
-
-        return torch.cuda.current_stream(arrays.ref.device).cuda_stream
-    import cupy
-
-    return cupy.cuda.get_current_stream().ptr
 
 
 def _tile(batch: int) -> int:
