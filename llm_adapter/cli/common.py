@@ -133,6 +133,24 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
     return net, tok, meta
 
 
+def to_gpu(model):
+    """On a CUDA machine: `model` in float16 on the GPU, where its QuantLinear/LatticeLinear
+    layers run the packed-weight kernels (llm_adapter.kernels); prints its memory against
+    float16. Elsewhere `model` unchanged."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return model
+    from ..kernels.torch_ops import model_memory
+
+    model = model.to(device="cuda", dtype=torch.float16)
+    mem = model_memory(model)
+    print(f"GPU memory of the model: {mem['bytes'] / 2**20:.1f} MiB = {mem['ratio']:.3f} x its float16 size "
+          f"({mem['fp16_bytes'] / 2**20:.1f} MiB); allocated on the device: "
+          f"{torch.cuda.memory_allocated() / 2**20:.1f} MiB")
+    return model
+
+
 def fmt(value, spec: str, missing: str = "-") -> str:
     """`value` formatted with `spec`; `missing` for None and NaN."""
     if value is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .argtypes import positive_int
-from .common import load_model_or_fail, load_quantized_model, load_text_or_fail, make_windows, model_source
+from .common import load_model_or_fail, load_quantized_model, to_gpu, load_text_or_fail, make_windows, model_source
 
 __all__ = ["add_parser", "run"]
 
@@ -31,6 +31,7 @@ def run(args) -> int:
     text = load_text_or_fail(args.text, "evaluation", "--text")  # before the model: fail fast
     if args.quantized is not None:
         model, tok, _ = load_quantized_model(args.quantized, args.model)
+        model = to_gpu(model)
         label = f"quantized {args.quantized}"
     else:
         source = model_source(args.model)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .argtypes import nonneg_float, positive_int
-from .common import load_model_or_fail, load_quantized_model, model_source
+from .common import load_model_or_fail, load_quantized_model, to_gpu, model_source
 
 __all__ = ["add_parser", "run"]
 
@@ -28,9 +28,10 @@ def run(args) -> int:
 
     if args.quantized is not None:
         model, tok, _ = load_quantized_model(args.quantized, args.model)
+        model = to_gpu(model)
     else:
         model, tok = load_model_or_fail(model_source(args.model))
-    enc = tok(args.prompt, return_tensors="pt")
+    enc = tok(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
               "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
     if args.sample:

@@ -27,9 +27,10 @@ Dispatch of :meth:`QuantLinear.forward`:
 
 The custom op ``llm_adapter::quant_matmul`` is registered here with a CPU implementation
 (dequantize + matmul) and a fake (meta) implementation, so ``torch.compile`` and
-``opcheck`` can trace it. The CUDA implementation (CuPy W{2,3,4}A16 kernels) belongs to
-the GPU issue; it is added with ``quant_matmul.register_kernel("cuda")`` and picked up by
-:meth:`QuantLinear.forward` without further changes.
+``opcheck`` can trace it. The CUDA implementation (numba-cuda W{2,3,4}A16 kernels,
+:mod:`llm_adapter.kernels`) is registered by :mod:`llm_adapter.kernels.torch_ops`, imported
+at the end of this module; :class:`LatticeLinear` dispatches likewise to
+``llm_adapter::lattice_matmul`` on CUDA inputs.
 """
 
 from __future__ import annotations
@@ -405,7 +406,7 @@ class QuantLinear(_CachedWeightLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if x.is_cuda and has_cuda_kernel():
+        if x.is_cuda and _kernel_ops.CUDA_REGISTERED:  # a constant: no graph break under torch.compile
             return quant_matmul(
                 x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias,
                 self.bits, self.group_size, self.in_features,
@@ -429,9 +430,9 @@ class LatticeLinear(_CachedWeightLinear):
     The forward pass decodes the weight once,
     :math:`\hat W_{j,g} = r_j\, c_g \circ G_g (z_{j,g} + o)` per sub-vector (exactly
     :meth:`LatticeLayer.dequantize`, in float64 on the CPU), caches it on the input's
-    device and dtype, and applies ``F.linear``. (A fused CuPy decode-GEMV kernel is in
-    :mod:`llm_adapter._lattice_kernel`; it is not used here until it has been validated
-    on a GPU.)
+    device and dtype, and applies ``F.linear``. On a CUDA input (no µ-law compander) it runs
+    the fused decode-GEMM op ``llm_adapter::lattice_matmul`` (:mod:`llm_adapter.kernels`)
+    instead, with no dequantized weight.
 
     Parameters
     ----------
@@ -509,6 +510,8 @@ class LatticeLinear(_CachedWeightLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if x.is_cuda and _kernel_ops.CUDA_REGISTERED and _kernel_ops.lattice_supported(self):
+            return _kernel_ops.lattice_linear(self, x)  # fused decode-GEMM (llm_adapter.kernels)
         return self._linear_cached(x)
 
     def extra_repr(self) -> str:
@@ -595,3 +598,7 @@ def replace_linear(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     logger.info("replaced %d linear layers with quantized modules", len(layers))
     return model
+
+
+# CUDA implementations of the ops (llm_adapter.kernels; imports torch only, numba lazily).
+from ..kernels import torch_ops as _kernel_ops  # noqa: E402

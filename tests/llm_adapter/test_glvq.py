@@ -201,23 +201,23 @@ def test_input_validation():
 # ---------------------------------------------------------------------------- kernel oracle
 @pytest.mark.parametrize("bits, col_scale", [(2, False), (4, True)])
 def test_kernel_reference_equals_dequantized_matmul(bits, col_scale):
-    """The algorithm of the (GPU-untested) decode-GEMV kernel, run in numpy."""
-    from llm_adapter._lattice_kernel import lattice_matmul_reference, pack_lattice_layer
+    """The algorithm of the decode-GEMM kernel (llm_adapter.kernels), run in numpy."""
+    from llm_adapter.kernels import lattice_matmul_reference, pack_lattice_layer
 
     W, H = _layer(seed=8, out=12, n=48)
     spec = GLVQSpec(bits=bits, d=8, group_size=32, n_iter=2, col_scale=col_scale)
     q = quantize_weight_glvq(W, H, spec=spec, backend=BE, bias=np.linspace(-1, 1, 12))
     packed = pack_lattice_layer(q)
-    assert packed["qcodes"].dtype == np.int32 and packed["qcodes"].shape == (12, 48 * bits // 32)
+    assert packed["qweight_t"].dtype == np.int32 and packed["qweight_t"].shape == (48 * bits // 32, 12)
     x = np.random.default_rng(9).standard_normal((3, 48))
     ref = x @ q.dequantize(np.float64).T + q.bias
     np.testing.assert_allclose(lattice_matmul_reference(x, packed), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_kernel_packing_rejects_unsupported_layers(layer_and_q):
-    from llm_adapter._lattice_kernel import pack_lattice_layer
+    from llm_adapter.kernels import pack_lattice_layer
 
-    with pytest.raises(ValueError, match="same `bits` in every group"):
+    with pytest.raises(ValueError, match="does not implement the µ-law compander"):
         pack_lattice_layer(layer_and_q[2])
 
 
