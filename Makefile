@@ -38,7 +38,7 @@ bench: $(STAMP)
 # Dask scale-out: 1 vs 2 LocalCluster workers (10^6 RHS; SmolLM2-shaped layer solves).
 # Run on a quiet machine: the JSON records the load average.
 bench-distributed: $(STAMP)
-	$(VPY) benchmarks/distributed.py
+	$(VPY) benchmarks/dask_scaling.py
 
 # The site: plots from benchmarks/results/*.json (docs/img/), then a strict build into site/.
 $(DOCS_STAMP): $(STAMP)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SIMULATOR
+from tests.gpu.conftest import SIMULATOR
 
 from llm_adapter import kernels as K
 from llm_adapter.formats.packing import pack

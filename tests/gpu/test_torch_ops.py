@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SIMULATOR
+from tests.gpu.conftest import SIMULATOR
 
 from llm_adapter.formats.packing import pack
 from llm_adapter.kernels import torch_ops

@@ -23,7 +23,9 @@ The machine may be shared: the load average at start and end goes into the JSON,
 the 2-worker speed-up is understated when other processes compete for the 2 cores.
 Re-run on a quiet machine with ``make bench-distributed`` (or the command below).
 
-Usage: python benchmarks/distributed.py [--quick] [--k 1000000] [--chunk 50000] [--repeats 2]
+(Named so that it does not shadow the `distributed` package when benchmarks/ is on sys.path.)
+
+Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000] [--repeats 2]
        [--parts rhs,layers]
 Writes benchmarks/results/distributed.json (atomically) and prints tables.
 """
@@ -282,7 +284,7 @@ def main(argv=None):
 
     out = {"machine": machine_info(), "numba": numba.__version__, "dask": dask.__version__,
            "distributed": getattr(distributed, "__version__", None) or _version("distributed"), "loadavg_start": _loadavg(),
-           "command": "python benchmarks/distributed.py" + (" --quick" if args.quick else ""),
+           "command": "python benchmarks/dask_scaling.py" + (" --quick" if args.quick else ""),
            "note": "2-core machine possibly shared with other jobs: see loadavg_*; a busy machine "
                    "understates the 2-worker speed-up"}
     name = "distributed_quick.json" if args.quick else "distributed.json"
