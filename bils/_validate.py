@@ -12,22 +12,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Canonical", "problem_iv", "int_iv", "float_iv", "choice_iv"]
+from ._grid import GroupedGrid
+
+__all__ = ["Canonical", "problem_iv", "grid_iv", "int_iv", "float_iv", "choice_iv"]
 
 
 @dataclass(frozen=True)
 class Canonical:
     """Canonical arrays of a multi-RHS BILS problem (numpy, float64 / int64).
 
-    ``scale``, ``offset``, ``lo`` and ``hi`` are read-only broadcast views of shape (n, k).
+    ``lo`` and ``hi`` are read-only broadcast views of shape (n, k). ``scale`` and
+    ``offset`` are :class:`~bils.GroupedGrid` s (values (g, k or 1), group map (n,)):
+    row ``i`` is ``values[groups[i]]``. Kernels read them through the group map; a backend
+    without grouped support calls :meth:`dense_grids` for (n, k) arrays.
     """
 
     R: np.ndarray
     Y: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
-    scale: np.ndarray
-    offset: np.ndarray
+    scale: GroupedGrid
+    offset: GroupedGrid
     squeeze: bool  # the caller passed a 1-D y
 
     @property
@@ -42,8 +47,22 @@ class Canonical:
         """The same problem with ``R``, ``Y`` (contiguous), ``scale`` and ``offset`` in ``dtype``."""
         return Canonical(np.ascontiguousarray(self.R, dtype=dtype),
                          np.ascontiguousarray(self.Y, dtype=dtype), self.lo, self.hi,
-                         self.scale.astype(dtype, copy=False), self.offset.astype(dtype, copy=False),
-                         self.squeeze)
+                         self.scale.astype(dtype), self.offset.astype(dtype), self.squeeze)
+
+    def dense_grids(self):
+        """``(scale, offset)`` as read-only (n, k) float64 arrays, for backends without grouped grids.
+
+        A grid shared by all coordinates (one group) comes back as a zero-stride broadcast
+        view; any other grid is materialised, ``n k`` numbers each.
+        """
+        out = []
+        for grid in (self.scale, self.offset):
+            if grid.n_groups == 1:
+                a = grid.values
+            else:
+                a = grid.values if grid.is_identity else grid.values[grid.groups]
+            out.append(np.broadcast_to(a, self.Y.shape))
+        return tuple(out)
 
 
 def _real_array(name, a, *, allow_int=True):
@@ -146,20 +165,34 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None) -> Canonical:
     if np.any(lo > hi):
         raise ValueError("`lo` must not exceed `hi` (elementwise)")
 
-    if scale is None:
-        scale = np.ones((1, 1))
-    scale = _real_array("scale", scale).astype(np.float64, copy=False)
-    _finite("scale", scale)
-    if np.any(scale == 0):
+    scale = grid_iv("scale", scale, 1.0, shape, squeeze)
+    if np.any(scale.values == 0):
         raise ValueError("`scale` must be non-zero")
-    scale = _broadcast("scale", _as_column_shape(scale, squeeze), shape)
-
-    if offset is None:
-        offset = np.zeros((1, 1))
-    offset = _real_array("offset", offset).astype(np.float64, copy=False)
-    _finite("offset", offset)
-    offset = _broadcast("offset", _as_column_shape(offset, squeeze), shape)
+    offset = grid_iv("offset", offset, 0.0, shape, squeeze)
     return Canonical(R, Y, lo, hi, scale, offset, squeeze)
+
+
+def grid_iv(name, a, default, shape, squeeze):
+    """``scale`` / ``offset`` (array_like broadcastable to ``shape`` (n, k), a
+    :class:`~bils.GroupedGrid`, or None for ``default``) as a :class:`~bils.GroupedGrid`."""
+    n, k = shape
+    if a is None:
+        return GroupedGrid._trusted(np.full((1, 1), default), np.zeros(n, dtype=np.int64))
+    if isinstance(a, GroupedGrid):
+        if a.n != n:
+            raise ValueError(f"`{name}` (a GroupedGrid) must have one group index per row of "
+                             f"`Y` ({n}), got {a.n}")
+        if a.values.shape[1] not in (1, k):
+            raise ValueError(f"`{name}` (a GroupedGrid) must have values of shape (g, {k}) or "
+                             f"(g,) to match `Y` with {k} columns, got {a.values.shape}")
+        return a
+    if isinstance(a, tuple):
+        raise TypeError(f"`{name}` must be array_like or a bils.GroupedGrid, not a tuple; "
+                        f"write `{name}=bils.GroupedGrid(values, groups)` for grouped values")
+    arr = _real_array(name, a).astype(np.float64, copy=False)
+    _finite(name, arr)
+    arr = _broadcast(name, _as_column_shape(arr, squeeze), shape)
+    return GroupedGrid.from_dense(arr, n)
 
 
 def int_iv(name, value, *, minimum=None, allow_none=False):

@@ -41,8 +41,13 @@ def lls_tau(R, scale, n_samples):
     temperature (:math:`P(x_i = z) \propto \exp(-A\, r_{ii}^2 (c_i - z)^2)`), with
     :math:`\rho` from :func:`lls_rho` for ``n_samples`` samples.
     """
+    from ._grid import GroupedGrid
+
     R = np.asarray(R)
     n = R.shape[0]
+    if isinstance(scale, GroupedGrid):
+        dmin = scale.min_abs_scaled(np.diag(R))
+        return dmin * dmin / math.log(lls_rho(n_samples, n))
     d2 = (np.diag(R)[:, None] * np.asarray(scale)) ** 2
     return np.min(d2, axis=0) / math.log(lls_rho(n_samples, n))
 
@@ -169,7 +174,8 @@ def klein(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, n_samples=
     def options(can, cols, k_total):
         if "seeds" not in cache:
             cache["seeds"] = column_seeds(gen, k_total)
-        t = lls_tau(can.R, can.scale, n_samples) if tau == "auto" else np.full(can.k, tau)
+        t = (np.broadcast_to(lls_tau(can.R, can.scale, n_samples), (can.k,)) if tau == "auto"
+             else np.full(can.k, tau))
         return {"n_samples": n_samples, "tau": np.asarray(t, dtype=np.float64),
                 "seeds": cache["seeds"][cols], "block_size": block_size}
 

@@ -26,58 +26,25 @@ then draws its sampled sweeps against it.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, at, box_round, grids, readonly
+from ._common import TILE, at, box_round, gat, grids, readonly
+from ._tiles import load_tile, rank1, update_below
 
 __all__ = ["babai_kernel", "sweep", "panels", "gemm_panel"]
 
 
-@njit(cache=True, inline="always")
-def _load_tile(T, Y, G, has_g, a, j0, w):
-    m = T.shape[0]
-    for l in range(m):
-        if has_g:
-            for jj in range(w):
-                T[l, jj] = Y[a + l, j0 + jj] - G[l, j0 + jj]
-        else:
-            for jj in range(w):
-                T[l, jj] = Y[a + l, j0 + jj]
-
-
-@njit(cache=True, inline="always")
-def _rank1(T, rrow, z, lo_row, hi_row, w):
-    """``T[l] -= rrow[l] * z`` for ``lo_row <= l < hi_row``."""
-    for l in range(lo_row, hi_row):
-        r = rrow[l]
-        for jj in range(w):
-            T[l, jj] -= r * z[jj]
-
-
-@njit(cache=True, inline="always")
-def _rank4(T, r0, r1, r2, r3, z0, z1, z2, z3, nrows, w):
-    """Four successive rank-1 updates of rows ``[0, nrows)`` fused in one pass.
-
-    Each element gets the operations of the four separate rank-1 updates, in order.
-    """
-    for l in range(nrows):
-        a0 = r0[l]
-        a1 = r1[l]
-        a2 = r2[l]
-        a3 = r3[l]
-        for jj in range(w):
-            T[l, jj] = (((T[l, jj] - a0 * z0[jj]) - a1 * z1[jj]) - a2 * z2[jj]) - a3 * z3[jj]
-
-
 @njit(cache=True)
-def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1):
+def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
     """Decide levels ``[a, a + m)`` of right-hand sides ``[j0, j1)`` (round to nearest)."""
     m = RT.shape[0]
     w = j1 - j0
     T = np.empty((m, w), dtype=RT.dtype)
-    _load_tile(T, Y, G, has_g, a, j0, w)
+    load_tile(T, Y, G, has_g, a, j0, w)
     zb = np.empty((4, w), dtype=RT.dtype)
     cl = np.zeros(w)
     top = m
@@ -89,8 +56,8 @@ def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1):
             zq = zb[top - 1 - q]
             for jj in range(w):
                 j = j0 + jj
-                s = at(S, i, j)
-                o = at(O, i, j)
+                s = gat(S, Sg, i, j)
+                o = gat(O, Og, i, j)
                 t = T[q, jj] - rii * o
                 d = rii * s
                 xi = box_round(t / d, at(LO, i, j), at(HI, i, j))
@@ -100,30 +67,49 @@ def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1):
                 zq[jj] = z
                 e = t - d * xi
                 cl[jj] += e * e
-            _rank1(T, RT[q], zq, bot, q, w)
-        if top - bot == 4:
-            _rank4(T, RT[top - 1], RT[top - 2], RT[top - 3], RT[top - 4],
-                   zb[0], zb[1], zb[2], zb[3], bot, w)
-        else:
-            for q in range(top - 1, bot - 1, -1):
-                _rank1(T, RT[q], zb[top - 1 - q], 0, bot, w)
+            rank1(T, RT[q], zq, bot, q, w)
+        update_below(T, RT, zb, top, bot, w)
         top = bot
     for jj in range(w):
         cost[j0 + jj] += cl[jj]
 
 
 @njit(cache=True, parallel=True)
-def _sweep_panel(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width):
+def _sweep_panel(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width):
     k = Y.shape[1]
     for t in prange((k + width - 1) // width):
         j0 = t * width
-        _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, min(k, j0 + width))
+        _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, min(k, j0 + width))
 
 
 @njit(cache=True)
-def _sweep_panel_one(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width):
+def _sweep_panel_one(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width):
     """``_sweep_panel`` for a single tile, without a parallel launch."""
-    _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, 0, Y.shape[1])
+    _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, 0, Y.shape[1])
+
+
+class _Clock:
+    """Accumulates wall time per phase into ``timings`` (a dict) when one is given.
+
+    Phases of the Babai sweep: ``grid`` (compact grids), ``convert`` (precision
+    conversions and transposed copies of ``R``'s panels), ``product`` (BLAS products
+    between panels), ``panel`` (the in-panel sweep kernels), ``assemble`` (allocating and
+    assembling the result).
+    """
+
+    def __init__(self, timings):
+        self.timings = timings
+        self.t = time.perf_counter() if timings is not None else 0.0
+
+    def restart(self):
+        if self.timings is not None:
+            self.t = time.perf_counter()
+
+    def lap(self, phase):
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[phase] = self.timings.get(phase, 0.0) + (now - self.t)
+            self.t = now
 
 
 def panels(n, block_size):
@@ -131,7 +117,7 @@ def panels(n, block_size):
     return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
 
 
-def sweep(can, panel, X, Z, cost, *, G_out=None):
+def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
     """One left-looking nearest-plane (Babai) sweep in panels of ``panel`` levels.
 
     Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) and ``cost`` (k,, float64) in place.
@@ -143,11 +129,13 @@ def sweep(can, panel, X, Z, cost, *, G_out=None):
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
     in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
     """
+    clock = _Clock(timings)
     R = can.R
     Y = readonly(can.Y)
     n, k = Y.shape
     dtype = Z.dtype
-    S, O, LO, HI = grids(can, dtype)
+    S, Sg, O, Og, LO, HI = grids(can, dtype)
+    clock.lap("grid")
     cost[:] = 0.0
     G = np.empty((min(panel, n), k), dtype=dtype) if G_out is None else None
     Rbuf = None if dtype == R.dtype else np.empty((min(panel, n), n), dtype=dtype)
@@ -162,12 +150,16 @@ def sweep(can, panel, X, Z, cost, *, G_out=None):
         else:
             Rp = Rbuf[: e - a, : n - a]
             np.copyto(Rp, R[a:e, a:])
+        clock.lap("convert")
         if has_g:
             np.matmul(Rp[:, e - a:], Z[e:], out=Gp)
         elif G_out is not None:
             Gp[...] = 0.0
+        clock.lap("product")
         RT = readonly(np.ascontiguousarray(Rp[:, : e - a].T))
-        panel_fn(Y, readonly(Gp), has_g, RT, a, S, O, LO, HI, Z, X, cost, width)
+        clock.lap("convert")
+        panel_fn(Y, readonly(Gp), has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width)
+        clock.lap("panel")
 
 
 #: Fewest levels per panel of the Babai kernel. On a 2-core machine the product with
@@ -186,13 +178,20 @@ def gemm_panel(block_size):
     return block_size * max(1, -(-MIN_PANEL // block_size))
 
 
-def babai_kernel(can, *, block_size, precision="float64"):
-    """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``)."""
+def babai_kernel(can, *, block_size, precision="float64", timings=None):
+    """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``).
+
+    ``timings``, a dict, receives the seconds spent per phase (see :class:`_Clock`).
+    """
+    clock = _Clock(timings)
     n, k = can.Y.shape
     dtype = np.dtype(precision)
     x = np.empty((n, k), dtype=np.int64)
     z = np.empty((n, k), dtype=dtype)
     cost = np.empty(k)
-    sweep(can, gemm_panel(block_size), x, z, cost)
+    clock.lap("assemble")
+    sweep(can, gemm_panel(block_size), x, z, cost, timings=timings)
+    clock.restart()
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
+    clock.lap("assemble")
     return x, cost, status, {"block_size": block_size, "precision": precision}
