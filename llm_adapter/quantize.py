@@ -277,9 +277,13 @@ def quantize_weight(W, H=None, D=None, spec: QuantSpec = QuantSpec(), *, backend
         target = W
         problem = None
     else:
+        # the solvers take the grid grouped: one value per (group, output channel) and g_idx
+        grid_s = bils.GroupedGrid(scales.T, g_idx)
+        grid_o = bils.GroupedGrid(-(scales.astype(np.float64) * zeros.astype(np.float64)).T, g_idx)
+
         def problem_for(T):
-            return BILSProblem.from_gram(H, T.T, 0, spec.maxq, scale=S, offset=O, damp=damp,
-                                         ordering=spec.ordering)
+            return BILSProblem.from_gram(H, T.T, 0, spec.maxq, scale=grid_s, offset=grid_o,
+                                         damp=damp, ordering=spec.ordering)
 
         use_d = D is not None
         if spec.method == "gptq":
@@ -320,8 +324,8 @@ def quantize_weight(W, H=None, D=None, spec: QuantSpec = QuantSpec(), *, backend
         p = problem.perm if problem.perm is not None else np.arange(n)
         perm = p.astype(np.int64)
         xs = res.x[p].astype(np.float64)
-        Rd = np.diag(problem.R)[:, None] * problem.scale  # (n, m): R_ii S_ij
-        E = problem.Y - problem.R @ (problem.scale * xs + problem.offset)
+        Rd = np.diag(problem.R)[:, None] * S[p]  # (n, m): R_ii S_ij
+        E = problem.Y - problem.R @ (S[p] * xs + O[p])
         c = xs + E / Rd
         stats["clipped_frac"] = float(np.mean((c < -0.5) | (c > spec.maxq + 0.5)))
         stats["babai_bound"] = float(0.25 * np.sum(Rd * Rd))
