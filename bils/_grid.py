@@ -113,6 +113,9 @@ class GroupedGrid:
     def __setattr__(self, name, value):
         raise AttributeError("GroupedGrid is immutable")
 
+    def __reduce__(self):  # pickling (e.g. to dask workers)
+        return (GroupedGrid._trusted, (np.asarray(self.values), np.asarray(self.groups)))
+
     @classmethod
     def from_group_size(cls, values, group_size, n):
         """Contiguous groups: coordinate ``i`` is in group ``i // group_size``.

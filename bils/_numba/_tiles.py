@@ -11,12 +11,13 @@ operations do not depend on the tile width, so results do not depend on the thre
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
-__all__ = ["STEP", "load_tile", "rank1", "rank4", "update_below"]
+__all__ = ["STEP", "bound_row", "grid_row", "load_tile", "rank1", "rank8", "rank16", "update_below"]
 
 #: Levels decided between two fused updates of the rows below (the rows of ``zb``).
-STEP = 4
+STEP = 16
 
 
 @njit(cache=True, inline="always")
@@ -33,6 +34,32 @@ def load_tile(T, Y, G, has_g, a, j0, w):
 
 
 @njit(cache=True, inline="always")
+def grid_row(V, G, i, j0, w, out):
+    """``out[:w]`` = row ``i`` of the grouped grid ``(V, G)`` for RHS ``[j0, j0 + w)``."""
+    r = G[i]
+    if V.shape[1] > 1:
+        for jj in range(w):
+            out[jj] = V[r, j0 + jj]
+    else:
+        v = V[r, 0]
+        for jj in range(w):
+            out[jj] = v
+
+
+@njit(cache=True, inline="always")
+def bound_row(B, i, j0, w, out):
+    """``out[:w]`` = row ``i`` of the compact int64 bound ``B`` for RHS ``[j0, j0 + w)``, as float64."""
+    ii = i if B.shape[0] > 1 else 0
+    if B.shape[1] > 1:
+        for jj in range(w):
+            out[jj] = np.float64(B[ii, j0 + jj])
+    else:
+        v = np.float64(B[ii, 0])
+        for jj in range(w):
+            out[jj] = v
+
+
+@njit(cache=True, inline="always")
 def rank1(T, rrow, z, lo_row, hi_row, w):
     """``T[l] -= rrow[l] * z`` for ``lo_row <= l < hi_row``."""
     for l in range(lo_row, hi_row):
@@ -42,18 +69,97 @@ def rank1(T, rrow, z, lo_row, hi_row, w):
 
 
 @njit(cache=True, inline="always")
-def rank4(T, r0, r1, r2, r3, z0, z1, z2, z3, nrows, w):
-    """Four successive rank-1 updates of rows ``[0, nrows)`` fused in one pass.
-
-    Each element gets the operations of the four separate rank-1 updates, in order.
+def rank8(T, RT, zb, top, nrows, w):
+    """8 successive rank-1 updates of rows ``[0, nrows)`` fused in one pass: level
+    ``top - 1 - r`` with points ``zb[r]``, ``r = 0, ..., 7``, in that order per element.
     """
+    r0 = RT[top - 1]
+    r1 = RT[top - 2]
+    r2 = RT[top - 3]
+    r3 = RT[top - 4]
+    r4 = RT[top - 5]
+    r5 = RT[top - 6]
+    r6 = RT[top - 7]
+    r7 = RT[top - 8]
     for l in range(nrows):
         a0 = r0[l]
         a1 = r1[l]
         a2 = r2[l]
         a3 = r3[l]
+        a4 = r4[l]
+        a5 = r5[l]
+        a6 = r6[l]
+        a7 = r7[l]
         for jj in range(w):
-            T[l, jj] = (((T[l, jj] - a0 * z0[jj]) - a1 * z1[jj]) - a2 * z2[jj]) - a3 * z3[jj]
+            t = T[l, jj]
+            t = t - a0 * zb[0, jj]
+            t = t - a1 * zb[1, jj]
+            t = t - a2 * zb[2, jj]
+            t = t - a3 * zb[3, jj]
+            t = t - a4 * zb[4, jj]
+            t = t - a5 * zb[5, jj]
+            t = t - a6 * zb[6, jj]
+            t = t - a7 * zb[7, jj]
+            T[l, jj] = t
+
+
+@njit(cache=True, inline="always")
+def rank16(T, RT, zb, top, nrows, w):
+    """16 successive rank-1 updates of rows ``[0, nrows)`` fused in one pass: level
+    ``top - 1 - r`` with points ``zb[r]``, ``r = 0, ..., 15``, in that order per element.
+    """
+    r0 = RT[top - 1]
+    r1 = RT[top - 2]
+    r2 = RT[top - 3]
+    r3 = RT[top - 4]
+    r4 = RT[top - 5]
+    r5 = RT[top - 6]
+    r6 = RT[top - 7]
+    r7 = RT[top - 8]
+    r8 = RT[top - 9]
+    r9 = RT[top - 10]
+    r10 = RT[top - 11]
+    r11 = RT[top - 12]
+    r12 = RT[top - 13]
+    r13 = RT[top - 14]
+    r14 = RT[top - 15]
+    r15 = RT[top - 16]
+    for l in range(nrows):
+        a0 = r0[l]
+        a1 = r1[l]
+        a2 = r2[l]
+        a3 = r3[l]
+        a4 = r4[l]
+        a5 = r5[l]
+        a6 = r6[l]
+        a7 = r7[l]
+        a8 = r8[l]
+        a9 = r9[l]
+        a10 = r10[l]
+        a11 = r11[l]
+        a12 = r12[l]
+        a13 = r13[l]
+        a14 = r14[l]
+        a15 = r15[l]
+        for jj in range(w):
+            t = T[l, jj]
+            t = t - a0 * zb[0, jj]
+            t = t - a1 * zb[1, jj]
+            t = t - a2 * zb[2, jj]
+            t = t - a3 * zb[3, jj]
+            t = t - a4 * zb[4, jj]
+            t = t - a5 * zb[5, jj]
+            t = t - a6 * zb[6, jj]
+            t = t - a7 * zb[7, jj]
+            t = t - a8 * zb[8, jj]
+            t = t - a9 * zb[9, jj]
+            t = t - a10 * zb[10, jj]
+            t = t - a11 * zb[11, jj]
+            t = t - a12 * zb[12, jj]
+            t = t - a13 * zb[13, jj]
+            t = t - a14 * zb[14, jj]
+            t = t - a15 * zb[15, jj]
+            T[l, jj] = t
 
 
 @njit(cache=True, inline="always")
@@ -63,9 +169,10 @@ def update_below(T, RT, zb, top, bot, w):
     ``RT`` is the panel's ``R`` block transposed (row ``q`` holds ``R[:, q]``), ``zb[r]``
     the decided points of level ``top - 1 - r``.
     """
-    if top - bot == 4:
-        rank4(T, RT[top - 1], RT[top - 2], RT[top - 3], RT[top - 4],
-              zb[0], zb[1], zb[2], zb[3], bot, w)
+    if top - bot == 16:
+        rank16(T, RT, zb, top, bot, w)
+    elif top - bot == 8:
+        rank8(T, RT, zb, top, bot, w)
     else:
         for q in range(top - 1, bot - 1, -1):
             rank1(T, RT[q], zb[top - 1 - q], 0, bot, w)

@@ -33,9 +33,33 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, at, box_round, gat, grids, readonly
-from ._tiles import load_tile, rank1, update_below
+from ._tiles import STEP, bound_row, grid_row, load_tile, rank1, update_below
 
 __all__ = ["babai_kernel", "sweep", "panels", "gemm_panel"]
+
+
+@njit(cache=True, error_model="numpy")
+def _decide_row(trow, rii, srow, orow, lorow, hirow, zq, zout, xout, cl):
+    """Babai's decision at one level for a row of right-hand sides (vectorised over them).
+
+    ``x = clip(floor(t / d + 0.5), lo, hi)`` with ``t = T - R_ii o``, ``d = R_ii s`` (in the
+    working precision; the rounding in float64); writes ``z = s x + o`` to ``zq`` and
+    ``zout``, the code to ``xout`` and adds the squared residual to ``cl``. A separate,
+    non-inlined function over 1-D rows, branch-free and with numpy's error model (no
+    zero-division branch: ``d`` is never 0), so that the loop vectorises.
+    """
+    for jj in range(trow.shape[0]):
+        s = srow[jj]
+        o = orow[jj]
+        t = trow[jj] - rii * o
+        d = rii * s
+        xi = min(max(np.floor(np.float64(t / d) + 0.5), lorow[jj]), hirow[jj])
+        xout[jj] = np.int64(xi)
+        z = s * xi + o
+        zout[jj] = z
+        zq[jj] = z
+        e = t - d * xi
+        cl[jj] += e * e
 
 
 @njit(cache=True)
@@ -45,28 +69,36 @@ def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
     w = j1 - j0
     T = np.empty((m, w), dtype=RT.dtype)
     load_tile(T, Y, G, has_g, a, j0, w)
-    zb = np.empty((4, w), dtype=RT.dtype)
+    zb = np.empty((STEP, w), dtype=RT.dtype)
     cl = np.zeros(w)
+    srow = np.empty(w, dtype=S.dtype)
+    orow = np.empty(w, dtype=O.dtype)
+    lorow = np.empty(w)
+    hirow = np.empty(w)
+    # grid and bound rows are refilled only when the level's group (row) changes
+    sg_last = -1
+    og_last = -1
+    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
+    if not per_level_bounds:
+        bound_row(LO, 0, j0, w, lorow)
+        bound_row(HI, 0, j0, w, hirow)
     top = m
     while top > 0:
-        bot = max(0, top - 4)
+        bot = max(0, top - STEP)
         for q in range(top - 1, bot - 1, -1):
             i = a + q
             rii = RT[q, q]
             zq = zb[top - 1 - q]
-            for jj in range(w):
-                j = j0 + jj
-                s = gat(S, Sg, i, j)
-                o = gat(O, Og, i, j)
-                t = T[q, jj] - rii * o
-                d = rii * s
-                xi = box_round(t / d, at(LO, i, j), at(HI, i, j))
-                X[i, j] = np.int64(xi)
-                z = s * xi + o
-                Z[i, j] = z
-                zq[jj] = z
-                e = t - d * xi
-                cl[jj] += e * e
+            if Sg[i] != sg_last:
+                sg_last = Sg[i]
+                grid_row(S, Sg, i, j0, w, srow)
+            if Og[i] != og_last:
+                og_last = Og[i]
+                grid_row(O, Og, i, j0, w, orow)
+            if per_level_bounds:
+                bound_row(LO, i, j0, w, lorow)
+                bound_row(HI, i, j0, w, hirow)
+            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, Z[i, j0:j1], X[i, j0:j1], cl)
             rank1(T, RT[q], zq, bot, q, w)
         update_below(T, RT, zb, top, bot, w)
         top = bot
@@ -97,17 +129,20 @@ class _Clock:
     assembling the result).
     """
 
+    #: The clock read (wall time; ``time.process_time`` gives CPU time on a busy machine).
+    now = staticmethod(time.perf_counter)
+
     def __init__(self, timings):
         self.timings = timings
-        self.t = time.perf_counter() if timings is not None else 0.0
+        self.t = self.now() if timings is not None else 0.0
 
     def restart(self):
         if self.timings is not None:
-            self.t = time.perf_counter()
+            self.t = self.now()
 
     def lap(self, phase):
         if self.timings is not None:
-            now = time.perf_counter()
+            now = self.now()
             self.timings[phase] = self.timings.get(phase, 0.0) + (now - self.t)
             self.t = now
 

@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, at, box_round, gat, grids, readonly, uniform
-from ._tiles import rank1, update_below
+from ._tiles import STEP, rank1, update_below
 from .babai import gemm_panel, panels, sweep
 
 __all__ = ["klein_kernel", "klein_pick"]
@@ -257,7 +257,7 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
         else:
             for jj in range(w):
                 T[l, jj] = Y[a + l, j0 + jj]
-    zb = np.empty((4, w))
+    zb = np.empty((STEP, w))
     cl = np.zeros(w)
     lbuf = np.empty(_NBUF)
     ubuf = np.empty(_NBUF)
@@ -279,7 +279,7 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
     simple = np.empty(w, dtype=np.bool_)
     top = m
     while top > 0:
-        bot = max(0, top - 4)
+        bot = max(0, top - STEP)
         for q in range(top - 1, bot - 1, -1):
             i = a + q
             rii = RT[q, q]
