@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["STEP", "bound_row", "grid_row", "load_tile", "rank1", "rank8", "rank16", "update_below"]
+__all__ = ["STEP", "bound_row", "grid_row", "load_tile", "rank1", "rank8", "rank16", "rank16_rows",
+           "rank1_col", "update_below"]
 
 #: Levels decided between two fused updates of the rows below (the rows of ``zb``).
 STEP = 16
@@ -160,6 +161,75 @@ def rank16(T, RT, zb, top, nrows, w):
             t = t - a14 * zb[14, jj]
             t = t - a15 * zb[15, jj]
             T[l, jj] = t
+
+
+@njit(cache=True, inline="always")
+def rank16_rows(T, R, zb, top, nrows, w, coef):
+    """:func:`rank16` with the coefficients read from ``R`` itself (row ``l``: ``R[l, top - 1 - r]``,
+    contiguous), converted to the tile's precision through ``coef`` (16,): no transposed copy.
+    """
+    for l in range(nrows):
+        coef[0] = R[l, top - 1]
+        coef[1] = R[l, top - 2]
+        coef[2] = R[l, top - 3]
+        coef[3] = R[l, top - 4]
+        coef[4] = R[l, top - 5]
+        coef[5] = R[l, top - 6]
+        coef[6] = R[l, top - 7]
+        coef[7] = R[l, top - 8]
+        coef[8] = R[l, top - 9]
+        coef[9] = R[l, top - 10]
+        coef[10] = R[l, top - 11]
+        coef[11] = R[l, top - 12]
+        coef[12] = R[l, top - 13]
+        coef[13] = R[l, top - 14]
+        coef[14] = R[l, top - 15]
+        coef[15] = R[l, top - 16]
+        a0 = coef[0]
+        a1 = coef[1]
+        a2 = coef[2]
+        a3 = coef[3]
+        a4 = coef[4]
+        a5 = coef[5]
+        a6 = coef[6]
+        a7 = coef[7]
+        a8 = coef[8]
+        a9 = coef[9]
+        a10 = coef[10]
+        a11 = coef[11]
+        a12 = coef[12]
+        a13 = coef[13]
+        a14 = coef[14]
+        a15 = coef[15]
+        for jj in range(w):
+            t = T[l, jj]
+            t = t - a0 * zb[0, jj]
+            t = t - a1 * zb[1, jj]
+            t = t - a2 * zb[2, jj]
+            t = t - a3 * zb[3, jj]
+            t = t - a4 * zb[4, jj]
+            t = t - a5 * zb[5, jj]
+            t = t - a6 * zb[6, jj]
+            t = t - a7 * zb[7, jj]
+            t = t - a8 * zb[8, jj]
+            t = t - a9 * zb[9, jj]
+            t = t - a10 * zb[10, jj]
+            t = t - a11 * zb[11, jj]
+            t = t - a12 * zb[12, jj]
+            t = t - a13 * zb[13, jj]
+            t = t - a14 * zb[14, jj]
+            t = t - a15 * zb[15, jj]
+            T[l, jj] = t
+
+
+@njit(cache=True, inline="always")
+def rank1_col(T, R, q, z, lo_row, hi_row, w, coef):
+    """``T[l] -= R[l, q] * z`` for ``lo_row <= l < hi_row`` (``R[l, q]`` in the tile's precision)."""
+    for l in range(lo_row, hi_row):
+        coef[0] = R[l, q]
+        r = coef[0]
+        for jj in range(w):
+            T[l, jj] -= r * z[jj]
 
 
 @njit(cache=True, inline="always")

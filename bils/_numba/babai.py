@@ -33,7 +33,8 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, at, box_round, gat, grids, readonly
-from ._tiles import STEP, bound_row, grid_row, load_tile, rank1, update_below
+from ._tiles import (STEP, bound_row, grid_row, load_tile, rank1, rank1_col, rank16_rows,
+                     update_below)
 
 __all__ = ["babai_kernel", "sweep", "panels", "gemm_panel"]
 
@@ -106,6 +107,105 @@ def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
         cost[j0 + jj] += cl[jj]
 
 
+@njit(cache=True)
+def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
+    """All levels of right-hand sides ``[j0, j1)``, right-looking, without BLAS products.
+
+    The tile ``T`` (n, w) starts as ``Y``'s columns (in the precision of ``proto``); levels
+    are decided in steps of :data:`~bils._numba._tiles.STEP`, each level updating the rows
+    of its step below it, then every row below the step gets the step's 16 updates in one
+    pass (:func:`~bils._numba._tiles.rank16_rows`, coefficients read from ``R``'s rows).
+    """
+    n = R.shape[0]
+    w = j1 - j0
+    dt = proto.dtype
+    T = np.empty((n, w), dtype=dt)
+    for l in range(n):
+        for jj in range(w):
+            T[l, jj] = Y[l, j0 + jj]
+    zb = np.empty((STEP, w), dtype=dt)
+    zdum = np.empty(w, dtype=dt)
+    coef = np.empty(STEP, dtype=dt)
+    cl = np.zeros(w)
+    srow = np.empty(w, dtype=S.dtype)
+    orow = np.empty(w, dtype=O.dtype)
+    lorow = np.empty(w)
+    hirow = np.empty(w)
+    sg_last = -1
+    og_last = -1
+    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
+    if not per_level_bounds:
+        bound_row(LO, 0, j0, w, lorow)
+        bound_row(HI, 0, j0, w, hirow)
+    top = n
+    while top > 0:
+        bot = max(0, top - STEP)
+        for q in range(top - 1, bot - 1, -1):
+            coef[0] = R[q, q]
+            rii = coef[0]
+            zq = zb[top - 1 - q]
+            if Sg[q] != sg_last:
+                sg_last = Sg[q]
+                grid_row(S, Sg, q, j0, w, srow)
+            if Og[q] != og_last:
+                og_last = Og[q]
+                grid_row(O, Og, q, j0, w, orow)
+            if per_level_bounds:
+                bound_row(LO, q, j0, w, lorow)
+                bound_row(HI, q, j0, w, hirow)
+            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
+            rank1_col(T, R, q, zq, bot, q, w, coef)
+        if top - bot == STEP:
+            rank16_rows(T, R, zb, top, bot, w, coef)
+        else:
+            for q in range(top - 1, bot - 1, -1):
+                rank1_col(T, R, q, zb[top - 1 - q], 0, bot, w, coef)
+        top = bot
+    for jj in range(w):
+        cost[j0 + jj] += cl[jj]
+
+
+@njit(cache=True, parallel=True)
+def _whole(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
+    k = Y.shape[1]
+    for t in prange((k + width - 1) // width):
+        j0 = t * width
+        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width))
+
+
+@njit(cache=True)
+def _whole_one(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
+    """``_whole`` for a single tile, without a parallel launch."""
+    _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, 0, Y.shape[1])
+
+
+def tile_width(k, dtype):
+    """RHS per parallel task: wider tiles amortise the coefficient loads; single precision
+    takes twice the RHS (same bytes)."""
+    return (2 * TILE if k >= 32 * TILE else TILE) * (8 // np.dtype(dtype).itemsize)
+
+
+def whole_sweep(can, X, cost, dtype, *, timings=None):
+    """Babai's sweep over all levels per tile of RHS in one parallel launch (no BLAS products).
+
+    Fills ``X`` (n, k) int64 and ``cost`` (k,) in place, working in ``dtype`` (float64 or
+    float32; costs summed in float64). Each task owns a run of right-hand sides from
+    start to end, so no thread waits for another and no BLAS thread pool takes turns with
+    numba's; the in-panel updates run at the speed of a BLAS product (fused rank-16 passes
+    over the task's tile).
+    """
+    clock = _Clock(timings)
+    Y = readonly(can.Y)
+    n, k = Y.shape
+    S, Sg, O, Og, LO, HI = grids(can, dtype)
+    cost[:] = 0.0
+    clock.lap("grid")
+    width = tile_width(k, dtype)
+    fn = _whole if k > width else _whole_one
+    fn(Y, readonly(can.R), np.empty(0, dtype=dtype), S, Sg, O, Og, LO, HI, X, cost, width)
+    clock.lap("sweep")
+
+
 @njit(cache=True, parallel=True)
 def _sweep_panel(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width):
     k = Y.shape[1]
@@ -174,8 +274,7 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
     cost[:] = 0.0
     G = np.empty((min(panel, n), k), dtype=dtype) if G_out is None else None
     Rbuf = None if dtype == R.dtype else np.empty((min(panel, n), n), dtype=dtype)
-    # wider tiles stream rows better; single precision: twice the RHS per tile (same bytes)
-    width = (2 * TILE if k >= 32 * TILE else TILE) * (8 // dtype.itemsize)
+    width = tile_width(k, dtype)
     panel_fn = _sweep_panel if k > width else _sweep_panel_one
     for a, e in panels(n, panel):
         Gp = G[: e - a] if G_out is None else G_out[a:e]
@@ -213,19 +312,25 @@ def gemm_panel(block_size):
     return block_size * max(1, -(-MIN_PANEL // block_size))
 
 
-def babai_kernel(can, *, block_size, precision="float64", timings=None):
+def babai_kernel(can, *, block_size, precision="float64", timings=None, panels=False):
     """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``).
 
     ``timings``, a dict, receives the seconds spent per phase (see :class:`_Clock`).
+    ``panels=True`` runs the panel sweep with BLAS products between panels (the former
+    method, kept for comparison) instead of :func:`whole_sweep`. ``block_size`` does not
+    change the result (up to rounding), only the panel method's speed.
     """
     clock = _Clock(timings)
     n, k = can.Y.shape
     dtype = np.dtype(precision)
     x = np.empty((n, k), dtype=np.int64)
-    z = np.empty((n, k), dtype=dtype)
     cost = np.empty(k)
     clock.lap("assemble")
-    sweep(can, gemm_panel(block_size), x, z, cost, timings=timings)
+    if panels:
+        sweep(can, gemm_panel(block_size), x, np.empty((n, k), dtype=dtype), cost,
+              timings=timings)
+    else:
+        whole_sweep(can, x, cost, dtype, timings=timings)
     clock.restart()
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     clock.lap("assemble")
