@@ -220,6 +220,8 @@ class GroupedGrid:
         (``O(m n)``), then one product with ``V`` (``O(m g k)``).
         """
         R = np.asarray(R)
+        if not np.any(self.values):  # the default offset: exactly 0 (even for huge R)
+            return np.zeros((R.shape[0], self.values.shape[1]), dtype=R.dtype)
         if self.is_identity:
             return R @ self.values.astype(R.dtype, copy=False)
         # column sums of R per group (stable order: ascending coordinate within a group)

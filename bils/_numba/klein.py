@@ -31,7 +31,7 @@ from numba import njit, prange
 from ..result import Status
 from ._common import TILE, at, box_round, gat, grids, readonly, uniform
 from ._tiles import STEP, rank1, update_below
-from .babai import gemm_panel, panels, sweep
+from .babai import panels, sweep, whole_sweep
 
 __all__ = ["klein_kernel", "klein_pick"]
 
@@ -371,7 +371,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
     cost_b = np.empty(k)
     improved = np.zeros(k, dtype=bool)
     if n_samples == 0:
-        sweep(can, gemm_panel(block_size), xb, np.empty((n, k)), cost_b)
+        whole_sweep(can, xb, cost_b, np.dtype(np.float64))
     else:
         Gb = np.empty((n, k))
         sweep(can, block_size, xb, np.empty((n, k)), cost_b, G_out=Gb)
