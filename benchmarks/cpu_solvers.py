@@ -371,15 +371,20 @@ def product_floor(n, k, dtype, rng):
     return dt / 2, 2.0 * n * n * k / dt / 1e9
 
 
-def babai_phases(prob, precision):
-    """Per-phase seconds of one numba Babai call (kernel phases + validation in the driver)."""
+def babai_phases(prob, precision, panels=False):
+    """Per-phase seconds of one numba Babai call (kernel phases + validation in the driver).
+
+    ``panels=True``: the former panel method (BLAS products between panels of 512 levels),
+    for comparison: its phases are grid, convert, product, panel, assemble; the default
+    whole-sweep method has grid, sweep, assemble.
+    """
     from bils._numba.babai import babai_kernel
 
     t0 = time.perf_counter()
     can = prob.canonical()
     phases = {"validate": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    babai_kernel(can, block_size=128, precision=precision, timings=phases)
+    babai_kernel(can, block_size=128, precision=precision, timings=phases, panels=panels)
     phases["kernel_total"] = time.perf_counter() - t1
     return phases
 
@@ -434,6 +439,8 @@ def bench_focus(args):
     rec["times_s"] = dict(times)
     rec["phases_s"] = {f"{form}_{prec}": babai_phases(probs[form], prec)
                        for form in ("grouped", "full") for prec in ("float32", "float64")}
+    rec["phases_s"].update({f"panel_method_{form}_{prec}": babai_phases(probs[form], prec, True)
+                            for form in ("grouped", "full") for prec in ("float32", "float64")})
     # agreement: numba grouped / full and the numpy reference, codes and layer loss
     xg = results["babai_grouped_float64"].x
     for label in ("babai_full_float64", "babai_grouped_float32", "babai_full_float32"):
