@@ -31,7 +31,7 @@ from numba import njit, prange
 from ..result import Status
 from ._common import TILE, at, box_round, gat, grids, readonly, uniform
 from ._tiles import STEP, rank1, update_below
-from .babai import panels, sweep, whole_sweep
+from .babai import _Clock, panels, sweep, whole_sweep
 
 __all__ = ["klein_kernel", "klein_pick"]
 
@@ -364,8 +364,14 @@ def _sample_width(k):
     return w
 
 
-def klein_kernel(can, *, n_samples, tau, seeds, block_size):
-    """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``)."""
+def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
+    """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``).
+
+    ``timings``, a dict, receives seconds per phase: ``babai`` (the Babai sweep keeping
+    every panel's product), ``convert`` (transposed panel copies of ``R``), ``samples``
+    (the sampled sweeps), ``select`` (keeping the better point per RHS).
+    """
+    clock = _Clock(timings)
     n, k = can.Y.shape
     xb = np.empty((n, k), dtype=np.int64)
     cost_b = np.empty(k)
@@ -376,6 +382,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
         Gb = np.empty((n, k))
         sweep(can, block_size, xb, np.empty((n, k)), cost_b, G_out=Gb)
     x, cost = xb, cost_b
+    clock.lap("babai")
     if n_samples > 0:
         x, cost = xb.copy(), cost_b.copy()
         R = can.R
@@ -398,13 +405,16 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
         dcnt = np.zeros((n, ntiles), dtype=np.int32)
         djj = np.empty((n, k), dtype=np.int32)
         dval = np.empty((n, k))
+        clock.lap("convert")
         with np.errstate(over="ignore"):  # uint64 hashing wraps (NUMBA_DISABLE_JIT)
             for s in range(n_samples):
                 cs[:] = 0.0
                 for (a, e), RT, RS in zip(bounds, RTs, RSs):
                     panel_fn(Y, Gb[a:e], e < n, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cs,
                              dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
+                clock.lap("samples")
                 _keep_better(x, cost, xs, cs, improved, TILE)
+                clock.lap("select")
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,
                              "block_size": block_size}
