@@ -63,6 +63,10 @@ def test_from_group_size_and_dense():
     assert shared.dense(4).shape == (3, 4) and shared.dense(4)[0].tolist() == [2.0] * 4
     with pytest.raises(AttributeError):
         S.values = V
+    import pickle
+
+    S2 = pickle.loads(pickle.dumps(S))
+    np.testing.assert_array_equal(S2.dense(), S.dense())
     assert not S.values.flags.writeable and not S.groups.flags.writeable
 
 
