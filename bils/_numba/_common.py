@@ -10,10 +10,12 @@ and a group map (n,)) and are read through :func:`gat`, never expanded to (n, k)
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from numba import njit
 
-__all__ = ["compact", "readonly", "grids", "at", "gat", "box_round", "uniform", "splitmix64", "TILE"]
+__all__ = ["Clock", "compact", "readonly", "grids", "at", "gat", "box_round", "uniform", "splitmix64", "TILE"]
 
 #: Right-hand sides per parallel task (one ``prange`` iteration): sized so a task's
 #: working tile (levels x TILE doubles) stays in the core's L1/L2 cache.
@@ -48,6 +50,33 @@ def grids(can, dtype=np.float64):
         out.append(readonly(np.ascontiguousarray(grid.values, dtype=dtype)))
         out.append(readonly(np.ascontiguousarray(grid.groups, dtype=np.int64)))
     return (*out, compact(can.lo, np.int64), compact(can.hi, np.int64))
+
+
+class Clock:
+    """Accumulates wall time per phase into ``timings`` (a dict) when one is given.
+
+    Phases of the Babai kernel (panel method): ``grid`` (compact grids), ``convert`` (precision
+    conversions and transposed copies of ``R``'s panels), ``product`` (BLAS products
+    between panels), ``panel`` (the in-panel sweep kernels), ``assemble`` (allocating and
+    assembling the result).
+    """
+
+    #: The clock read (wall time; ``time.process_time`` gives CPU time on a busy machine).
+    now = staticmethod(time.perf_counter)
+
+    def __init__(self, timings):
+        self.timings = timings
+        self.t = self.now() if timings is not None else 0.0
+
+    def restart(self):
+        if self.timings is not None:
+            self.t = self.now()
+
+    def lap(self, phase):
+        if self.timings is not None:
+            now = self.now()
+            self.timings[phase] = self.timings.get(phase, 0.0) + (now - self.t)
+            self.t = now
 
 
 @njit(cache=True, inline="always")

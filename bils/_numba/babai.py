@@ -33,17 +33,15 @@ panel's product, and behind ``babai_kernel(..., panels=True)`` for comparison.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, at, box_round, gat, grids, readonly
+from ._common import TILE, Clock, grids, readonly
 from ._tiles import (STEP, bound_row, grid_row, load_tile, rank1, rank1_col, rank16_rows,
                      update_below)
 
-__all__ = ["babai_kernel", "sweep", "panels", "gemm_panel"]
+__all__ = ["babai_kernel", "sweep", "whole_sweep", "panels", "gemm_panel", "tile_width"]
 
 
 @njit(cache=True, error_model="numpy")
@@ -201,7 +199,7 @@ def whole_sweep(can, X, cost, dtype, *, timings=None):
     numba's; the in-panel updates run at the speed of a BLAS product (fused rank-16 passes
     over the task's tile).
     """
-    clock = _Clock(timings)
+    clock = Clock(timings)
     Y = readonly(can.Y)
     n, k = Y.shape
     S, Sg, O, Og, LO, HI = grids(can, dtype)
@@ -227,33 +225,6 @@ def _sweep_panel_one(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width
     _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, 0, Y.shape[1])
 
 
-class _Clock:
-    """Accumulates wall time per phase into ``timings`` (a dict) when one is given.
-
-    Phases of the Babai sweep: ``grid`` (compact grids), ``convert`` (precision
-    conversions and transposed copies of ``R``'s panels), ``product`` (BLAS products
-    between panels), ``panel`` (the in-panel sweep kernels), ``assemble`` (allocating and
-    assembling the result).
-    """
-
-    #: The clock read (wall time; ``time.process_time`` gives CPU time on a busy machine).
-    now = staticmethod(time.perf_counter)
-
-    def __init__(self, timings):
-        self.timings = timings
-        self.t = self.now() if timings is not None else 0.0
-
-    def restart(self):
-        if self.timings is not None:
-            self.t = self.now()
-
-    def lap(self, phase):
-        if self.timings is not None:
-            now = self.now()
-            self.timings[phase] = self.timings.get(phase, 0.0) + (now - self.t)
-            self.t = now
-
-
 def panels(n, block_size):
     """Panel bounds ``(a, e)`` in the order they are decided (top levels first)."""
     return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
@@ -271,7 +242,7 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
     in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
     """
-    clock = _Clock(timings)
+    clock = Clock(timings)
     R = can.R
     Y = readonly(can.Y)
     n, k = Y.shape
@@ -322,12 +293,12 @@ def gemm_panel(block_size):
 def babai_kernel(can, *, block_size, precision="float64", timings=None, panels=False):
     """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``).
 
-    ``timings``, a dict, receives the seconds spent per phase (see :class:`_Clock`).
+    ``timings``, a dict, receives the seconds spent per phase (see :class:`~bils._numba._common.Clock`).
     ``panels=True`` runs the panel sweep with BLAS products between panels (the former
     method, kept for comparison) instead of :func:`whole_sweep`. ``block_size`` does not
     change the result (up to rounding), only the panel method's speed.
     """
-    clock = _Clock(timings)
+    clock = Clock(timings)
     n, k = can.Y.shape
     dtype = np.dtype(precision)
     x = np.empty((n, k), dtype=np.int64)

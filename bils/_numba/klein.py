@@ -29,9 +29,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, at, box_round, gat, grids, readonly, uniform
+from ._common import TILE, Clock, at, box_round, gat, grids, readonly, uniform
 from ._tiles import STEP, rank1, update_below
-from .babai import _Clock, panels, sweep, whole_sweep
+from .babai import panels, sweep, whole_sweep
 
 __all__ = ["klein_kernel", "klein_pick"]
 
@@ -371,7 +371,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
     every panel's product), ``convert`` (transposed panel copies of ``R``), ``samples``
     (the sampled sweeps), ``select`` (keeping the better point per RHS).
     """
-    clock = _Clock(timings)
+    clock = Clock(timings)
     n, k = can.Y.shape
     xb = np.empty((n, k), dtype=np.int64)
     cost_b = np.empty(k)
