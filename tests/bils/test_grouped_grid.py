@@ -201,3 +201,22 @@ def test_property_premultiply_and_permuted(n, k, g, seed):
     np.testing.assert_allclose(grid.premultiply(R), R @ grid.dense(), rtol=1e-12, atol=1e-12)
     perm = rng.permutation(n)
     np.testing.assert_array_equal(grid.permuted(perm).dense(), grid.dense()[perm])
+
+
+@pytest.mark.parametrize("ctor", ["from_triangular", "from_design"])
+@pytest.mark.parametrize("ordering", ["natural", "sqrd", "chang_han"])
+def test_triangular_and_design_orderings(ctor, ordering):
+    R, Y, lo, hi, S, O = grouped_problem(12, 4, 5, seed=9, shuffle=True)
+    if ctor == "from_triangular":
+        args = (R, Y)
+    else:
+        A = np.vstack([R, np.random.default_rng(1).normal(0, 0.1, (3, 12))])
+        args = (A, A @ np.linalg.solve(R, Y))
+    make = getattr(bils.BILSProblem, ctor)
+    pg = make(*args, lo, hi, scale=S, offset=O, ordering=ordering)
+    pd = make(*args, lo, hi, scale=S.dense(4), offset=O.dense(4), ordering=ordering)
+    ref = bils.babai(pd, backend="numpy")
+    for backend in ("numpy", "numba"):
+        res = bils.babai(pg, backend=backend)
+        np.testing.assert_array_equal(res.x, ref.x, err_msg=backend)
+        np.testing.assert_allclose(res.cost, ref.cost, rtol=1e-9)
