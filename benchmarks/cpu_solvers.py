@@ -361,14 +361,15 @@ def product_floor(n, k, dtype, rng):
     """Seconds of ``n² k`` flops at the speed of one BLAS ``(n, n) @ (n, k)`` product in ``dtype``.
 
     (The product has ``2 n² k`` flops; Babai's products amount to ``n² k``: its trailing
-    triangle.) Returns (floor seconds, GFLOP/s).
+    triangle.) Returns (floor seconds, GFLOP/s, floor CPU seconds of all threads).
     """
     A = rng.standard_normal((n, n)).astype(dtype)
     B = rng.standard_normal((n, k)).astype(dtype)
+    c = time.process_time()
     t = time.perf_counter()
     A @ B
     dt = time.perf_counter() - t
-    return dt / 2, 2.0 * n * n * k / dt / 1e9
+    return dt / 2, 2.0 * n * n * k / dt / 1e9, (time.process_time() - c) / 2
 
 
 def babai_phases(prob, precision, panels=False):
@@ -427,10 +428,11 @@ def bench_focus(args):
     # interleaved: the floor, Babai and the lean loop run next to each other in every round
     for _ in range(args.repeats):
         for prec, dt in (("float32", np.float32), ("float64", np.float64)):
-            f, rate = product_floor(n, k, dt, rng)
+            f, rate, fcpu = product_floor(n, k, dt, rng)
             if f < times.get(f"floor_{prec}", np.inf):
                 times[f"floor_{prec}"] = f
                 rec[f"floor_{prec}_gflops"] = rate
+                CPU_TIMES[f"focus floor_{prec}"] = fcpu
             for form in ("grouped", "full"):
                 timed(f"babai_{form}_{prec}",
                       lambda: bils.babai(probs[form], precision=prec, backend="numba"))
@@ -473,6 +475,7 @@ def bench_focus(args):
         del p3
         rec["times_s"] = dict(times)
     rec["loadavg_end"] = os.getloadavg()
+    rec["cpu_s"] = {k[len("focus "):]: v for k, v in CPU_TIMES.items() if k.startswith("focus ")}
     rec["checks"] = focus_checks(rec)
     return rec
 
@@ -500,6 +503,11 @@ def focus_checks(rec):
         same = rec[f"numpy_vs_numba_identical_{form}"]
         add(f"codes numpy == numba ({form} grid, float64)", "identical",
             rec[f"numpy_vs_numba_codes_equal_{form}"], same)
+    cpu = rec.get("cpu_s", {})
+    if "floor_float32" in cpu:  # CPU seconds of all threads: robust to other load on the machine
+        for form in ("grouped", "full"):
+            q = cpu[f"babai_{form}_float32"] / cpu["floor_float32"]
+            add(f"for information: CPU time babai float32 ({form}) / float32 floor", "-", q, None)
     if "klein8_grouped" in t:
         q = t["klein8_grouped"] / t["babai_grouped_float64"]
         add("klein S=8 / babai (float64, grouped)", "<= 6", q, q <= 6)
