@@ -30,6 +30,16 @@ own scratch is a few tiles per thread).
 
 Usage: python benchmarks/cpu_solvers.py [--quick] [--repeats 3] [--skip-compile]
 Writes benchmarks/results/cpu_solvers.json (atomically) and prints a table.
+
+Focused run (issue #23, ~2-3 min): ``python benchmarks/cpu_solvers.py --only babai4096
+[--repeats 2] [--focus-shape 4096x4096]``: the 4096x4096 4-bit g128 layer with its grid passed
+grouped (``bils.GroupedGrid``) and as full (n, k) arrays; in every round the float32/float64
+product floor (``n² k`` flops at the speed of one BLAS product), numba Babai in both
+precisions and both grid forms, and the lean torch loop in both precisions run back to back;
+per-phase timings of the numba Babai (validation, grid handling, precision conversions,
+products, in-panel sweep, result assembly); layer loss against the loop's; numpy == numba
+codes; Klein S=8 and K-best K=8 (3-bit) against Babai. Writes
+benchmarks/results/cpu_solvers_focus.json.
 """
 
 from __future__ import annotations
@@ -303,6 +313,209 @@ def bench_shape(n, k, args, records, table):
     gc.collect()
 
 
+# --------------------------------------------------------------------------- focused: 4096 layer
+FOCUS_TARGETS = {
+    "babai_f32_over_floor_grouped": 1.5,
+    "babai_f32_over_floor_full": 2.0,
+    "lean_over_babai_f32": 4.0,
+    "lean_over_babai_f64": 4.0,
+    "loss_rel_diff": 1e-3,
+    "klein8_over_babai": 6.0,
+    "kbest8_3bit_over_babai_3bit": 8.0,
+}
+
+
+def grouped_minmax_grid(W, bits, group):
+    """Per-group (scale, zero), each (k, g), and the group map (n,) of :func:`minmax_grid`."""
+    k, n = W.shape
+    scale, zero = minmax_grid(W, bits, group)
+    return scale[:, ::group].copy(), zero[:, ::group].copy(), np.arange(n) // group
+
+
+def grouped_problem(H, W, bits, grouped):
+    """The layer's problem with its grid passed grouped (``bils.GroupedGrid``) or as (n, k) arrays.
+
+    Returns (problem, construction seconds, (scale, zero) per group, group map).
+    """
+    sg, zg, groups = grouped_minmax_grid(W, bits, GROUP)
+    t0 = time.perf_counter()
+    if grouped:
+        S = bils.GroupedGrid(sg.T, groups)
+        O = bils.GroupedGrid(-(sg * zg).T, groups)
+    else:
+        S = np.ascontiguousarray(sg[:, groups].T)
+        O = np.ascontiguousarray(-(sg * zg)[:, groups].T)
+    prob = bils.BILSProblem.from_gram(H, W.T, 0, 2 ** bits - 1, scale=S, offset=O, damp=0.01,
+                                      ordering="diag")
+    return prob, time.perf_counter() - t0, (sg, zg), groups
+
+
+def layer_loss(W, H, codes, sg, zg, groups):
+    """``sum((W - Q) H (W - Q)ᵀ)`` for codes (k, n) on the grouped grid (undamped ``H``)."""
+    Q = sg[:, groups] * (codes - zg[:, groups])
+    E = W - Q
+    return float(np.sum((E @ H) * E))
+
+
+def product_floor(n, k, dtype, rng):
+    """Seconds of ``n² k`` flops at the speed of one BLAS ``(n, n) @ (n, k)`` product in ``dtype``.
+
+    (The product has ``2 n² k`` flops; Babai's products amount to ``n² k``: its trailing
+    triangle.) Returns (floor seconds, GFLOP/s, floor CPU seconds of all threads).
+    """
+    A = rng.standard_normal((n, n)).astype(dtype)
+    B = rng.standard_normal((n, k)).astype(dtype)
+    c = time.process_time()
+    t = time.perf_counter()
+    A @ B
+    dt = time.perf_counter() - t
+    return dt / 2, 2.0 * n * n * k / dt / 1e9, (time.process_time() - c) / 2
+
+
+def babai_phases(prob, precision, panels=False):
+    """Per-phase seconds of one numba Babai call (kernel phases + validation in the driver).
+
+    ``panels=True``: the former panel method (BLAS products between panels of 512 levels),
+    for comparison: its phases are grid, convert, product, panel, assemble; the default
+    whole-sweep method has grid, sweep, assemble.
+    """
+    from bils._numba.babai import babai_kernel
+
+    t0 = time.perf_counter()
+    can = prob.canonical()
+    phases = {"validate": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    babai_kernel(can, block_size=128, precision=precision, timings=phases, panels=panels)
+    phases["kernel_total"] = time.perf_counter() - t1
+    return phases
+
+
+def bench_focus(args):
+    """Every figure of issue #23's "Must show" on one layer, measured side by side."""
+    import torch
+    from _gptq_torch import gptq_lean
+
+    n, k = (int(v) for v in args.focus_shape.split("x"))
+    rec = {"n": n, "k": k, "group": GROUP, "bits": 4, "loadavg_start": os.getloadavg()}
+    torch.set_num_threads(os.cpu_count() or 1)
+    H, W, N, rec["build_s"] = layer_data(n, k, seed=n + k)
+    probs = {}
+    for form in ("grouped", "full"):
+        probs[form], rec[f"construct_{form}_s"], (sg, zg), groups = grouped_problem(H, W, 4, form == "grouped")
+    rec["grid_bytes"] = {form: int(sum(np.asarray(getattr(g, "values", g)).nbytes
+                                       for g in (p.scale, p.offset))) for form, p in probs.items()}
+    Wt, Ht = torch.from_numpy(W), torch.from_numpy(H)
+    sc, ze = torch.from_numpy(sg[:, groups]), torch.from_numpy(zg[:, groups])
+    rng = np.random.default_rng(1)
+    warm = {prec: bils.babai(probs["grouped"], precision=prec, backend="numba")  # compile
+            for prec in ("float32", "float64")}
+    del warm
+    times = {}
+    results = {}
+
+    def timed(label, fn):
+        gc.collect()
+        c0 = time.process_time()
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+        if dt < times.get(label, np.inf):
+            times[label] = dt
+            CPU_TIMES[f"focus {label}"] = time.process_time() - c0
+            results[label] = out
+        return out
+
+    # interleaved: the floor, Babai and the lean loop run next to each other in every round
+    for _ in range(args.repeats):
+        for prec, dt in (("float32", np.float32), ("float64", np.float64)):
+            f, rate, fcpu = product_floor(n, k, dt, rng)
+            if f < times.get(f"floor_{prec}", np.inf):
+                times[f"floor_{prec}"] = f
+                rec[f"floor_{prec}_gflops"] = rate
+                CPU_TIMES[f"focus floor_{prec}"] = fcpu
+            for form in ("grouped", "full"):
+                timed(f"babai_{form}_{prec}",
+                      lambda: bils.babai(probs[form], precision=prec, backend="numba"))
+            tdt = torch.float32 if prec == "float32" else torch.float64
+            timed(f"lean_{prec}", lambda: gptq_lean(Wt, Ht, sc, ze, dtype=tdt).numpy())
+    rec["times_s"] = dict(times)
+    rec["phases_s"] = {f"{form}_{prec}": babai_phases(probs[form], prec)
+                       for form in ("grouped", "full") for prec in ("float32", "float64")}
+    rec["phases_s"].update({f"panel_method_{form}_{prec}": babai_phases(probs[form], prec, True)
+                            for form in ("grouped", "full") for prec in ("float32", "float64")})
+    # agreement: numba grouped / full and the numpy reference, codes and layer loss
+    xg = results["babai_grouped_float64"].x
+    for label in ("babai_full_float64", "babai_grouped_float32", "babai_full_float32"):
+        rec[f"codes_equal_{label}_vs_grouped_float64"] = float(np.mean(results[label].x == xg))
+    for form in ("grouped", "full"):
+        t = time.perf_counter()
+        ref = bils.babai(probs[form], backend="numpy")
+        times[f"babai_numpy_{form}_float64"] = time.perf_counter() - t
+        rec[f"numpy_vs_numba_codes_equal_{form}"] = float(np.mean(ref.x == results[f"babai_{form}_float64"].x))
+        rec[f"numpy_vs_numba_identical_{form}"] = bool(np.array_equal(ref.x, results[f"babai_{form}_float64"].x))
+        del ref
+    losses = {}
+    for prec in ("float32", "float64"):
+        losses[f"babai_{prec}"] = layer_loss(W, H, results[f"babai_grouped_{prec}"].x.T, sg, zg, groups)
+        losses[f"lean_{prec}"] = layer_loss(W, H, results[f"lean_{prec}"], sg, zg, groups)
+        rec[f"codes_equal_lean_{prec}"] = float(np.mean(results[f"lean_{prec}"] == results[f"babai_grouped_{prec}"].x.T))
+    rec["layer_loss"] = losses
+    del Wt, Ht, sc, ze
+    results.clear()
+    gc.collect()
+    if not args.skip_klein:
+        p = probs["grouped"]
+        timed("klein8_grouped", lambda: bils.klein(p, n_samples=8, rng=0, backend="numba"))
+        del p
+        probs.clear()
+        gc.collect()
+        p3, _, _, _ = grouped_problem(H, W, 3, True)
+        timed("babai_grouped_3bit_float64", lambda: bils.babai(p3, backend="numba"))
+        timed("kbest8_grouped_3bit", lambda: bils.kbest(p3, beam_width=8, backend="numba"))
+        del p3
+        rec["times_s"] = dict(times)
+    rec["loadavg_end"] = os.getloadavg()
+    rec["cpu_s"] = {k[len("focus "):]: v for k, v in CPU_TIMES.items() if k.startswith("focus ")}
+    rec["checks"] = focus_checks(rec)
+    return rec
+
+
+def focus_checks(rec):
+    t, L = rec["times_s"], rec["layer_loss"]
+    c = []
+
+    def add(name, limit, value, ok):
+        c.append({"name": name, "limit": limit, "measured": round(value, 4), "met": ok})
+
+    for form, lim in (("grouped", 1.5), ("full", 2.0)):
+        for prec in ("float32", "float64"):
+            q = t[f"babai_{form}_{prec}"] / t["floor_float32"]
+            add(f"babai {prec} ({form} grid) / float32 product floor", f"<= {lim}" if prec == "float32" else "-",
+                q, q <= lim if prec == "float32" else None)
+        q = t[f"babai_{form}_float64"] / t["floor_float64"]
+        add(f"for information: babai float64 ({form} grid) / float64 product floor", "-", q, None)
+    for prec in ("float32", "float64"):
+        q = t[f"lean_{prec}"] / t[f"babai_grouped_{prec}"]
+        add(f"lean torch loop / babai, both {prec} (grouped grid)", ">= 4", q, q >= 4)
+        d = abs(L[f"babai_{prec}"] - L[f"lean_{prec}"]) / L[f"lean_{prec}"]
+        add(f"layer loss |babai - loop| / loop, {prec}", "<= 0.1%", d, d <= 1e-3)
+    for form in ("grouped", "full"):
+        same = rec[f"numpy_vs_numba_identical_{form}"]
+        add(f"codes numpy == numba ({form} grid, float64)", "identical",
+            rec[f"numpy_vs_numba_codes_equal_{form}"], same)
+    cpu = rec.get("cpu_s", {})
+    if "floor_float32" in cpu:  # CPU seconds of all threads: robust to other load on the machine
+        for form in ("grouped", "full"):
+            q = cpu[f"babai_{form}_float32"] / cpu["floor_float32"]
+            add(f"for information: CPU time babai float32 ({form}) / float32 floor", "-", q, None)
+    if "klein8_grouped" in t:
+        q = t["klein8_grouped"] / t["babai_grouped_float64"]
+        add("klein S=8 / babai (float64, grouped)", "<= 6", q, q <= 6)
+        q = t["kbest8_grouped_3bit"] / t["babai_grouped_3bit_float64"]
+        add("kbest K=8 3-bit / babai 3-bit (grouped)", "<= 8", q, q <= 8)
+    return c
+
+
 HEADER = ["shape (in x out)", "construct s", "babai numba s", "babai numba f32 s", "babai numpy s",
           "GPTQ orig f32 s", "GPTQ lean f32 s", "GPTQ lean f64 s", "lean f32 / numba f32",
           "lean f64 / numba", "codes = GPTQ f64", "codes = GPTQ f32", "codes = lean f32",
@@ -349,7 +562,14 @@ def main(argv=None):
     ap.add_argument("--skip-lean-large", action="store_true", help="skip lean GPTQ at 11008x4096")
     ap.add_argument("--enum-rhs", type=int, default=64)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--only", choices=["babai4096"], default=None,
+                    help="babai4096: only the focused run of issue #23 (4096x4096 layer, grouped and "
+                         "full grids, floor and lean loop side by side, per-phase timings, Klein, "
+                         "K-best); writes cpu_solvers_focus.json")
+    ap.add_argument("--focus-shape", default="4096x4096", help="layer of the focused run (in x out)")
     args = ap.parse_args(argv)
+    if args.only == "babai4096":
+        return main_focus(args)
 
     shapes = SHAPES[:2] if args.quick else SHAPES
     if args.shapes:
@@ -391,6 +611,35 @@ def main(argv=None):
                           for c in checks]))
     if not args.no_write:
         path = write_json("cpu_solvers.json", payload)
+        print(f"\nwrote {os.path.relpath(path, ROOT)}")
+    return payload
+
+
+def main_focus(args):
+    import numba
+
+    payload = {"machine": machine_info(), "numba": numba.__version__,
+               "numba_threads": numba.get_num_threads(), "targets": FOCUS_TARGETS,
+               "note": "ratios are measured within one run (floor and lean loop next to Babai in "
+                       "every round); see loadavg for other load on the machine"}
+    warm_up()
+    rec = bench_focus(args)
+    payload["focus"] = rec
+    payload["cpu_seconds"] = CPU_TIMES
+    t = rec["times_s"]
+    print(markdown_table(["what", "seconds"], [[k, f"{v:.3f}"] for k, v in t.items()]))
+    print()
+    print(markdown_table(["numba babai", "phase", "seconds"],
+                         [[run, p, f"{v:.3f}"] for run, ph in rec["phases_s"].items()
+                          for p, v in ph.items()]))
+    print(f"\nload average at start {rec['loadavg_start']}, at end {rec['loadavg_end']} "
+          f"({os.cpu_count()} cores)\n")
+    print(markdown_table(["target", "limit", "measured", "met"],
+                         [[c["name"], c["limit"], c["measured"],
+                           "-" if c["met"] is None else "yes" if c["met"] else "NO"]
+                          for c in rec["checks"]]))
+    if not args.no_write:
+        path = write_json("cpu_solvers_focus.json", payload)
         print(f"\nwrote {os.path.relpath(path, ROOT)}")
     return payload
 

@@ -6,6 +6,7 @@ Importing :mod:`bils` never imports numba, cupy or torch.
 """
 
 from ._backend import resolve_backend
+from ._grid import GroupedGrid
 from .babai import babai
 from .enumeration import enumerate  # noqa: A004 - bils.enumerate is the exact solver
 from .kbest import kbest
@@ -21,6 +22,7 @@ __all__ = [
     "BILSProblem",
     "BILSResult",
     "Codebook",
+    "GroupedGrid",
     "LatticeFit",
     "STATUS_MESSAGES",
     "JointStats",

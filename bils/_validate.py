@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Canonical", "problem_iv", "int_iv", "float_iv", "choice_iv"]
+from ._grid import GroupedGrid
+
+__all__ = ["Canonical", "problem_iv", "grid_iv", "int_iv", "float_iv", "choice_iv"]
 
 
 @dataclass(frozen=True)
@@ -20,16 +22,19 @@ class Canonical:
     """Canonical arrays of a multi-RHS BILS problem (float64 / int64).
 
     The arrays live in one array namespace (:attr:`xp`): numpy, or cupy for inputs on a
-    GPU. ``scale``, ``offset``, ``lo`` and ``hi`` are read-only broadcast views of shape
-    (n, k).
+    GPU. ``lo`` and ``hi`` are read-only broadcast views of shape (n, k). On the host,
+    ``scale`` and ``offset`` are :class:`~bils.GroupedGrid` s (values (g, k or 1), group
+    map (n,)): row ``i`` is ``values[groups[i]]``; kernels read them through the group map.
+    On a GPU they are broadcast views of shape (n, k). A backend without grouped support
+    calls :meth:`dense_grids` for (n, k) arrays.
     """
 
     R: np.ndarray
     Y: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
-    scale: np.ndarray
-    offset: np.ndarray
+    scale: GroupedGrid
+    offset: GroupedGrid
     squeeze: bool  # the caller passed a 1-D y
 
     @property
@@ -48,10 +53,32 @@ class Canonical:
     def astype(self, dtype):
         """The same problem with ``R``, ``Y`` (contiguous), ``scale`` and ``offset`` in ``dtype``."""
         xp = self.xp
+
+        def cast(grid):
+            return grid.astype(dtype) if isinstance(grid, GroupedGrid) else grid.astype(dtype, copy=False)
+
         return Canonical(xp.ascontiguousarray(self.R, dtype=dtype),
                          xp.ascontiguousarray(self.Y, dtype=dtype), self.lo, self.hi,
-                         self.scale.astype(dtype, copy=False), self.offset.astype(dtype, copy=False),
-                         self.squeeze)
+                         cast(self.scale), cast(self.offset), self.squeeze)
+
+    def dense_grids(self):
+        """``(scale, offset)`` as read-only (n, k) float64 arrays, for backends without grouped grids.
+
+        A grid shared by all coordinates (one group) comes back as a zero-stride broadcast
+        view; any other grid is materialised, ``n k`` numbers each. Grids that are already
+        arrays (device problems) come back as they are.
+        """
+        out = []
+        for grid in (self.scale, self.offset):
+            if not isinstance(grid, GroupedGrid):
+                out.append(grid)
+                continue
+            if grid.n_groups == 1:
+                a = grid.values
+            else:
+                a = grid.values if grid.is_identity else grid.values[grid.groups]
+            out.append(np.broadcast_to(a, self.Y.shape))
+        return tuple(out)
 
 
 def _namespace(a):
@@ -172,6 +199,18 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
     if bool(xp.any(lo > hi)):
         raise ValueError("`lo` must not exceed `hi` (elementwise)")
 
+    if xp is np:  # host: grids stay grouped (never expanded to (n, k))
+        scale = grid_iv("scale", scale, 1.0, shape, squeeze)
+        if np.any(scale.values == 0):
+            raise ValueError("`scale` must be non-zero")
+        offset = grid_iv("offset", offset, 0.0, shape, squeeze)
+        return Canonical(R, Y, lo, hi, scale, offset, squeeze)
+
+    # device arrays: dense broadcast views in the array's namespace
+    if isinstance(scale, GroupedGrid):
+        scale = xp.asarray(scale.dense(shape[1]))
+    if isinstance(offset, GroupedGrid):
+        offset = xp.asarray(offset.dense(shape[1]))
     if scale is None:
         scale = xp.ones((1, 1))
     scale = _real_array("scale", scale, xp=xp).astype(np.float64, copy=False)
@@ -186,6 +225,29 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
     _finite("offset", offset, xp)
     offset = _broadcast("offset", _as_column_shape(offset, squeeze), shape, xp)
     return Canonical(R, Y, lo, hi, scale, offset, squeeze)
+
+
+def grid_iv(name, a, default, shape, squeeze):
+    """``scale`` / ``offset`` (array_like broadcastable to ``shape`` (n, k), a
+    :class:`~bils.GroupedGrid`, or None for ``default``) as a :class:`~bils.GroupedGrid`."""
+    n, k = shape
+    if a is None:
+        return GroupedGrid._trusted(np.full((1, 1), default), np.zeros(n, dtype=np.int64))
+    if isinstance(a, GroupedGrid):
+        if a.n != n:
+            raise ValueError(f"`{name}` (a GroupedGrid) must have one group index per row of "
+                             f"`Y` ({n}), got {a.n}")
+        if a.values.shape[1] not in (1, k):
+            raise ValueError(f"`{name}` (a GroupedGrid) must have values of shape (g, {k}) or "
+                             f"(g,) to match `Y` with {k} columns, got {a.values.shape}")
+        return a
+    if isinstance(a, tuple):
+        raise TypeError(f"`{name}` must be array_like or a bils.GroupedGrid, not a tuple; "
+                        f"write `{name}=bils.GroupedGrid(values, groups)` for grouped values")
+    arr = _real_array(name, a).astype(np.float64, copy=False)
+    _finite(name, arr)
+    arr = _broadcast(name, _as_column_shape(arr, squeeze), shape)
+    return GroupedGrid.from_dense(arr, n)
 
 
 def int_iv(name, value, *, minimum=None, allow_none=False):

@@ -23,10 +23,10 @@ def nearest_plane_sweep(can, block_size, decide):
 
     Returns ``x`` (n, k) int64 and ``cost`` (k,).
     """
-    R, S, O = can.R, can.scale, can.offset
+    R, S = can.R, can.scale  # S: GroupedGrid, row i is S.row(i)
     n, k = can.Y.shape
     dtype = R.dtype  # float64, or float32 for precision="float32"
-    Yr = can.Y - R @ O  # residual target after the offset
+    Yr = can.Y - can.offset.premultiply(R)  # residual target after the offset
     Z = np.zeros((n, k), dtype=dtype)  # S * x of decided levels
     x = np.empty((n, k), dtype=np.int64)
     cost = np.zeros(k)
@@ -34,10 +34,11 @@ def nearest_plane_sweep(can, block_size, decide):
         a = max(0, b_end - block_size)
         for i in range(b_end - 1, a - 1, -1):
             t = Yr[i] - R[i, i + 1:b_end] @ Z[i + 1:b_end]
-            d = R[i, i] * S[i]
+            s = S.row(i)
+            d = R[i, i] * s
             xi = decide(i, t / d, d)
             x[i] = xi
-            Z[i] = S[i] * xi
+            Z[i] = s * xi
             e = t - d * xi
             cost += e * e
         if a:
@@ -110,9 +111,11 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
         chunking (see the "Scaling out" guide and :meth:`BILSResult.compute`).
     lo, hi : array_like of int
         Box bounds, broadcastable to ``Y.shape``; ``lo <= hi``.
-    scale, offset : array_like, optional
+    scale, offset : array_like or GroupedGrid, optional
         Grid ``s``, ``o`` broadcastable to ``Y.shape`` (default 1 and 0): the
-        reconstructed point is ``s * x + o``.
+        reconstructed point is ``s * x + o``. A :class:`~bils.GroupedGrid` gives one
+        value per (group of coordinates, RHS) and a group map; kernels read it through
+        the map, so group-wise quantization grids cost ``g k`` numbers, not ``n k``.
     block_size : int, default 128
         Columns per block. Inside a block levels are processed one by one; the
         update of all earlier levels is one matrix product. The result does not

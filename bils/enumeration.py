@@ -110,7 +110,7 @@ def _climb(i, n, advance):
 
 def _enumerate_numpy(can, *, max_nodes, n_best):
     n, k = can.Y.shape
-    Yo = can.Y - can.R @ can.offset
+    Yo = can.Y - can.offset.premultiply(can.R)
     x = np.empty((n, k), dtype=np.int64)
     cost = np.empty(k)
     status = np.empty(k, dtype=np.int8)
@@ -118,7 +118,7 @@ def _enumerate_numpy(can, *, max_nodes, n_best):
     best_x = np.zeros((n_best, n, k), dtype=np.int64)
     best_cost = np.full((n_best, k), np.inf)
     for j in range(k):
-        s = np.asarray(can.scale[:, j], dtype=np.float64)
+        s = np.asarray(can.scale.col(j), dtype=np.float64)
         lo = [int(v) for v in can.lo[:, j]]
         hi = [int(v) for v in can.hi[:, j]]
         best, nodes[j], finished = _se_single(can.R, Yo[:, j], s, lo, hi, max_nodes, n_best)

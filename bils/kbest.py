@@ -28,8 +28,8 @@ def _kbest_numpy(can, *, beam_width, n_children):
 
 def _kbest_chunk(can, cols, K, C):
     R = can.R
-    Y = can.Y[:, cols] - R @ can.offset[:, cols]
-    S = np.asarray(can.scale[:, cols])
+    Y = can.Y[:, cols] - can.offset.cols(cols).premultiply(R)
+    S = can.scale.cols(cols)  # GroupedGrid: row i is S.row(i), shape (kc or 1,)
     lo = np.asarray(can.lo[:, cols], dtype=np.float64)
     hi = np.asarray(can.hi[:, cols], dtype=np.float64)
     n, kc = Y.shape
@@ -42,7 +42,7 @@ def _kbest_chunk(can, cols, K, C):
     for i in range(n - 1, -1, -1):
         B = Z.shape[1]
         t = Y[i][:, None] - Z[:, :, i + 1:] @ R[i, i + 1:]  # (kc, B)
-        d = (R[i, i] * S[i])[:, None]
+        d = (R[i, i] * S.row(i))[:, None]
         c = t / d
         m = np.clip(np.floor(c + 0.5), lo[i][:, None], hi[i][:, None])
         w = int(min(C - 1, np.max(hi[i] - lo[i]))) if kc else 0
@@ -72,7 +72,7 @@ def _kbest_chunk(can, cols, K, C):
         newX = X[cidx[:, None], parent]
         zi = z[cidx[:, None], parent, child]
         newX[:, :, i] = zi.astype(np.int64)
-        newZ[:, :, i] = zi * S[i][:, None]
+        newZ[:, :, i] = zi * S.row(i)[:, None]
         Z, X = newZ, newX
         pc = np.take_along_axis(cc, keep, axis=1)
         babai_slot = np.argmax(keep == bchild[:, None], axis=1)

@@ -41,6 +41,12 @@ def lls_tau(R, scale, n_samples):
     temperature (:math:`P(x_i = z) \propto \exp(-A\, r_{ii}^2 (c_i - z)^2)`), with
     :math:`\rho` from :func:`lls_rho` for ``n_samples`` samples.
     """
+    from ._grid import GroupedGrid
+
+    if isinstance(scale, GroupedGrid):  # host problems: grids stay grouped
+        R = np.asarray(R)
+        dmin = scale.min_abs_scaled(np.diag(R))
+        return dmin * dmin / math.log(lls_rho(n_samples, R.shape[0]))
     xp = _namespace(R)  # numpy, or cupy for device arrays
     R = xp.asarray(R)
     n = R.shape[0]
@@ -202,7 +208,8 @@ class _KleinOptions:
         if seeds is None:
             seeds = self.rhs_arrays(k_total)["seeds"][cols]
         xp = _namespace(can.R)
-        t = lls_tau(can.R, can.scale, self.n_samples) if self.tau == "auto" else xp.full(can.k, self.tau)
+        t = (xp.broadcast_to(xp.asarray(lls_tau(can.R, can.scale, self.n_samples)), (can.k,))
+             if self.tau == "auto" else xp.full(can.k, self.tau))
         return {"n_samples": self.n_samples, "tau": xp.asarray(t, dtype=np.float64),
                 "seeds": seeds, "block_size": self.block_size}
 

@@ -188,8 +188,8 @@ def chang_han(R, Y, lo, hi, scale=None, offset=None):
     perms = np.empty((n, k), dtype=np.int64)
     A = can.R
     for j in range(k):
-        s = np.asarray(can.scale[:, j], dtype=np.float64)
-        o = np.asarray(can.offset[:, j], dtype=np.float64)
+        s = np.asarray(can.scale.col(j), dtype=np.float64)
+        o = np.asarray(can.offset.col(j), dtype=np.float64)
         B = A * s[None, :]  # effective basis R diag(s)
         y = can.Y[:, j] - A @ o
         lo_j, hi_j = can.lo[:, j].astype(np.float64), can.hi[:, j].astype(np.float64)

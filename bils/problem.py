@@ -22,6 +22,7 @@ import scipy.linalg.lapack
 
 from . import _dask
 from ._dask import is_dask_array
+from ._grid import GroupedGrid
 from ._validate import _real_array, choice_iv, float_iv, problem_iv
 from .ordering import DIAGONAL_ORDERINGS, ORDERINGS, chang_han, column_order, order_from_diagonal
 
@@ -38,6 +39,8 @@ def _grid_2d(name, a, n, k, default, squeeze):
     """
     if a is None:
         return np.full((1, 1), default, dtype=np.float64)
+    if isinstance(a, GroupedGrid):
+        return a  # validated against (n, k) by problem_iv
     a = np.asarray(a)
     if a.ndim == 0:
         return a.reshape(1, 1)
@@ -92,6 +95,8 @@ def _triangular_times(R, B):
 
 
 def _rows(a, perm):
+    if isinstance(a, GroupedGrid):
+        return a.permuted(perm)
     return a[perm] if a.shape[0] > 1 else a
 
 
@@ -105,8 +110,11 @@ class BILSProblem:
         Upper-triangular factor in solve order (original order when ``perm`` is per RHS).
     Y : (n, k) ndarray
         Right-hand sides, same order as ``R``.
-    lo, hi, scale, offset : ndarray
-        Box and grid, shapes (n or 1, k or 1), same order as ``R``.
+    lo, hi : ndarray
+        Box, shapes (n or 1, k or 1), same order as ``R``.
+    scale, offset : ndarray or GroupedGrid
+        Grid, shapes (n or 1, k or 1), same order as ``R``; a :class:`~bils.GroupedGrid`
+        when one was given (its group map permuted into solve order, values unchanged).
     perm : (n,) or (n, k) ndarray of int64, or None
         Solve position -> original coordinate; 2-D for per-RHS orderings (Chang–Han).
     cost_offset : (k,) ndarray
@@ -173,8 +181,9 @@ class BILSProblem:
             Observations, one column per RHS.
         lo, hi : array_like of int
             Box, broadcastable to (n, k), original coordinate order.
-        scale, offset : array_like, optional
-            Grid, broadcastable to (n, k).
+        scale, offset : array_like or GroupedGrid, optional
+            Grid, broadcastable to (n, k), or a :class:`~bils.GroupedGrid` (one value per
+            group of coordinates and RHS; never expanded to (n, k)). Original order.
         ordering : str
             One of :data:`bils.ordering.ORDERINGS` or ``"chang_han"``.
 
@@ -228,8 +237,9 @@ class BILSProblem:
             (any shared ordering; not ``"chang_han"``).
         lo, hi : array_like of int
             Box, broadcastable to (n, k).
-        scale, offset : array_like, optional
-            Grid, broadcastable to (n, k).
+        scale, offset : array_like or GroupedGrid, optional
+            Grid, broadcastable to (n, k), or a :class:`~bils.GroupedGrid` (one value per
+            group of coordinates and RHS; never expanded to (n, k)). Original order.
         damp : float
             GPTQ damping: add ``damp * mean(diag(H))`` to the diagonal (after dead
             coordinates — zero diagonal — get ``H_ii = 1`` and target 0).
@@ -320,7 +330,8 @@ class BILSProblem:
         n, k = can.Y.shape
         grids = [_grid_2d(nm, a, n, k, d, squeeze) for nm, a, d in
                  (("lo", lo, 0), ("hi", hi, 0), ("scale", scale, 1.0), ("offset", offset, 0.0))]
-        grids = [g.astype(t, copy=False) for g, t in zip(grids, (np.int64, np.int64, np.float64, np.float64))]
+        grids = [g if isinstance(g, GroupedGrid) else g.astype(t, copy=False)
+                 for g, t in zip(grids, (np.int64, np.int64, np.float64, np.float64))]
         if ordering == "natural":
             return cls(can.R, can.Y, *grids, None, np.asarray(cost_offset, float), dead, squeeze)
         if ordering == "chang_han":
@@ -349,7 +360,8 @@ class BILSProblem:
         sign[sign == 0] = 1.0
         Rp = np.triu(sign[:, None] * Rp)
         y = (Q * sign[None, :]).T @ self.Y[:, j]
-        col = lambda a: (a[:, j] if a.shape[1] > 1 else a[:, 0])  # noqa: E731
+        col = lambda a: (a.col(j) if isinstance(a, GroupedGrid)  # noqa: E731
+                         else a[:, j] if a.shape[1] > 1 else a[:, 0])
         pick = lambda a: (col(a)[p] if a.shape[0] > 1 else col(a))  # noqa: E731
         return Rp, y, pick(self.lo), pick(self.hi), pick(self.scale), pick(self.offset), p
 
@@ -368,8 +380,7 @@ class BILSProblem:
                 z = s * x2[p, j] + o
                 out[j] = np.sum((y - R @ z) ** 2)
             return out + self.cost_offset
-        S = np.broadcast_to(self.scale, (self.n, self.k))
-        O = np.broadcast_to(self.offset, (self.n, self.k))
+        S, O = self.canonical().dense_grids()
         r = self.Y - self.R @ (S * xs + O)
         return np.sum(r * r, axis=0) + self.cost_offset
 
@@ -378,6 +389,8 @@ def _rows2(name, a, perm, n, squeeze):
     """Permute the rows of a grid array given in original order (None passes through)."""
     if a is None:
         return None
+    if isinstance(a, GroupedGrid):
+        return a.permuted(perm) if a.n == n else a  # a wrong length is reported by problem_iv
     a = _real_array(name, a)
     if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
         return a[perm]

@@ -99,8 +99,13 @@ def compact(a, dtype):
 
 
 def grids(can, dtype=np.float64):
-    """``(scale, offset, lo, hi)`` of ``can`` in compact form (bounds int64)."""
-    return (compact(can.scale, dtype), compact(can.offset, dtype),
+    """``(scale, offset, lo, hi)`` of ``can`` in compact form (bounds int64).
+
+    Grouped grids (host problems, :class:`bils.GroupedGrid`) are expanded here by
+    :meth:`~bils._validate.Canonical.dense_grids`: the kernels read (n or 1, k or 1) arrays.
+    """
+    scale, offset = can.dense_grids()
+    return (compact(scale, dtype), compact(offset, dtype),
             compact(can.lo, np.int64), compact(can.hi, np.int64))
 
 

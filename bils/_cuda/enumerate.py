@@ -171,7 +171,7 @@ def enumerate_kernel(can, *, max_nodes, n_best):
         raise ValueError(f"backend='cupy' enumerates problems of at most {NMAX} levels, got "
                          f"n = {n}; use backend='numba' or bils.kbest")
     R = to_device(can.R, np.float64)
-    Yo = to_device(to_device(can.Y) - R @ to_device(can.offset, np.float64))
+    Yo = to_device(to_device(can.Y) - R @ to_device(can.dense_grids()[1], np.float64))
     S, _, LO, HI = grids(can)
     x = xp.empty((n, k), dtype=np.int64)
     cost = xp.empty(k)

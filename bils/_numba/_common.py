@@ -1,18 +1,21 @@
 """Helpers shared by the numba kernels: compact grids, tie rule, counter RNG.
 
-Grids (``scale``, ``offset``, ``lo``, ``hi``) arrive as read-only broadcast views of shape
-(n, k), often with zero strides. They are never materialised: :func:`compact` returns the
-smallest C-contiguous array of shape (n or 1, k or 1) holding the distinct values, and
-kernels read it through :func:`at`. Every array handed to a kernel has a fixed numba type
+Bounds (``lo``, ``hi``) arrive as read-only broadcast views of shape (n, k), often with
+zero strides. They are never materialised: :func:`compact` returns the smallest
+C-contiguous array of shape (n or 1, k or 1) holding the distinct values, and kernels read
+it through :func:`at`. ``scale`` and ``offset`` arrive as grouped grids (values (g, k or 1)
+and a group map (n,)) and are read through :func:`gat`, never expanded to (n, k). Every array handed to a kernel has a fixed numba type
 (C-contiguous, read-only inputs), so each kernel compiles once.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from numba import njit
 
-__all__ = ["compact", "readonly", "grids", "at", "box_round", "uniform", "splitmix64", "TILE"]
+__all__ = ["Clock", "compact", "readonly", "grids", "at", "gat", "box_round", "uniform", "splitmix64", "TILE"]
 
 #: Right-hand sides per parallel task (one ``prange`` iteration): sized so a task's
 #: working tile (levels x TILE doubles) stays in the core's L1/L2 cache.
@@ -35,13 +38,45 @@ def compact(a, dtype):
 
 
 def grids(can, dtype=np.float64):
-    """``(scale, offset, lo, hi)`` of a :class:`~bils._validate.Canonical` in compact form.
+    """``(S, Sg, O, Og, lo, hi)`` of a :class:`~bils._validate.Canonical` for the kernels.
 
-    ``scale`` and ``offset`` in ``dtype`` (float64, or float32 for the single-precision
-    Babai path), bounds as int64.
+    ``scale`` and ``offset`` as grouped grids: values ``S``, ``O`` (g, k or 1) C-contiguous
+    in ``dtype`` (float64, or float32 for the single-precision Babai path) and group maps
+    ``Sg``, ``Og`` (n,) int64, read through :func:`gat`; bounds compact int64, read
+    through :func:`at`.
     """
-    return (compact(can.scale, dtype), compact(can.offset, dtype),
-            compact(can.lo, np.int64), compact(can.hi, np.int64))
+    out = []
+    for grid in (can.scale, can.offset):
+        out.append(readonly(np.ascontiguousarray(grid.values, dtype=dtype)))
+        out.append(readonly(np.ascontiguousarray(grid.groups, dtype=np.int64)))
+    return (*out, compact(can.lo, np.int64), compact(can.hi, np.int64))
+
+
+class Clock:
+    """Accumulates wall time per phase into ``timings`` (a dict) when one is given.
+
+    Phases of the Babai kernel (panel method): ``grid`` (compact grids), ``convert`` (precision
+    conversions and transposed copies of ``R``'s panels), ``product`` (BLAS products
+    between panels), ``panel`` (the in-panel sweep kernels), ``assemble`` (allocating and
+    assembling the result).
+    """
+
+    #: The clock read (wall time; ``time.process_time`` gives CPU time on a busy machine).
+    now = staticmethod(time.perf_counter)
+
+    def __init__(self, timings):
+        self.timings = timings
+        self.t = self.now() if timings is not None else 0.0
+
+    def restart(self):
+        if self.timings is not None:
+            self.t = self.now()
+
+    def lap(self, phase):
+        if self.timings is not None:
+            now = self.now()
+            self.timings[phase] = self.timings.get(phase, 0.0) + (now - self.t)
+            self.t = now
 
 
 @njit(cache=True, inline="always")
@@ -50,6 +85,13 @@ def at(A, i, j):
     ii = np.int64(i) if A.shape[0] > 1 else np.int64(0)
     jj = np.int64(j) if A.shape[1] > 1 else np.int64(0)
     return A[ii, jj]
+
+
+@njit(cache=True, inline="always")
+def gat(V, G, i, j):
+    """Entry ``(i, j)`` of a grouped grid: ``V[G[i], j]`` (a length-1 RHS axis broadcasts)."""
+    jj = np.int64(j) if V.shape[1] > 1 else np.int64(0)
+    return V[G[i], jj]
 
 
 @njit(cache=True, inline="always")

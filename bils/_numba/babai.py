@@ -1,27 +1,34 @@
-r"""Numba box Babai: GPTQ's lazy-batch blocking with a BLAS product between panels.
+r"""Numba box Babai: one pass per tile of right-hand sides, at the speed of a matrix product.
 
-Levels are decided from ``n - 1`` down to ``0`` in panels of consecutive ``block_size``
-blocks, at least :data:`MIN_PANEL` levels (left-looking). For the panel ``[a, e)`` the
-wrapper forms, with one BLAS product,
+Babai's work is :math:`n^2 k` multiply-subtracts: every decided level ``q`` updates the
+targets of all levels below it, :math:`T_{l} \mathrel{-}= R_{lq} z_q`. The default method
+(:func:`whole_sweep`) gives each parallel task (``prange``) a tile of 64 (float64) or 128
+(float32) right-hand sides and runs *all* levels for it, right-looking, in its own
+contiguous tile ``T`` (n, w):
 
-.. math::
+* levels are decided in steps of 16 (:data:`~bils._numba._tiles.STEP`); the decision of one
+  level is a vectorised row operation (:func:`_decide_row`) and updates the rows of its step
+  below it (rank-1);
+* after each step the rows below it get the step's 16 updates in one fused pass
+  (:func:`~bils._numba._tiles.rank16_rows`): each element of ``T`` is loaded and stored
+  once per 16 levels, with the 16 coefficients of its row (read from ``R``'s row, so no
+  transposed or single-precision copy of ``R`` is made) in registers. Each element
+  receives the operations of the separate rank-1 updates in level order, so the result
+  does not depend on the step or the tile width (nor the thread count).
 
-    G = R_{a:e,\,e:}\, Z_{e:}, \qquad Z = S \circ X + O,
+No BLAS product and no barrier: tasks never wait for each other, and numba's thread pool
+never takes turns with the BLAS pool (on a 2-core machine the hand-overs of the former
+panel method — BLAS product, then numba panel, per 512 levels — cost as much CPU time as
+the products themselves). The fused pass runs at the speed of a BLAS product in float32
+(~50–70 G multiply-subtracts per second per core, measured) and ~75 % of it in float64,
+without fused multiply-adds (no ``fastmath``: the numpy reference rounds the same way).
 
-``Z`` holding the decided points *with* their offset, so no separate ``R @ O`` product is
-needed: level ``i`` subtracts :math:`R_{ii} O_i` itself. The panel kernel then works on
-tiles of 32 or 64 right-hand sides in parallel (``prange``): it copies its tile of
-``Y - G`` into contiguous scratch, decides level by level and applies the in-panel updates
-as register-blocked rank-4 updates (the operations of four successive rank-1 updates, in
-order). Each right-hand side sees the same floating-point operations whatever the tiling,
-so results do not depend on the thread count.
+Grids are grouped (:class:`~bils.GroupedGrid`): a level reads its group's row of scale and
+offset, refilled only when the group changes; bounds are compact arrays.
 
-Cost: :math:`n^2 k` flops in the BLAS products and :math:`n\,p\,k` in the panels
-(``p`` levels per panel); memory beyond the inputs is ``X``, ``Z`` (n, k) and one (p, k)
-panel.
-
-Klein (:mod:`bils._numba.klein`) runs this sweep once, keeping every panel's product, and
-then draws its sampled sweeps against it.
+The panel method (:func:`sweep`: BLAS products ``G = R_{a:e, e:} Z_{e:}`` between panels of
+levels, in-panel tiles as above) is kept for Klein, whose sampled sweeps reuse every
+panel's product, and behind ``babai_kernel(..., panels=True)`` for comparison.
 """
 
 from __future__ import annotations
@@ -30,100 +37,192 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, at, box_round, grids, readonly
+from ._common import TILE, Clock, grids, readonly
+from ._tiles import (STEP, bound_row, grid_row, load_tile, rank1, rank1_col, rank16_rows,
+                     update_below)
 
-__all__ = ["babai_kernel", "sweep", "panels", "gemm_panel"]
-
-
-@njit(cache=True, inline="always")
-def _load_tile(T, Y, G, has_g, a, j0, w):
-    m = T.shape[0]
-    for l in range(m):
-        if has_g:
-            for jj in range(w):
-                T[l, jj] = Y[a + l, j0 + jj] - G[l, j0 + jj]
-        else:
-            for jj in range(w):
-                T[l, jj] = Y[a + l, j0 + jj]
+__all__ = ["babai_kernel", "sweep", "whole_sweep", "panels", "gemm_panel", "tile_width"]
 
 
-@njit(cache=True, inline="always")
-def _rank1(T, rrow, z, lo_row, hi_row, w):
-    """``T[l] -= rrow[l] * z`` for ``lo_row <= l < hi_row``."""
-    for l in range(lo_row, hi_row):
-        r = rrow[l]
-        for jj in range(w):
-            T[l, jj] -= r * z[jj]
+@njit(cache=True, error_model="numpy")
+def _decide_row(trow, rii, srow, orow, lorow, hirow, zq, zout, xout, cl):
+    """Babai's decision at one level for a row of right-hand sides (vectorised over them).
 
-
-@njit(cache=True, inline="always")
-def _rank4(T, r0, r1, r2, r3, z0, z1, z2, z3, nrows, w):
-    """Four successive rank-1 updates of rows ``[0, nrows)`` fused in one pass.
-
-    Each element gets the operations of the four separate rank-1 updates, in order.
+    ``x = clip(floor(t / d + 0.5), lo, hi)`` with ``t = T - R_ii o``, ``d = R_ii s`` (in the
+    working precision; the rounding in float64); writes ``z = s x + o`` to ``zq`` and
+    ``zout``, the code to ``xout`` and adds the squared residual to ``cl``. A separate,
+    non-inlined function over 1-D rows, branch-free and with numpy's error model (no
+    zero-division branch: ``d`` is never 0), so that the loop vectorises.
     """
-    for l in range(nrows):
-        a0 = r0[l]
-        a1 = r1[l]
-        a2 = r2[l]
-        a3 = r3[l]
-        for jj in range(w):
-            T[l, jj] = (((T[l, jj] - a0 * z0[jj]) - a1 * z1[jj]) - a2 * z2[jj]) - a3 * z3[jj]
+    for jj in range(trow.shape[0]):
+        s = srow[jj]
+        o = orow[jj]
+        t = trow[jj] - rii * o
+        d = rii * s
+        xi = min(max(np.floor(np.float64(t / d) + 0.5), lorow[jj]), hirow[jj])
+        xout[jj] = np.int64(xi)
+        z = s * xi + o
+        zout[jj] = z
+        zq[jj] = z
+        e = t - d * xi
+        cl[jj] += e * e
 
 
 @njit(cache=True)
-def _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, j1):
+def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
     """Decide levels ``[a, a + m)`` of right-hand sides ``[j0, j1)`` (round to nearest)."""
     m = RT.shape[0]
     w = j1 - j0
     T = np.empty((m, w), dtype=RT.dtype)
-    _load_tile(T, Y, G, has_g, a, j0, w)
-    zb = np.empty((4, w), dtype=RT.dtype)
+    load_tile(T, Y, G, has_g, a, j0, w)
+    zb = np.empty((STEP, w), dtype=RT.dtype)
     cl = np.zeros(w)
+    srow = np.empty(w, dtype=S.dtype)
+    orow = np.empty(w, dtype=O.dtype)
+    lorow = np.empty(w)
+    hirow = np.empty(w)
+    # grid and bound rows are refilled only when the level's group (row) changes
+    sg_last = -1
+    og_last = -1
+    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
+    if not per_level_bounds:
+        bound_row(LO, 0, j0, w, lorow)
+        bound_row(HI, 0, j0, w, hirow)
     top = m
     while top > 0:
-        bot = max(0, top - 4)
+        bot = max(0, top - STEP)
         for q in range(top - 1, bot - 1, -1):
             i = a + q
             rii = RT[q, q]
             zq = zb[top - 1 - q]
-            for jj in range(w):
-                j = j0 + jj
-                s = at(S, i, j)
-                o = at(O, i, j)
-                t = T[q, jj] - rii * o
-                d = rii * s
-                xi = box_round(t / d, at(LO, i, j), at(HI, i, j))
-                X[i, j] = np.int64(xi)
-                z = s * xi + o
-                Z[i, j] = z
-                zq[jj] = z
-                e = t - d * xi
-                cl[jj] += e * e
-            _rank1(T, RT[q], zq, bot, q, w)
-        if top - bot == 4:
-            _rank4(T, RT[top - 1], RT[top - 2], RT[top - 3], RT[top - 4],
-                   zb[0], zb[1], zb[2], zb[3], bot, w)
+            if Sg[i] != sg_last:
+                sg_last = Sg[i]
+                grid_row(S, Sg, i, j0, w, srow)
+            if Og[i] != og_last:
+                og_last = Og[i]
+                grid_row(O, Og, i, j0, w, orow)
+            if per_level_bounds:
+                bound_row(LO, i, j0, w, lorow)
+                bound_row(HI, i, j0, w, hirow)
+            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, Z[i, j0:j1], X[i, j0:j1], cl)
+            rank1(T, RT[q], zq, bot, q, w)
+        update_below(T, RT, zb, top, bot, w)
+        top = bot
+    for jj in range(w):
+        cost[j0 + jj] += cl[jj]
+
+
+@njit(cache=True)
+def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
+    """All levels of right-hand sides ``[j0, j1)``, right-looking, without BLAS products.
+
+    The tile ``T`` (n, w) starts as ``Y``'s columns (in the precision of ``proto``); levels
+    are decided in steps of :data:`~bils._numba._tiles.STEP`, each level updating the rows
+    of its step below it, then every row below the step gets the step's 16 updates in one
+    pass (:func:`~bils._numba._tiles.rank16_rows`, coefficients read from ``R``'s rows).
+    """
+    n = R.shape[0]
+    w = j1 - j0
+    dt = proto.dtype
+    T = np.empty((n, w), dtype=dt)
+    for l in range(n):
+        for jj in range(w):
+            T[l, jj] = Y[l, j0 + jj]
+    zb = np.empty((STEP, w), dtype=dt)
+    zdum = np.empty(w, dtype=dt)
+    coef = np.empty(STEP, dtype=dt)
+    cl = np.zeros(w)
+    srow = np.empty(w, dtype=S.dtype)
+    orow = np.empty(w, dtype=O.dtype)
+    lorow = np.empty(w)
+    hirow = np.empty(w)
+    sg_last = -1
+    og_last = -1
+    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
+    if not per_level_bounds:
+        bound_row(LO, 0, j0, w, lorow)
+        bound_row(HI, 0, j0, w, hirow)
+    top = n
+    while top > 0:
+        bot = max(0, top - STEP)
+        for q in range(top - 1, bot - 1, -1):
+            coef[0] = R[q, q]
+            rii = coef[0]
+            zq = zb[top - 1 - q]
+            if Sg[q] != sg_last:
+                sg_last = Sg[q]
+                grid_row(S, Sg, q, j0, w, srow)
+            if Og[q] != og_last:
+                og_last = Og[q]
+                grid_row(O, Og, q, j0, w, orow)
+            if per_level_bounds:
+                bound_row(LO, q, j0, w, lorow)
+                bound_row(HI, q, j0, w, hirow)
+            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
+            rank1_col(T, R, q, zq, bot, q, w, coef)
+        if top - bot == STEP:
+            rank16_rows(T, R, zb, top, bot, w, coef)
         else:
             for q in range(top - 1, bot - 1, -1):
-                _rank1(T, RT[q], zb[top - 1 - q], 0, bot, w)
+                rank1_col(T, R, q, zb[top - 1 - q], 0, bot, w, coef)
         top = bot
     for jj in range(w):
         cost[j0 + jj] += cl[jj]
 
 
 @njit(cache=True, parallel=True)
-def _sweep_panel(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width):
+def _whole(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
     k = Y.shape[1]
     for t in prange((k + width - 1) // width):
         j0 = t * width
-        _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, j0, min(k, j0 + width))
+        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width))
 
 
 @njit(cache=True)
-def _sweep_panel_one(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, width):
+def _whole_one(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
+    """``_whole`` for a single tile, without a parallel launch."""
+    _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, 0, Y.shape[1])
+
+
+def tile_width(k, dtype):
+    """RHS per parallel task: wider tiles amortise the coefficient loads; single precision
+    takes twice the RHS (same bytes)."""
+    return (2 * TILE if k >= 32 * TILE else TILE) * (8 // np.dtype(dtype).itemsize)
+
+
+def whole_sweep(can, X, cost, dtype, *, timings=None):
+    """Babai's sweep over all levels per tile of RHS in one parallel launch (no BLAS products).
+
+    Fills ``X`` (n, k) int64 and ``cost`` (k,) in place, working in ``dtype`` (float64 or
+    float32; costs summed in float64). Each task owns a run of right-hand sides from
+    start to end, so no thread waits for another and no BLAS thread pool takes turns with
+    numba's; the in-panel updates run at the speed of a BLAS product (fused rank-16 passes
+    over the task's tile).
+    """
+    clock = Clock(timings)
+    Y = readonly(can.Y)
+    n, k = Y.shape
+    S, Sg, O, Og, LO, HI = grids(can, dtype)
+    cost[:] = 0.0
+    clock.lap("grid")
+    width = tile_width(k, dtype)
+    fn = _whole if k > width else _whole_one
+    fn(Y, readonly(can.R), np.empty(0, dtype=dtype), S, Sg, O, Og, LO, HI, X, cost, width)
+    clock.lap("sweep")
+
+
+@njit(cache=True, parallel=True)
+def _sweep_panel(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width):
+    k = Y.shape[1]
+    for t in prange((k + width - 1) // width):
+        j0 = t * width
+        _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, min(k, j0 + width))
+
+
+@njit(cache=True)
+def _sweep_panel_one(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width):
     """``_sweep_panel`` for a single tile, without a parallel launch."""
-    _sweep_tile(Y, G, has_g, RT, a, S, O, LO, HI, Z, X, cost, 0, Y.shape[1])
+    _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, 0, Y.shape[1])
 
 
 def panels(n, block_size):
@@ -131,7 +230,7 @@ def panels(n, block_size):
     return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
 
 
-def sweep(can, panel, X, Z, cost, *, G_out=None):
+def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
     """One left-looking nearest-plane (Babai) sweep in panels of ``panel`` levels.
 
     Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) and ``cost`` (k,, float64) in place.
@@ -143,16 +242,17 @@ def sweep(can, panel, X, Z, cost, *, G_out=None):
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
     in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
     """
+    clock = Clock(timings)
     R = can.R
     Y = readonly(can.Y)
     n, k = Y.shape
     dtype = Z.dtype
-    S, O, LO, HI = grids(can, dtype)
+    S, Sg, O, Og, LO, HI = grids(can, dtype)
+    clock.lap("grid")
     cost[:] = 0.0
     G = np.empty((min(panel, n), k), dtype=dtype) if G_out is None else None
     Rbuf = None if dtype == R.dtype else np.empty((min(panel, n), n), dtype=dtype)
-    # wider tiles stream rows better; single precision: twice the RHS per tile (same bytes)
-    width = (2 * TILE if k >= 32 * TILE else TILE) * (8 // dtype.itemsize)
+    width = tile_width(k, dtype)
     panel_fn = _sweep_panel if k > width else _sweep_panel_one
     for a, e in panels(n, panel):
         Gp = G[: e - a] if G_out is None else G_out[a:e]
@@ -162,12 +262,16 @@ def sweep(can, panel, X, Z, cost, *, G_out=None):
         else:
             Rp = Rbuf[: e - a, : n - a]
             np.copyto(Rp, R[a:e, a:])
+        clock.lap("convert")
         if has_g:
             np.matmul(Rp[:, e - a:], Z[e:], out=Gp)
         elif G_out is not None:
             Gp[...] = 0.0
+        clock.lap("product")
         RT = readonly(np.ascontiguousarray(Rp[:, : e - a].T))
-        panel_fn(Y, readonly(Gp), has_g, RT, a, S, O, LO, HI, Z, X, cost, width)
+        clock.lap("convert")
+        panel_fn(Y, readonly(Gp), has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width)
+        clock.lap("panel")
 
 
 #: Fewest levels per panel of the Babai kernel. On a 2-core machine the product with
@@ -186,13 +290,26 @@ def gemm_panel(block_size):
     return block_size * max(1, -(-MIN_PANEL // block_size))
 
 
-def babai_kernel(can, *, block_size, precision="float64"):
-    """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``)."""
+def babai_kernel(can, *, block_size, precision="float64", timings=None, panels=False):
+    """Numba kernel of :func:`bils.babai` (same contract as ``_babai_numpy``).
+
+    ``timings``, a dict, receives the seconds spent per phase (see :class:`~bils._numba._common.Clock`).
+    ``panels=True`` runs the panel sweep with BLAS products between panels (the former
+    method, kept for comparison) instead of :func:`whole_sweep`. ``block_size`` does not
+    change the result (up to rounding), only the panel method's speed.
+    """
+    clock = Clock(timings)
     n, k = can.Y.shape
     dtype = np.dtype(precision)
     x = np.empty((n, k), dtype=np.int64)
-    z = np.empty((n, k), dtype=dtype)
     cost = np.empty(k)
-    sweep(can, gemm_panel(block_size), x, z, cost)
+    clock.lap("assemble")
+    if panels:
+        sweep(can, gemm_panel(block_size), x, np.empty((n, k), dtype=dtype), cost,
+              timings=timings)
+    else:
+        whole_sweep(can, x, cost, dtype, timings=timings)
+    clock.restart()
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
+    clock.lap("assemble")
     return x, cost, status, {"block_size": block_size, "precision": precision}

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import at, grids, readonly
+from ._common import at, gat, grids, readonly
 
 __all__ = ["enumerate_kernel"]
 
@@ -131,7 +131,7 @@ def _se_single(R, y, s, lo, hi, max_nodes, best_x, best_cost,
 
 
 @njit(cache=True)
-def _solve_rhs(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost, j):
+def _solve_rhs(R, Yo, S, Sg, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost, j):
     n = R.shape[0]
     m_best = best_cost.shape[0]
     y = np.empty(n)
@@ -140,7 +140,7 @@ def _solve_rhs(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best
     hi = np.empty(n, dtype=np.int64)
     for i in range(n):
         y[i] = Yo[i, j]
-        s[i] = at(S, i, j)
+        s[i] = gat(S, Sg, i, j)
         lo[i] = at(LO, i, j)
         hi[i] = at(HI, i, j)
     bx = np.zeros((m_best, n), dtype=np.int64)
@@ -162,30 +162,30 @@ def _solve_rhs(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best
 
 
 @njit(cache=True, parallel=True)
-def _enumerate_all(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost):
+def _enumerate_all(R, Yo, S, Sg, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost):
     for j in prange(Yo.shape[1]):
-        _solve_rhs(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost,
+        _solve_rhs(R, Yo, S, Sg, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost,
                    np.int64(j))
 
 
 @njit(cache=True)
-def _enumerate_one(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost):
+def _enumerate_one(R, Yo, S, Sg, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost):
     """A single RHS without a parallel launch."""
-    _solve_rhs(R, Yo, S, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost, 0)
+    _solve_rhs(R, Yo, S, Sg, LO, HI, max_nodes, X, cost, status, nodes, best_x, best_cost, 0)
 
 
 def enumerate_kernel(can, *, max_nodes, n_best):
     """Numba kernel of :func:`bils.enumerate` (same contract as ``_enumerate_numpy``)."""
     n, k = can.Y.shape
-    Yo = readonly(np.ascontiguousarray(can.Y - can.R @ can.offset))
-    S, _, LO, HI = grids(can)
+    Yo = readonly(np.ascontiguousarray(can.Y - can.offset.premultiply(can.R)))
+    S, Sg, _, _, LO, HI = grids(can)
     x = np.empty((n, k), dtype=np.int64)
     cost = np.empty(k)
     status = np.empty(k, dtype=np.int8)
     nodes = np.empty(k, dtype=np.int64)
     best_x = np.zeros((n_best, n, k), dtype=np.int64)
     best_cost = np.full((n_best, k), np.inf)
-    args = (readonly(can.R), Yo, S, LO, HI, int(max_nodes), x, cost, status, nodes, best_x,
+    args = (readonly(can.R), Yo, S, Sg, LO, HI, int(max_nodes), x, cost, status, nodes, best_x,
             best_cost)
     if k == 1:
         _enumerate_one(*args)

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import at, box_round, grids, readonly
+from ._common import at, box_round, gat, grids, readonly
 
 __all__ = ["kbest_kernel"]
 
@@ -50,7 +50,7 @@ def _lower_first(c, dn, up, mm):
 
 
 @njit(cache=True)
-def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
+def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                xcode, par, nbeam, pcost, bslot, Zref):
     """Advance the beam of one RHS (global column ``jg``, chunk column ``jj``) over a panel."""
     m = RT.shape[0]
@@ -72,7 +72,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
             xb = xcode[jj, lv, ib]
             xr = xcode[jj, lv, ir]
             if xb != xr:
-                dz = at(S, lv, jg) * np.float64(xb - xr)
+                dz = gat(S, Sg, lv, jg) * np.float64(xb - xr)
                 row = RS[lv - e]
                 for l in range(m):
                     Tb[b, l] -= row[l] * dz
@@ -89,8 +89,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
     for q in range(m - 1, -1, -1):
         i = a + q
         rii = RT[q, q]
-        s = at(S, i, jg)
-        o = at(O, i, jg)
+        s = gat(S, Sg, i, jg)
+        o = gat(O, Og, i, jg)
         lo = at(LO, i, jg)
         hi = at(HI, i, jg)
         flo = np.float64(lo)
@@ -186,31 +186,31 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, jg, jj,
     # member 0 becomes the reference path: rewrite Zref where it differs from the old one
     ib = 0
     for lv in range(a, e):
-        Zref[lv, jj] = at(S, lv, jg) * np.float64(xcode[jj, lv, ib]) + at(O, lv, jg)
+        Zref[lv, jj] = gat(S, Sg, lv, jg) * np.float64(xcode[jj, lv, ib]) + gat(O, Og, lv, jg)
         ib = par[jj, lv, ib]
     ir = 0
     lv = e
     while lv < n and ib != ir:
         if xcode[jj, lv, ib] != xcode[jj, lv, ir]:
-            Zref[lv, jj] = at(S, lv, jg) * np.float64(xcode[jj, lv, ib]) + at(O, lv, jg)
+            Zref[lv, jj] = gat(S, Sg, lv, jg) * np.float64(xcode[jj, lv, ib]) + gat(O, Og, lv, jg)
         ib = par[jj, lv, ib]
         ir = par[jj, lv, ir]
         lv += 1
 
 
 @njit(cache=True, parallel=True)
-def _panel(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, j0, xcode, par, nbeam, pcost, bslot,
+def _panel(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode, par, nbeam, pcost, bslot,
            Zref):
     for jj in prange(xcode.shape[0]):
-        _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, j0 + np.int64(jj),
+        _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0 + np.int64(jj),
                    np.int64(jj), xcode, par, nbeam, pcost, bslot, Zref)
 
 
 @njit(cache=True)
-def _panel_one(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, j0, xcode, par, nbeam, pcost, bslot,
+def _panel_one(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode, par, nbeam, pcost, bslot,
                Zref):
     """``_panel`` for a single RHS, without a parallel launch."""
-    _panel_rhs(Y, Gc, has_g, RT, RS, a, S, O, LO, HI, K, C, j0, 0, xcode, par, nbeam, pcost,
+    _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, 0, xcode, par, nbeam, pcost,
                bslot, Zref)
 
 
@@ -236,7 +236,7 @@ def kbest_kernel(can, *, beam_width, n_children):
     Y = readonly(can.Y)
     n, k = Y.shape
     K, C = int(beam_width), int(n_children)
-    S, O, LO, HI = grids(can)
+    S, Sg, O, Og, LO, HI = grids(can)
     x = np.empty((n, k), dtype=np.int64)
     cost = np.empty(k)
     kc = int(max(1, min(k, _PATH_BYTES // (12 * n * K))))
@@ -260,10 +260,10 @@ def kbest_kernel(can, *, beam_width, n_children):
                 np.matmul(R[a:e, e:], Zref[e:], out=Gp)
             if w > 1:
                 with numba.parallel_chunksize(_CHUNK):  # work per RHS varies (corrections)
-                    _panel(Y, readonly(Gp), has_g, RT, RS, a, S, O, LO, HI, K, C, j0, xcode,
+                    _panel(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode,
                            par, nbeam, pcost, bslot, Zref)
             else:
-                _panel_one(Y, readonly(Gp), has_g, RT, RS, a, S, O, LO, HI, K, C, j0, xcode, par,
+                _panel_one(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode, par,
                            nbeam, pcost, bslot, Zref)
         _backtrack(xcode, par, nbeam, pcost, j0, x, cost)
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)

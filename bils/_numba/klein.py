@@ -29,8 +29,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, at, box_round, grids, readonly, uniform
-from .babai import _rank1, _rank4, gemm_panel, panels, sweep
+from ._common import TILE, Clock, at, box_round, gat, grids, readonly, uniform
+from ._tiles import STEP, rank1, update_below
+from .babai import panels, sweep, whole_sweep
 
 __all__ = ["klein_kernel", "klein_pick"]
 
@@ -232,7 +233,7 @@ def _klein_row(trow_in, rii, srow, orow, lorow, hirow, taur, seedr, sample, leve
 
 
 @njit(cache=True, error_model="numpy")
-def _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, t, j0, j1,
+def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, j0, j1,
                  dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev):
     """One panel of one sampled sweep for right-hand sides ``[j0, j1)`` (tile ``t``)."""
     m = RT.shape[0]
@@ -256,7 +257,7 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, t, j0, j1,
         else:
             for jj in range(w):
                 T[l, jj] = Y[a + l, j0 + jj]
-    zb = np.empty((4, w))
+    zb = np.empty((STEP, w))
     cl = np.zeros(w)
     lbuf = np.empty(_NBUF)
     ubuf = np.empty(_NBUF)
@@ -278,14 +279,14 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, t, j0, j1,
     simple = np.empty(w, dtype=np.bool_)
     top = m
     while top > 0:
-        bot = max(0, top - 4)
+        bot = max(0, top - STEP)
         for q in range(top - 1, bot - 1, -1):
             i = a + q
             rii = RT[q, q]
             zq = zb[top - 1 - q]
             for jj in range(w):
-                srow[jj] = at(S, i, j0 + jj)
-                orow[jj] = at(O, i, j0 + jj)
+                srow[jj] = gat(S, Sg, i, j0 + jj)
+                orow[jj] = gat(O, Og, i, j0 + jj)
                 lorow[jj] = np.float64(at(LO, i, j0 + jj))
                 hirow[jj] = np.float64(at(HI, i, j0 + jj))
             _klein_row(T[q], rii, srow, orow, lorow, hirow, taur, seedr, sample, i, nlev,
@@ -310,34 +311,29 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, t, j0, j1,
                 ee = trow[jj] - drow[jj] * xi
                 cl[jj] += ee * ee
             dcnt[i, t] = nd
-            _rank1(T, RT[q], zq, bot, q, w)
-        if top - bot == 4:
-            _rank4(T, RT[top - 1], RT[top - 2], RT[top - 3], RT[top - 4],
-                   zb[0], zb[1], zb[2], zb[3], bot, w)
-        else:
-            for q in range(top - 1, bot - 1, -1):
-                _rank1(T, RT[q], zb[top - 1 - q], 0, bot, w)
+            rank1(T, RT[q], zq, bot, q, w)
+        update_below(T, RT, zb, top, bot, w)
         top = bot
     for jj in range(w):
         cost[j0 + jj] += cl[jj]
 
 
 @njit(cache=True, parallel=True)
-def _sample_panel(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
+def _sample_panel(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
                   sample, tau, sqrt_tau, seeds, nlev):
     k = Y.shape[1]
     for t in prange((k + width - 1) // width):
         tt = np.int64(t)
         j0 = tt * width
-        _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, tt, j0,
+        _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, tt, j0,
                      min(k, j0 + width), dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev)
 
 
 @njit(cache=True)
-def _sample_panel_one(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
+def _sample_panel_one(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
                       sample, tau, sqrt_tau, seeds, nlev):
     """``_sample_panel`` for a single tile, without a parallel launch."""
-    _sample_tile(Y, Gb, has_g, RT, RS, a, S, O, LO, HI, Xb, X, cost, 0, 0, Y.shape[1], dcnt,
+    _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, 0, 0, Y.shape[1], dcnt,
                  djj, dval, sample, tau, sqrt_tau, seeds, nlev)
 
 
@@ -368,23 +364,30 @@ def _sample_width(k):
     return w
 
 
-def klein_kernel(can, *, n_samples, tau, seeds, block_size):
-    """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``)."""
+def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
+    """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``).
+
+    ``timings``, a dict, receives seconds per phase: ``babai`` (the Babai sweep keeping
+    every panel's product), ``convert`` (transposed panel copies of ``R``), ``samples``
+    (the sampled sweeps), ``select`` (keeping the better point per RHS).
+    """
+    clock = Clock(timings)
     n, k = can.Y.shape
     xb = np.empty((n, k), dtype=np.int64)
     cost_b = np.empty(k)
     improved = np.zeros(k, dtype=bool)
     if n_samples == 0:
-        sweep(can, gemm_panel(block_size), xb, np.empty((n, k)), cost_b)
+        whole_sweep(can, xb, cost_b, np.dtype(np.float64))
     else:
         Gb = np.empty((n, k))
         sweep(can, block_size, xb, np.empty((n, k)), cost_b, G_out=Gb)
     x, cost = xb, cost_b
+    clock.lap("babai")
     if n_samples > 0:
         x, cost = xb.copy(), cost_b.copy()
         R = can.R
         Y = readonly(can.Y)
-        S, O, LO, HI = grids(can)
+        S, Sg, O, Og, LO, HI = grids(can)
         tau = np.ascontiguousarray(tau, dtype=np.float64)
         sqrt_t = readonly(np.sqrt(tau))
         tau_r = readonly(tau)
@@ -402,13 +405,16 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size):
         dcnt = np.zeros((n, ntiles), dtype=np.int32)
         djj = np.empty((n, k), dtype=np.int32)
         dval = np.empty((n, k))
+        clock.lap("convert")
         with np.errstate(over="ignore"):  # uint64 hashing wraps (NUMBA_DISABLE_JIT)
             for s in range(n_samples):
                 cs[:] = 0.0
                 for (a, e), RT, RS in zip(bounds, RTs, RSs):
-                    panel_fn(Y, Gb[a:e], e < n, RT, RS, a, S, O, LO, HI, xb, xs, cs,
+                    panel_fn(Y, Gb[a:e], e < n, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cs,
                              dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
+                clock.lap("samples")
                 _keep_better(x, cost, xs, cs, improved, TILE)
+                clock.lap("select")
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,
                              "block_size": block_size}

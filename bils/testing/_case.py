@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .._grid import GroupedGrid
+
 __all__ = ["ProblemCase", "as_case", "unpack_result", "format_array"]
 
 
@@ -326,6 +328,8 @@ def _case_from_bilsproblem(p):
     n, k = p.n, p.k
 
     def full(a):
+        if isinstance(a, GroupedGrid):
+            a = a.dense()
         return np.broadcast_to(np.asarray(a), (n, k))
 
     R, lo, hi, S, O = p.R, full(p.lo), full(p.hi), full(p.scale), full(p.offset)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bils import BILSProblem
+from bils import BILSProblem, GroupedGrid
 
 from ..errors import ParameterError, QuantizedFormatError
 from ..formats.packing import SUPPORTED_BITS, pack, packed_length, unpack
@@ -461,11 +461,23 @@ class UniformProblem:
     spec: QuantSpec
     backend: str
     rng: Any
+    g_idx: np.ndarray | None = None  # group of each input column: the solvers get the grid grouped
+
+    def grids(self):
+        """``(scale, offset)`` for the solvers: :class:`bils.GroupedGrid` s (one value per
+        (group, output channel) and ``g_idx``) on the host, never expanded to (n, m); the
+        per-coordinate ``S``, ``O`` for device arrays."""
+        if self.g_idx is None or not isinstance(self.S, np.ndarray):
+            return self.S, self.O
+        first = np.unique(self.g_idx, return_index=True)[1]  # a row of each group
+        return (GroupedGrid(self.S[first], self.g_idx),
+                GroupedGrid(self.O[first], self.g_idx))
 
     def problem_for(self, T) -> BILSProblem:
         """The BILS of target rows ``T`` (m, n) on this grid and ``H`` (damped by the spec)."""
         spec = self.spec
-        return BILSProblem.from_gram(self.H, T.T, 0, spec.maxq, scale=self.S, offset=self.O,
+        scale, offset = self.grids()
+        return BILSProblem.from_gram(self.H, T.T, 0, spec.maxq, scale=scale, offset=offset,
                                      damp=spec.total_damp, ordering=spec.ordering)
 
     def solve(self, solver, problem, **options):
@@ -588,7 +600,8 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
     S = scales.astype(np.float64)[:, g_idx].T  # (n, m)
     Z = zeros.astype(np.float64)[:, g_idx].T
     Hd = None if H is None else damped_hessian(H, spec.total_damp)[0]
-    prob = UniformProblem(W=W, H=H, Hd=Hd, D=D, S=S, Z=Z, O=-S * Z, spec=spec, backend=backend, rng=rng)
+    prob = UniformProblem(W=W, H=H, Hd=Hd, D=D, S=S, Z=Z, O=-S * Z, spec=spec, backend=backend, rng=rng,
+                          g_idx=g_idx)
     sol = solve(prob)
     stats = {"method": spec.method, "alpha": None, "backend": None, **sol.stats}
     perm = None
@@ -600,8 +613,8 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
         p = problem.perm if problem.perm is not None else np.arange(n)
         perm = p.astype(np.int64)
         xs = res.x[p].astype(np.float64)
-        Rd = np.diag(problem.R)[:, None] * problem.scale  # (n, m): R_ii S_ij
-        E = problem.Y - problem.R @ (problem.scale * xs + problem.offset)
+        Rd = np.diag(problem.R)[:, None] * S[p]  # (n, m): R_ii S_ij
+        E = problem.Y - problem.R @ (S[p] * xs + prob.O[p])
         c = xs + E / Rd
         stats["clipped_frac"] = float(np.mean((c < -0.5) | (c > spec.maxq + 0.5)))
         stats["babai_bound"] = float(0.25 * np.sum(Rd * Rd))

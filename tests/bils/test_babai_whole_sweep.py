@@ -1,0 +1,64 @@
+"""The numba Babai's whole-sweep method: same result as the panel method, the numpy
+reference and any tile width (per-RHS operations do not depend on the tiling)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bils
+from bils._validate import problem_iv
+
+nbb = pytest.importorskip("bils._numba.babai")
+
+
+def _case(n, k, seed, grouped):
+    rng = np.random.default_rng(seed)
+    R = np.triu(rng.normal(0, 0.3, (n, n)), 1) + np.diag(rng.uniform(1.0, 2.0, n))
+    groups = np.arange(n) // 5
+    g = groups[-1] + 1
+    S = bils.GroupedGrid(rng.uniform(0.5, 1.5, (g, k)), groups)
+    O = bils.GroupedGrid(rng.uniform(-3, 0, (g, k)), groups)
+    x = rng.integers(0, 8, (n, k))
+    Y = R @ (S.dense() * (x + rng.uniform(-0.3, 0.3, (n, k))) + O.dense())
+    if not grouped:
+        S, O = S.dense(), O.dense()
+    return problem_iv(R, Y, 0, 7, S, O)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("n, k", [(1, 1), (17, 3), (45, 70), (300, 129)])
+def test_whole_equals_panels_and_numpy(precision, grouped, n, k, monkeypatch):
+    can = _case(n, k, seed=n + 7 * k, grouped=grouped)
+    x, cost, _, info = nbb.babai_kernel(can, block_size=8, precision=precision)
+    monkeypatch.setattr(nbb, "MIN_PANEL", 16)  # several panels and BLAS products
+    xp, costp, _, _ = nbb.babai_kernel(can, block_size=8, precision=precision, panels=True)
+    from bils.babai import _babai_numpy
+
+    xr, costr, _, _ = _babai_numpy(can, block_size=8, precision=precision)
+    np.testing.assert_array_equal(x, xp)
+    np.testing.assert_array_equal(x, xr)
+    rtol = 1e-5 if precision == "float32" else 1e-12
+    np.testing.assert_allclose(cost, costp, rtol=rtol)
+    np.testing.assert_allclose(cost, costr, rtol=rtol)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_whole_sweep_bitwise_independent_of_tile_width(precision, monkeypatch):
+    can = _case(90, 200, seed=3, grouped=True)
+    x1, c1, _, _ = nbb.babai_kernel(can, block_size=128, precision=precision)
+    monkeypatch.setattr(nbb, "TILE", 8)  # 8 or 16 RHS per task instead of 32 or 64
+    x2, c2, _, _ = nbb.babai_kernel(can, block_size=128, precision=precision)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(c1, c2)
+
+
+def test_timings_phases():
+    can = _case(40, 9, seed=1, grouped=True)
+    t = {}
+    nbb.babai_kernel(can, block_size=128, timings=t)
+    assert set(t) == {"assemble", "grid", "sweep"} and all(v >= 0 for v in t.values())
+    t = {}
+    nbb.babai_kernel(can, block_size=8, timings=t, panels=True)
+    assert {"grid", "product", "panel", "convert", "assemble"} <= set(t)
