@@ -92,8 +92,9 @@ class LayerSolver:
     float64 or None), then ``result()`` on each in submission order.
 
     A solver whose ``device_arrays`` is True also accepts, from a run with ``device=``,
-    arrays living on that device (CuPy arrays for CUDA, numpy for the CPU); otherwise the
-    driver copies them to the host first.
+    arrays living on that device (CuPy arrays for CUDA, numpy for the CPU), and gets them
+    when the method accepts them too (:attr:`llm_adapter.methods.Method.device_arrays`);
+    otherwise the driver copies them to the host first.
     """
 
     #: Whether ``submit`` accepts device (CuPy) arrays.
@@ -325,7 +326,8 @@ class _Run:
         solver accepts them), else a numpy array on the host."""
         if t is None:
             return None
-        if self.target is not None and getattr(self.solver, "device_arrays", False):
+        if self.target is not None and getattr(self.solver, "device_arrays", False) \
+                and methods.for_spec(self.spec).device_arrays:
             return device_array(t)
         return t.detach().cpu().numpy()
 
