@@ -354,7 +354,10 @@ class BILSProblem:
             Hp = H[perm][:, perm]
         idx = xp.arange(n)
         Hp[idx, idx] = diag if perm is None else diag[perm]
-        L = xp.linalg.cholesky(Hp)
+        try:
+            L = xp.linalg.cholesky(Hp)  # CuPy returns NaNs where numpy raises
+        except np.linalg.LinAlgError:
+            L = xp.full((1, 1), np.nan)
         del Hp
         if not bool(xp.all(xp.isfinite(xp.diag(L)))):
             raise ValueError("`H` (after damping) must be positive definite; increase `damp`")

@@ -114,7 +114,10 @@ def _joint_target_xp(xp, W, H, D, alpha):
     alpha = float_iv("alpha", alpha)
     if alpha == 0:
         return W.copy()
-    L = xp.linalg.cholesky(H)
+    try:
+        L = xp.linalg.cholesky(H)  # CuPy returns NaNs where numpy raises
+    except np.linalg.LinAlgError:
+        L = xp.full((1, 1), np.nan)
     if not bool(xp.all(xp.isfinite(xp.diag(L)))):
         raise ValueError("`H` must be positive definite (damp it first)")
     if xp is np:

@@ -85,7 +85,8 @@ def damped_hessian(H, damp):
     xp = namespace(H)
     H = xp.array(H, dtype=np.float64, copy=True)
     dead = xp.diag(H) == 0
-    H[dead, dead] = 1.0
+    di = xp.nonzero(dead)[0]
+    H[di, di] = 1.0
     if damp:
         idx = xp.arange(H.shape[0])
         H[idx, idx] += damp * xp.mean(xp.diag(H))

@@ -66,3 +66,8 @@ def test_joint_target_twin_equals_host(alpha):
                                rtol=1e-9, atol=1e-10)
     with pytest.raises(ValueError, match="`D` must be"):
         _joint_target_xp(np, W, H, D[:3], alpha)
+
+
+def test_joint_target_twin_rejects_an_indefinite_h():
+    with pytest.raises(ValueError, match="`H` must be positive definite"):
+        _joint_target_xp(np, np.ones((2, 3)), -np.eye(3), np.zeros((3, 3)), 0.5)
