@@ -49,15 +49,17 @@ docs: $(DOCS_STAMP)
 # benchmarks/results/ named after the device: the GPU tests (tests/gpu: the cupy solver
 # backend against numba, its PTX, the glvq decode kernel) and benchmarks/gpu_solvers.py
 # (the cupy backend on a 4096x4096 layer vs GPTQ's torch loop on the same GPU, writes
-# gpu_solvers_<device>.json). The uniform low-bit kernels (benchmarks/gpu_kernels.py,
-# issue #6) are not written yet.
+# gpu_solvers_<device>.json), benchmarks/gpu_quantize.py (quantize --device cuda on 2
+# Llama-2-7B-shaped blocks, 128 x 2048 tokens, gptq and ojbkq W4 g128, against GPTQ's torch
+# loop; writes gpu_quantize_<device>.json; about 2 min). The uniform low-bit kernels
+# (benchmarks/gpu_kernels.py, issue #6) are not written yet.
 gpu-check:
 	@mkdir -p benchmarks/results
 	@dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '_'); \
 	echo "gpu-check on: $${dev:-no GPU}"; \
 	PYTHONPATH=$(CURDIR) python3 -m pytest -q -p no:cacheprovider -rs tests/gpu \
 	  --junitxml=benchmarks/results/gpu_tests_$${dev:-none}.xml; rc=$$?; \
-	for b in benchmarks/gpu_solvers.py benchmarks/gpu_kernels.py; do \
+	for b in benchmarks/gpu_solvers.py benchmarks/gpu_quantize.py benchmarks/gpu_kernels.py; do \
 	  if [ -f $$b ]; then PYTHONPATH=$(CURDIR) python3 $$b || rc=1; \
 	  else echo "gpu-check: $$b is not written yet (issues #4, #6)"; rc=1; fi; done; \
 	exit $$rc
