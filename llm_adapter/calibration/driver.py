@@ -44,6 +44,7 @@ Lifecycle, kept apart from the maths:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -247,7 +248,7 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _cupy_in_torch_memory(target if method.device_arrays else None):
             if not method.needs_calibration and not rtn_calibrate:
                 run.finish_all([(name, mod, None, None) for sel in selected.values() for name, mod in sel.items()])
                 return run.results
@@ -284,6 +285,29 @@ def _device_iv(device):
                                            f"{torch.cuda.device_count()} CUDA device(s)")
         device = torch.device("cuda", index)
     return device
+
+
+@contextlib.contextmanager
+def _cupy_in_torch_memory(target):
+    """On a CUDA `target`, CuPy allocations (the solves) are served by torch's caching
+    allocator inside the block: one memory pool instead of two holding on to freed memory,
+    and :func:`torch.cuda.max_memory_allocated` counts the solves too. Thread-local
+    (``cupy.cuda.using_allocator``); nothing is changed outside the block."""
+    if target is None or target.type != "cuda":
+        yield
+        return
+    try:
+        import cupy
+    except ImportError:  # the solves then copy to the host (or fail with bils's message)
+        yield
+        return
+
+    def alloc(size):
+        t = torch.empty(max(int(size), 1), dtype=torch.uint8, device=torch.device("cuda", cupy.cuda.Device().id))
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(t.data_ptr(), size, t), 0)
+
+    with cupy.cuda.using_allocator(alloc):
+        yield
 
 
 def to_device(obj, device):
