@@ -34,7 +34,7 @@ from bils import BILSProblem
 
 from ..errors import ParameterError, QuantizedFormatError
 from ..formats.packing import SUPPORTED_BITS, pack, packed_length, unpack
-from ._shared import as_float64, damped_hessian, is_int, is_real, namespace, to_host, with_fallback
+from ._shared import as_float64, damped_hessian, is_device_array, is_int, is_real, namespace, to_host, with_fallback
 from .registry import LayerFormat, Method, get, names, register
 
 __all__ = ["CLIPS", "ORDERINGS", "QuantSpec", "QuantizedLayer", "Solution", "UniformProblem",
@@ -381,8 +381,9 @@ def compute_grid(W, spec: QuantSpec):
 
     Parameters
     ----------
-    W : (m, n) array_like or torch.Tensor
-        Float weights, rows are output channels.
+    W : (m, n) array_like, torch.Tensor or CuPy array
+        Float weights, rows are output channels. A CuPy array: the min-max rule reduces
+        the groups on the device; the MSE search copies ``W`` to the host.
     spec : QuantSpec
         Its ``bits``, ``group_size``, ``sym`` and ``clip`` define the grid.
 
@@ -404,11 +405,22 @@ def compute_grid(W, spec: QuantSpec):
     m, n = W.shape
     gs = n if spec.group_size == -1 else spec.group_size
     n_full = n // gs
+
+    def on_host(x):
+        """A group block (..., g) as the host grid search reads it. The min-max rule reads
+        only each group's extremes, which are exact in any order: a device array is reduced
+        there to (..., 2) [min, max] and only that comes to the host (same grid)."""
+        if spec.clip == "minmax" and is_device_array(x):
+            xp = namespace(x)
+            return to_host(xp.stack([x.min(axis=-1), x.max(axis=-1)], axis=-1))
+        return to_host(x)
+
     parts = []
     if n_full:
-        parts.append(_group_params(W[:, : n_full * gs].reshape(m, n_full, gs), spec.maxq, spec.sym, spec.clip))
+        parts.append(_group_params(on_host(W[:, : n_full * gs].reshape(m, n_full, gs)), spec.maxq, spec.sym,
+                                   spec.clip))
     if n_full * gs < n:
-        s, z = _group_params(W[:, n_full * gs:], spec.maxq, spec.sym, spec.clip)
+        s, z = _group_params(on_host(W[:, n_full * gs:]), spec.maxq, spec.sym, spec.clip)
         parts.append((s[:, None], z[:, None]))
     scales = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32)
     zeros = np.concatenate([p[1] for p in parts], axis=1).astype(np.float32)
@@ -591,7 +603,7 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
 
     dead = None if H is None else xp.diag(H) == 0
     Wg = W if dead is None or not bool(dead.any()) or spec.group_size == -1 else xp.where(dead, 0.0, W)
-    scales, zeros = compute_grid(to_host(Wg), spec)  # GPTQ: static groups after zeroing dead columns
+    scales, zeros = compute_grid(Wg, spec)  # GPTQ: static groups after zeroing dead columns
     gs = n if spec.group_size == -1 else spec.group_size
     g_idx = (np.arange(n) // gs).astype(np.int32)
     if xp is np:

@@ -163,3 +163,17 @@ def test_device_path_resumes_from_checkpoints(tmp_path):
     assert list(resumed) == list(full)
     for name in full:
         np.testing.assert_array_equal(resumed[name].codes, full[name].codes, err_msg=name)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_minmax_grid_from_group_extremes_is_the_same_grid(sym):
+    # what compute_grid does with a device array: reduce each group to [min, max] there
+    from llm_adapter.methods.uniform import _group_params
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5, 16))
+    x[0, 0] = 0.0  # an all-zero group
+    x[1, 1] = np.abs(x[1, 1])  # a group without negatives
+    ext = np.stack([x.min(axis=-1), x.max(axis=-1)], axis=-1)
+    for a, b in zip(_group_params(ext, 7, sym, "minmax"), _group_params(x, 7, sym, "minmax")):
+        np.testing.assert_array_equal(a, b)
