@@ -303,8 +303,9 @@ def _cupy_in_torch_memory(target):
         return
 
     def alloc(size):
-        t = torch.empty(max(int(size), 1), dtype=torch.uint8, device=torch.device("cuda", cupy.cuda.Device().id))
-        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(t.data_ptr(), size, t), 0)
+        dev = cupy.cuda.Device().id
+        t = torch.empty(max(int(size), 1), dtype=torch.uint8, device=torch.device("cuda", dev))
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(t.data_ptr(), size, t, dev), 0)
 
     with cupy.cuda.using_allocator(alloc):
         yield
