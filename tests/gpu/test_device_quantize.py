@@ -81,6 +81,6 @@ def test_cuda_device_path(spec):
     assert all(p.device.type == "cpu" for p in model.parameters())  # the model stayed home
     cpu = quantize_model(tiny_llama(layers=2), win, spec, progress=False, backend="numba", seed=2)
     assert _agreement(cpu, gpu) >= 0.999
-    # one block + the streams: far below the model (a few MB here), but > 0
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert 0 < report["peak_device_bytes"] < model_bytes + 64 * 2**20
+    # reported, and small: a tiny block, its streams and solves (plus cuBLAS/cuSOLVER workspaces)
+    assert 0 < report["peak_device_bytes"] < 512 * 2**20
+    assert len(report["block_seconds"]) == 2
