@@ -361,7 +361,7 @@ class BILSProblem:
         del Hp
         if not bool(xp.all(xp.isfinite(xp.diag(L)))):
             raise ValueError("`H` (after damping) must be positive definite; increase `damp`")
-        R = xp.ascontiguousarray(L.T)
+        R = xp.ascontiguousarray(xp.triu(L.T))  # whatever the library left above L's diagonal
         del L
         Y = R @ (T if perm is None else T[perm])
 
