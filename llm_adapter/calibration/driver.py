@@ -301,13 +301,17 @@ def _cupy_in_torch_memory(target):
     except ImportError:  # the solves then copy to the host (or fail with bils's message)
         yield
         return
+    using = getattr(cupy.cuda, "using_allocator", None)
+    if using is None:  # a CuPy without the thread-local switch: keep its own pool
+        yield
+        return
 
     def alloc(size):
         dev = cupy.cuda.Device().id
         t = torch.empty(max(int(size), 1), dtype=torch.uint8, device=torch.device("cuda", dev))
         return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(t.data_ptr(), size, t, dev), 0)
 
-    with cupy.cuda.using_allocator(alloc):
+    with using(alloc):
         yield
 
 
