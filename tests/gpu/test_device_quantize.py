@@ -68,6 +68,41 @@ def test_simulated_gpu_backend_on_the_device_path(spec, small_launch):
     assert _agreement(host, gpu) >= 0.999
 
 
+@pytest.mark.kernel
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.skipif(not SIMULATOR, reason="the stand-in CuPy runs its kernels in the simulator")
+@pytest.mark.parametrize("spec", SPECS + [QuantSpec(bits=3, group_size=16, method="regcal", alpha="closed_form",
+                                                    block_size=8)], ids=lambda s: s.method)
+def test_device_branches_with_a_stand_in_cupy(spec, small_launch, monkeypatch):
+    """The driver hands "device" arrays (a stand-in CuPy: numpy underneath) to the methods,
+    so the device branches run: from_gram / joint_target on the device, the grid reduced on
+    the device, the cupy backend resolved from the arrays. Same codes as the host arrays."""
+    from llm_adapter.calibration import driver
+
+    from .stand_in_cupy import install
+
+    win = _windows()
+    ref = quantize_model(_model(), win, spec, progress=False, backend="cupy", device="cpu", seed=2)
+    cupy = install(monkeypatch)
+    seen = []
+
+    def device_array(t):
+        a = cupy.asarray(t.detach().cpu().numpy())
+        seen.append(type(a).__module__)
+        return a
+
+    monkeypatch.setattr(driver, "device_array", device_array)
+    dev = quantize_model(_model(), win, spec, progress=False, backend="auto", device="cpu", seed=2)
+    assert seen and set(seen) == {"cupy"}
+    assert {q.stats["backend"] for q in dev.values()} == {"cupy"}
+    for name in ref:
+        q = dev[name]
+        assert type(q.codes) is np.ndarray and type(q.scales) is np.ndarray and type(q.perm) is np.ndarray
+        np.testing.assert_array_equal(q.codes, ref[name].codes, err_msg=name)
+        np.testing.assert_array_equal(q.scales, ref[name].scales, err_msg=name)
+        np.testing.assert_allclose(q.stats["loss"], ref[name].stats["loss"], rtol=1e-9, err_msg=name)
+
+
 @pytest.mark.device
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.method)
 def test_cuda_device_path(spec):
