@@ -317,7 +317,15 @@ def _cupy_in_torch_memory(target):
 
 def to_device(obj, device):
     """`obj` with every tensor inside (tuples, lists, dicts, nested) moved to `device`;
-    other values are returned as they are."""
+    other values are returned as they are.
+
+    Examples
+    --------
+    >>> import torch
+    >>> moved = to_device((torch.ones(2), [torch.zeros(1)], {"mask": None, "n": 3}), "cpu")
+    >>> moved[0].device.type, moved[1][0].device.type, moved[2]
+    ('cpu', 'cpu', {'mask': None, 'n': 3})
+    """
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
@@ -331,7 +339,18 @@ def to_device(obj, device):
 
 def device_array(t: torch.Tensor):
     """The tensor `t` as an array of its device's namespace, without a copy: numpy for a
-    CPU tensor, CuPy for a CUDA tensor (DLPack)."""
+    CPU tensor, CuPy for a CUDA tensor (DLPack). A non-contiguous `t` is copied first.
+
+    Examples
+    --------
+    >>> import torch
+    >>> t = torch.arange(4.0)
+    >>> a = device_array(t)
+    >>> type(a).__name__, a.tolist()
+    ('ndarray', [0.0, 1.0, 2.0, 3.0])
+    >>> a[0] = 7.0; float(t[0])  # the same memory
+    7.0
+    """
     t = t.detach().contiguous()
     if t.device.type == "cuda":
         import cupy
