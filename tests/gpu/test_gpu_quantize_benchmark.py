@@ -25,6 +25,7 @@ def test_gpu_quantize_dry_run(tmp_path):
     rec = mod.main(["--dry-run", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["dry_run"] and saved["device"] == rec["device"] == "cpu_dry_run"
+    assert saved["errors"] == {} and "partial" not in saved
     for m in ("gptq", "ojbkq"):
         r = saved[m]
         assert r["layers"] == 14 and len(r["block_seconds"]) == 2
