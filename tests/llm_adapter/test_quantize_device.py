@@ -177,3 +177,25 @@ def test_minmax_grid_from_group_extremes_is_the_same_grid(sym):
     ext = np.stack([x.min(axis=-1), x.max(axis=-1)], axis=-1)
     for a, b in zip(_group_params(ext, 7, sym, "minmax"), _group_params(x, 7, sym, "minmax")):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float32_statistics_match_float64_and_reject_other_dtypes():
+    from llm_adapter.calibration import LayerStatistics
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    xf = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
+    alphas = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    st64 = LayerStatistics(8, joint=True, alphas=alphas)
+    st32 = LayerStatistics(8, joint=True, alphas=alphas, device="cpu", dtype=torch.float32)
+    for i, (x, f) in enumerate(zip(xs, xf)):
+        st64.add(x, f, seq=2 * i)
+        st32.add(x, f, seq=2 * i)
+    assert st32.H.dtype == torch.float32
+    H32, D32 = st32.mean_tensors(30)
+    assert H32.dtype == D32.dtype == torch.float64  # float64 for the factorisation
+    H64, D64 = st64.mean(30)
+    np.testing.assert_allclose(H32.numpy(), H64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(D32.numpy(), D64, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="`dtype` must be torch.float32 or torch.float64"):
+        LayerStatistics(8, joint=False, dtype=torch.float16)
