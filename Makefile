@@ -55,14 +55,16 @@ docs: $(DOCS_STAMP)
 # backend against numba, the inference kernels against dequantize-then-matmul, CuPy/torch
 # interop) and the benchmarks benchmarks/gpu_solvers.py (the cupy backend on a 4096x4096 layer
 # vs GPTQ's torch loop on the same GPU) and benchmarks/gpu_kernels.py (the W2/W3/W4-A16 and
-# glvq kernels on the Llama-2-7B linear stack vs cuBLAS fp16 and torch int4).
+# glvq kernels on the Llama-2-7B linear stack vs cuBLAS fp16 and torch int4) and
+# benchmarks/gpu_quantize.py (quantize --device cuda on 2 Llama-2-7B-shaped blocks, 128 x 2048
+# tokens, gptq and ojbkq W4 g128, against GPTQ's torch loop). Each writes <name>_<device>.json.
 gpu-check:
 	@mkdir -p benchmarks/results
 	@dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '_'); \
 	echo "gpu-check on: $${dev:-no GPU}"; \
 	PYTHONPATH=$(CURDIR) python3 -m pytest -q -p no:cacheprovider -rs tests/gpu \
 	  --junitxml=benchmarks/results/gpu_tests_$${dev:-none}.xml; rc=$$?; \
-	for b in benchmarks/gpu_solvers.py benchmarks/gpu_kernels.py; do \
+	for b in benchmarks/gpu_solvers.py benchmarks/gpu_quantize.py benchmarks/gpu_kernels.py; do \
 	  if [ -f $$b ]; then PYTHONPATH=$(CURDIR) python3 $$b || rc=1; \
 	  else echo "gpu-check: $$b is not written yet (issues #4, #6)"; rc=1; fi; done; \
 	exit $$rc

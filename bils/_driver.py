@@ -57,7 +57,7 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
         return run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, options)
     t0 = time.perf_counter()
     problem, can = canonical_from_args(R, Y, lo, hi, scale, offset)
-    arrays = (R,) if problem is not None else (R, Y)
+    arrays = (problem.R,) if problem is not None else (R, Y)  # a problem's arrays may be on a device
     be = resolve_backend(backend, *arrays)
     kernel = _kernel_for(kernels, be, solver)
     k_total = problem.k if problem is not None else can.k

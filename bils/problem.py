@@ -94,6 +94,11 @@ def _triangular_times(R, B):
     return out.T
 
 
+def _host(a):
+    """`a` as a numpy array (a CuPy array is copied to the host)."""
+    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
+
+
 def _rows(a, perm):
     if isinstance(a, GroupedGrid):
         return a.permuted(perm)
@@ -254,7 +259,17 @@ class BILSProblem:
         >>> p = bils.BILSProblem.from_gram(H, [[1.2], [2.9]], 0, 3, ordering="diag")
         >>> bils.babai(p).x.ravel().tolist()
         [1, 3]
+
+        Device inputs (CuPy arrays or CUDA torch tensors for `H` or `T`) give a problem
+        whose arrays live on the device (the Cholesky factor and ``Y`` computed there);
+        then `ordering` must be ``"natural"`` or one of the rules that read the diagonal
+        only (``"diag"``, ``"reverse"``).
         """
+        from ._backend import array_namespace
+
+        xp = array_namespace(H, T)
+        if xp is not np:
+            return cls._from_gram_xp(xp, H, T, lo, hi, scale=scale, offset=offset, damp=damp, ordering=ordering)
         H = _real_array("H", H)
         if H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] == 0:
             raise ValueError(f"`H` must be a square 2-D array, got shape {H.shape}")
@@ -319,6 +334,83 @@ class BILSProblem:
                               np.zeros(T.shape[1]), gram=None, dead=dead)
         return cls(prob.R, prob.Y, prob.lo, prob.hi, prob.scale, prob.offset,
                    None if order == "natural" else perm, prob.cost_offset, dead, squeeze)
+
+    @classmethod
+    def _from_gram_xp(cls, xp, H, T, lo, hi, *, scale=None, offset=None, damp=0.0, ordering="natural"):
+        """:meth:`from_gram` in the array namespace `xp` (CuPy for device inputs): the same
+        steps (dead coordinates, damping, diagonal ordering, upper Cholesky, ``Y = R T_p``)
+        written with the array API that numpy and CuPy share, so the arrays stay where they
+        are; only the diagonal (n numbers) goes to the host for the ordering. Tested with
+        ``xp = numpy`` against :meth:`from_gram`."""
+        H = xp.asarray(H)
+        if H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] == 0:
+            raise ValueError(f"`H` must be a square 2-D array, got shape {H.shape}")
+        if H.dtype.kind not in "fiu":
+            raise TypeError(f"`H` must be a real numeric array, got dtype {H.dtype}")
+        H = H.astype(np.float64, copy=False)
+        if not bool(xp.all(xp.isfinite(H))):
+            raise ValueError("`H` must be finite")
+        amax = float(xp.abs(H).max())
+        if not bool(xp.all(xp.abs(H - H.T) <= 1e-12 * max(1.0, amax) + 1e-10 * xp.abs(H.T))):
+            raise ValueError("`H` must be symmetric")
+        damp = float_iv("damp", damp)
+        if damp < 0:
+            raise ValueError(f"`damp` must be >= 0, got {damp}")
+        choice_iv("ordering", ordering, _ORDER_CHOICES)
+        if ordering != "natural" and ordering not in DIAGONAL_ORDERINGS:
+            raise ValueError(f"`ordering` must be 'natural' or one of {DIAGONAL_ORDERINGS} for device "
+                             f"arrays (the others factor on the host), got {ordering!r}")
+        n = H.shape[0]
+        T = xp.asarray(T)
+        if T.ndim not in (1, 2) or T.shape[0] != n:
+            raise ValueError(f"`T` must have `H.shape[0]` = {n} rows, got shape {T.shape}")
+        squeeze = T.ndim == 1
+        T = T.astype(np.float64, copy=False).reshape(n, -1)
+        if not bool(xp.all(xp.isfinite(T))):
+            raise ValueError("`T` must be finite")
+        diag = xp.diag(H).copy()
+        dead = diag == 0
+        diag[dead] = 1.0
+        if damp:
+            diag += damp * xp.mean(diag)
+        if bool(dead.any()):
+            T = T.copy()
+            T[dead] = 0.0
+        if ordering == "natural":
+            perm = None
+            Hp = H.copy()
+        else:
+            perm = xp.asarray(order_from_diagonal(_host(diag), ordering))
+            Hp = H[perm][:, perm]
+        idx = xp.arange(n)
+        Hp[idx, idx] = diag if perm is None else diag[perm]
+        try:
+            L = xp.linalg.cholesky(Hp)  # CuPy returns NaNs where numpy raises
+        except np.linalg.LinAlgError:
+            L = xp.full((1, 1), np.nan)
+        del Hp
+        if not bool(xp.all(xp.isfinite(xp.diag(L)))):
+            raise ValueError("`H` (after damping) must be positive definite; increase `damp`")
+        R = xp.ascontiguousarray(xp.triu(L.T))  # whatever the library left above L's diagonal
+        del L
+        Y = R @ (T if perm is None else T[perm])
+
+        def grid(name, a, default, dtype):
+            a = xp.full((1, 1), default, dtype=dtype) if a is None else xp.asarray(a)
+            if a.ndim == 0:
+                a = a.reshape(1, 1)
+            elif a.ndim == 1:
+                a = a.reshape(-1, 1) if squeeze else a.reshape(1, -1)
+            if a.ndim != 2 or a.shape[0] not in (1, n) or a.shape[1] not in (1, T.shape[1]):
+                raise ValueError(f"`{name}` of shape {a.shape} must be broadcastable to ({n}, {T.shape[1]})")
+            if a.shape[0] == n and n > 1 and perm is not None:
+                a = a[perm]
+            return a.astype(dtype, copy=False)
+
+        grids = [grid("lo", lo, 0, np.int64), grid("hi", hi, 0, np.int64),
+                 grid("scale", scale, 1.0, np.float64), grid("offset", offset, 0.0, np.float64)]
+        problem_iv(R, Y, *grids, xp=xp)  # the box and grid checks of every problem
+        return cls(R, Y, *grids, perm, xp.zeros(T.shape[1]), _host(dead), squeeze)
 
     @classmethod
     def _build(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offset, *, gram, dead):

@@ -80,13 +80,52 @@ def joint_target(W, H, D, alpha):
     >>> W = np.array([[1.0, 2.0]]); H = np.eye(2); D = np.array([[0.0, 0.0], [1.0, 0.0]])
     >>> joint_target(W, H, D, 0.5).tolist()
     [[2.0, 2.0]]
+
+    Device inputs (CuPy arrays) are computed on the device and give a CuPy array
+    (Cholesky of ``H`` and two triangular solves there).
     """
+    from ._backend import array_namespace
+
+    xp = array_namespace(W, H, D)
+    if xp is not np:
+        return _joint_target_xp(xp, W, H, D, alpha)
     W, H, D = _wh_iv(W, H, D)
     alpha = float_iv("alpha", alpha)
     if alpha == 0:
         return W.copy()
     # W D H^{-1} = (H^{-1} D^T W^T)^T since H is symmetric
     return W + alpha * scipy.linalg.cho_solve(_cho(H), (W @ D).T).T
+
+
+def _joint_target_xp(xp, W, H, D, alpha):
+    """:func:`joint_target` in the array namespace `xp` (CuPy): ``W + α (H⁻¹ (W D)ᵀ)ᵀ`` with
+    ``H = L Lᵀ`` and two triangular solves. Tested with ``xp = numpy``."""
+    W, H, D = (xp.asarray(a).astype(np.float64, copy=False) for a in (W, H, D))
+    if W.ndim != 2:
+        raise ValueError(f"`W` must be 2-D (m, n), got shape {W.shape}")
+    n = W.shape[1]
+    for name, a in (("H", H), ("D", D)):
+        if a.shape != (n, n):
+            raise ValueError(f"`{name}` must be ({n}, {n}) to match `W` {W.shape}, got {a.shape}")
+        if not bool(xp.all(xp.isfinite(a))):
+            raise ValueError(f"`{name}` must be finite")
+    if not bool(xp.all(xp.isfinite(W))):
+        raise ValueError("`W` must be finite")
+    alpha = float_iv("alpha", alpha)
+    if alpha == 0:
+        return W.copy()
+    try:
+        L = xp.linalg.cholesky(H)  # CuPy returns NaNs where numpy raises
+    except np.linalg.LinAlgError:
+        L = xp.full((1, 1), np.nan)
+    if not bool(xp.all(xp.isfinite(xp.diag(L)))):
+        raise ValueError("`H` must be positive definite (damp it first)")
+    if xp is np:
+        solve = scipy.linalg.solve_triangular
+    else:
+        from cupyx.scipy.linalg import solve_triangular as solve
+    Z = solve(L, (W @ D).T, lower=True)
+    return W + alpha * solve(L.T, Z, lower=False).T
 
 
 def alpha_closed_form(Q, W, H, D):

@@ -33,11 +33,20 @@ Lifecycle, kept apart from the maths:
 * Resume: with ``checkpoint_dir`` every finished layer is written atomically; a
   restarted run loads finished layers instead of solving them and ends bit-identical
   (sampling is seeded from ``(seed, layer name)``).
+* Device (``device=``): the model stays where it was loaded; the calibration streams live
+  on ``device``, each block is moved there (:meth:`torch.nn.Module.to`), run, its
+  statistics summed there in float32 (float64 only for what is handed to the solve), its
+  layers solved on device arrays (CuPy through DLPack for CUDA, numpy views for the CPU;
+  the :mod:`bils` backend ``"auto"`` then picks ``"cupy"``), its quantized weights written
+  back, and it goes back before the next block comes: at most one block is on ``device``
+  at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -82,14 +91,24 @@ class LayerSolver:
     The driver calls ``submit(name, W, H, D, spec, backend=..., rng=..., bias=...)`` for
     every layer of a stage (numpy arrays in: ``W`` (out, in) float32, ``H`` / ``D`` (in, in)
     float64 or None), then ``result()`` on each in submission order.
+
+    A solver whose ``device_arrays`` is True also accepts, from a run with ``device=``,
+    arrays living on that device (CuPy arrays for CUDA, numpy for the CPU), and gets them
+    when the method accepts them too (:attr:`llm_adapter.methods.Method.device_arrays`);
+    otherwise the driver copies them to the host first.
     """
+
+    #: Whether ``submit`` accepts device (CuPy) arrays.
+    device_arrays = False
 
     def submit(self, name, W, H, D, spec, *, backend="auto", rng=None, bias=None):
         raise NotImplementedError
 
 
 class InlineSolver(LayerSolver):
-    """Solve at submission, in this process (the default)."""
+    """Solve at submission, in this process (the default); takes device arrays."""
+
+    device_arrays = True
 
     def submit(self, name, W, H, D, spec, *, backend="auto", rng=None, bias=None):
         return _Done(solve_layer(W, H, D, spec, backend=backend, rng=rng, bias=bias))
@@ -117,7 +136,8 @@ def layer_rng(seed, name):
 # --------------------------------------------------------------------------- driver
 def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", "*.lm_head"),
                    true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
-                   callback=None, rtn_calibrate=False, progress=True, solver=None):
+                   callback=None, rtn_calibrate=False, progress=True, solver=None, device=None,
+                   report=None):
     r"""Quantize the linear layers of a causal LM block by block, in place.
 
     Parameters
@@ -160,6 +180,20 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
         ``distributed.Client``. All layers of a stage are submitted before the first
         result is awaited; results are applied in submission order, so the codes do not
         depend on the solver.
+    device : None, "cpu", "cuda", "cuda:N" or torch.device
+        ``None`` (default): everything runs where the model is. Otherwise the model stays
+        where it was loaded and is onloaded block by block: the calibration streams live
+        on `device`, each block is moved there, its statistics are summed there in
+        float32 and its layers are solved on device arrays (with ``backend="auto"``, the
+        :mod:`bils` CUDA backend for a CUDA device), then the block goes back. At most one
+        block is on `device` at a time; peak device memory is about one block plus the
+        calibration streams (and, for joint methods, the float inputs of the block's
+        layer groups). Codes agree with ``device=None`` up to the rounding of the float32
+        sums.
+    report : dict, optional
+        Filled with figures of the run: ``"block_seconds"`` (list, per block),
+        ``"device"`` and, on CUDA, ``"peak_device_bytes"``
+        (:func:`torch.cuda.max_memory_allocated` over the run).
 
     Returns
     -------
@@ -195,39 +229,155 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
         raise ParameterError("batch_size", f"`batch_size` must be a positive int, got {batch_size!r}")
     from tqdm.auto import tqdm
 
+    target = _device_iv(device)
     solver = InlineSolver() if solver is None else solver
     selected = select_linears(model, targets, exclude)
     _, blocks = find_blocks(model)
-    device = next(blocks[0].parameters()).device
+    home = next(blocks[0].parameters()).device
+    report = {} if report is None else report
+    report.update(block_seconds=[], device=str(target or home))
+    if target is not None and target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
     if checkpoint_dir is not None:
         check_manifest(checkpoint_dir, {
             "spec": spec.to_dict(), "true_sequential": bool(true_sequential), "seed": int(seed),
             "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
             "layers": sorted(n for sel in selected.values() for n in sel)})
-    run = _Run(spec, seed, checkpoint_dir, backend, solver, callback)
+    run = _Run(spec, seed, checkpoint_dir, backend, solver, callback, target)
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _cupy_in_torch_memory(target if method.device_arrays else None):
             if not method.needs_calibration and not rtn_calibrate:
                 run.finish_all([(name, mod, None, None) for sel in selected.values() for name, mod in sel.items()])
                 return run.results
             bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
             _calibrate(model, blocks, selected, windows, run, bar=bar, true_sequential=true_sequential,
-                       batch_size=batch_size, device=device)
+                       batch_size=batch_size, home=home, target=target, report=report)
     finally:
         model.train(was_training)
+        if target is not None and target.type == "cuda":
+            report["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(target))
+            logger.info("peak device memory on %s: %.2f GiB", target, report["peak_device_bytes"] / 2**30)
     return run.results
+
+
+_DEVICE_RULE = "`device` must be None, 'cpu', 'cuda', 'cuda:N' or a torch.device of type cpu or cuda"
+
+
+def _device_iv(device):
+    """`device` as a :class:`torch.device` (None stays None); errors name the argument."""
+    if device is None:
+        return None
+    if isinstance(device, str):
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+            raise ParameterError("device", f"{_DEVICE_RULE}, got {device!r}")
+        device = torch.device(device)
+    if not isinstance(device, torch.device) or device.type not in ("cpu", "cuda"):
+        raise ParameterError("device", f"{_DEVICE_RULE}, got {device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError("device", f"`device`={str(device)!r} but torch sees no CUDA device")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ParameterError("device", f"`device`={str(device)!r} but torch sees "
+                                           f"{torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", index)
+    return device
+
+
+@contextlib.contextmanager
+def _cupy_in_torch_memory(target):
+    """On a CUDA `target`, CuPy allocations (the solves) are served by torch's caching
+    allocator inside the block: one memory pool instead of two holding on to freed memory,
+    and :func:`torch.cuda.max_memory_allocated` counts the solves too. Thread-local
+    (``cupy.cuda.using_allocator``); nothing is changed outside the block."""
+    if target is None or target.type != "cuda":
+        yield
+        return
+    try:
+        import cupy
+    except ImportError:  # the solves then copy to the host (or fail with bils's message)
+        yield
+        return
+    using = getattr(cupy.cuda, "using_allocator", None)
+    if using is None:  # a CuPy without the thread-local switch: keep its own pool
+        yield
+        return
+
+    def alloc(size):
+        dev = cupy.cuda.Device().id
+        t = torch.empty(max(int(size), 1), dtype=torch.uint8, device=torch.device("cuda", dev))
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(t.data_ptr(), size, t, dev), 0)
+
+    with using(alloc):
+        yield
+
+
+def to_device(obj, device):
+    """`obj` with every tensor inside (tuples, lists, dicts, nested) moved to `device`;
+    other values are returned as they are.
+
+    Examples
+    --------
+    >>> import torch
+    >>> moved = to_device((torch.ones(2), [torch.zeros(1)], {"mask": None, "n": 3}), "cpu")
+    >>> moved[0].device.type, moved[1][0].device.type, moved[2]
+    ('cpu', 'cpu', {'mask': None, 'n': 3})
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def device_array(t: torch.Tensor):
+    """The tensor `t` as an array of its device's namespace, without a copy: numpy for a
+    CPU tensor, CuPy for a CUDA tensor (DLPack). A non-contiguous `t` is copied first.
+
+    Examples
+    --------
+    >>> import torch
+    >>> t = torch.arange(4.0)
+    >>> a = device_array(t)
+    >>> type(a).__name__, a.tolist()
+    ('ndarray', [0.0, 1.0, 2.0, 3.0])
+    >>> a[0] = 7.0; float(t[0])  # the same memory
+    7.0
+    """
+    t = t.detach().contiguous()
+    if t.device.type == "cuda":
+        import cupy
+
+        with cupy.cuda.Device(t.device.index):
+            return cupy.from_dlpack(t)
+    return t.numpy()
 
 
 class _Run:
     """One run's layer bookkeeping: checkpoints, submission to the solver, write-back."""
 
-    def __init__(self, spec, seed, checkpoint_dir, backend, solver, callback):
+    def __init__(self, spec, seed, checkpoint_dir, backend, solver, callback, target=None):
         self.spec, self.seed, self.checkpoint_dir = spec, seed, checkpoint_dir
         self.backend, self.solver, self.callback = backend, solver, callback
+        self.target = target  # torch.device of the device path, or None
         self.results = {}
+
+    def arrays(self, t):
+        """A tensor as the solver takes it: a device array on the device path (when the
+        solver accepts them), else a numpy array on the host."""
+        if t is None:
+            return None
+        if self.target is not None and getattr(self.solver, "device_arrays", False) \
+                and methods.for_spec(self.spec).device_arrays:
+            return device_array(t)
+        return t.detach().cpu().numpy()
 
     def done(self, name) -> bool:
         return self.checkpoint_dir is not None and layer_path(self.checkpoint_dir, name).exists()
@@ -241,7 +391,11 @@ class _Run:
                 pending.append((name, mod, _Done(load_layer(path)), path))
                 logger.info("%s: loaded from %s", name, path)
                 continue
-            W = mod.weight.detach().cpu().numpy()
+            if self.target is not None:  # the device path: H, D are float64 tensors on the device
+                W = self.arrays(mod.weight.detach().float())
+                H, D = self.arrays(H), self.arrays(D)
+            else:
+                W = mod.weight.detach().cpu().numpy()
             bias = None if mod.bias is None else mod.bias.detach().cpu().numpy()
             fut = self.solver.submit(name, W, H, D, self.spec, backend=self.backend,
                                      rng=layer_rng(self.seed, name), bias=bias)
@@ -255,65 +409,99 @@ class _Run:
                 logger.info("%s: %s rel_loss %s  %.2f s", name, st.get("method"),
                             "-" if st.get("rel_loss") is None else f"{st['rel_loss']:.4g}", st.get("time", 0.0))
             with torch.no_grad():
-                mod.weight.copy_(torch.from_numpy(q.dequantize()).to(mod.weight.dtype))
+                mod.weight.copy_(torch.from_numpy(q.dequantize()).to(device=mod.weight.device,
+                                                                      dtype=mod.weight.dtype))
             self.results[name] = q
             if self.callback is not None:
                 self.callback(name, q)
 
 
-def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, batch_size, device):
-    """The block loop: capture inputs, collect statistics per stage, hand layers to `run`."""
+def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, batch_size, home, target,
+               report):
+    """The block loop: capture inputs, collect statistics per stage, hand layers to `run`.
+
+    With `target` (the device path) the captured block inputs are moved there and each
+    block is onloaded (``block.to(target)``) for its turn and offloaded (``block.to(home)``)
+    after it, also when the turn raises."""
     spec = run.spec
     joint = spec.joint
-    inps = first_block_inputs(model, blocks, windows, batch_size, device)
+    inps = first_block_inputs(model, blocks, windows, batch_size, home)
+    if target is not None:
+        inps = to_device(inps, target)
     qstream = [h for h, _, _ in inps]  # X̃: block inputs from the quantized model, per batch
     fstream = [h.clone() for h in qstream] if joint else None  # X: float block inputs
     extras = [(r, k) for _, r, k in inps]
+    del inps
     n_tok = sum(h.shape[0] * h.shape[1] for h in qstream)
     alpha_m = spec.alpha_beta
     n_seq = windows.shape[0]
+    stats_kw = {} if target is None else {"device": target, "dtype": torch.float32}
 
     for bi in bar:
         block = blocks[bi]
         layers = selected.get(bi, {})
         t0 = time.perf_counter()
-        # groups of layers reading the same input tensor, in execution order; a stage is
-        # what is solved between two capture passes
-        groups = layer_groups(block, layers, (qstream[0], *extras[0])) if layers else []
-        stages = [[g] for g in groups] if true_sequential else ([groups] if groups else [])
-        todo = [g[0] for g in groups if not all(run.done(n) for n in g)]
-
-        # Float pass (joint methods), before anything in this block is quantized, so the
-        # block itself is the float block: keep the float inputs of the groups to solve.
-        finputs = {lead: [] for lead in todo} if joint else None
-        if joint:
-            def keep(name, m, args):
-                finputs[name].append(args[0].reshape(-1, args[0].shape[-1]).clone())
-
-            with forward_pre_hooks({n: layers[n] for n in todo}, keep):
-                fstream = [run_block(block, h, *e) for h, e in zip(fstream, extras)]
-
-        for stage in stages:
-            leads = [g[0] for g in stage if g[0] in todo]
-            stats = {}
-            if leads:
-                stats = _capture(block, {n: layers[n] for n in leads}, qstream, extras, finputs,
-                                 alpha_m=alpha_m, n_seq=n_seq, seed=run.seed, stop_early=true_sequential)
-            items = []
-            for g in stage:
-                if g[0] in stats:
-                    Hn, Dn = stats.pop(g[0]).mean(n_tok)
-                else:
-                    Hn = Dn = None  # every layer of the group is in the checkpoint
-                items.extend((name, layers[name], Hn, Dn) for name in g)
-            run.finish_all(items)
-        # the next quantized stream goes through the (now quantized) block
-        qstream = [run_block(block, h, *e) for h, e in zip(qstream, extras)]
-        finputs = None
-        logger.info("block %d done in %.1f s", bi, time.perf_counter() - t0)
+        if target is not None:
+            block.to(target)
+        try:
+            qstream, fstream = _block_turn(block, layers, qstream, fstream, extras, run, joint=joint,
+                                           true_sequential=true_sequential, alpha_m=alpha_m, n_seq=n_seq,
+                                           n_tok=n_tok, stats_kw=stats_kw)
+        finally:
+            if target is not None:
+                block.to(home)
+        if target is not None and target.type == "cuda":
+            torch.cuda.synchronize(target)
+        dt = time.perf_counter() - t0
+        report["block_seconds"].append(dt)
+        logger.info("block %d done in %.1f s", bi, dt)
 
 
-def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, stop_early):
+def _block_turn(block, layers, qstream, fstream, extras, run, *, joint, true_sequential, alpha_m, n_seq,
+                n_tok, stats_kw):
+    """One block: statistics per stage, solves, then the streams through the quantized
+    (and, for joint methods, float) block. Returns the next ``(qstream, fstream)``."""
+    # groups of layers reading the same input tensor, in execution order; a stage is
+    # what is solved between two capture passes
+    groups = layer_groups(block, layers, (qstream[0], *extras[0])) if layers else []
+    stages = [[g] for g in groups] if true_sequential else ([groups] if groups else [])
+    todo = [g[0] for g in groups if not all(run.done(n) for n in g)]
+
+    # Float pass (joint methods), before anything in this block is quantized, so the
+    # block itself is the float block: keep the float inputs of the groups to solve.
+    finputs = {lead: [] for lead in todo} if joint else None
+    if joint:
+        def keep(name, m, args):
+            finputs[name].append(args[0].reshape(-1, args[0].shape[-1]).clone())
+
+        with forward_pre_hooks({n: layers[n] for n in todo}, keep):
+            fstream = [run_block(block, h, *e) for h, e in zip(fstream, extras)]
+
+    for stage in stages:
+        leads = [g[0] for g in stage if g[0] in todo]
+        stats = {}
+        if leads:
+            stats = _capture(block, {n: layers[n] for n in leads}, qstream, extras, finputs,
+                             alpha_m=alpha_m, n_seq=n_seq, seed=run.seed, stop_early=true_sequential,
+                             stats_kw=stats_kw)
+        items = []
+        for g in stage:
+            if g[0] in stats:
+                st = stats.pop(g[0])
+                # device path: float64 tensors where the sums are; host path: numpy
+                Hn, Dn = st.mean_tensors(n_tok) if run.target is not None else st.mean(n_tok)
+                del st
+            else:
+                Hn = Dn = None  # every layer of the group is in the checkpoint
+            items.extend((name, layers[name], Hn, Dn) for name in g)
+        run.finish_all(items)
+        items = Hn = Dn = None  # free the statistics before the next capture pass
+    finputs = None
+    # the next quantized stream goes through the (now quantized) block
+    return [run_block(block, h, *e) for h, e in zip(qstream, extras)], fstream
+
+
+def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, stop_early, stats_kw):
     r"""Run the block on the quantized stream and return ``{lead: LayerStatistics}`` for the
     layers `leads` (``{name: module}``).
 
@@ -325,7 +513,8 @@ def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, st
     for lead in leads:
         alphas = None if alpha_m is None else torch.from_numpy(
             fold_beta(layer_rng(seed, lead), alpha_m, size=n_seq)).float()
-        acc[lead] = LayerStatistics(leads[lead].in_features, joint=finputs is not None, alphas=alphas)
+        acc[lead] = LayerStatistics(leads[lead].in_features, joint=finputs is not None, alphas=alphas,
+                                    **stats_kw)
     state = {"batch": 0, "seq": 0}
 
     def accumulate(name, m, args):

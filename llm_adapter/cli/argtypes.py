@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 
-__all__ = ["group_size", "nonneg_float", "positive_int"]
+__all__ = ["device", "group_size", "nonneg_float", "positive_int"]
 
 
 def _checked(text: str, convert, ok, expected: str):
@@ -32,3 +33,10 @@ def group_size(text: str) -> int:
 def nonneg_float(text: str) -> float:
     """A float >= 0."""
     return _checked(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text

@@ -6,7 +6,7 @@ import time
 
 from .. import methods
 from ..errors import ParameterError
-from .argtypes import group_size, nonneg_float, positive_int
+from .argtypes import device, group_size, nonneg_float, positive_int
 from .common import (CLIError, check_new_dir, layer_table, load_model_or_fail, load_text_or_fail, make_windows,
                      model_source)
 
@@ -53,6 +53,9 @@ def add_parser(sub, common) -> None:
     q.add_argument("--checkpoint", "--resume", dest="checkpoint", metavar="DIR", default=None,
                    help="per-layer checkpoints; rerunning with the same DIR resumes where it stopped")
     q.add_argument("--backend", choices=_BACKENDS, default="auto", help="bils solver backend (default auto)")
+    q.add_argument("--device", type=device, default=None, metavar="{cpu,cuda,cuda:N}",
+                   help="onload the decoder blocks one at a time to this device and compute the statistics "
+                        "and solves there (the model stays in CPU memory; default: where the model is)")
     q.add_argument("--overwrite", action="store_true", help="replace existing --out / --export-gptq directories")
     q.set_defaults(func=run)
 
@@ -79,6 +82,11 @@ def run(args) -> int:
     method = methods.get(args.method)
     if method.format.kind != "uniform" and args.export_gptq is not None:
         raise CLIError("--export-gptq", f"{args.method} layers have no GPTQ layout; use --out (the native format)")
+    if args.device is not None and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError("--device", f"--device {args.device}: torch sees no CUDA device")
     text = load_text_or_fail(args.calib, "calibration", "--calib")
     source = model_source(args.model)
     model, tok = load_model_or_fail(source)
@@ -87,11 +95,12 @@ def run(args) -> int:
     print(f"quantizing {source} with {args.method}: {spec.describe()}, calibration {args.calib_windows} x "
           f"{args.seqlen} tokens", flush=True)
     t0 = time.perf_counter()
-    flags = {"targets": "--targets", "checkpoint_dir": "--checkpoint"}
+    flags = {"targets": "--targets", "checkpoint_dir": "--checkpoint", "device": "--device"}
+    report = {}
     try:
         layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
                                 seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
-                                rtn_calibrate=True)
+                                rtn_calibrate=True, device=args.device, report=report)
     except ParameterError as err:
         if err.param in flags:
             raise CLIError(flags[err.param], str(err)) from err
@@ -99,6 +108,8 @@ def run(args) -> int:
     elapsed = time.perf_counter() - t0
     print(layer_table(layers))
     print(f"{len(layers)} layers quantized in {elapsed:.1f} s")
+    if "peak_device_bytes" in report:
+        print(f"peak memory on {report['device']}: {report['peak_device_bytes'] / 2**30:.2f} GiB")
     if all(hasattr(l, "storage_bits") for l in layers.values()):
         bits = sum(l.storage_bits() for l in layers.values())
         print(f"storage: {bits / sum(l.codes.size for l in layers.values()):.4f} bits per weight "

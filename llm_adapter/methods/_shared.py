@@ -7,24 +7,52 @@ import math
 
 import numpy as np
 
-__all__ = ["as_float64", "damped_hessian", "is_int", "is_real", "round_half_up", "with_fallback"]
+__all__ = ["as_float64", "damped_hessian", "is_device_array", "is_int", "is_real", "namespace", "round_half_up",
+           "to_host", "with_fallback"]
 
 logger = logging.getLogger("llm_adapter.methods")
 
 _warned: set = set()
 
 
-def as_float64(name, a, ndim=None):
-    """`a` (array_like or torch tensor, without importing torch) as a finite float64
-    ndarray; ``None`` stays ``None``. With `ndim`, the number of dimensions is checked."""
+def is_device_array(a) -> bool:
+    """A CuPy array (checked without importing cupy)."""
+    return type(a).__module__.startswith("cupy")
+
+
+def namespace(*arrays):
+    """``cupy`` when any of `arrays` is a CuPy array, else ``numpy`` (cupy imported only then)."""
+    if any(is_device_array(a) for a in arrays if a is not None):
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_host(a):
+    """`a` as a numpy array: a CuPy array is copied to the host, anything else ``np.asarray``."""
     if a is None:
         return None
-    if hasattr(a, "detach") and hasattr(a, "cpu"):
-        a = a.detach().cpu().double().numpy()
-    a = np.asarray(a, dtype=np.float64)
+    return a.get() if is_device_array(a) else np.asarray(a)
+
+
+def as_float64(name, a, ndim=None):
+    """`a` (array_like or torch tensor, without importing torch) as a finite float64
+    ndarray; ``None`` stays ``None``. With `ndim`, the number of dimensions is checked.
+    A CuPy array stays a CuPy array (float64, on its device)."""
+    if a is None:
+        return None
+    if is_device_array(a):
+        xp = namespace(a)
+        a = xp.asarray(a, dtype=np.float64)
+    else:
+        if hasattr(a, "detach") and hasattr(a, "cpu"):
+            a = a.detach().cpu().double().numpy()
+        xp = np
+        a = np.asarray(a, dtype=np.float64)
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"`{name}` must be {ndim}-D, got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
+    if not bool(xp.all(xp.isfinite(a))):
         raise ValueError(f"`{name}` must be finite")
     return a
 
@@ -54,11 +82,14 @@ def damped_hessian(H, damp):
     >>> np.diag(Hd).tolist(), dead.tolist()  # [2, 1, 1] + 0.75 * mean([2, 1, 1])
     ([3.0, 2.0, 2.0], [False, True, False])
     """
-    H = np.array(H, dtype=np.float64, copy=True)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
+    xp = namespace(H)
+    H = xp.array(H, dtype=np.float64, copy=True)
+    dead = xp.diag(H) == 0
+    di = xp.nonzero(dead)[0]
+    H[di, di] = 1.0
     if damp:
-        H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+        idx = xp.arange(H.shape[0])
+        H[idx, idx] += damp * xp.mean(xp.diag(H))
     return H, dead
 
 

@@ -16,4 +16,4 @@ def solve(prob: UniformProblem) -> Solution:
     return Solution(target=prob.W, problem=problem, result=res)
 
 
-METHOD = register_uniform("gptq", solve, description="box Babai on H (GPTQ)")
+METHOD = register_uniform("gptq", solve, description="box Babai on H (GPTQ)", device_arrays=True)

@@ -9,6 +9,7 @@ import numpy as np
 import bils
 from bils import joint_target
 
+from ._shared import namespace
 from .uniform import Solution, UniformProblem, register_uniform
 
 __all__ = ["solve"]
@@ -37,10 +38,12 @@ def solve(prob: UniformProblem) -> Solution:
     if spec.beam > 1:
         kb = prob.solve(bils.kbest, problem, beam_width=spec.beam)
         better = kb.cost < res.cost
-        x = np.where(better[None, :], kb.x, res.x)
-        stats["kbest_wins"] = float(np.mean(better))
-        res = _Picked(x, np.where(better, kb.cost, res.cost), res.backend)
+        xp = namespace(kb.x, res.x)  # CuPy on the device path
+        x = xp.where(better[None, :], kb.x, res.x)
+        stats["kbest_wins"] = float(xp.mean(better))
+        res = _Picked(x, xp.where(better, kb.cost, res.cost), res.backend)
     return Solution(target=target, problem=problem, result=res, stats=stats)
 
 
-METHOD = register_uniform("ojbkq", solve, description="joint target + Klein + K-best (OJBKQ)")
+METHOD = register_uniform("ojbkq", solve, description="joint target + Klein + K-best (OJBKQ)",
+                          device_arrays=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bils
 from bils import alpha_closed_form, joint_target
 
+from ._shared import to_host
 from .uniform import Solution, UniformProblem, register_uniform
 
 __all__ = ["solve"]
@@ -38,10 +39,11 @@ def solve(prob: UniformProblem) -> Solution:
     target, problem, res = _round(prob, alpha)
     if use_d and spec.alpha == "closed_form":
         Q = prob.S.T * (res.x.T - prob.Z.T)
-        alpha = alpha_closed_form(Q, prob.W, prob.Hd, prob.D)
+        alpha = alpha_closed_form(*(to_host(a) for a in (Q, prob.W, prob.Hd, prob.D)))  # a scalar, on the host
         target, problem, res = _round(prob, alpha)
     stats = {"alpha": alpha if spec.alpha != "sample" or not use_d else "sample"}
     return Solution(target=target, problem=problem, result=res, stats=stats)
 
 
-METHOD = register_uniform("regcal", solve, description="regularised target + successive rounding (RegCal)")
+METHOD = register_uniform("regcal", solve, description="regularised target + successive rounding (RegCal)",
+                          device_arrays=True)

@@ -78,6 +78,10 @@ class Method:
         is this method's name); raises :class:`~llm_adapter.errors.ParameterError`.
     cli_flags : mapping, optional
         Spec field -> CLI flag where the flag is not ``--<field with dashes>``.
+    device_arrays : bool
+        ``quantize`` accepts ``W``, ``H``, ``D`` as CuPy arrays and computes on the device
+        (``quantize_model(..., device="cuda")`` then hands them over without copies);
+        ``False``: the driver copies them to the host first.
     """
 
     name: str
@@ -91,6 +95,7 @@ class Method:
     cli_options: Callable[..., None] | None = None
     spec_from_cli: Callable[..., Any] | None = None
     cli_flags: Mapping[str, str] = field(default_factory=dict)
+    device_arrays: bool = False
 
     def flag(self, param: str) -> str:
         """The CLI flag of spec field `param`."""

@@ -19,4 +19,5 @@ def solve(prob: UniformProblem) -> Solution:
     return Solution(target=prob.W, codes=codes, stats={"clipped_frac": clipped})
 
 
-METHOD = register_uniform("rtn", solve, needs_calibration=False, description="round to nearest")
+METHOD = register_uniform("rtn", solve, needs_calibration=False, description="round to nearest",
+                          device_arrays=True)

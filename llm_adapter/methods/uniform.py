@@ -34,7 +34,7 @@ from bils import BILSProblem, GroupedGrid
 
 from ..errors import ParameterError, QuantizedFormatError
 from ..formats.packing import SUPPORTED_BITS, pack, packed_length, unpack
-from ._shared import as_float64, damped_hessian, is_int, is_real, with_fallback
+from ._shared import as_float64, damped_hessian, is_device_array, is_int, is_real, namespace, to_host, with_fallback
 from .registry import LayerFormat, Method, get, names, register
 
 __all__ = ["CLIPS", "ORDERINGS", "QuantSpec", "QuantizedLayer", "Solution", "UniformProblem",
@@ -381,8 +381,9 @@ def compute_grid(W, spec: QuantSpec):
 
     Parameters
     ----------
-    W : (m, n) array_like or torch.Tensor
-        Float weights, rows are output channels.
+    W : (m, n) array_like, torch.Tensor or CuPy array
+        Float weights, rows are output channels. A CuPy array: the min-max rule reduces
+        the groups on the device; the MSE search copies ``W`` to the host.
     spec : QuantSpec
         Its ``bits``, ``group_size``, ``sym`` and ``clip`` define the grid.
 
@@ -404,11 +405,22 @@ def compute_grid(W, spec: QuantSpec):
     m, n = W.shape
     gs = n if spec.group_size == -1 else spec.group_size
     n_full = n // gs
+
+    def on_host(x):
+        """A group block (..., g) as the host grid search reads it. The min-max rule reads
+        only each group's extremes, which are exact in any order: a device array is reduced
+        there to (..., 2) [min, max] and only that comes to the host (same grid)."""
+        if spec.clip == "minmax" and is_device_array(x):
+            xp = namespace(x)
+            return to_host(xp.stack([x.min(axis=-1), x.max(axis=-1)], axis=-1))
+        return to_host(x)
+
     parts = []
     if n_full:
-        parts.append(_group_params(W[:, : n_full * gs].reshape(m, n_full, gs), spec.maxq, spec.sym, spec.clip))
+        parts.append(_group_params(on_host(W[:, : n_full * gs].reshape(m, n_full, gs)), spec.maxq, spec.sym,
+                                   spec.clip))
     if n_full * gs < n:
-        s, z = _group_params(W[:, n_full * gs:], spec.maxq, spec.sym, spec.clip)
+        s, z = _group_params(on_host(W[:, n_full * gs:]), spec.maxq, spec.sym, spec.clip)
         parts.append((s[:, None], z[:, None]))
     scales = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32)
     zeros = np.concatenate([p[1] for p in parts], axis=1).astype(np.float32)
@@ -487,11 +499,13 @@ class UniformProblem:
 
 
 def register_uniform(name: str, solve: Callable[[UniformProblem], Solution], *, needs_calibration=True,
-                     description="", replace=False) -> Method:
+                     description="", replace=False, device_arrays=False) -> Method:
     """Register a method on a uniform grid: ``solve(prob: UniformProblem) -> Solution``.
 
     Everything else (spec :class:`QuantSpec`, grid, layer :class:`QuantizedLayer`, stored
-    format, :class:`~llm_adapter.nn.QuantLinear`) is shared.
+    format, :class:`~llm_adapter.nn.QuantLinear`) is shared. ``device_arrays=True``
+    declares that `solve` works on CuPy arrays too (the :class:`UniformProblem`'s arrays
+    are then CuPy arrays: use the array API numpy and CuPy share, and :mod:`bils`).
     """
     def quantize(W, H=None, D=None, spec=None, *, backend="auto", rng=None, bias=None):
         return _quantize_uniform(solve, W, H, D, spec, backend=backend, rng=rng, bias=bias)
@@ -501,7 +515,8 @@ def register_uniform(name: str, solve: Callable[[UniformProblem], Solution], *, 
     return register(Method(name=name, spec_type=QuantSpec, quantize=quantize, layer_type=QuantizedLayer,
                            format=UNIFORM_FORMAT, module="llm_adapter.nn.linear:QuantLinear",
                            needs_calibration=needs_calibration, description=description,
-                           cli_options=cli_options, spec_from_cli=spec_from_cli), replace=replace)
+                           cli_options=cli_options, spec_from_cli=spec_from_cli,
+                           device_arrays=device_arrays), replace=replace)
 
 
 def cli_options(parser) -> None:
@@ -577,6 +592,9 @@ def quantize_weight(W, H=None, D=None, spec: QuantSpec | None = None, *, backend
 
 
 def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedLayer:
+    # W, H, D may be CuPy arrays (the device path of quantize_model): then the damped H,
+    # the per-coordinate grid, the problem, the solve and the diagnostics stay on the
+    # device; the grid search (on W) and the codes come to the host.
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"`spec` must be a QuantSpec, got {type(spec).__name__}")
     t0 = time.perf_counter()
@@ -590,15 +608,23 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
     if H is None and get(spec.method).needs_calibration:
         raise ValueError(f"`H` is required for method {spec.method!r}")
     if bias is not None:
-        bias = as_float64("bias", bias, ndim=1).astype(np.float32)
+        bias = as_float64("bias", to_host(bias), ndim=1).astype(np.float32)
+    xp = namespace(W, H, D)
+    if xp is not np:  # all on the device
+        W, H, D = (None if a is None else xp.asarray(a) for a in (W, H, D))
 
-    dead = None if H is None else np.diag(H) == 0
-    Wg = W if dead is None or not dead.any() or spec.group_size == -1 else np.where(dead, 0.0, W)
+    dead = None if H is None else xp.diag(H) == 0
+    Wg = W if dead is None or not bool(dead.any()) or spec.group_size == -1 else xp.where(dead, 0.0, W)
     scales, zeros = compute_grid(Wg, spec)  # GPTQ: static groups after zeroing dead columns
     gs = n if spec.group_size == -1 else spec.group_size
     g_idx = (np.arange(n) // gs).astype(np.int32)
-    S = scales.astype(np.float64)[:, g_idx].T  # (n, m)
-    Z = zeros.astype(np.float64)[:, g_idx].T
+    if xp is np:
+        S = scales.astype(np.float64)[:, g_idx].T  # (n, m)
+        Z = zeros.astype(np.float64)[:, g_idx].T
+    else:
+        gi = xp.asarray(g_idx)
+        S = xp.ascontiguousarray(xp.asarray(scales, dtype=np.float64)[:, gi].T)
+        Z = xp.ascontiguousarray(xp.asarray(zeros, dtype=np.float64)[:, gi].T)
     Hd = None if H is None else damped_hessian(H, spec.total_damp)[0]
     prob = UniformProblem(W=W, H=H, Hd=Hd, D=D, S=S, Z=Z, O=-S * Z, spec=spec, backend=backend, rng=rng,
                           g_idx=g_idx)
@@ -610,27 +636,30 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
         codes = res.x.T
         stats["backend"] = res.backend
         # diagnostics in solve order
-        p = problem.perm if problem.perm is not None else np.arange(n)
-        perm = p.astype(np.int64)
-        xs = res.x[p].astype(np.float64)
-        Rd = np.diag(problem.R)[:, None] * S[p]  # (n, m): R_ii S_ij
+        p = problem.perm if problem.perm is not None else xp.arange(n)
+        perm = to_host(p).astype(np.int64)
+        xs = xp.asarray(res.x)[p].astype(np.float64)
+        Rd = xp.diag(problem.R)[:, None] * S[p]  # (n, m): R_ii S_ij
         E = problem.Y - problem.R @ (S[p] * xs + prob.O[p])
         c = xs + E / Rd
-        stats["clipped_frac"] = float(np.mean((c < -0.5) | (c > spec.maxq + 0.5)))
-        stats["babai_bound"] = float(0.25 * np.sum(Rd * Rd))
+        stats["clipped_frac"] = float(xp.mean((c < -0.5) | (c > spec.maxq + 0.5)))
+        stats["babai_bound"] = float(0.25 * xp.sum(Rd * Rd))
+        del xs, E, c, Rd
     else:
         codes = sol.codes
 
-    codes = codes.astype(np.uint8)
-    Q = S.T * (codes - Z.T)
+    codes_dev = xp.asarray(codes).astype(np.uint8)
+    codes = to_host(codes_dev)
     if Hd is not None:
+        Q = S.T * (codes_dev - Z.T)
         E = W - Q
-        stats["loss"] = float(np.sum((E @ Hd) * E))
-        ref = float(np.sum((W @ Hd) * W))
+        stats["loss"] = float(xp.sum((E @ Hd) * E))
+        ref = float(xp.sum((W @ Hd) * W))
         stats["rel_loss"] = stats["loss"] / ref if ref > 0 else 0.0
         Et = sol.target - Q
-        stats["objective"] = float(np.sum((Et @ Hd) * Et))
+        stats["objective"] = float(xp.sum((Et @ Hd) * Et))
     stats.setdefault("babai_bound", None)
+    stats = {k: (float(v) if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v) for k, v in stats.items()}
     stats["time"] = time.perf_counter() - t0
     return QuantizedLayer(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=spec.bits,
                           group_size=spec.group_size, perm=perm, bias=bias, stats=stats)
