@@ -119,9 +119,8 @@ def gptq_tensors(
         raise ValueError(f"`checkpoint_format` must be one of {_FORMATS}, got {checkpoint_format!r}")
     from ..methods.uniform import check_layer  # lazy: the methods import the packing of this package
 
-    check_layer(name, layer)
     bits = int(layer.bits)
-    out_f, in_f = layer.shape
+    out_f, in_f = np.asarray(layer.codes).shape
     values, _ = period(bits)
     for dim, size in (("in_features", in_f), ("out_features", out_f)):
         if size % values:
@@ -137,6 +136,7 @@ def gptq_tensors(
             f"layer {name!r}: GPTQ needs integer zero points in [0, {maxq}]; got range "
             f"[{zeros.min()}, {zeros.max()}]" + (" with non-integers" if np.any(zint != zeros) else "")
         )
+    check_layer(name, layer)
     zint = zint.astype(np.int64)
     codes = np.asarray(layer.codes).astype(np.int64)
     g_idx = np.asarray(layer.g_idx).astype(np.int64)
