@@ -199,11 +199,12 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
     selected = select_linears(model, targets, exclude)
     _, blocks = find_blocks(model)
     device = next(blocks[0].parameters()).device
+    ckpt_lock = None  # held for the whole run: a second run on the directory is refused
     if checkpoint_dir is not None:
-        check_manifest(checkpoint_dir, {
+        ckpt_lock = check_manifest(checkpoint_dir, {
             "spec": spec.to_dict(), "true_sequential": bool(true_sequential), "seed": int(seed),
             "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
-            "layers": sorted(n for sel in selected.values() for n in sel)})
+            "layers": sorted(n for sel in selected.values() for n in sel)}, model=model)
     run = _Run(spec, seed, checkpoint_dir, backend, solver, callback)
 
     was_training = model.training
@@ -218,6 +219,8 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
                        batch_size=batch_size, device=device)
     finally:
         model.train(was_training)
+        if ckpt_lock is not None:
+            ckpt_lock.release()
     return run.results
 
 
@@ -238,7 +241,7 @@ class _Run:
         for name, mod, H, D in items:
             if self.done(name):
                 path = layer_path(self.checkpoint_dir, name)
-                pending.append((name, mod, _Done(load_layer(path)), path))
+                pending.append((name, mod, _Done(load_layer(path, spec=self.spec, shape=tuple(mod.weight.shape))), path))
                 logger.info("%s: loaded from %s", name, path)
                 continue
             W = mod.weight.detach().cpu().numpy()
