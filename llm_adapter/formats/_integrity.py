@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-__all__ = ["ALGORITHM", "json_digest", "tensor_digest"]
+__all__ = ["ALGORITHM", "json_digest", "tensor_digest", "torch_digest"]
 
 ALGORITHM = "sha256"
 
@@ -45,3 +45,15 @@ def json_digest(obj) -> str:
     """
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def torch_digest(t) -> str:
+    """Hex SHA-256 of ``dtype|shape|bytes`` of torch tensor `t` (any dtype, bf16 included;
+    the dtype is written as torch names it, e.g. ``torch.float16``)."""
+    import torch
+
+    c = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{c.dtype}|{list(c.shape)}|".encode())
+    if c.numel():
+        h.update(c.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
