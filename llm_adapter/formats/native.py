@@ -6,6 +6,9 @@ Layout of a directory written by :func:`save_quantized`::
                              the base model (source and config), per-layer metadata and stats,
                              ``checksums``: {"algorithm": "sha256", "config": <digest of this
                              file's other keys>, "tensors": {<tensor name>: <digest>}}
+                             (the config digest is repeated in the tensors file's header
+                             metadata, ``bils.config_sha256``: damage to one file cannot
+                             switch the check off)
     quantized.safetensors    per layer ``<name>``:
                                <name>.qcodes  int32 (out, packed_length(in, bits))
                                               codes packed along the input dim (see packing)
@@ -80,6 +83,8 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 CONFIG_NAME = "quant_config.json"
 TENSORS_NAME = "quantized.safetensors"
+#: Key of the safetensors header metadata repeating quant_config.json's own checksum.
+CONFIG_SHA_KEY = "bils.config_sha256"
 
 _SCALE_DTYPES = ("float32", "float16")
 
@@ -197,7 +202,8 @@ def save_quantized(
     }
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT_NAME})
+        save_file(tensors, str(tmp / TENSORS_NAME),
+                  metadata={"format": FORMAT_NAME, CONFIG_SHA_KEY: config["checksums"]["config"]})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
     return write_dir_atomically(target, fill, on_exists="replace" if overwrite else "error")
@@ -272,7 +278,6 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
             f"{cfg_path}: `format_version` {version!r} is not supported (this library reads "
             f"versions {list(READ_VERSIONS)}); re-quantize or upgrade bils"
         )
-    digests = _check_config_digest(cfg_path, meta)
     layer_meta = meta.get("layers")
     if not isinstance(layer_meta, dict) or not layer_meta:
         raise QuantizedFormatError(f"{cfg_path}: `layers` must be a non-empty object")
@@ -285,8 +290,10 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     with handle as f:
         try:
             keys = set(f.keys())
+            header = f.metadata() or {}
         except Exception as err:  # noqa: BLE001 - a corrupt header
             raise QuantizedFormatError(f"{st_path}: cannot list the tensors: {err}") from err
+        digests = _check_config_digest(cfg_path, st_path, meta, header.get(CONFIG_SHA_KEY))
         if digests is not None and keys != set(digests):
             missing, extra = sorted(set(digests) - keys), sorted(keys - set(digests))
             raise QuantizedFormatError(
@@ -354,9 +361,15 @@ def read_json(path) -> Any:
         raise QuantizedFormatError(f"{path} is not valid JSON: {err}") from err
 
 
-def _check_config_digest(cfg_path: Path, meta: dict) -> dict | None:
-    """Verify ``meta["checksums"]["config"]``; return the tensor digests (None: unchecked)."""
+def _check_config_digest(cfg_path: Path, st_path: Path, meta: dict, recorded: str | None) -> dict | None:
+    """Verify ``meta["checksums"]["config"]`` (also recorded as `recorded` in the tensors
+    file's header, so damage to either file cannot switch the check off); return the
+    tensor digests (None: a file written before checksums, unchecked)."""
     sums = meta.get("checksums")
+    if (sums is None) != (recorded is None):
+        has, lacks = (cfg_path, st_path) if recorded is None else (st_path, cfg_path)
+        raise QuantizedFormatError(f"{has} records checksums but {lacks} does not: one of the files is "
+                                   "corrupt or was replaced")
     if sums is None:
         msg = (f"{cfg_path} has no checksums (written before bils added them); loading it without "
                "an integrity check. Re-save it to add them")
@@ -375,6 +388,9 @@ def _check_config_digest(cfg_path: Path, meta: dict) -> dict | None:
     if not ok:
         raise QuantizedFormatError(f"{cfg_path}: the content does not match its SHA-256 checksum "
                                    "(the file is corrupt or was edited)")
+    if recorded != sums["config"]:
+        raise QuantizedFormatError(f"{st_path}: its header's checksum of {CONFIG_NAME} differs from the one "
+                                   f"{CONFIG_NAME} records; one of the files is corrupt or was replaced")
     return tensors
 
 

@@ -117,9 +117,9 @@ def _rewrite_with_checksums(path: Path, edit):
     st = path / "quantized.safetensors"
     tensors = load_file(str(st))
     edit(tensors)
-    save_file(tensors, str(st), metadata={"format": "bils-quantized"})
     cfg = json.loads((path / "quant_config.json").read_text())
     cfg["checksums"]["tensors"] = {k: tensor_digest(v) for k, v in tensors.items()}
+    save_file(tensors, str(st), metadata={"format": "bils-quantized", "bils.config_sha256": cfg["checksums"]["config"]})
     (path / "quant_config.json").write_text(json.dumps(cfg))
 
 
@@ -208,6 +208,22 @@ def test_files_without_checksums_load_with_a_warning(tmp_path):
         warnings.simplefilter("error", IntegrityWarning)
         again, _ = load_quantized(path)
     assert _same(layers, again)
+
+
+def test_removing_the_checksums_from_one_file_is_an_error(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = save_quantized(tmp_path / "q", {"m.a": _uniform(np.random.default_rng(19))})
+    cfg = json.loads((path / "quant_config.json").read_text())
+    cfg["checksumz"] = cfg.pop("checksums")  # a flipped byte in the key
+    (path / "quant_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantizedFormatError, match="records checksums but .*quant_config.json does not"):
+        load_quantized(path)
+    path = save_quantized(tmp_path / "q2", {"m.a": _uniform(np.random.default_rng(19))})
+    st = str(path / "quantized.safetensors")
+    save_file(load_file(st), st, metadata={"format": "bils-quantized"})
+    with pytest.raises(QuantizedFormatError, match="records checksums but .*quantized.safetensors does not"):
+        load_quantized(path)
 
 
 def test_checksums_do_not_depend_on_the_json_layout(tmp_path):

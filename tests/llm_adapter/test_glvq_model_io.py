@@ -93,6 +93,10 @@ def test_glvq_load_errors_name_the_problem(tmp_path):
     cfg = path / "quant_config.json"
     good = json.loads(cfg.read_text())
     good.pop("checksums")  # the checks behind the checksum (see test_format_integrity.py)
+    from safetensors.numpy import load_file, save_file
+
+    st = str(path / "quantized.safetensors")
+    save_file(load_file(st), st, metadata={"format": "bils-quantized"})
 
     def corrupt(fn, match):
         c = json.loads(json.dumps(good))
