@@ -66,7 +66,8 @@ def save_layer(path, layer) -> Path:
         ``.safetensors`` suffix selects safetensors, anything else ``.npz``.
     layer : QuantizedLayer, LatticeLayer, ...
         Its arrays, ``metadata()`` and ``stats`` (JSON-safe) are stored, with the SHA-256
-        of every array (``meta["sha256"]``).
+        of every array (``meta["sha256"]``) and of the rest of the metadata
+        (``meta["meta_sha256"]``, canonical JSON).
 
     Returns
     -------
@@ -87,8 +88,9 @@ def save_layer(path, layer) -> Path:
     path = Path(path)
     kind = methods.for_layer(layer).format.kind
     arrays = {k: np.ascontiguousarray(v) for k, v in layer.to_arrays().items()}
-    meta = json.dumps(jsonable({"format": kind, **layer.metadata(),
-                                "sha256": {k: tensor_digest(v) for k, v in sorted(arrays.items())}}))
+    meta = jsonable({"format": kind, **layer.metadata()})
+    meta = json.dumps({**meta, "sha256": {k: tensor_digest(v) for k, v in sorted(arrays.items())},
+                       "meta_sha256": json_digest(meta)})
     if path.suffix == ".safetensors":
         from safetensors.numpy import save
 
@@ -167,6 +169,18 @@ def load_layer(path, *, spec=None, shape=None):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: its metadata is not a JSON object; delete it to recompute that layer")
     digests = meta.pop("sha256", None)
+    meta_digest = meta.pop("meta_sha256", None)
+    if (digests is None) != (meta_digest is None):
+        raise CheckpointError(f"{where}: its metadata is damaged (one of its two checksums is missing); "
+                              "delete it to recompute that layer")
+    if meta_digest is not None:
+        try:
+            ok = json_digest(meta) == meta_digest
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{where}: its metadata does not match its SHA-256 checksum (the file is "
+                                  "corrupt or was modified); delete it to recompute that layer")
     if digests is None:
         warnings.warn(f"{where} has no checksums (written before bils added them); loaded without an "
                       "integrity check", IntegrityWarning, stacklevel=2)
