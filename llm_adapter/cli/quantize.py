@@ -87,6 +87,8 @@ def run(args) -> int:
                     locks.append(claim_dir(path))
                 except BusyError as err:
                     raise CLIError(flag, str(err)) from err
+                except OSError as err:  # e.g. the parent is not writable
+                    raise CLIError(flag, f"cannot write {str(path)!r}: {err}") from err
         return _run(args)
     finally:
         for lock in reversed(locks):
