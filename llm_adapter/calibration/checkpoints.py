@@ -238,7 +238,8 @@ def model_identity(model) -> dict:
     its config and of its weights.
 
     The weights digest runs once over every state-dict tensor (name, dtype, shape,
-    bytes; on the CPU), about 1-2 GB/s; the config digest over ``config.to_dict()``
+    bytes; on the CPU): 0.3 GB/s measured on a busy 2-core machine (268 MB in 0.86 s), so
+    about a minute for a 7B fp16 model there; the config digest over ``config.to_dict()``
     without the keys that name where it came from (``_name_or_path``,
     ``transformers_version``, ...). Call it before quantizing: the weights change in place.
 
