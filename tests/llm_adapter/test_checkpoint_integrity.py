@@ -223,7 +223,7 @@ def test_thread_race_of_two_runs_with_different_specs(tmp_path):
 
 
 _HOLDER = """
-import sys, time
+import os, sys, time
 from llm_adapter.calibration.checkpoints import check_manifest
 from llm_adapter.errors import CheckpointError
 try:
@@ -232,17 +232,52 @@ except CheckpointError as err:
     print("ERR", err, flush=True)
     sys.exit(3)
 print("IN", flush=True)
-time.sleep(2.0)
+while not os.path.exists(sys.argv[-1]):  # hold until every other process has tried
+    time.sleep(0.05)
 lock.release()
 """
 
 
-def test_process_race_on_the_manifest_one_run_gets_in(tmp_path):
+_OUT_HOLDER = """
+import os, sys, time
+from llm_adapter.errors import BusyError
+from llm_adapter.formats import claim_dir
+try:
+    lock = claim_dir(sys.argv[1])
+except BusyError as err:
+    print("ERR", err, flush=True)
+    sys.exit(3)
+print("IN", flush=True)
+while not os.path.exists(sys.argv[-1]):  # hold until every other process has tried
+    time.sleep(0.05)
+lock.release()
+"""
+
+
+def _race(tmp_path, argvs):
+    """Start one process per argv at once; the winner holds until the others have exited."""
+    import time
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    go = tmp_path / "release"
+    procs = [subprocess.Popen([sys.executable, "-c", *argv, str(go)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs]
+    deadline = time.monotonic() + 180
+    while sum(p.poll() is not None for p in procs) < len(procs) - 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    go.touch()
+    return procs, [p.communicate(timeout=120) for p in procs]
+
+
+def test_process_race_on_one_out_one_run_gets_in(tmp_path):
+    procs, outs = _race(tmp_path, [[_OUT_HOLDER, str(tmp_path / "out")]] * 3)
+    assert sorted(p.returncode for p in procs) == [0, 3, 3], outs
+    assert sum("in use by another run" in out for out, _ in outs) == 2
+
+
+def test_process_race_on_the_manifest_one_run_gets_in(tmp_path):
     ckpt = tmp_path / "ckpt"
-    procs = [subprocess.Popen([sys.executable, "-c", _HOLDER, str(ckpt), str(b)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in (3, 4, 4)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    procs, outs = _race(tmp_path, [[_HOLDER, str(ckpt), str(b)] for b in (3, 4, 4)])
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 3, 3], outs
     for (out, _), code in zip(outs, codes):
