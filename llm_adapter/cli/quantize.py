@@ -70,7 +70,7 @@ def run(args) -> int:
     """Run ``quantize``; returns the exit status.
 
     The output directories are claimed (an exclusive lock next to each, see
-    :func:`llm_adapter.formats.claim_dir`) before any work: a second run writing the same
+    :func:`llm_adapter.formats._io.claim_dir`) before any work: a second run writing the same
     ``--out`` / ``--export-gptq`` stops at once with an error naming the path, and a
     replace (``--overwrite``) a killed run left half-done is repaired first.
     """

@@ -254,6 +254,8 @@ def export_gptq(
     GPTQExportError
         If a name is not a linear layer of `model`, a shape differs, bits or group sizes
         are mixed, or a layer cannot be packed (see :func:`gptq_tensors`).
+    BusyError
+        If another thread or process is writing `out_dir` (:func:`~llm_adapter.formats._io.claim_dir`).
 
     Examples
     --------

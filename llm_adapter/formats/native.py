@@ -139,6 +139,8 @@ def save_quantized(
         If a layer is malformed (the message names the layer and the field).
     FileExistsError
         If `path` exists and `overwrite` is false.
+    BusyError
+        If another thread or process is writing `path` (:func:`~llm_adapter.formats._io.claim_dir`).
 
     Examples
     --------
