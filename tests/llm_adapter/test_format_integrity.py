@@ -271,3 +271,51 @@ def test_gptq_export_flips_are_detected(tmp_path):
         else:
             assert got == config
         cfg.write_bytes(original)
+
+
+# ------------------------------------------------------------------ properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _random_layer(draw):
+    bits = draw(st.sampled_from([2, 3, 4, 8]))
+    out = draw(st.integers(1, 6))
+    inp = draw(st.integers(1, 40))
+    gs = draw(st.sampled_from([-1, 1, 3, 8, 16, 64]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    gsz = inp if gs == -1 else gs
+    ng = -(-inp // gsz)
+    g_idx = (np.arange(inp) // gsz).astype(np.int32)
+    perm = None
+    if draw(st.booleans()):
+        perm = rng.permutation(inp)
+        g_idx = np.empty(inp, np.int32)
+        g_idx[perm] = np.arange(inp) // gsz
+    return QuantizedLayer(codes=rng.integers(0, 2**bits, (out, inp)).astype(np.uint8),
+                          scales=rng.uniform(1e-4, 10, (out, ng)).astype(np.float32),
+                          zeros=rng.integers(0, 2**bits, (out, ng)).astype(np.float32),
+                          g_idx=g_idx, bits=bits, group_size=gs, perm=perm,
+                          bias=rng.standard_normal(out).astype(np.float32) if draw(st.booleans()) else None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer=_random_layer(), where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255),
+       scale_dtype=st.sampled_from(["float32", "float16"]))
+def test_any_layer_round_trips_and_any_tensor_flip_is_detected(tmp_path_factory, layer, where, mask, scale_dtype):
+    path = save_quantized(tmp_path_factory.mktemp("q") / "q", {"m.l": layer}, scale_dtype=scale_dtype)
+    got = load_quantized(path)[0]["m.l"]
+    np.testing.assert_array_equal(got.codes, layer.codes)
+    np.testing.assert_array_equal(got.g_idx, layer.g_idx)
+    want_scales = layer.scales.astype(np.float16).astype(np.float32) if scale_dtype == "float16" else layer.scales
+    np.testing.assert_array_equal(got.scales, want_scales)
+    st_path = path / "quantized.safetensors"
+    data = bytearray(st_path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    pos = start + int(where * (len(data) - start))
+    data[pos] ^= mask
+    st_path.write_bytes(bytes(data))
+    with pytest.raises(QuantizedFormatError, match="quantized.safetensors"):
+        load_quantized(path)
