@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ParameterError", "QuantizedFormatError"]
+__all__ = ["BusyError", "CheckpointError", "IntegrityWarning", "ParameterError", "QuantizedFormatError"]
 
 
 class ParameterError(ValueError):
@@ -51,3 +51,38 @@ class QuantizedFormatError(ValueError):
         ...
     llm_adapter.errors.QuantizedFormatError: layer 'fc': `g_idx` must be an integer array of shape (8,), got int32 (4,)
     """
+
+
+class CheckpointError(ParameterError, QuantizedFormatError):
+    """A calibration checkpoint directory cannot be used: another model or spec, a
+    corrupt or mismatched layer file, or another run holding it.
+
+    A :class:`ParameterError` about ``checkpoint_dir`` (the CLI maps it to
+    ``--checkpoint``) and a :class:`QuantizedFormatError`; the message names the
+    directory or file and what differs.
+
+    Examples
+    --------
+    >>> err = CheckpointError("`checkpoint_dir` 'ck': layer file 'ck/fc.npz' is truncated")
+    >>> err.param, isinstance(err, QuantizedFormatError), isinstance(err, ValueError)
+    ('checkpoint_dir', True, True)
+    """
+
+    def __init__(self, message: str):
+        super().__init__("checkpoint_dir", message)
+
+
+class BusyError(RuntimeError):
+    """A directory is being written (or a checkpoint directory used) by another run.
+
+    Raised before any work starts; the message names the path and the process holding it.
+
+    Examples
+    --------
+    >>> str(BusyError("'out' is being written by another run (pid 12)"))
+    "'out' is being written by another run (pid 12)"
+    """
+
+
+class IntegrityWarning(UserWarning):
+    """A file was loaded without an integrity check (written before checksums existed)."""

@@ -238,11 +238,12 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
     report.update(block_seconds=[], device=str(target or home))
     if target is not None and target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
+    ckpt_lock = None  # held for the whole run: a second run on the directory is refused
     if checkpoint_dir is not None:
-        check_manifest(checkpoint_dir, {
+        ckpt_lock = check_manifest(checkpoint_dir, {
             "spec": spec.to_dict(), "true_sequential": bool(true_sequential), "seed": int(seed),
             "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
-            "layers": sorted(n for sel in selected.values() for n in sel)})
+            "layers": sorted(n for sel in selected.values() for n in sel)}, model=model)
     run = _Run(spec, seed, checkpoint_dir, backend, solver, callback, target)
 
     was_training = model.training
@@ -260,6 +261,8 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
         if target is not None and target.type == "cuda":
             report["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(target))
             logger.info("peak device memory on %s: %.2f GiB", target, report["peak_device_bytes"] / 2**30)
+        if ckpt_lock is not None:
+            ckpt_lock.release()
     return run.results
 
 
@@ -388,7 +391,7 @@ class _Run:
         for name, mod, H, D in items:
             if self.done(name):
                 path = layer_path(self.checkpoint_dir, name)
-                pending.append((name, mod, _Done(load_layer(path)), path))
+                pending.append((name, mod, _Done(load_layer(path, spec=self.spec, shape=tuple(mod.weight.shape))), path))
                 logger.info("%s: loaded from %s", name, path)
                 continue
             if self.target is not None:  # the device path: H, D are float64 tensors on the device

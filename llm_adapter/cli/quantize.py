@@ -70,12 +70,38 @@ def spec_from_args(args):
 
 
 def run(args) -> int:
-    """Run ``quantize``; returns the exit status."""
-    from ..calibration import quantize_model
-    from ..data import calibration_windows
+    """Run ``quantize``; returns the exit status.
+
+    The output directories are claimed (an exclusive lock next to each, see
+    :func:`llm_adapter.formats._io.claim_dir`) before any work: a second run writing the same
+    ``--out`` / ``--export-gptq`` stops at once with an error naming the path, and a
+    replace (``--overwrite``) a killed run left half-done is repaired first.
+    """
+    from ..errors import BusyError
+    from ..formats import claim_dir
 
     if args.out is None and args.export_gptq is None:
         raise CLIError("--out", "give --out DIR and/or --export-gptq DIR, or the result is lost")
+    locks = []
+    try:
+        for path, flag in ((args.out, "--out"), (args.export_gptq, "--export-gptq")):
+            if path is not None:
+                try:
+                    locks.append(claim_dir(path))
+                except BusyError as err:
+                    raise CLIError(flag, str(err)) from err
+                except OSError as err:  # e.g. the parent is not writable
+                    raise CLIError(flag, f"cannot write {str(path)!r}: {err}") from err
+        return _run(args)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def _run(args) -> int:
+    from ..calibration import quantize_model
+    from ..data import calibration_windows
+
     check_new_dir(args.out, "--out", args.overwrite)
     check_new_dir(args.export_gptq, "--export-gptq", args.overwrite)
     spec = spec_from_args(args)

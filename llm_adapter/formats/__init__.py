@@ -5,16 +5,20 @@
   (:func:`save_quantized` / :func:`load_quantized`), written atomically.
 * :mod:`~llm_adapter.formats._io` — the one module that writes files and directories
   atomically (temporary sibling, fsync, :func:`os.replace`); every writer uses it.
+  :func:`claim_dir` (re-exported here) locks a target directory for one writer and repairs
+  what a killed writer left.
 * :mod:`~llm_adapter.formats.gptq` — export as a transformers-style GPTQ checkpoint
   (:func:`export_gptq`).
 """
 
+from ._io import claim_dir
 from .gptq import GPTQExportError, export_gptq
 from .native import QuantizedFormatError, load_quantized, save_quantized
 from .packing import pack, packed_length, unpack
 
 __all__ = [
     "GPTQExportError",
+    "claim_dir",
     "QuantizedFormatError",
     "export_gptq",
     "load_quantized",

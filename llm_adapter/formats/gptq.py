@@ -29,6 +29,14 @@ What :func:`export_gptq` does with ``checkpoint_format="gptq"``: a (row, group) 
 exact and the export fails with a :class:`GPTQExportError` naming the layers (use
 ``checkpoint_format="gptq_v2"``). Symmetric grids (zero ``2**(bits-1)``) never hit this.
 Zeros are masked to ``bits`` bits before packing, so no value spills into its neighbours.
+
+Integrity
+---------
+The ``model.safetensors`` header metadata carries ``bils.sha256`` (a JSON object: the
+SHA-256 of every tensor's dtype, shape and bytes) and ``bils.config_sha256`` (of
+``config.json``'s canonical JSON); GPTQ readers ignore extra header keys.
+:func:`verify_gptq` reads a checkpoint back and checks them, plus the layout and the
+values of every quantized layer.
 """
 
 from __future__ import annotations
@@ -43,16 +51,23 @@ import numpy as np
 
 from .. import methods
 from ..errors import QuantizedFormatError
+from ..errors import IntegrityWarning
+from ._integrity import json_digest, torch_digest
 from ._io import write_dir_atomically
-from .native import library_version
+from .native import library_version, read_json
 from .packing import SUPPORTED_BITS, pack, period
 
-__all__ = ["GPTQExportError", "export_gptq", "gptq_tensors", "quantization_config"]
+__all__ = ["GPTQExportError", "export_gptq", "gptq_tensors", "quantization_config", "verify_gptq"]
 
 logger = logging.getLogger(__name__)
 
 _FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+#: Keys of the safetensors header metadata holding the SHA-256 of every tensor (a JSON
+#: object) and of config.json's canonical JSON; readers of GPTQ checkpoints ignore them.
+SHA_KEY = "bils.sha256"
+CONFIG_SHA_KEY = "bils.config_sha256"
 
 
 class GPTQExportError(QuantizedFormatError):
@@ -119,9 +134,8 @@ def gptq_tensors(
         raise ValueError(f"`checkpoint_format` must be one of {_FORMATS}, got {checkpoint_format!r}")
     from ..methods.uniform import check_layer  # lazy: the methods import the packing of this package
 
-    check_layer(name, layer)
     bits = int(layer.bits)
-    out_f, in_f = layer.shape
+    out_f, in_f = np.asarray(layer.codes).shape
     values, _ = period(bits)
     for dim, size in (("in_features", in_f), ("out_features", out_f)):
         if size % values:
@@ -137,6 +151,7 @@ def gptq_tensors(
             f"layer {name!r}: GPTQ needs integer zero points in [0, {maxq}]; got range "
             f"[{zeros.min()}, {zeros.max()}]" + (" with non-integers" if np.any(zint != zeros) else "")
         )
+    check_layer(name, layer)
     zint = zint.astype(np.int64)
     codes = np.asarray(layer.codes).astype(np.int64)
     g_idx = np.asarray(layer.g_idx).astype(np.int64)
@@ -239,6 +254,8 @@ def export_gptq(
     GPTQExportError
         If a name is not a linear layer of `model`, a shape differs, bits or group sizes
         are mixed, or a layer cannot be packed (see :func:`gptq_tensors`).
+    BusyError
+        If another thread or process is writing `out_dir` (:func:`~llm_adapter.formats._io.claim_dir`).
 
     Examples
     --------
@@ -357,8 +374,13 @@ def export_gptq(
     if "dtype" in config:
         config["dtype"] = dtype_name
 
+    digests = {
+        SHA_KEY: json.dumps({key: torch_digest(t) for key, t in sorted(tensors.items())}, sort_keys=True),
+        CONFIG_SHA_KEY: json_digest(config),
+    }
+
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **digests})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -386,3 +408,133 @@ def _kind(layer) -> str:
         return methods.for_layer(layer).format.kind
     except TypeError:
         return "unknown"
+
+
+def verify_gptq(directory) -> tuple[dict, dict]:
+    """Read back a GPTQ checkpoint written by :func:`export_gptq` and check it.
+
+    Checks, each failure a :class:`QuantizedFormatError` naming the file and the field:
+    ``config.json`` decodes (UTF-8, JSON) and has a GPTQ ``quantization_config``; the
+    SHA-256 of every tensor and of ``config.json`` recorded in the ``model.safetensors``
+    header match (checkpoints without them, e.g. from other tools, are checked for the
+    rest with an :class:`~llm_adapter.errors.IntegrityWarning`); per quantized layer the
+    shapes and dtypes of ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` agree with
+    ``bits`` and ``group_size``, the scales are positive and finite, and ``g_idx`` is a
+    valid group map.
+
+    Parameters
+    ----------
+    directory : str or path-like
+        The checkpoint directory.
+
+    Returns
+    -------
+    config : dict
+        The parsed ``config.json``.
+    tensors : dict of str to torch.Tensor
+        Every stored tensor.
+
+    Examples
+    --------
+    >>> import torch, tempfile, pathlib
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> from llm_adapter.calibration import quantize_model
+    >>> from llm_adapter.methods.uniform import QuantSpec
+    >>> layers = quantize_model(model, torch.zeros(1, 4, dtype=torch.long), QuantSpec(bits=4, method="rtn"),
+    ...                         progress=False)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> config, tensors = verify_gptq(export_gptq(model, layers, pathlib.Path(tmp.name) / "gptq"))
+    >>> config["quantization_config"]["bits"], tensors["model.layers.0.mlp.up_proj.qweight"].shape
+    (4, torch.Size([4, 64]))
+    >>> tmp.cleanup()
+    """
+    import warnings
+
+    import torch
+    from safetensors import safe_open
+
+    root = Path(os.fspath(directory))
+    cfg_path, st_path = root / CONFIG_NAME, root / WEIGHTS_NAME
+    for p in (cfg_path, st_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{str(root)!r} is not a GPTQ checkpoint: missing {p.name}")
+    config = read_json(cfg_path)
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
+        raise QuantizedFormatError(f"{cfg_path}: `quantization_config.quant_method` must be 'gptq'")
+    bits, group_size = qc.get("bits"), qc.get("group_size")
+    if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+        raise QuantizedFormatError(f"{cfg_path}: `quantization_config.bits` must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
+        raise QuantizedFormatError(f"{cfg_path}: `quantization_config.group_size` must be -1 or a positive int, "
+                                   f"got {group_size!r}")
+    try:
+        with safe_open(str(st_path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types
+        raise QuantizedFormatError(f"{st_path} cannot be read: {err}") from err
+    if SHA_KEY in header or CONFIG_SHA_KEY in header:
+        try:
+            digests = json.loads(header[SHA_KEY])
+            want_cfg = header[CONFIG_SHA_KEY]
+        except (KeyError, ValueError) as err:
+            raise QuantizedFormatError(f"{st_path}: the checksum entries of its header are damaged: {err}") from err
+        if not isinstance(digests, dict) or set(digests) != set(tensors):
+            raise QuantizedFormatError(f"{st_path}: the tensors differ from those recorded in its header checksums")
+        bad = [k for k in sorted(tensors) if torch_digest(tensors[k]) != digests[k]]
+        if bad:
+            raise QuantizedFormatError(f"{st_path}: tensor(s) {bad[:5]} do not match their SHA-256 checksums "
+                                       "(the file is corrupt or was modified)")
+        try:
+            ok = json_digest(config) == want_cfg
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise QuantizedFormatError(f"{cfg_path}: the content does not match the SHA-256 recorded in "
+                                       f"{WEIGHTS_NAME} (the file is corrupt or was edited)")
+    else:
+        warnings.warn(f"{st_path} records no checksums (not written by bils); checked without them",
+                      IntegrityWarning, stacklevel=2)
+    maxq_words = 32 // bits if 32 % bits == 0 else None
+    for key in sorted(k for k in tensors if k.endswith(".qweight")):
+        name = key[: -len(".qweight")]
+
+        def bad(msg):
+            raise QuantizedFormatError(f"{st_path}: layer {name!r}: {msg}")
+
+        parts = {}
+        for field, dtype in (("qweight", torch.int32), ("qzeros", torch.int32), ("scales", torch.float16),
+                             ("g_idx", torch.int32)):
+            t = tensors.get(f"{name}.{field}")
+            if t is None:
+                bad(f"has no tensor `{field}`")
+            if t.dtype != dtype or t.ndim != (1 if field == "g_idx" else 2):
+                bad(f"`{field}` must be a {'1' if field == 'g_idx' else '2'}-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
+            parts[field] = t
+        qweight, qzeros, scales, g_idx = parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"]
+        n_in, n_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        n_groups = 1 if group_size == -1 else -(-n_in // group_size)
+        if (qweight.shape[0] * 32) % bits or (maxq_words is None and n_in % 32):
+            bad(f"`qweight` has {qweight.shape[0]} rows, which do not hold whole {bits}-bit values")
+        if tuple(scales.shape) != (n_groups, n_out):
+            bad(f"`scales` must have shape {(n_groups, n_out)}, got {tuple(scales.shape)}")
+        if tuple(qzeros.shape) != (n_groups, n_out * bits // 32):
+            bad(f"`qzeros` must have shape {(n_groups, n_out * bits // 32)}, got {tuple(qzeros.shape)}")
+        if tuple(g_idx.shape) != (n_in,):
+            bad(f"`g_idx` must have shape ({n_in},), got {tuple(g_idx.shape)}")
+        s = scales.float()
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            bad("`scales` must be positive and finite")
+        gi = g_idx.long()
+        if n_in and (int(gi.min()) < 0 or int(gi.max()) >= n_groups):
+            bad(f"`g_idx` must lie in [0, {n_groups - 1}]")
+        gsz = n_in if group_size == -1 else group_size
+        want = torch.full((n_groups,), gsz, dtype=torch.long)
+        want[-1] = n_in - gsz * (n_groups - 1)
+        if n_in and not torch.equal(torch.bincount(gi, minlength=n_groups), want):
+            bad(f"`g_idx` is not a valid group map (groups of {gsz} columns)")
+    return config, tensors

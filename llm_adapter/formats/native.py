@@ -3,7 +3,12 @@
 Layout of a directory written by :func:`save_quantized`::
 
     quant_config.json        format name and version, library version, the spec,
-                             the base model (source and config), per-layer metadata and stats
+                             the base model (source and config), per-layer metadata and stats,
+                             ``checksums``: {"algorithm": "sha256", "config": <digest of this
+                             file's other keys>, "tensors": {<tensor name>: <digest>}}
+                             (the config digest is repeated in the tensors file's header
+                             metadata, ``bils.config_sha256``: damage to one file cannot
+                             switch the check off)
     quantized.safetensors    per layer ``<name>``:
                                <name>.qcodes  int32 (out, packed_length(in, bits))
                                               codes packed along the input dim (see packing)
@@ -30,6 +35,17 @@ packed in their original column order, so :meth:`QuantizedLayer.dequantize` of a
 layer equals that of the saved one exactly (with ``scale_dtype="float16"``: up to the
 fp16 rounding of the scales); a loaded glvq layer equals the saved one exactly.
 
+Integrity: every tensor's SHA-256 (over dtype, shape and bytes) and the SHA-256 of the
+canonical JSON of the rest of ``quant_config.json`` are written and verified on load, so a
+corrupt or edited file is a :class:`QuantizedFormatError` naming the file and the tensor,
+never different weights. Each layer is also checked for meaning (scales positive and
+finite, zero points integers in ``[0, 2**bits - 1]``, ``g_idx`` a valid group map, codes in
+range, shapes consistent). Directories written before checksums existed (no
+``checksums`` key; readers of those versions ignore it, so the format version is
+unchanged) still load, with an :class:`~llm_adapter.errors.IntegrityWarning` that the
+check was skipped. Every decoding error (bytes that are not UTF-8, bad JSON, a damaged
+safetensors header) is a :class:`QuantizedFormatError` naming the file.
+
 Version 1 directories (uniform layers only) are read as well; a directory is written as
 version 2 only when it holds a glvq layer, so readers of version 1 keep reading the rest.
 """
@@ -37,12 +53,15 @@ version 2 only when it holds a glvq layer, so readers of version 1 keep reading 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .. import methods
-from ..errors import QuantizedFormatError
+from ..errors import IntegrityWarning, QuantizedFormatError
+from ._integrity import ALGORITHM, json_digest, tensor_digest
 from ._io import jsonable, write_dir_atomically
 
 __all__ = [
@@ -53,6 +72,7 @@ __all__ = [
     "QuantizedFormatError",
     "TENSORS_NAME",
     "load_quantized",
+    "read_json",
     "save_quantized",
 ]
 
@@ -63,8 +83,12 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 CONFIG_NAME = "quant_config.json"
 TENSORS_NAME = "quantized.safetensors"
+#: Key of the safetensors header metadata repeating quant_config.json's own checksum.
+CONFIG_SHA_KEY = "bils.config_sha256"
 
 _SCALE_DTYPES = ("float32", "float16")
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- save
@@ -115,6 +139,8 @@ def save_quantized(
         If a layer is malformed (the message names the layer and the field).
     FileExistsError
         If `path` exists and `overwrite` is false.
+    BusyError
+        If another thread or process is writing `path` (:func:`~llm_adapter.formats._io.claim_dir`).
 
     Examples
     --------
@@ -171,9 +197,15 @@ def save_quantized(
         "bits": sorted({b for m in layer_meta.values() for b in _as_list(m["bits"])}),
         "layers": layer_meta,
     }
+    config["checksums"] = {
+        "algorithm": ALGORITHM,
+        "config": json_digest(config),
+        "tensors": {key: tensor_digest(v) for key, v in sorted(tensors.items())},
+    }
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT_NAME})
+        save_file(tensors, str(tmp / TENSORS_NAME),
+                  metadata={"format": FORMAT_NAME, CONFIG_SHA_KEY: config["checksums"]["config"]})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
     return write_dir_atomically(target, fill, on_exists="replace" if overwrite else "error")
@@ -236,56 +268,132 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     for p in (cfg_path, st_path):
         if not p.is_file():
             raise FileNotFoundError(f"{str(root)!r} is not a quantized directory: missing {p.name}")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise QuantizedFormatError(f"{CONFIG_NAME} in {str(root)!r} is not valid JSON: {err}") from err
+    meta = read_json(cfg_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise QuantizedFormatError(
-            f"{CONFIG_NAME}: `format` must be {FORMAT_NAME!r}, got "
+            f"{cfg_path}: `format` must be {FORMAT_NAME!r}, got "
             f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}"
         )
     version = meta.get("format_version")
     if version not in READ_VERSIONS:
         raise QuantizedFormatError(
-            f"{CONFIG_NAME}: `format_version` {version!r} is not supported (this library reads "
+            f"{cfg_path}: `format_version` {version!r} is not supported (this library reads "
             f"versions {list(READ_VERSIONS)}); re-quantize or upgrade bils"
         )
     layer_meta = meta.get("layers")
     if not isinstance(layer_meta, dict) or not layer_meta:
-        raise QuantizedFormatError(f"{CONFIG_NAME}: `layers` must be a non-empty object")
+        raise QuantizedFormatError(f"{cfg_path}: `layers` must be a non-empty object")
 
     layers: dict[str, Any] = {}
     try:
         handle = safe_open(str(st_path), framework="numpy")
     except Exception as err:  # safetensors raises its own error types
-        raise QuantizedFormatError(f"{TENSORS_NAME} in {str(root)!r} cannot be read: {err}") from err
+        raise QuantizedFormatError(f"{st_path} cannot be read: {err}") from err
     with handle as f:
-        keys = set(f.keys())
+        try:
+            keys = set(f.keys())
+            header = f.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - a corrupt header
+            raise QuantizedFormatError(f"{st_path}: cannot list the tensors: {err}") from err
+        digests = _check_config_digest(cfg_path, st_path, meta, header.get(CONFIG_SHA_KEY))
+        if digests is not None and keys != set(digests):
+            missing, extra = sorted(set(digests) - keys), sorted(keys - set(digests))
+            raise QuantizedFormatError(
+                f"{st_path}: the tensors differ from those recorded in {CONFIG_NAME} "
+                f"(missing {missing[:5]}, not recorded {extra[:5]}); the file is corrupt or was replaced"
+            )
 
         def get(name: str, field: str, required: bool = True):
             key = f"{name}.{field}"
             if key not in keys:
                 if required:
-                    raise QuantizedFormatError(f"{TENSORS_NAME}: layer {name!r} has no tensor `{field}`")
+                    raise QuantizedFormatError(f"{st_path}: layer {name!r} has no tensor `{field}`")
                 return None
-            return f.get_tensor(key)
+            try:
+                arr = f.get_tensor(key)
+            except Exception as err:  # noqa: BLE001 - safetensors' own error types
+                raise QuantizedFormatError(f"{st_path}: tensor `{key}` cannot be read: {err}") from err
+            if digests is not None and tensor_digest(arr) != digests[key]:
+                raise QuantizedFormatError(
+                    f"{st_path}: tensor `{key}` does not match its SHA-256 checksum in {CONFIG_NAME} "
+                    "(the file is corrupt or was modified)"
+                )
+            return arr
 
         for name, m in layer_meta.items():
             kind = m.get("kind", "uniform") if isinstance(m, dict) else "uniform"
             try:
                 fmt = methods.for_kind(kind).format
-            except KeyError:
-                raise QuantizedFormatError(f"{CONFIG_NAME}: layer {name!r} has unknown `kind` {kind!r}") from None
+            except (KeyError, TypeError):
+                raise QuantizedFormatError(f"{cfg_path}: layer {name!r} has unknown `kind` {kind!r}") from None
             if not isinstance(m, dict):
-                raise QuantizedFormatError(f"{CONFIG_NAME}: layer {name!r} metadata must be an object")
-            layers[name] = fmt.read(name, m, get)
+                raise QuantizedFormatError(f"{cfg_path}: layer {name!r} metadata must be an object")
+            try:
+                layers[name] = fmt.read(name, m, get)
+            except QuantizedFormatError:
+                raise
+            except Exception as err:  # noqa: BLE001 - anything else a malformed entry causes
+                raise QuantizedFormatError(
+                    f"{root}: layer {name!r} cannot be decoded from {CONFIG_NAME} / {TENSORS_NAME}: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
         extra = sorted(k for k in keys if k.rsplit(".", 1)[0] not in layer_meta)
         if extra:
             raise QuantizedFormatError(
-                f"{TENSORS_NAME} has tensors of layers not listed in {CONFIG_NAME}: {extra[:5]}"
+                f"{st_path} has tensors of layers not listed in {CONFIG_NAME}: {extra[:5]}"
             )
     return layers, meta
+
+
+def read_json(path) -> Any:
+    """Parse JSON file `path`; any decoding error becomes a :class:`QuantizedFormatError`
+    naming the file (and the byte or line and column)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise QuantizedFormatError(f"{path} cannot be read: {err}") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise QuantizedFormatError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from err
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise QuantizedFormatError(f"{path} is not valid JSON: {err}") from err
+
+
+def _check_config_digest(cfg_path: Path, st_path: Path, meta: dict, recorded: str | None) -> dict | None:
+    """Verify ``meta["checksums"]["config"]`` (also recorded as `recorded` in the tensors
+    file's header, so damage to either file cannot switch the check off); return the
+    tensor digests (None: a file written before checksums, unchecked)."""
+    sums = meta.get("checksums")
+    if (sums is None) != (recorded is None):
+        has, lacks = (cfg_path, st_path) if recorded is None else (st_path, cfg_path)
+        raise QuantizedFormatError(f"{has} records checksums but {lacks} does not: one of the files is "
+                                   "corrupt or was replaced")
+    if sums is None:
+        msg = (f"{cfg_path} has no checksums (written before bils added them); loading it without "
+               "an integrity check. Re-save it to add them")
+        warnings.warn(msg, IntegrityWarning, stacklevel=3)
+        logger.warning("%s", msg)
+        return None
+    tensors = sums.get("tensors") if isinstance(sums, dict) else None
+    if (not isinstance(sums, dict) or sums.get("algorithm") != ALGORITHM or not isinstance(sums.get("config"), str)
+            or not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values())):
+        raise QuantizedFormatError(f"{cfg_path}: `checksums` must be {{'algorithm': {ALGORITHM!r}, 'config': hex, "
+                                   "'tensors': {name: hex}}")
+    try:
+        ok = json_digest({k: v for k, v in meta.items() if k != "checksums"}) == sums["config"]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise QuantizedFormatError(f"{cfg_path}: the content does not match its SHA-256 checksum "
+                                   "(the file is corrupt or was edited)")
+    if recorded != sums["config"]:
+        raise QuantizedFormatError(f"{st_path}: its header's checksum of {CONFIG_NAME} differs from the one "
+                                   f"{CONFIG_NAME} records; one of the files is corrupt or was replaced")
+    return tensors
 
 
 def _as_list(v):

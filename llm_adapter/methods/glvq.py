@@ -669,7 +669,42 @@ def _read(name: str, m: dict, get) -> LatticeLayer:
     if layer.n_groups != n_groups:
         raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} `n_groups` {n_groups} does not match "
                                    f"its tensors ({layer.n_groups})")
+    if layer.shape != (out_f, in_f):
+        raise QuantizedFormatError(f"{CONFIG_NAME}: glvq layer {name!r} shape {(out_f, in_f)} does not match "
+                                   f"its tensors {layer.shape}")
+    check_lattice_layer(name, layer, width, where=f"{TENSORS_NAME}: ")
     return layer
+
+
+def check_lattice_layer(name: str, layer: LatticeLayer, width: int | None = None, where: str = "") -> None:
+    """Raise :class:`~llm_adapter.errors.QuantizedFormatError` naming `name` and the field if
+    glvq `layer` is not meaningful: ``group_bits`` in ``[1, width]`` (the packing width),
+    codes of group ``g`` in ``[0, 2**group_bits[g] - 1]``, finite generators, scales and
+    compander values (``mu``, ``amax`` positive), a finite bias."""
+    def bad(msg: str):
+        raise QuantizedFormatError(f"{where}glvq layer {name!r}: {msg}")
+
+    gb = np.asarray(layer.group_bits).astype(np.int64)
+    top = 8 if width is None else int(width)
+    if gb.size == 0 or gb.min() < 1 or gb.max() > top:
+        bad(f"`group_bits` must lie in [1, {top}], got range [{gb.min() if gb.size else '-'}, "
+            f"{gb.max() if gb.size else '-'}]")
+    codes = np.asarray(layer.codes)
+    for g in range(layer.n_groups):
+        a, b = layer.group_bounds(g)
+        blk = codes[:, a:b]
+        if blk.size and (blk.min() < 0 or blk.max() >= 1 << int(gb[g])):
+            bad(f"`codes` of group {g} must lie in [0, {(1 << int(gb[g])) - 1}] (group_bits {int(gb[g])})")
+    for field in ("generators", "row_scale", "col_scale", "mu", "amax", "bias"):
+        v = getattr(layer, field)
+        if v is not None and not np.all(np.isfinite(np.asarray(v, dtype=np.float64))):
+            bad(f"`{field}` has non-finite entries")
+    for field in ("mu", "amax"):
+        v = getattr(layer, field)
+        if v is not None and np.any(np.asarray(v, dtype=np.float64) <= 0):
+            bad(f"`{field}` must be positive")
+    if not np.isfinite(layer.offset):
+        bad("`offset` must be finite")
 
 
 #: glvq layers in the native format (kind ``"glvq"``, format version 2).

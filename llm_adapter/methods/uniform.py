@@ -668,7 +668,10 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
 # --------------------------------------------------------------------------- stored format
 def check_layer(name: str, layer: QuantizedLayer, where: str = "") -> None:
     """Raise :class:`~llm_adapter.errors.QuantizedFormatError` naming `name` and the field if
-    `layer` is inconsistent (shapes, dtypes, code range, group indices, scales)."""
+    `layer` is inconsistent: shapes, dtypes, codes in ``[0, 2**bits - 1]``, ``g_idx`` a valid
+    group map (``ceil(in / group_size)`` groups of ``group_size`` columns, the last one
+    possibly smaller, in any order), scales positive and finite, zero points integers in
+    ``[0, 2**bits - 1]``, a finite bias, ``perm`` a permutation. Called on save and on load."""
     def bad(msg: str):
         raise QuantizedFormatError(f"{where}layer {name!r}: {msg}")
 
@@ -696,10 +699,30 @@ def check_layer(name: str, layer: QuantizedLayer, where: str = "") -> None:
         bad(f"`zeros` must have the shape of `scales` {scales.shape}, got {zeros.shape}")
     if in_f and (g_idx.min() < 0 or g_idx.max() >= n_groups):
         bad(f"`g_idx` must lie in [0, {n_groups - 1}] (n_groups = scales.shape[1])")
-    if not np.all(np.isfinite(scales)):
-        bad("`scales` has non-finite entries")
-    if not np.all(np.isfinite(zeros)):
-        bad("`zeros` has non-finite entries")
+    if in_f:
+        gsz = in_f if gs == -1 else int(gs)
+        want_groups = -(-in_f // gsz)
+        if n_groups != want_groups:
+            bad(f"`scales` must have {want_groups} group column(s) for in_features {in_f} and "
+                f"group_size {gs}, got {n_groups}")
+        counts = np.bincount(g_idx.astype(np.int64), minlength=n_groups)
+        want = np.full(n_groups, gsz)
+        want[-1] = in_f - gsz * (n_groups - 1)
+        if not np.array_equal(counts, want):
+            bad(f"`g_idx` is not a valid group map: each group must hold {gsz} columns (the last "
+                f"{int(want[-1])}), got counts {counts[:8].tolist()}{'...' if n_groups > 8 else ''}")
+    if not np.all(np.isfinite(scales)) or (scales.size and not np.all(scales > 0)):
+        bad("`scales` must be positive and finite")
+    maxq = (1 << layer.bits) - 1
+    if zeros.size and (not np.all(np.isfinite(zeros)) or np.any(zeros != np.rint(zeros))
+                       or zeros.min() < 0 or zeros.max() > maxq):
+        bad(f"`zeros` must be integers in [0, {maxq}] (bits={layer.bits})")
+    if layer.bias is not None and not np.all(np.isfinite(np.asarray(layer.bias, dtype=np.float64))):
+        bad("`bias` has non-finite entries")
+    if layer.perm is not None:
+        perm = np.asarray(layer.perm)
+        if perm.shape == (in_f,) and (perm.dtype.kind not in "iu" or not np.array_equal(np.sort(perm), np.arange(in_f))):
+            bad(f"`perm` must be a permutation of range({in_f})")
     if layer.bias is not None and np.asarray(layer.bias).shape != (out_f,):
         bad(f"`bias` must have shape ({out_f},), got {np.asarray(layer.bias).shape}")
     if layer.perm is not None and np.asarray(layer.perm).shape != (in_f,):
@@ -780,6 +803,8 @@ def _read(name: str, m: dict, get) -> QuantizedLayer:
         bias=get(name, "bias", required=bool(m.get("bias"))),
         stats=dict(m.get("stats") or {}),
     )
+    if layer.group_size != gs or layer.shape != (out_f, in_f):
+        raise QuantizedFormatError(f"{TENSORS_NAME}: layer {name!r} does not match its metadata")
     check_layer(name, layer, where=f"{TENSORS_NAME}: ")
     return layer
 
