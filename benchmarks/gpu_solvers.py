@@ -36,6 +36,7 @@ import gc
 import os
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -84,7 +85,9 @@ def host(a):
 
 def on_device(prob, xp):
     """Solve-order arrays of ``prob`` on the device: (R, Y, lo, hi, scale, offset)."""
-    can = prob.canonical()
+    c = prob.canonical()
+    scale, offset = c.dense_grids()  # the benchmark passes per-coordinate grids (the API's full form)
+    can = types.SimpleNamespace(R=c.R, Y=c.Y, lo=c.lo, hi=c.hi, scale=scale, offset=offset)
     dev = lambda a: xp.ascontiguousarray(xp.asarray(np.ascontiguousarray(a)))  # noqa: E731
     return (dev(can.R), dev(can.Y), int(can.lo.min()), int(can.hi.max()), dev(can.scale),
             dev(can.offset)), can

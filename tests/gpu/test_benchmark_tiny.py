@@ -22,7 +22,7 @@ def _load():
 
 @pytest.mark.kernel
 def test_tiny_mode_matches_the_oracle(tmp_path, monkeypatch):
-    from conftest import SIMULATOR
+    from tests.gpu.conftest import SIMULATOR
 
     if not SIMULATOR:
         pytest.skip("the tiny mode is a simulator run")
