@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ._backend import resolve_backend
+from ._guard import guarded
 from ._validate import problem_iv
 from .problem import BILSProblem
 from .result import BILSResult
@@ -54,7 +55,7 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     problem, can = canonical_from_args(R, Y, lo, hi, scale, offset)
     arrays = (R,) if problem is not None else (R, Y)
     be = resolve_backend(backend, *arrays)
-    kernel = _kernel_for(kernels, be, solver)
+    kernel = guarded(solver, _kernel_for(kernels, be, solver))
     k_total = problem.k if problem is not None else can.k
     opts = options if callable(options) else (lambda c, cols, kt: options)
 

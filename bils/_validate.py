@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._guard import bounds_iv, level_weights_iv
+
 __all__ = ["Canonical", "problem_iv", "int_iv", "float_iv", "choice_iv"]
 
 
@@ -135,12 +137,8 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None) -> Canonical:
     for name, b in (("lo", lo), ("hi", hi)):
         b = _real_array(name, b)
         _finite(name, b)
-        if b.dtype.kind == "f":
-            if np.any(b != np.round(b)):
-                raise ValueError(f"`{name}` must hold integers")
-            if np.any(np.abs(b) > 2**52):
-                raise ValueError(f"`{name}` must have magnitude <= 2**52")
-        b = _broadcast(name, _as_column_shape(b.astype(np.int64, copy=False), squeeze), shape)
+        b = bounds_iv(name, b)  # one safe int64 cast for every dtype (|b| <= 2**52)
+        b = _broadcast(name, _as_column_shape(b, squeeze), shape)
         bounds.append(b)
     lo, hi = bounds
     if np.any(lo > hi):
@@ -159,6 +157,7 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None) -> Canonical:
     offset = _real_array("offset", offset).astype(np.float64, copy=False)
     _finite("offset", offset)
     offset = _broadcast("offset", _as_column_shape(offset, squeeze), shape)
+    level_weights_iv(R, Y, lo, hi, scale, offset)  # derived quantities: R_ii*s_ij, residual bound
     return Canonical(R, Y, lo, hi, scale, offset, squeeze)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._driver import run_solver
+from ._guard import level_weights_iv
 from ._validate import choice_iv, int_iv
 from .result import Status
 
@@ -154,5 +155,15 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
     """
     block_size = int_iv("block_size", block_size, minimum=1)
     precision = choice_iv("precision", precision, PRECISIONS)
+    opts = {"block_size": block_size, "precision": precision}
+    if precision != "float64":
+        def options(can, cols, k_total):
+            _precision_iv(can, precision)
+            return opts
     return run_solver("babai", KERNELS, R, Y, lo, hi, scale, offset, backend,
-                      {"block_size": block_size, "precision": precision})
+                      opts if precision == "float64" else options)
+
+
+def _precision_iv(can, precision):
+    """The problem's level weights and residual bound in the working precision's range."""
+    level_weights_iv(can.R, can.Y, can.lo, can.hi, can.scale, can.offset, np.dtype(precision))

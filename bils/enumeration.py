@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from ._driver import run_solver
+from ._guard import chunked, scratch_iv
 from ._validate import int_iv
 from .result import Status
 
@@ -204,6 +205,29 @@ def enumerate(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, max_no
     [0, 1]
     """
     max_nodes = int_iv("max_nodes", max_nodes, minimum=1, allow_none=True)
+    if max_nodes is not None and max_nodes >= _UNLIMITED_NODES:
+        max_nodes = None  # beyond any reachable count (and beyond int64 in the kernels)
     n_best = int_iv("n_best", n_best, minimum=1)
-    return run_solver("enumerate", KERNELS, R, Y, lo, hi, scale, offset, backend,
+    kernels = {be: (lambda f=f: chunked(f(), _enumerate_ops)) for be, f in KERNELS.items()}
+    return run_solver("enumerate", kernels, R, Y, lo, hi, scale, offset, backend,
                       {"max_nodes": -1 if max_nodes is None else max_nodes, "n_best": n_best})
+
+
+#: ``max_nodes`` at or above this count means no budget.
+_UNLIMITED_NODES = 2**62
+#: Operations per RHS assumed for an unbudgeted search when sizing RHS chunks.
+_UNBUDGETED_OPS = 1e6
+
+
+def _enumerate_ops(can, *, max_nodes, n_best):
+    """Operations per RHS for RHS chunking; refuses an ``n_best`` list that cannot fit.
+
+    The m-best lists take ``8 m (n + 1) k`` bytes (and again per RHS as scratch). The
+    work of an exact search is unknown up front: ``max_nodes * n`` with a budget, else a
+    nominal :data:`_UNBUDGETED_OPS` so that chunks stay small enough for Ctrl-C between
+    them (one search itself runs to completion: use ``max_nodes`` to bound it).
+    """
+    n, k = can.Y.shape
+    scratch_iv(f"`enumerate` with `n_best`={n_best}, n={n} and k={k}",
+               8 * n_best * (n + 1) * (k + 1) * 2, "lower `n_best`")
+    return float(max_nodes) * n if max_nodes > 0 else _UNBUDGETED_OPS

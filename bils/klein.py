@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from ._driver import run_solver
+from ._guard import _compact, scratch_iv, work_iv
 from ._rng import column_seeds, uniform
 from ._validate import float_iv, int_iv
 from .babai import box_round, nearest_plane_sweep
@@ -170,7 +171,31 @@ def klein(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, n_samples=
         if "seeds" not in cache:
             cache["seeds"] = column_seeds(gen, k_total)
         t = lls_tau(can.R, can.scale, n_samples) if tau == "auto" else np.full(can.k, tau)
+        _klein_work_iv(can, n_samples, t)
         return {"n_samples": n_samples, "tau": np.asarray(t, dtype=np.float64),
                 "seeds": cache["seeds"][cols], "block_size": block_size}
 
     return run_solver("klein", KERNELS, R, Y, lo, hi, scale, offset, backend, options)
+
+
+def _klein_work_iv(can, n_samples, tau):
+    """Refuse, before sampling, windows or sample counts whose memory or work cannot fit.
+
+    The window half-width at level ``i`` is ``min(ceil(6 sqrt(tau) / |R_ii s_i|) + 1,
+    hi - lo)``; the numpy reference holds ``(2w + 1) k`` candidates per level (about 48
+    bytes each) and every backend may visit them: work per RHS
+    ``n_samples * n * (n + 2w + 1)``.
+    """
+    if n_samples == 0:
+        return
+    n, k = can.Y.shape
+    d = np.abs(np.diag(can.R))[:, None] * np.abs(_compact(can.scale))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        w = np.ceil(WINDOW_SIGMAS * np.sqrt(np.asarray(tau, dtype=np.float64)) / d) + 1.0
+    w = np.minimum(np.where(np.isfinite(w), w, np.inf),
+                   (_compact(can.hi) - _compact(can.lo)).astype(np.float64))
+    wmax = float(np.max(w))
+    what = f"`klein` with `n_samples`={n_samples}, `tau` up to {float(np.max(tau)):.3g} and n={n}"
+    hint = "lower `tau` (its window is 6 sqrt(tau) / |R_ii scale_i| integers wide) or `n_samples`"
+    scratch_iv(what, 48.0 * (2 * wmax + 1) * k, hint)
+    work_iv(what, float(n_samples) * n * (n + 2 * wmax + 1), hint)

@@ -126,6 +126,9 @@ class BILSProblem:
     dead: np.ndarray | None = None
     squeeze: bool = False
 
+    def __post_init__(self):
+        _problem_fields_iv(self)
+
     @property
     def n(self) -> int:
         return self.R.shape[0]
@@ -362,3 +365,52 @@ def _rows2(name, a, perm, n, squeeze):
     if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
         return a[perm]
     return a
+
+
+def _problem_fields_iv(p):
+    """Validate the fields of a :class:`BILSProblem` (shapes, ``perm``, ``cost_offset``, ...).
+
+    Cheap checks only (``O(n k)``): the values of ``R``, ``Y`` and the grids are checked by
+    :func:`bils._validate.problem_iv` when a solver uses the problem. Fields are
+    normalised in place (``perm`` to int64, ``cost_offset`` to a float (k,) array).
+    """
+    put = lambda name, v: object.__setattr__(p, name, v)  # noqa: E731 - frozen dataclass
+    R = _real_array("R", p.R)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        raise ValueError(f"`R` must be a square 2-D (n, n) array with n >= 1, got shape {R.shape}")
+    n = R.shape[0]
+    Y = _real_array("Y", p.Y)
+    if Y.ndim != 2 or Y.shape[0] != n or Y.shape[1] == 0:
+        raise ValueError(f"`Y` must be a 2-D ({n}, k) array with k >= 1, got shape {Y.shape}")
+    k = Y.shape[1]
+    for name in ("lo", "hi", "scale", "offset"):
+        a = _real_array(name, getattr(p, name))
+        if a.ndim != 2 or a.shape[0] not in (1, n) or a.shape[1] not in (1, k):
+            raise ValueError(f"`{name}` must be a 2-D array of shape ({n} or 1, {k} or 1), "
+                             f"got shape {a.shape}")
+    if p.perm is not None:
+        perm = np.asarray(p.perm)
+        if perm.dtype.kind not in "iu" or perm.ndim not in (1, 2) or perm.shape[0] != n \
+                or (perm.ndim == 2 and perm.shape[1] != k):
+            raise ValueError(f"`perm` must be an integer array of shape ({n},) or ({n}, {k}), "
+                             f"got dtype {perm.dtype} and shape {perm.shape}")
+        cols = perm.reshape(n, -1)
+        if np.any(cols < 0) or np.any(cols >= n) or \
+                np.any(np.sort(cols, axis=0) != np.arange(n)[:, None]):
+            raise ValueError(f"`perm` must be a permutation of range({n})"
+                             + (" in every column" if perm.ndim == 2 else ""))
+        put("perm", perm.astype(np.int64, copy=False))
+    co = _real_array("cost_offset", p.cost_offset).astype(np.float64, copy=False)
+    if co.ndim > 1 or (co.ndim == 1 and co.shape[0] not in (1, k)):
+        raise ValueError(f"`cost_offset` must be a scalar or of shape ({k},), got shape {co.shape}")
+    if not np.all(np.isfinite(co)) or np.any(co < 0):
+        raise ValueError("`cost_offset` must be finite and >= 0")
+    put("cost_offset", np.broadcast_to(co, (k,)).copy() if co.shape != (k,) else co)
+    if p.dead is not None:
+        dead = np.asarray(p.dead)
+        if dead.dtype != bool or dead.shape != (n,):
+            raise ValueError(f"`dead` must be None or a boolean array of shape ({n},)")
+    if not isinstance(p.squeeze, (bool, np.bool_)):
+        raise TypeError(f"`squeeze` must be a bool, got {type(p.squeeze).__name__}")
+    if p.squeeze and k != 1:
+        raise ValueError(f"`squeeze=True` needs a single right-hand side, got k={k}")
