@@ -246,15 +246,18 @@ def is_symmetric(H, rows=512):
     return True
 
 
-def spd_iv(name, G):
-    """Check a finite real square ``G`` is symmetric and positive definite (Cholesky), or raise."""
+def spd_iv(name, G, rule="positive definite"):
+    """Check a finite real square ``G`` is symmetric and positive definite (Cholesky), or raise.
+
+    The messages are "`name` must be symmetric" and "`name` must be " + ``rule``.
+    """
     if not is_symmetric(G):
         raise ValueError(f"`{name}` must be symmetric")
     import scipy.linalg.lapack
 
     _, info = scipy.linalg.lapack.dpotrf(np.asarray(G, dtype=np.float64), lower=0, clean=0)
     if info != 0:
-        raise ValueError(f"`{name}` must be positive definite")
+        raise ValueError(f"`{name}` must be {rule}")
 
 
 def _take_cols(can, cols):

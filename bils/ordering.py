@@ -46,7 +46,7 @@ def _gram_iv(G):
         raise ValueError(f"`G` must be a square 2-D array, got shape {G.shape}")
     if not np.all(np.isfinite(G)):
         raise ValueError("`G` must be finite")
-    spd_iv("G", G)  # symmetric positive definite, as documented
+    spd_iv("G", G, "positive definite for this ordering")  # every ordering, as documented
     return G
 
 

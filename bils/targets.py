@@ -100,7 +100,8 @@ def joint_target(W, H, D, alpha):
         return W.copy()
     # W D H^{-1} = (H^{-1} D^T W^T)^T since H is symmetric
     with np.errstate(over="ignore", invalid="ignore"):
-        out = W + alpha * scipy.linalg.cho_solve(_cho(H), (W @ D).T).T
+        WD = _finite_out("W` or `D", W @ D, "the product W D")
+        out = W + alpha * scipy.linalg.cho_solve(_cho(H), WD.T).T
     return _finite_out("W`, `H` or `D", out, "the joint target W + alpha W D H^-1")
 
 
@@ -145,7 +146,7 @@ def alpha_closed_form(Q, W, H, D):
     if not np.all(np.isfinite(Q)):
         raise ValueError("`Q` must be finite")
     with np.errstate(over="ignore", invalid="ignore"):
-        WD = W @ D
+        WD = _finite_out("W` or `D", W @ D, "the product W D")
         den = float(np.sum(WD * scipy.linalg.cho_solve(_cho(H), WD.T).T))
         num = float(np.sum((Q - W) * WD))
     _finite_out("W`, `H`, `D` or `Q", np.array([num, den]), "alpha's numerator or denominator")
