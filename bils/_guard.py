@@ -59,8 +59,8 @@ __all__ = [
 BOUND_LIMIT = 2**52
 
 #: Largest estimated number of elementary operations per right-hand side a solver call
-#: may plan (several minutes of one core); beyond it the call is refused up front.
-WORK_LIMIT = 10**12
+#: may plan (a minute or two of one core); beyond it the call is refused up front.
+WORK_LIMIT = 10**11
 
 
 def bounds_iv(name, b):

@@ -303,3 +303,46 @@ def test_r9_same_error_type_on_every_backend(solver, case):
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
     assert errors[0][0] is ValueError
+
+
+def test_r8_numba_enumerate_in_slices_equals_one_run(monkeypatch):
+    pytest.importorskip("numba")
+    import bils._numba.enumerate as E
+
+    rng = np.random.default_rng(3)
+    R = np.triu(rng.standard_normal((7, 7))) + 2 * np.eye(7)
+    Y = rng.standard_normal((7, 9)) * 5
+    ref = bils.enumerate(R, Y, -6, 6, n_best=3, backend="numpy")
+    budget = bils.enumerate(R, Y, -6, 6, max_nodes=11, backend="numpy")
+    monkeypatch.setattr(E, "SLICE_NODES", 5)
+    monkeypatch.setattr(E, "MIN_SLICE", 1)
+    monkeypatch.setattr(E, "CHUNK_RHS", 4)
+    got = bils.enumerate(R, Y, -6, 6, n_best=3, backend="numba")
+    for key in ("nodes", "best_x", "best_cost"):
+        assert np.array_equal(got.info[key], ref.info[key])
+    assert np.array_equal(got.x, ref.x) and np.array_equal(got.status, ref.status)
+    got = bils.enumerate(R, Y, -6, 6, max_nodes=11, backend="numba")
+    assert np.array_equal(got.x, budget.x) and np.array_equal(got.status, budget.status)
+    assert np.array_equal(got.info["nodes"], budget.info["nodes"])
+
+
+def test_r8_numba_enumerate_honours_ctrl_c():
+    pytest.importorskip("numba")
+    import os
+    import signal
+    import threading
+    import time
+
+    bils.enumerate(np.eye(2), np.zeros(2), -1, 1, backend="numba")  # compiled before the clock
+    rng = np.random.default_rng(0)
+    n = 40
+    R = np.triu(rng.standard_normal((n, n))) * 10
+    R[np.diag_indices(n)] = np.abs(R[np.diag_indices(n)]) + 0.1
+    y = rng.standard_normal(n) * 100  # an exponentially long exact search
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        bils.enumerate(R, y, -1000, 1000, backend="numba")
+    timer.join()
+    assert time.perf_counter() - t0 < 10.0
