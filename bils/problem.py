@@ -337,9 +337,19 @@ class BILSProblem:
         return Rp, y, pick(self.lo), pick(self.hi), pick(self.scale), pick(self.offset), p
 
     def cost(self, x):
-        """Cost of ``x`` (original coordinate order), per RHS, including ``cost_offset``."""
-        x = np.asarray(x)
-        x2 = x.reshape(self.n, -1)
+        """Cost of ``x`` (original coordinate order), per RHS, including ``cost_offset``.
+
+        ``x`` : (n,) or (n, k) integer codes (any box); raises ``ValueError`` for other
+        shapes, non-integral or non-finite values, or a cost that overflows.
+        """
+        x2 = _codes_iv(x, self.n, self.k)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self._cost(x2)
+        if not np.all(np.isfinite(out)):
+            raise ValueError("the cost of `x` overflows float64: `x` is far outside the box")
+        return out
+
+    def _cost(self, x2):
         if self.perm is None:
             xs = x2
         elif self.perm.ndim == 1:
@@ -414,3 +424,14 @@ def _problem_fields_iv(p):
         raise TypeError(f"`squeeze` must be a bool, got {type(p.squeeze).__name__}")
     if p.squeeze and k != 1:
         raise ValueError(f"`squeeze=True` needs a single right-hand side, got k={k}")
+
+
+def _codes_iv(x, n, k):
+    """``x`` as a float64 (n, k) array of finite integers, or ``ValueError``."""
+    x = _real_array("x", x)
+    if x.size != n * k or x.ndim not in (1, 2) or x.shape[0] != n:
+        raise ValueError(f"`x` must have shape ({n},) or ({n}, {k}), got {x.shape}")
+    x = x.reshape(n, k).astype(np.float64)
+    if not np.all(np.isfinite(x)) or np.any(x != np.round(x)):
+        raise ValueError("`x` must hold finite integers (codes)")
+    return x
