@@ -199,7 +199,11 @@ def chang_han(R, Y, lo, hi, scale=None, offset=None):
         for pos in range(n - 1, -1, -1):
             Bm = B[:, remaining]
             G = Bm.T @ Bm
-            Ginv = np.linalg.inv(G)
+            try:
+                Ginv = np.linalg.inv(G)
+            except np.linalg.LinAlgError:
+                raise ValueError("`R` (times `scale`) is too ill-conditioned for the 'chang_han' "
+                                 "ordering: its Gram matrix is numerically singular") from None
             cls = Ginv @ (Bm.T @ y)
             rjj = 1.0 / np.sqrt(np.maximum(np.diag(Ginv), 1e-300))
             first, second = _second_nearest(cls, lo_j[remaining], hi_j[remaining])

@@ -310,7 +310,12 @@ class BILSProblem:
             perm = chang_han(can.R, can.Y, can.lo, can.hi, can.scale, can.offset)
             return cls(can.R, can.Y, *grids, perm, np.asarray(cost_offset, float), dead, squeeze)
         G = gram if gram is not None else can.R.T @ can.R
-        perm = column_order(G, ordering)
+        try:
+            perm = column_order(G, ordering)
+        except (ValueError, np.linalg.LinAlgError):
+            name = "A" if gram is not None else "R"
+            raise ValueError(f"`{name}` is too ill-conditioned for ordering={ordering!r}: its Gram "
+                             "matrix is not numerically positive definite") from None
         Q, Rp = np.linalg.qr(can.R[:, perm])
         sign = np.sign(np.diag(Rp))
         sign[sign == 0] = 1.0
