@@ -123,6 +123,16 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
     BILSResult
         ``x`` (n, k) int64, ``cost`` (k,), ``status`` all ``HEURISTIC``.
 
+    Raises
+    ------
+    ValueError
+        When an argument breaks its rule (the message names it), or when the problem
+        leaves the floating-point safe range of the working precision: level weights
+        :math:`|R_{ii} s_{ij}|` outside :math:`[\sqrt{\text{tiny}}, \sqrt{\text{max}}]`
+        or magnitudes of ``Y``, ``R``, ``scale``, ``offset`` and the box that could make
+        a cost overflow. No input returns a NaN or infinite cost or a code outside the
+        box; every solver and backend raises the same error for the same input.
+
     See Also
     --------
     klein : randomised nearest plane, never worse than Babai.

@@ -187,6 +187,12 @@ def enumerate(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, max_no
     targets are near the lattice. Use :func:`bils.kbest` or :func:`bils.klein` beyond
     a few dozen dimensions, or set ``max_nodes``. Ties keep the first leaf found.
 
+    Right-hand sides are searched in chunks from a Python loop, and the numba backend
+    runs each search in slices of nodes, so Ctrl-C (``KeyboardInterrupt``) stops even a
+    single long search within a fraction of a second; results do not depend on the
+    slicing. An ``n_best`` list that would not fit in memory is refused up front
+    (``ValueError`` with the estimate); ``max_nodes >= 2**62`` means no budget.
+
     References
     ----------
     .. [1] C. P. Schnorr, M. Euchner, "Lattice basis reduction: improved practical

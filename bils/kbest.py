@@ -130,6 +130,12 @@ def kbest(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, beam_width
     :math:`O(K n^2 k)` flops and :math:`O(K C \log(KC))` selection work per level and
     RHS. Ties in the selection go to the earlier parent, then the nearer child.
 
+    Memory and work are estimated before anything is allocated: a beam whose scratch
+    exceeds half the physical memory (``BILS_SCRATCH_LIMIT`` bytes overrides it) or whose
+    work exceeds about 1e11 operations per RHS raises ``ValueError``
+    with the estimate. Right-hand sides run in chunks from a Python loop, so Ctrl-C is
+    honoured between chunks.
+
     References
     ----------
     .. [1] K. Wong, C. Tsui, R. Cheng, W. Mow, "A VLSI architecture of a K-best lattice
