@@ -126,40 +126,61 @@ def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64):
     fi = np.finfo(dtype)
     tiny, big = math.sqrt(float(fi.tiny)), math.sqrt(float(fi.max))
     n = R.shape[0]
+    name = np.dtype(dtype).name
     diag = np.abs(np.diag(R)).astype(np.float64)
-    S = np.abs(_compact(scale)).astype(np.float64, copy=False)
+    S = _compact(scale)
+    smin, smax = _abs_range(S, axis=1)  # per level, over RHS: reductions, no (n, k) temporaries
     if dtype != np.float64:
         # the sweep casts R and scale themselves to `dtype`: each must stay a normal number
-        for name, v in (("R", diag), ("scale", S)):
-            if np.any(v < float(fi.tiny)) or np.any(v > float(fi.max)):
-                raise ValueError(f"`{name}` has entries outside the {np.dtype(dtype).name} range "
+        for what, lo_v, hi_v in (("R", diag, diag), ("scale", smin, smax)):
+            if np.any(lo_v < float(fi.tiny)) or np.any(hi_v > float(fi.max)):
+                raise ValueError(f"`{what}` has entries outside the {name} range "
                                  f"[{float(fi.tiny):.3g}, {float(fi.max):.3g}] needed by "
-                                 f"`precision`={np.dtype(dtype).name!r}; use precision='float64'")
+                                 f"`precision`={name!r}; use precision='float64'")
     with np.errstate(over="ignore", under="ignore"):
-        d = diag[:, None] * S  # (n, 1 or k)
-    bad = ~((d >= tiny) & (d <= big))
+        dmin, dmax = diag * smin, diag * smax
+    bad = ~((dmin >= tiny) & (dmax <= big))
     if np.any(bad):
-        i, j = np.argwhere(bad)[0]
+        i = int(np.argwhere(bad)[0, 0])
+        with np.errstate(over="ignore", under="ignore"):
+            row = diag[i] * np.abs(S[min(i, S.shape[0] - 1)])
+        worst = row[~((row >= tiny) & (row <= big))][0]
         raise ValueError(
             f"the level weights `R[i, i] * scale[i, j]` must lie in [{tiny:.3g}, {big:.3g}] "
-            f"(the {np.dtype(dtype).name} range where their squares stay normal); got "
-            f"{float(d[i, j]):.3g} at level {int(i)}: rescale `R` and `scale`")
-    # residual bound B_j
-    M = np.maximum(np.abs(_compact(lo)), np.abs(_compact(hi))).astype(np.float64)
-    O = np.abs(_compact(offset)).astype(np.float64, copy=False)
+            f"(the {name} range where their squares stay normal); got "
+            f"{float(worst):.3g} at level {i}: rescale `R` and `scale`")
+    # residual bound B_j (an upper bound of the module doc's, from per-column maxima)
+    k = Y.shape[1]
+    lo_c, hi_c = _compact(lo), _compact(hi)
+    M = np.maximum(np.max(np.abs(lo_c), axis=0), np.max(np.abs(hi_c), axis=0)).astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        grid = np.max(S * M + O, axis=0)  # (1 or k,)
-        ymax = np.max(np.abs(Y), axis=0)  # (k,)
-        B = ymax + _max_row_abs_sum(R) * grid
+        grid = _abs_range(S, axis=0)[1] * M + _abs_range(_compact(offset), axis=0)[1]
+        ymax = _abs_range(Y, axis=0)[1]  # (k,)
+        B = np.broadcast_to(ymax + _max_row_abs_sum(R) * grid, (k,))
         lim = big / (2.0 * math.sqrt(n))
     bad = ~(B <= lim)
     if np.any(bad):
-        j = int(np.argwhere(np.broadcast_to(bad, (Y.shape[1],)))[0, 0])
-        Bj = float(np.broadcast_to(B, (Y.shape[1],))[j])
+        j = int(np.argwhere(bad)[0, 0])
         raise ValueError(
-            f"the problem's magnitudes overflow {np.dtype(dtype).name}: `Y`, `R`, `scale`, "
-            f"`offset` and the box (`lo`, `hi`) bound the residuals by {Bj:.3g} for RHS {j}, "
+            f"the problem's magnitudes overflow {name}: `Y`, `R`, `scale`, "
+            f"`offset` and the box (`lo`, `hi`) bound the residuals by {float(B[j]):.3g} for RHS {j}, "
             f"which must be <= {lim:.3g} for the costs to stay finite; rescale the problem")
+
+
+def _abs_range(a, axis):
+    """``(min |a|, max |a|)`` along ``axis`` (float64), by min/max reductions of ``a``.
+
+    Only rows/columns holding both signs need ``|a|`` itself (rare: scales are positive).
+    """
+    a = np.asarray(a)
+    amin = np.min(a, axis=axis).astype(np.float64)
+    amax = np.max(a, axis=axis).astype(np.float64)
+    absmax = np.maximum(amax, -amin)
+    absmin = np.where(amin > 0, amin, -amax)
+    mixed = (amin <= 0) & (amax >= 0)
+    if np.any(mixed):
+        absmin = np.where(mixed, np.min(np.abs(a), axis=axis), absmin)
+    return absmin, absmax
 
 
 def scratch_limit():

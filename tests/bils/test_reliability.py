@@ -346,3 +346,17 @@ def test_r8_numba_enumerate_honours_ctrl_c():
         bils.enumerate(R, y, -1000, 1000, backend="numba")
     timer.join()
     assert time.perf_counter() - t0 < 10.0
+
+
+def test_level_weights_mixed_sign_scale():
+    from bils._guard import _abs_range
+
+    S = np.array([[2.0, -3.0, 0.5], [-1.0, -4.0, -0.25], [1e-3, 5.0, 7.0]])
+    amin, amax = _abs_range(S, axis=1)
+    assert amin.tolist() == [0.5, 0.25, 1e-3] and amax.tolist() == [3.0, 4.0, 7.0]
+    amin, amax = _abs_range(S, axis=0)
+    assert amin.tolist() == [1e-3, 3.0, 0.25] and amax.tolist() == [2.0, 5.0, 7.0]
+    # a negative scale whose weight underflows is caught like a positive one
+    with pytest.raises(ValueError, match=WEIGHTS):
+        bils.babai(np.eye(2), np.zeros((2, 3)), -1, 1, scale=np.array([[1.0, -1e-200, 1.0]]),
+                   backend="numpy")
