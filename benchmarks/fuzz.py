@@ -330,7 +330,8 @@ def _run_solver_case(rng, name):
     if name == "enumerate" and opts["max_nodes"] is None and _box_points(args) > 4096:
         # an unbudgeted exact search may take exponential time by design (it is Ctrl-C
         # interruptible); outside the brute-force range the fuzz always gives a budget
-        opts["max_nodes"] = 10**5
+        # (the numpy reference is pure Python: about 10 us a node, so the budget shrinks with k)
+        opts["max_nodes"] = max(50, 10**5 // max(1, np.size(args[1]) // max(1, np.shape(args[0])[0])))
     if name == "klein" and isinstance(opts["tau"], float) and np.isfinite(opts["tau"]) and opts["tau"] > 1e3:
         # a huge temperature over a wide box is valid but costs O(window) per level and RHS
         # (refused by klein's own estimate only beyond 1e11 per RHS): keep the case cheap
