@@ -7,9 +7,10 @@ byte-identical tensors to an uninterrupted run (same names, dtypes, shapes and b
 every tensor in the ``.safetensors`` files). If the killed run had already written its
 ``--out`` directory (written atomically), that one is compared too.
 
-Kill points are drawn two ways, alternately: a uniform random delay over the length of
-an uninterrupted run, and "after the j-th checkpointed layer plus a random 0-300 ms"
-(j uniform), so the points cover start-up, calibration, every layer and the final write.
+Kill points are drawn two ways, alternately: a uniform random delay (a third each over the
+start-up and calibration, the layers, and the final write, timed on an uninterrupted
+run), and "after the j-th checkpointed layer plus a random 0-30 ms" (j
+uniform), so the points cover start-up, calibration, the layers and the final write.
 
 Usage::
 
@@ -84,6 +85,31 @@ def tensors(out_dir):
     return got
 
 
+def timed_run(cmd, checkpoint, timeout=600):
+    """Run ``cmd`` to the end; (total s, s to the first checkpointed layer, s to the last)."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as errf:  # a file, not a pipe: the child never blocks
+        p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=errf)
+        t_first = t_all = None
+        n_seen = 0
+        while p.poll() is None and time.monotonic() - t0 < timeout:
+            n = _layers_done(checkpoint)
+            if n and t_first is None:
+                t_first = time.monotonic() - t0
+            if n > n_seen:
+                n_seen, t_all = n, time.monotonic() - t0
+            time.sleep(0.005)
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        errf.seek(0)
+        err = errf.read()
+    if p.returncode != 0:
+        raise RuntimeError(f"quantize failed ({p.returncode}): {err[-2000:]}")
+    total = time.monotonic() - t0
+    return total, (t_first if t_first is not None else 0.0), (t_all if t_all is not None else total)
+
+
 def _layers_done(checkpoint):
     try:
         return sum(1 for f in os.listdir(checkpoint) if f.endswith(".npz"))
@@ -123,12 +149,12 @@ def soak(points=20, seed=0, workdir=None, log=print, max_attempts=None):
     try:
         model, text = make_inputs(workdir)
         ref_out = os.path.join(workdir, "ref_out")
-        t0 = time.monotonic()
-        run_to_end(command(model, text, ref_out, os.path.join(workdir, "ref_ckpt")))
-        t_ref = time.monotonic() - t0
+        t_ref, t_first, t_all = timed_run(command(model, text, ref_out, os.path.join(workdir, "ref_ckpt")),
+                                          os.path.join(workdir, "ref_ckpt"))
         n_layers = _layers_done(os.path.join(workdir, "ref_ckpt"))
         ref = tensors(ref_out)
-        log(f"uninterrupted run: {t_ref:.1f} s, {n_layers} layers, {len(ref)} tensors")
+        log(f"uninterrupted run: {t_ref:.1f} s, {n_layers} layers checkpointed between "
+            f"{t_first:.1f} s and {t_all:.1f} s, {len(ref)} tensors")
         records = []
         attempt = 0
         max_attempts = max_attempts or 3 * points
@@ -138,12 +164,16 @@ def soak(points=20, seed=0, workdir=None, log=print, max_attempts=None):
             out = os.path.join(workdir, f"out{attempt}")
             cmd = command(model, text, out, ck)
             if attempt % 2:
-                delay = float(rng.uniform(0.0, t_ref))
+                # a third of the delays each over start-up and calibration, the layers,
+                # and the final write
+                phase = int(rng.integers(0, 3))
+                lo_t, hi_t = [(0.0, t_first), (t_first, t_all + 0.05), (t_all, t_ref)][phase]
+                delay = float(rng.uniform(lo_t, hi_t))
                 alive, done, at = kill_at(cmd, ck, delay=delay)
                 how = f"delay {delay:.2f} s"
             else:
                 j = int(rng.integers(0, n_layers + 1))
-                jitter = float(rng.uniform(0.0, 0.3))
+                jitter = float(rng.uniform(0.0, 0.03))
                 alive, done, at = kill_at(cmd, ck, after_layers=j, jitter=jitter)
                 how = f"after {j} layers + {jitter * 1000:.0f} ms"
             rec = {"attempt": attempt, "how": how, "killed_at_s": round(at, 3),
@@ -171,6 +201,8 @@ def soak(points=20, seed=0, workdir=None, log=print, max_attempts=None):
             "all_trials_identical": all(r["identical"] for r in records)
             and all(r.get("killed_run_out_identical", True) for r in records),
             "uninterrupted_s": round(t_ref, 2),
+            "first_layer_s": round(t_first, 2),
+            "all_layers_s": round(t_all, 2),
             "layers": n_layers,
             "layers_checkpointed_at_kill": sorted(r["layers_checkpointed"] for r in killed),
             "records": records,
