@@ -56,7 +56,8 @@ OTHER_ENTRIES = ("column_order", "joint_target", "alpha_closed_form", "JointStat
                  "lattice.encode", "lattice.decode", "lattice.fit_generator")
 BILS_ENTRIES = SOLVER_ENTRIES + PROBLEM_ENTRIES + OTHER_ENTRIES
 LOADER_ENTRIES = ("load_quantized.roundtrip", "load_quantized.byteflip_tensor",
-                  "load_quantized.byteflip_config")
+                  "load_quantized.byteflip_config", "export_gptq.roundtrip",
+                  "checkpoint.roundtrip", "checkpoint.byteflip")
 
 
 #: Per-case switch: a hostile case poisons inputs and options, a clean one draws
@@ -558,6 +559,70 @@ def _random_layer(rng):
                           g_idx=(np.arange(inp) // gs).astype(np.int32), bits=bits, group_size=gs)
 
 
+def _gptq_layer(rng, out_f, in_f, bits=None, group_size=None):
+    """A random layer the GPTQ v1 layout can hold (zero points >= 1), sometimes act-order."""
+    from llm_adapter import QuantizedLayer
+
+    bits = int(rng.choice([2, 3, 4, 8])) if bits is None else bits
+    group_size = int(rng.choice([32, -1])) if group_size is None else group_size
+    gs = in_f if group_size == -1 else group_size
+    ng = -(-in_f // gs)
+    perm = None
+    g_idx = (np.arange(in_f) // gs).astype(np.int32)
+    if rng.random() < 0.3:
+        perm = rng.permutation(in_f)
+        g_idx = np.empty(in_f, np.int32)
+        g_idx[perm] = np.arange(in_f) // gs
+    return QuantizedLayer(codes=rng.integers(0, 1 << bits, (out_f, in_f)).astype(np.uint8),
+                          scales=rng.uniform(1e-3, 0.2, (out_f, ng)).astype(np.float32),
+                          zeros=rng.integers(1, 1 << bits, (out_f, ng)).astype(np.float32),
+                          g_idx=g_idx, bits=bits, group_size=group_size, perm=perm,
+                          bias=rng.standard_normal(out_f).astype(np.float32) if rng.random() < 0.5 else None,
+                          stats={"loss": 0.0})
+
+
+_TINY = {}
+
+
+def _run_gptq_case(rng, tmp):
+    """export_gptq of random layers for the tiny Llama, read back by the test suite's reader."""
+    import torch
+    from llm_adapter import export_gptq
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from gptq_reader import read_gptq
+    from llm_fixtures import tiny_llama
+
+    if "model" not in _TINY:
+        _TINY["model"] = tiny_llama()
+    model = _TINY["model"]
+    layers = {}
+    bits, group_size = int(rng.choice([2, 3, 4, 8])), int(rng.choice([32, -1]))  # one per checkpoint
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name and rng.random() < 0.5:
+            layers[name] = _gptq_layer(rng, *mod.weight.shape, bits, group_size)
+    if not layers:
+        return "correct"
+    out = export_gptq(model, layers, os.path.join(tmp, "gptq"))
+    _, weights, _ = read_gptq(out)
+    for name, layer in layers.items():
+        s16 = layer.scales.astype(np.float16).astype(np.float32)
+        from llm_adapter import QuantizedLayer
+
+        ref = QuantizedLayer(**{**layer.__dict__, "scales": s16}).dequantize()
+        _check(np.array_equal(weights[name], ref), f"GPTQ round trip changed {name}")
+    return "correct"
+
+
+def _checkpoint_io():
+    """The per-layer checkpoint writer and reader (names kept through the restructure)."""
+    try:
+        from llm_adapter.calibration.checkpoints import load_layer, save_layer
+    except ImportError:
+        from llm_adapter.calibrate import load_layer, save_layer
+    return save_layer, load_layer
+
+
 def _same_layers(a, b):
     if set(a) != set(b):
         return False
@@ -575,6 +640,29 @@ def _run_loader_case(rng, name):
     from llm_adapter import load_quantized, save_quantized
 
     with tempfile.TemporaryDirectory() as tmp:
+        if name == "export_gptq.roundtrip":
+            return _run_gptq_case(rng, tmp)
+        if name.startswith("checkpoint."):
+            save_layer, load_layer = _checkpoint_io()
+            layer = _gptq_layer(rng, int(rng.integers(1, 9)), 32 * int(rng.integers(1, 4)))
+            path = os.path.join(tmp, "model.layers.0.mlp.up_proj.npz")
+            save_layer(path, layer)
+            if name == "checkpoint.roundtrip":
+                _check(_same_layers({"l": layer}, {"l": load_layer(path)}), "checkpoint round trip")
+                return "correct"
+            data = bytearray(open(path, "rb").read())
+            pos = int(rng.integers(0, len(data)))
+            data[pos] ^= int(rng.integers(1, 256))
+            open(path, "wb").write(bytes(data))
+            try:
+                got = load_layer(path)
+            except Exception as exc:  # noqa: BLE001
+                if isinstance(exc, (ValueError, OSError)) and os.path.basename(path) in str(exc):
+                    raise ClearError(f"{type(exc).__name__}: {exc}") from exc
+                raise RuntimeError(f"unclear error {type(exc).__name__}: {exc}") from exc
+            if _same_layers({"l": layer}, {"l": got}):
+                return "correct"
+            raise Wrong(f"byte flip at {pos} of a checkpoint layer loaded silently as different data")
         layers = {f"model.layers.{i}.mlp.up_proj": _random_layer(rng) for i in range(int(rng.integers(1, 3)))}
         path = save_quantized(os.path.join(tmp, "q"), layers)
         if name == "load_quantized.roundtrip":
@@ -612,7 +700,7 @@ def _run_loader_case(rng, name):
 # ---------------------------------------------------------------------------- one case
 #: Loader entry points that already pass (the test-suite slice runs them; byte flips wait
 #: for checksums in the formats).
-LOADERS_PASSING = ("load_quantized.roundtrip",)
+LOADERS_PASSING = ("load_quantized.roundtrip", "export_gptq.roundtrip", "checkpoint.roundtrip")
 
 
 def entries_for(part):
@@ -802,7 +890,8 @@ def main(argv=None):
     report = {"machine": machine_info(), "timeout_s": args.timeout}
     for part in parts:
         n = max(1, args.cases // 10) if (args.part == "all" and part == "loaders") else args.cases
-        summary = fuzz(n, part=part, workers=args.workers, timeout=args.timeout, start=args.start,
+        timeout = args.timeout if part == "bils" else max(args.timeout, 60.0)  # torch imports
+        summary = fuzz(n, part=part, workers=args.workers, timeout=timeout, start=args.start,
                        progress=True)
         report[part] = summary
         print(f"\n[{part}] {n} cases in {summary['seconds']} s")

@@ -3,7 +3,7 @@
 The full run (``python benchmarks/fuzz.py --cases 10000``) writes
 ``benchmarks/results/fuzz.json``; this slice runs the first 500 seeds over every public
 ``bils`` entry point in one worker process (per-case timeout), plus the loader cases that
-already pass (save/load round trips). Byte-flip cases of the loaders are reported by the
+already pass (native, GPTQ-export and checkpoint round trips). Byte-flip cases of the loaders are reported by the
 full run only until the formats carry checksums.
 """
 
@@ -44,5 +44,6 @@ def test_fuzz_slice_bils(fuzz):
 
 def test_fuzz_slice_loaders_that_pass(fuzz):
     pytest.importorskip("torch")
-    summary = fuzz.fuzz(10, part="loaders-passing", workers=1, timeout=60.0)
-    _assert_clean(summary, 10)
+    summary = fuzz.fuzz(12, part="loaders-passing", workers=1, timeout=60.0)
+    _assert_clean(summary, 12)
+    assert set(summary["per_entry"]) == set(fuzz.LOADERS_PASSING)
