@@ -342,9 +342,12 @@ def test_r8_numba_enumerate_honours_ctrl_c():
     timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
     t0 = time.perf_counter()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        bils.enumerate(R, y, -1000, 1000, backend="numba")
-    timer.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bils.enumerate(R, y, -1000, 1000, backend="numba")
+    finally:
+        timer.cancel()  # never let a late SIGINT reach the test session
+        timer.join()
     assert time.perf_counter() - t0 < 10.0
 
 
