@@ -265,6 +265,8 @@ def _problem_abs_err(p, x):
 def _brute_force(can):
     """Minimum cost over the whole box per RHS (None when the box is too large)."""
     n, k = can.Y.shape
+    if n > 24:  # meshgrid's dimension limit; such boxes only pass the size test when degenerate
+        return None
     out = np.empty(k)
     for j in range(k):
         lo, hi = can.lo[:, j], can.hi[:, j]
