@@ -53,6 +53,7 @@ __all__ = [
     "spd_iv",
     "rhs_chunks",
     "chunked",
+    "estimated",
 ]
 
 #: Largest magnitude of a box bound, for every input dtype: codes stay exact in float64.
@@ -285,6 +286,15 @@ def _take_cols(can, cols):
     """The canonical problem ``can`` restricted to the RHS columns ``cols`` (a slice)."""
     return dataclasses.replace(can, Y=can.Y[:, cols], lo=can.lo[:, cols], hi=can.hi[:, cols],
                                scale=can.scale[:, cols], offset=can.offset[:, cols])
+
+
+def estimated(kernel, ops_per_rhs):
+    """``kernel`` preceded by ``ops_per_rhs(can, **options)`` (which raises before allocating)."""
+    def run(can, **options):
+        ops_per_rhs(can, **options)
+        return kernel(can, **options)
+
+    return run
 
 
 def chunked(kernel, ops_per_rhs, target=2e8):

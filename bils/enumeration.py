@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ._driver import run_solver
-from ._guard import chunked, scratch_iv
+from ._guard import estimated, scratch_iv
 from ._validate import int_iv
 from .result import Status
 
@@ -214,7 +214,9 @@ def enumerate(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, max_no
     if max_nodes is not None and max_nodes >= _UNLIMITED_NODES:
         max_nodes = None  # beyond any reachable count (and beyond int64 in the kernels)
     n_best = int_iv("n_best", n_best, minimum=1)
-    kernels = {be: (lambda f=f: chunked(f(), _enumerate_ops)) for be, f in KERNELS.items()}
+    # no RHS chunking here: the numpy reference is a Python loop and the numba kernel runs
+    # its searches in node slices from Python, so both honour Ctrl-C already
+    kernels = {be: (lambda f=f: estimated(f(), _enumerate_ops)) for be, f in KERNELS.items()}
     return run_solver("enumerate", kernels, R, Y, lo, hi, scale, offset, backend,
                       {"max_nodes": -1 if max_nodes is None else max_nodes, "n_best": n_best})
 
@@ -226,12 +228,11 @@ _UNBUDGETED_OPS = 1e6
 
 
 def _enumerate_ops(can, *, max_nodes, n_best):
-    """Operations per RHS for RHS chunking; refuses an ``n_best`` list that cannot fit.
+    """Operations per RHS (an estimate); refuses an ``n_best`` list that cannot fit.
 
     The m-best lists take ``8 m (n + 1) k`` bytes (and again per RHS as scratch). The
     work of an exact search is unknown up front: ``max_nodes * n`` with a budget, else a
-    nominal :data:`_UNBUDGETED_OPS` so that chunks stay small enough for Ctrl-C between
-    them (one search itself runs to completion: use ``max_nodes`` to bound it).
+    nominal :data:`_UNBUDGETED_OPS`.
     """
     n, k = can.Y.shape
     scratch_iv(f"`enumerate` with `n_best`={n_best}, n={n} and k={k}",

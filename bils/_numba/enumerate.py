@@ -187,8 +187,9 @@ def _resume_one(R, Yo, S, LO, HI, max_nodes, slice_nodes, j0, y, sv, lov, hiv, d
                     nhi, partial, bx, bc, state, j0, 0)
 
 
-#: Right-hand sides whose searches run side by side (state arrays are sized by it).
-CHUNK_RHS = 256
+#: Right-hand sides whose searches run side by side (state arrays are sized by it: about
+#: ``8 (7 n + n_best (n + 1))`` bytes each).
+CHUNK_RHS = 4096
 #: Nodes visited per kernel call, summed over the chunk's running searches: between
 #: calls the interpreter runs, so Ctrl-C stops a long search within about one call.
 SLICE_NODES = 1 << 22
