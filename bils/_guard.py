@@ -218,13 +218,16 @@ def work_iv(what, ops, hint):
                          f"(limit {WORK_LIMIT:.0e}): {hint}")
 
 
-def rhs_chunks(k, ops_per_rhs, target=2e8):
+def rhs_chunks(k, ops_per_rhs, target=2e8, min_width=256):
     """Split ``range(k)`` into slices of about ``target`` estimated operations each.
 
     Kernels run one chunk at a time from a Python loop, so ``KeyboardInterrupt`` is
-    honoured between chunks (a numba kernel cannot be interrupted while it runs).
+    honoured between chunks (a numba kernel cannot be interrupted while it runs). A chunk
+    holds at least ``min_width`` right-hand sides, so the kernels' matrix products stay
+    wide (kernels that loop over panels in Python, like K-best's, are interruptible
+    between panels as well).
     """
-    per = int(max(1, min(k, target // max(1.0, float(ops_per_rhs)))))
+    per = int(max(min_width, 1, min(k, target // max(1.0, float(ops_per_rhs)))))
     return [slice(j0, min(k, j0 + per)) for j0 in range(0, k, per)]
 
 
@@ -297,7 +300,7 @@ def estimated(kernel, ops_per_rhs):
     return run
 
 
-def chunked(kernel, ops_per_rhs, target=2e8):
+def chunked(kernel, ops_per_rhs, target=2e8, min_width=256):
     """``kernel`` run over chunks of right-hand sides from a Python loop.
 
     ``ops_per_rhs(can)`` estimates the operations per RHS (and may raise ``ValueError``
@@ -309,7 +312,7 @@ def chunked(kernel, ops_per_rhs, target=2e8):
     def run(can, **options):
         ops = ops_per_rhs(can, **options)
         k = can.Y.shape[1]
-        parts = rhs_chunks(k, ops, target)
+        parts = rhs_chunks(k, ops, target, min_width)
         if len(parts) == 1:
             return kernel(can, **options)
         outs = [kernel(_take_cols(can, cols), **options) for cols in parts]

@@ -13,6 +13,8 @@ from .result import Status
 
 __all__ = ["kbest"]
 
+#: Levels per call of the numba kernel's panel loop (``bils._numba.kbest.PANEL``).
+_PANEL_LEVELS = 512
 #: RHS processed together by the numpy reference (bounds its scratch memory).
 _CHUNK_ELEMS = 1 << 22
 
@@ -154,7 +156,7 @@ def kbest(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, beam_width
     beam_width = int_iv("beam_width", beam_width, minimum=1)
     n_children = int_iv("n_children", n_children, minimum=1, allow_none=True)
     C = beam_width if n_children is None else n_children
-    kernels = {be: (lambda f=f: chunked(f(), _kbest_ops)) for be, f in KERNELS.items()}
+    kernels = {be: (lambda f=f: chunked(f(), _kbest_ops, target=1e10)) for be, f in KERNELS.items()}
     return run_solver("kbest", kernels, R, Y, lo, hi, scale, offset, backend,
                       {"beam_width": beam_width, "n_children": C})
 
@@ -176,7 +178,9 @@ def _kbest_ops(can, *, beam_width, n_children):
                K * (32 * n + 56 * ce), hint)
     ops = n * K * (n + ce * math.log2(K * ce + 2))
     work_iv(f"`kbest` with `beam_width`={K}, `n_children`={C} and n={n}", ops, hint)
-    return ops
+    # both kernels return to Python between panels of levels (numba: 512 levels; numpy:
+    # every level), so the uninterrupted unit of work is one panel's share
+    return ops * min(1.0, _PANEL_LEVELS / n)
 
 
 def _compact_hi_lo(can):

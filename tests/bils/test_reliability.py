@@ -270,13 +270,14 @@ def test_r8_chunked_equals_one_call_and_is_interruptible():
         return _enumerate_numpy(c, **o)
 
     with pytest.raises(KeyboardInterrupt):
-        chunked(kernel, lambda c, **o: 1e7, target=1e8)(can, max_nodes=-1, n_best=2)
+        chunked(kernel, lambda c, **o: 1e7, target=1e8, min_width=1)(can, max_nodes=-1, n_best=2)
     assert calls == [10, 10, 10]  # stopped at the third chunk, nothing after
-    x, cost, status, info = chunked(_enumerate_numpy, lambda c, **o: 1e7, target=1e8)(
-        can, max_nodes=-1, n_best=2)
+    x, cost, status, info = chunked(_enumerate_numpy, lambda c, **o: 1e7, target=1e8,
+                                    min_width=1)(can, max_nodes=-1, n_best=2)
     assert np.array_equal(x, one.x) and np.array_equal(cost, one.cost)
     assert np.array_equal(info["best_x"], one.info["best_x"])
-    assert [s.stop - s.start for s in rhs_chunks(37, 1e7, 1e8)] == [10, 10, 10, 7]
+    assert [s.stop - s.start for s in rhs_chunks(37, 1e7, 1e8, min_width=1)] == [10, 10, 10, 7]
+    assert [s.stop - s.start for s in rhs_chunks(600, 1e9)] == [256, 256, 88]  # wide products
 
 
 # 9 ------------------------------------------------------------------------------------------
