@@ -17,6 +17,7 @@ import numpy as np
 
 from ._backend import resolve_backend
 from ._dask import run_solver_dask, uses_dask  # dask itself is imported only when used
+from ._guard import guarded
 from ._validate import _namespace, problem_iv
 from .problem import BILSProblem
 from .result import BILSResult, _to_host
@@ -59,7 +60,7 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     problem, can = canonical_from_args(R, Y, lo, hi, scale, offset)
     arrays = (problem.R,) if problem is not None else (R, Y)  # a problem's arrays may be on a device
     be = resolve_backend(backend, *arrays)
-    kernel = _kernel_for(kernels, be, solver)
+    kernel = guarded(solver, _kernel_for(kernels, be, solver))
     k_total = problem.k if problem is not None else can.k
     opts = options if callable(options) else (lambda c, cols, kt: options)
 

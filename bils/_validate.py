@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._grid import GroupedGrid
+from ._guard import bounds_iv, level_weights_iv
 
 __all__ = ["Canonical", "problem_iv", "grid_iv", "int_iv", "float_iv", "choice_iv"]
 
@@ -188,12 +189,15 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
     for name, b in (("lo", lo), ("hi", hi)):
         b = _real_array(name, b, xp=xp)
         _finite(name, b, xp)
-        if b.dtype.kind == "f":
-            if bool(xp.any(b != xp.round(b))):
+        if xp is np:
+            b = bounds_iv(name, b)  # one safe int64 cast for every dtype (|b| <= 2**52)
+        else:
+            if b.dtype.kind == "f" and bool(xp.any(b != xp.round(b))):
                 raise ValueError(f"`{name}` must hold integers")
             if bool(xp.any(xp.abs(b) > 2**52)):
                 raise ValueError(f"`{name}` must have magnitude <= 2**52")
-        b = _broadcast(name, _as_column_shape(b.astype(np.int64, copy=False), squeeze), shape, xp)
+            b = b.astype(np.int64, copy=False)
+        b = _broadcast(name, _as_column_shape(b, squeeze), shape, xp)
         bounds.append(b)
     lo, hi = bounds
     if bool(xp.any(lo > hi)):
@@ -204,6 +208,7 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
         if np.any(scale.values == 0):
             raise ValueError("`scale` must be non-zero")
         offset = grid_iv("offset", offset, 0.0, shape, squeeze)
+        level_weights_iv(R, Y, lo, hi, scale, offset)  # derived quantities: R_ii*s_ij, residual bound
         return Canonical(R, Y, lo, hi, scale, offset, squeeze)
 
     # device arrays: dense broadcast views in the array's namespace

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._driver import run_solver
+from ._guard import level_weights_iv
 from ._validate import choice_iv, int_iv
 from .result import Status
 
@@ -134,6 +135,16 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
     BILSResult
         ``x`` (n, k) int64, ``cost`` (k,), ``status`` all ``HEURISTIC``.
 
+    Raises
+    ------
+    ValueError
+        When an argument breaks its rule (the message names it), or when the problem
+        leaves the floating-point safe range of the working precision: level weights
+        :math:`|R_{ii} s_{ij}|` outside :math:`[\sqrt{\text{tiny}}, \sqrt{\text{max}}]`
+        or magnitudes of ``Y``, ``R``, ``scale``, ``offset`` and the box that could make
+        a cost overflow. No input returns a NaN or infinite cost or a code outside the
+        box; every solver and backend raises the same error for the same input.
+
     See Also
     --------
     klein : randomised nearest plane, never worse than Babai.
@@ -166,5 +177,15 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
     """
     block_size = int_iv("block_size", block_size, minimum=1)
     precision = choice_iv("precision", precision, PRECISIONS)
+    opts = {"block_size": block_size, "precision": precision}
+    if precision != "float64":
+        def options(can, cols, k_total):
+            _precision_iv(can, precision)
+            return opts
     return run_solver("babai", KERNELS, R, Y, lo, hi, scale, offset, backend,
-                      {"block_size": block_size, "precision": precision})
+                      opts if precision == "float64" else options)
+
+
+def _precision_iv(can, precision):
+    """The problem's level weights and residual bound in the working precision's range."""
+    level_weights_iv(can.R, can.Y, can.lo, can.hi, can.scale, can.offset, np.dtype(precision))

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from ._driver import run_solver
+from ._guard import estimated, scratch_iv
 from ._validate import int_iv
 from .result import Status
 
@@ -192,6 +193,12 @@ def enumerate(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, max_no
     targets are near the lattice. Use :func:`bils.kbest` or :func:`bils.klein` beyond
     a few dozen dimensions, or set ``max_nodes``. Ties keep the first leaf found.
 
+    Right-hand sides are searched in chunks from a Python loop, and the numba backend
+    runs each search in slices of nodes, so Ctrl-C (``KeyboardInterrupt``) stops even a
+    single long search within a fraction of a second; results do not depend on the
+    slicing. An ``n_best`` list that would not fit in memory is refused up front
+    (``ValueError`` with the estimate); ``max_nodes >= 2**62`` means no budget.
+
     References
     ----------
     .. [1] C. P. Schnorr, M. Euchner, "Lattice basis reduction: improved practical
@@ -210,6 +217,30 @@ def enumerate(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, max_no
     [0, 1]
     """
     max_nodes = int_iv("max_nodes", max_nodes, minimum=1, allow_none=True)
+    if max_nodes is not None and max_nodes >= _UNLIMITED_NODES:
+        max_nodes = None  # beyond any reachable count (and beyond int64 in the kernels)
     n_best = int_iv("n_best", n_best, minimum=1)
-    return run_solver("enumerate", KERNELS, R, Y, lo, hi, scale, offset, backend,
+    # no RHS chunking here: the numpy reference is a Python loop and the numba kernel runs
+    # its searches in node slices from Python, so both honour Ctrl-C already
+    kernels = {be: (lambda f=f: estimated(f(), _enumerate_ops)) for be, f in KERNELS.items()}
+    return run_solver("enumerate", kernels, R, Y, lo, hi, scale, offset, backend,
                       {"max_nodes": -1 if max_nodes is None else max_nodes, "n_best": n_best})
+
+
+#: ``max_nodes`` at or above this count means no budget.
+_UNLIMITED_NODES = 2**62
+#: Operations per RHS assumed for an unbudgeted search when sizing RHS chunks.
+_UNBUDGETED_OPS = 1e6
+
+
+def _enumerate_ops(can, *, max_nodes, n_best):
+    """Operations per RHS (an estimate); refuses an ``n_best`` list that cannot fit.
+
+    The m-best lists take ``8 m (n + 1) k`` bytes (and again per RHS as scratch). The
+    work of an exact search is unknown up front: ``max_nodes * n`` with a budget, else a
+    nominal :data:`_UNBUDGETED_OPS`.
+    """
+    n, k = can.Y.shape
+    scratch_iv(f"`enumerate` with `n_best`={n_best}, n={n} and k={k}",
+               8 * n_best * (n + 1) * (k + 1) * 2, "lower `n_best`")
+    return float(max_nodes) * n if max_nodes > 0 else _UNBUDGETED_OPS

@@ -2,14 +2,19 @@ r"""K-best: breadth-first beam search over the nearest-plane tree."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._driver import run_solver
+from ._guard import _compact, chunked, scratch_iv, work_iv
 from ._validate import int_iv
 from .result import Status
 
 __all__ = ["kbest"]
 
+#: Levels per call of the numba kernel's panel loop (``bils._numba.kbest.PANEL``).
+_PANEL_LEVELS = 512
 #: RHS processed together by the numpy reference (bounds its scratch memory).
 _CHUNK_ELEMS = 1 << 22
 
@@ -18,7 +23,9 @@ def _kbest_numpy(can, *, beam_width, n_children):
     n, k = can.Y.shape
     x = np.empty((n, k), dtype=np.int64)
     cost = np.empty(k)
-    chunk = max(1, _CHUNK_ELEMS // max(1, beam_width * n))
+    width = int(np.max(can.hi - can.lo)) if k else 0
+    ce = 2 * min(n_children - 1, width) + 1  # candidates per beam member (zig-zag window)
+    chunk = max(1, _CHUNK_ELEMS // max(1, beam_width * max(n, ce)))
     for j0 in range(0, k, chunk):
         cols = slice(j0, min(k, j0 + chunk))
         x[:, cols], cost[cols] = _kbest_chunk(can, cols, beam_width, n_children)
@@ -131,6 +138,12 @@ def kbest(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, beam_width
     :math:`O(K n^2 k)` flops and :math:`O(K C \log(KC))` selection work per level and
     RHS. Ties in the selection go to the earlier parent, then the nearer child.
 
+    Memory and work are estimated before anything is allocated: a beam whose scratch
+    exceeds half the physical memory (``BILS_SCRATCH_LIMIT`` bytes overrides it) or whose
+    work exceeds about 1e11 operations per RHS raises ``ValueError``
+    with the estimate. Right-hand sides run in chunks from a Python loop, so Ctrl-C is
+    honoured between chunks.
+
     References
     ----------
     .. [1] K. Wong, C. Tsui, R. Cheng, W. Mow, "A VLSI architecture of a K-best lattice
@@ -149,5 +162,33 @@ def kbest(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, beam_width
     beam_width = int_iv("beam_width", beam_width, minimum=1)
     n_children = int_iv("n_children", n_children, minimum=1, allow_none=True)
     C = beam_width if n_children is None else n_children
-    return run_solver("kbest", KERNELS, R, Y, lo, hi, scale, offset, backend,
+    kernels = {be: (lambda f=f: chunked(f(), _kbest_ops, target=1e10)) for be, f in KERNELS.items()}
+    return run_solver("kbest", kernels, R, Y, lo, hi, scale, offset, backend,
                       {"beam_width": beam_width, "n_children": C})
+
+
+def _kbest_ops(can, *, beam_width, n_children):
+    """Operations per RHS of a K-best call; refuses, before allocating, what cannot fit.
+
+    Memory per RHS (numpy reference, the larger of the two backends): the beams
+    ``4 * 8 K n`` bytes and the candidates ``56 K (2w + 1)`` bytes, ``w`` the zig-zag
+    half-width ``min(C - 1, max(hi - lo))``. Work per RHS: ``n K (n + (2w+1) log2(K (2w+1)))``.
+    """
+    n = can.R.shape[0]
+    K, C = beam_width, n_children
+    width = int(np.max(_compact_hi_lo(can))) if can.Y.shape[1] else 0
+    w = min(C - 1, width)
+    ce = 2 * w + 1
+    hint = "lower `beam_width` or `n_children`"
+    scratch_iv(f"`kbest` with `beam_width`={K}, `n_children`={C} and n={n}",
+               K * (32 * n + 56 * ce), hint)
+    ops = n * K * (n + ce * math.log2(K * ce + 2))
+    work_iv(f"`kbest` with `beam_width`={K}, `n_children`={C} and n={n}", ops, hint)
+    # both kernels return to Python between panels of levels (numba: 512 levels; numpy:
+    # every level), so the uninterrupted unit of work is one panel's share
+    return ops * min(1.0, _PANEL_LEVELS / n)
+
+
+def _compact_hi_lo(can):
+    """``hi - lo`` without materialising repeated (broadcast) axes."""
+    return _compact(can.hi) - _compact(can.lo)

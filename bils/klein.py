@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from ._driver import run_solver
+from ._guard import _compact, scratch_iv, work_iv
 from ._rng import column_seeds, uniform
 from ._validate import _namespace, float_iv, int_iv
 from .babai import box_round, nearest_plane_sweep
@@ -210,8 +211,39 @@ class _KleinOptions:
         xp = _namespace(can.R)
         t = (xp.broadcast_to(xp.asarray(lls_tau(can.R, can.scale, self.n_samples)), (can.k,))
              if self.tau == "auto" else xp.full(can.k, self.tau))
+        if xp is np:
+            _klein_work_iv(can, self.n_samples, t)
         return {"n_samples": self.n_samples, "tau": xp.asarray(t, dtype=np.float64),
                 "seeds": seeds, "block_size": self.block_size}
 
     def __getstate__(self):
         return dict(self.__dict__, gen=None, seeds=None)
+
+
+def _klein_work_iv(can, n_samples, tau):
+    """Refuse, before sampling, windows or sample counts whose memory or work cannot fit.
+
+    The window half-width at level ``i`` is ``min(ceil(6 sqrt(tau) / |R_ii s_i|) + 1,
+    hi - lo)``; the numpy reference holds ``(2w + 1) k`` candidates per level (about 48
+    bytes each) and every backend may visit them: work per RHS
+    ``n_samples * n * (n + 2w + 1)``. With a grouped grid the widest window is bounded
+    from the smallest level weight per RHS (never an (n, k) temporary).
+    """
+    from ._grid import GroupedGrid
+
+    if n_samples == 0:
+        return
+    n, k = can.Y.shape
+    diag = np.abs(np.diag(can.R))
+    if isinstance(can.scale, GroupedGrid):
+        d = np.atleast_1d(can.scale.min_abs_scaled(diag))[None, :]
+    else:
+        d = diag[:, None] * np.abs(_compact(can.scale))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        w = np.ceil(WINDOW_SIGMAS * np.sqrt(np.asarray(tau, dtype=np.float64)) / d) + 1.0
+    w = np.where(np.isfinite(w), w, np.inf)
+    wmax = min(float(np.max(w)), float(np.max(_compact(can.hi) - _compact(can.lo))))
+    what = f"`klein` with `n_samples`={n_samples}, `tau` up to {float(np.max(tau)):.3g} and n={n}"
+    hint = "lower `tau` (its window is 6 sqrt(tau) / |R_ii scale_i| integers wide) or `n_samples`"
+    scratch_iv(what, 48.0 * (2 * wmax + 1) * k, hint)
+    work_iv(what, float(n_samples) * n * (n + 2 * wmax + 1), hint)

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import choice_iv
+from ._guard import spd_iv
+from ._validate import _real_array, choice_iv
 
 __all__ = ["ORDERINGS", "column_order", "chang_han"]
 
@@ -40,11 +41,12 @@ ORDERINGS = ("natural", "reverse", "diag", "sqrd", "vblast", "minpivot")
 
 
 def _gram_iv(G):
-    G = np.asarray(G, dtype=np.float64)
-    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+    G = _real_array("G", G).astype(np.float64, copy=False)  # rejects complex / object dtypes
+    if G.ndim != 2 or G.shape[0] != G.shape[1] or G.shape[0] == 0:
         raise ValueError(f"`G` must be a square 2-D array, got shape {G.shape}")
     if not np.all(np.isfinite(G)):
         raise ValueError("`G` must be finite")
+    spd_iv("G", G, "positive definite for this ordering")  # every ordering, as documented
     return G
 
 
@@ -197,7 +199,11 @@ def chang_han(R, Y, lo, hi, scale=None, offset=None):
         for pos in range(n - 1, -1, -1):
             Bm = B[:, remaining]
             G = Bm.T @ Bm
-            Ginv = np.linalg.inv(G)
+            try:
+                Ginv = np.linalg.inv(G)
+            except np.linalg.LinAlgError:
+                raise ValueError("`R` (times `scale`) is too ill-conditioned for the 'chang_han' "
+                                 "ordering: its Gram matrix is numerically singular") from None
             cls = Ginv @ (Bm.T @ y)
             rjj = 1.0 / np.sqrt(np.maximum(np.diag(Ginv), 1e-300))
             first, second = _second_nearest(cls, lo_j[remaining], hi_j[remaining])

@@ -141,6 +141,9 @@ class BILSProblem:
     dead: np.ndarray | None = None
     squeeze: bool = False
 
+    def __post_init__(self):
+        _problem_fields_iv(self)
+
     @property
     def n(self) -> int:
         return self.R.shape[0]
@@ -430,7 +433,12 @@ class BILSProblem:
             perm = chang_han(can.R, can.Y, can.lo, can.hi, can.scale, can.offset)
             return cls(can.R, can.Y, *grids, perm, np.asarray(cost_offset, float), dead, squeeze)
         G = gram if gram is not None else can.R.T @ can.R
-        perm = column_order(G, ordering)
+        try:
+            perm = column_order(G, ordering)
+        except (ValueError, np.linalg.LinAlgError):
+            name = "A" if gram is not None else "R"
+            raise ValueError(f"`{name}` is too ill-conditioned for ordering={ordering!r}: its Gram "
+                             "matrix is not numerically positive definite") from None
         Q, Rp = np.linalg.qr(can.R[:, perm])
         sign = np.sign(np.diag(Rp))
         sign[sign == 0] = 1.0
@@ -458,9 +466,19 @@ class BILSProblem:
         return Rp, y, pick(self.lo), pick(self.hi), pick(self.scale), pick(self.offset), p
 
     def cost(self, x):
-        """Cost of ``x`` (original coordinate order), per RHS, including ``cost_offset``."""
-        x = np.asarray(x)
-        x2 = x.reshape(self.n, -1)
+        """Cost of ``x`` (original coordinate order), per RHS, including ``cost_offset``.
+
+        ``x`` : (n,) or (n, k) integer codes (any box); raises ``ValueError`` for other
+        shapes, non-integral or non-finite values, or a cost that overflows.
+        """
+        x2 = _codes_iv(x, self.n, self.k)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self._cost(x2)
+        if not np.all(np.isfinite(out)):
+            raise ValueError("the cost of `x` overflows float64: `x` is far outside the box")
+        return out
+
+    def _cost(self, x2):
         if self.perm is None:
             xs = x2
         elif self.perm.ndim == 1:
@@ -487,3 +505,86 @@ def _rows2(name, a, perm, n, squeeze):
     if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
         return a[perm]
     return a
+
+
+def _array_meta(name, a):
+    """``a`` as an array for shape checks: numpy input is validated by ``_real_array``; device
+    (CuPy) and lazy (dask) arrays are checked by dtype only, never copied or computed."""
+    mod = type(a).__module__
+    if mod.startswith(("cupy", "dask", "torch")):
+        if getattr(a, "dtype", None) is None or np.dtype(str(a.dtype).replace("torch.", "")).kind not in "fiu":
+            raise TypeError(f"`{name}` must hold real numbers, got dtype {getattr(a, 'dtype', None)}")
+        return a
+    return _real_array(name, a)
+
+
+def _problem_fields_iv(p):
+    """Validate the fields of a :class:`BILSProblem` (shapes, ``perm``, ``cost_offset``, ...).
+
+    Cheap checks only (``O(n k)``): the values of ``R``, ``Y`` and the grids are checked by
+    :func:`bils._validate.problem_iv` when a solver uses the problem. Fields are
+    normalised in place (``perm`` to int64, ``cost_offset`` to a float (k,) array).
+    """
+    put = lambda name, v: object.__setattr__(p, name, v)  # noqa: E731 - frozen dataclass
+    R = _array_meta("R", p.R)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        raise ValueError(f"`R` must be a square 2-D (n, n) array with n >= 1, got shape {R.shape}")
+    n = R.shape[0]
+    Y = _array_meta("Y", p.Y)
+    if Y.ndim != 2 or Y.shape[0] != n or Y.shape[1] == 0:
+        raise ValueError(f"`Y` must be a 2-D ({n}, k) array with k >= 1, got shape {Y.shape}")
+    k = Y.shape[1]
+    for name in ("lo", "hi", "scale", "offset"):
+        a = getattr(p, name)
+        if isinstance(a, GroupedGrid):
+            if a.n != n or a.values.shape[1] not in (1, k):
+                raise ValueError(f"`{name}` (a GroupedGrid) must have {n} rows and values of shape "
+                                 f"(g, {k}) or (g, 1), got n = {a.n}, values {a.values.shape}")
+            continue
+        a = _array_meta(name, a)
+        if a.ndim != 2 or a.shape[0] not in (1, n) or a.shape[1] not in (1, k):
+            raise ValueError(f"`{name}` must be a 2-D array of shape ({n} or 1, {k} or 1), "
+                             f"got shape {a.shape}")
+    def host(a):  # small fields of device problems are checked on a host copy
+        return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
+
+    on_device = type(p.R).__module__.startswith("cupy")
+    if p.perm is not None:
+        perm = host(p.perm)
+        if perm.dtype.kind not in "iu" or perm.ndim not in (1, 2) or perm.shape[0] != n \
+                or (perm.ndim == 2 and perm.shape[1] != k):
+            raise ValueError(f"`perm` must be an integer array of shape ({n},) or ({n}, {k}), "
+                             f"got dtype {perm.dtype} and shape {perm.shape}")
+        cols = perm.reshape(n, -1)
+        if np.any(cols < 0) or np.any(cols >= n) or \
+                np.any(np.sort(cols, axis=0) != np.arange(n)[:, None]):
+            raise ValueError(f"`perm` must be a permutation of range({n})"
+                             + (" in every column" if perm.ndim == 2 else ""))
+        if not on_device:
+            put("perm", perm.astype(np.int64, copy=False))
+    co = _real_array("cost_offset", host(p.cost_offset)).astype(np.float64, copy=False)
+    if co.ndim > 1 or (co.ndim == 1 and co.shape[0] not in (1, k)):
+        raise ValueError(f"`cost_offset` must be a scalar or of shape ({k},), got shape {co.shape}")
+    if not np.all(np.isfinite(co)) or np.any(co < 0):
+        raise ValueError("`cost_offset` must be finite and >= 0")
+    if not on_device:
+        put("cost_offset", np.broadcast_to(co, (k,)).copy() if co.shape != (k,) else co)
+    if p.dead is not None:
+        dead = host(p.dead)
+        if dead.dtype != bool or dead.shape != (n,):
+            raise ValueError(f"`dead` must be None or a boolean array of shape ({n},)")
+    if not isinstance(p.squeeze, (bool, np.bool_)):
+        raise TypeError(f"`squeeze` must be a bool, got {type(p.squeeze).__name__}")
+    if p.squeeze and k != 1:
+        raise ValueError(f"`squeeze=True` needs a single right-hand side, got k={k}")
+
+
+def _codes_iv(x, n, k):
+    """``x`` as a float64 (n, k) array of finite integers, or ``ValueError``."""
+    x = _real_array("x", x)
+    if x.size != n * k or x.ndim not in (1, 2) or x.shape[0] != n:
+        raise ValueError(f"`x` must have shape ({n},) or ({n}, {k}), got {x.shape}")
+    x = x.reshape(n, k).astype(np.float64)
+    if not np.all(np.isfinite(x)) or np.any(x != np.round(x)):
+        raise ValueError("`x` must hold finite integers (codes)")
+    return x

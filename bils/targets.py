@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from ._guard import is_symmetric
 from ._validate import _real_array, float_iv, int_iv
 
 __all__ = ["joint_target", "alpha_closed_form", "JointStats", "fold_beta"]
@@ -44,7 +45,17 @@ def _wh_iv(W, H, D):
     if not np.all(np.isfinite(W)):
         raise ValueError("`W` must be finite")
     n = W.shape[1]
-    return W, _square("H", H, n), _square("D", D, n)
+    H = _square("H", H, n)
+    if not is_symmetric(H):  # only one triangle is read by the Cholesky solve
+        raise ValueError("`H` must be symmetric")
+    return W, H, _square("D", D, n)
+
+
+def _finite_out(name, value, what):
+    """Refuse a non-finite derived value (overflow of finite inputs)."""
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{what} overflowed to a non-finite value: rescale `{name}`")
+    return value
 
 
 def _cho(H):
@@ -91,10 +102,15 @@ def joint_target(W, H, D, alpha):
         return _joint_target_xp(xp, W, H, D, alpha)
     W, H, D = _wh_iv(W, H, D)
     alpha = float_iv("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
     if alpha == 0:
         return W.copy()
     # W D H^{-1} = (H^{-1} D^T W^T)^T since H is symmetric
-    return W + alpha * scipy.linalg.cho_solve(_cho(H), (W @ D).T).T
+    with np.errstate(over="ignore", invalid="ignore"):
+        WD = _finite_out("W` or `D", W @ D, "the product W D")
+        out = W + alpha * scipy.linalg.cho_solve(_cho(H), WD.T).T
+    return _finite_out("W`, `H` or `D", out, "the joint target W + alpha W D H^-1")
 
 
 def _joint_target_xp(xp, W, H, D, alpha):
@@ -166,11 +182,16 @@ def alpha_closed_form(Q, W, H, D):
     Q = _real_array("Q", Q).astype(np.float64)
     if Q.shape != W.shape:
         raise ValueError(f"`Q` must have the shape of `W` {W.shape}, got {Q.shape}")
-    WD = W @ D
-    den = float(np.sum(WD * scipy.linalg.cho_solve(_cho(H), WD.T).T))
+    if not np.all(np.isfinite(Q)):
+        raise ValueError("`Q` must be finite")
+    with np.errstate(over="ignore", invalid="ignore"):
+        WD = _finite_out("W` or `D", W @ D, "the product W D")
+        den = float(np.sum(WD * scipy.linalg.cho_solve(_cho(H), WD.T).T))
+        num = float(np.sum((Q - W) * WD))
+    _finite_out("W`, `H`, `D` or `Q", np.array([num, den]), "alpha's numerator or denominator")
     if den <= 0:
         return 0.0
-    return float(np.clip(np.sum((Q - W) * WD) / den, 0.0, 1.0))
+    return float(np.clip(num / den, 0.0, 1.0))
 
 
 def fold_beta(rng, m, size=None):
@@ -223,12 +244,19 @@ class JointStats:
         Xq = np.asarray(Xq, dtype=self.H.dtype)
         if X.shape != Xq.shape or X.ndim != 2 or X.shape[0] != self.n:
             raise ValueError(f"`X` and `Xq` must both be ({self.n}, N), got {X.shape} and {Xq.shape}")
+        for name, v in (("X", X), ("Xq", Xq)):
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"`{name}` must be finite (no NaN or inf)")
         a = 1.0
         if self.alpha == "sample":
             a = float(fold_beta(self._rng, self.beta_m))
         elif self.alpha is not None:
             a = self.alpha
+        with np.errstate(over="ignore", invalid="ignore"):
+            H = self.H + Xq @ Xq.T
+            D = self.D + a * ((X - Xq) @ Xq.T)
+        if not (np.all(np.isfinite(H)) and np.all(np.isfinite(D))):  # nothing is added
+            raise ValueError("`X` and `Xq` overflow the accumulated statistics: rescale them")
+        self.H, self.D = H, D
         self.alphas.append(a)
-        self.H += Xq @ Xq.T
-        self.D += a * ((X - Xq) @ Xq.T)
         self.n_samples += X.shape[1]

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg
 
 from .._backend import resolve_backend
-from .._validate import _real_array, choice_iv, int_iv
+from .._validate import _real_array, choice_iv, int_iv, problem_iv
 from ..babai import babai
 from ..enumeration import enumerate as _enumerate
 from ..kbest import kbest
@@ -220,6 +220,16 @@ def encode(codebook, V, metric=None, *, method="nearest_plane", beam_width=8, ma
     return encode_prepared(codebook, V, C, method, beam_width, max_nodes, backend, squeeze)
 
 
+def _lattice_range_iv(lat):
+    """The encoding BILS must be in the solvers' safe range (finite costs for every method)."""
+    try:
+        with np.errstate(all="ignore"):
+            problem_iv(lat.R, lat.Y, lat.lo, lat.hi, None, lat.offset)
+    except ValueError as exc:
+        raise ValueError("the encoding problem built from `codebook.G`, `V` and `metric` is out of "
+                         f"floating-point range: {exc}") from None
+
+
 def encode_prepared(codebook, V, C, method, beam_width, max_nodes, backend, squeeze=False):
     """:func:`encode` (also used by the fitting) on validated (and companded) ``V`` and metric factor ``C``."""
     if backend != "auto" and resolve_backend(backend, V) == "cupy":  # fit_generator on a GPU
@@ -227,6 +237,7 @@ def encode_prepared(codebook, V, C, method, beam_width, max_nodes, backend, sque
 
         return encode_factor(codebook, V, C, method, beam_width, max_nodes, squeeze, host=True)
     lat = _build(codebook, V, C)
+    _lattice_range_iv(lat)
     N = V.shape[1]
     info = {}
     if method == "round_off":
