@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 
@@ -79,6 +80,13 @@ def spec_from_args(args):
         raise CLIError(method.flag(err.param), str(err)) from err
 
 
+def _worker_env(n_workers):
+    """Each local worker's share of the cores for numba / OpenMP (unless set by the user):
+    one dask thread per worker, its kernels parallel over the RHS on ``cores // N`` threads."""
+    share = str(max(1, (os.cpu_count() or 1) // n_workers))
+    return {var: os.environ.get(var, share) for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
 @contextlib.contextmanager
 def _cluster(args):
     """The ``distributed.Client`` of ``--scheduler`` / ``--workers`` (None without them),
@@ -98,7 +106,8 @@ def _cluster(args):
                 client = distributed.Client(args.scheduler, timeout=_CONNECT_TIMEOUT)
             else:
                 cluster = distributed.LocalCluster(processes=True, n_workers=args.workers, threads_per_worker=1,
-                                                   dashboard_address=None, host="127.0.0.1")
+                                                   dashboard_address=None, host="127.0.0.1",
+                                                   env=_worker_env(args.workers))
                 client = distributed.Client(cluster, timeout=_CONNECT_TIMEOUT)
         except (OSError, TimeoutError, RuntimeError) as err:
             where = args.scheduler if args.scheduler is not None else f"a local cluster of {args.workers} workers"
