@@ -144,15 +144,16 @@ def _model_specs():
         ("ojbkq", QuantSpec(bits=3, group_size=32, method="ojbkq", n_samples=2, beam_width=2), "numba"),
         ("regcal-sample", QuantSpec(bits=3, method="regcal", alpha="sample"), "numba"),
         ("glvq", GLVQSpec(), "numba"),
+        ("rtn-no-calibration", QuantSpec(bits=4, group_size=32, method="rtn"), "numpy"),
     ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(5), ids=[s[0] for s in _model_specs()])
+@pytest.mark.parametrize("index", range(6), ids=[s[0] for s in _model_specs()])
 def test_quantize_model_with_client_equals_local(client, index):
     """The driver's forward passes here, the solves on the 2-process cluster: the same
     layers as the local run (codes, scales, zeros, perm, generators: every stored array),
-    and the same weights written back into the model."""
+    and the same weights written back into the model (rtn: no forward pass, H = None)."""
     from llm_adapter.calibration import quantize_model
     from tests.llm_fixtures import tiny_llama
 
