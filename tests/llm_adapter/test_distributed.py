@@ -256,3 +256,26 @@ def test_cli_scheduler_and_workers_errors(tmp_path, capsys, tiny_dir, text_file,
                            "--seqlen", "32", "--scheduler", "tcp://127.0.0.1:1", "--out", tmp_path / "q")
     assert code == 2 and "--scheduler" in err and "cannot connect to tcp://127.0.0.1:1" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_cluster_lost_exits_1_and_points_at_the_checkpoint(tmp_path, capsys, tiny_dir, text_file, monkeypatch):
+    import contextlib
+
+    import llm_adapter.calibration
+    from llm_adapter.cli import quantize
+    from tests.llm_fixtures import run_cli
+
+    def lost(*args, **kwargs):
+        assert kwargs["client"] == "a client"
+        raise ClusterLostError("layer 'model.layers.0.mlp.up_proj': the dask cluster did not return its row blocks")
+
+    monkeypatch.setattr(quantize, "_cluster", lambda args: contextlib.nullcontext("a client"))
+    monkeypatch.setattr(llm_adapter.calibration, "quantize_model", lost)
+    argv = ["quantize", "--model", tiny_dir, "--calib", text_file, "--calib-windows", "2", "--seqlen", "32",
+            "--scheduler", "tcp://127.0.0.1:1", "--out", tmp_path / "q"]
+    code, _, err = run_cli(capsys, *argv, "--checkpoint", tmp_path / "ckpt")
+    assert code == 1
+    assert "up_proj" in err and f"are in {tmp_path / 'ckpt'}: rerun with the same --checkpoint" in err
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and "give --checkpoint DIR" in err
+    assert not (tmp_path / "q").exists()
