@@ -24,6 +24,10 @@ rounding (summation order); ``clipped_frac`` is exact.
 ``H`` and ``D`` are scattered once per layer (and reused for layers submitted with the
 same ``H`` object, e.g. q/k/v); each worker fetches them once.
 
+:class:`ClusterSolver` is the calibration driver's layer solver on top of this
+(``quantize_model(..., client=)``, ``llm-adapter quantize --scheduler`` / ``--workers``):
+row-split solves for the built-in row-separable methods, one task per layer for the others.
+
 Examples
 --------
 >>> import numpy as np

@@ -1,4 +1,5 @@
-"""Row-split layer solves on a 2-process LocalCluster == the local ``quantize_weight``, bit for bit."""
+"""Row-split layer solves on a 2-process LocalCluster == the local ``quantize_weight``, bit for bit;
+``quantize_model(..., client=)`` and ``quantize --workers`` == the local runs; a lost cluster."""
 
 import numpy as np
 import pytest
