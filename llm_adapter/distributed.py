@@ -24,6 +24,10 @@ rounding (summation order); ``clipped_frac`` is exact.
 ``H`` and ``D`` are scattered once per layer (and reused for layers submitted with the
 same ``H`` object, e.g. q/k/v); each worker fetches them once.
 
+:class:`ClusterSolver` is the calibration driver's layer solver on top of this
+(``quantize_model(..., client=)``, ``llm-adapter quantize --scheduler`` / ``--workers``):
+row-split solves for the built-in row-separable methods, one task per layer for the others.
+
 Examples
 --------
 >>> import numpy as np
@@ -44,6 +48,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -52,9 +57,10 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import methods
 from .methods.uniform import QuantizedLayer, QuantSpec, quantize_weight
 
-__all__ = ["LayerSolveExecutor", "LayerFuture", "ClusterLostError", "row_blocks"]
+__all__ = ["ClusterSolver", "LayerSolveExecutor", "LayerFuture", "ClusterLostError", "row_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +144,19 @@ class LayerFuture:
             raise ClusterLostError(
                 f"layer {self.name!r}: the dask cluster did not return its row blocks "
                 f"({type(err).__name__}: {err}); layers finished before are unaffected") from err
-        self._layer = _assemble(parts, self._blocks, self._shape, self._bias, self._t0)
+        self._layer = self._build(parts)
         self._futures = []
         return self._layer
+
+    def _build(self, parts):
+        return _assemble(parts, self._blocks, self._shape, self._bias, self._t0)
+
+
+class _WholeLayerFuture(LayerFuture):
+    """One task that solves a whole layer (a method that is not split by rows)."""
+
+    def _build(self, parts):
+        return parts[0]
 
 
 def _assemble(parts, blocks, shape, bias, t0):
@@ -265,7 +281,7 @@ class LayerSolveExecutor:
         rows = m if not _row_separable(spec, D) else self._rows(m)
         blocks = row_blocks(m, rows)
         label = name or "layer"
-        try:
+        with self._guard(label):
             h_fut, d_fut = self._scatter(H, D)
             futures = [
                 self.client.submit(_solve_rows, W[r0:r1], h_fut, d_fut, spec, backend, template, r0,
@@ -273,20 +289,99 @@ class LayerSolveExecutor:
                                    pure=False)
                 for r0, r1 in blocks
             ]
+        bias = None if bias is None else _host(bias).astype(np.float32)
+        logger.debug("layer %s: %d rows in %d tasks", label, m, len(blocks))
+        return LayerFuture(futures, blocks, W.shape, bias, label, t0)
+
+    @contextlib.contextmanager
+    def _guard(self, label):
+        """Submission errors that mean the cluster is gone become :class:`ClusterLostError`."""
+        try:
+            yield
         except Exception as err:
             if isinstance(err, _lost_errors()) or getattr(self.client, "status", "running") != "running" \
                     or not _scheduler_alive(self.client):
                 raise ClusterLostError(f"layer {label!r}: cannot submit to the dask cluster "
                                        f"({type(err).__name__}: {err})") from err
             raise
-        bias = None if bias is None else _host(bias).astype(np.float32)
-        logger.debug("layer %s: %d rows in %d tasks", label, m, len(blocks))
-        return LayerFuture(futures, blocks, W.shape, bias, label, t0)
+
+    def submit_whole(self, fn, W, H=None, D=None, *args, name=None, **kwargs) -> LayerFuture:
+        """Start ``fn(W, H, D, *args, **kwargs)`` as one task (a layer that is not split by rows).
+
+        ``H`` and ``D`` are scattered as in :meth:`submit` (shared with other layers
+        submitted with the same objects); ``fn`` must be importable on the workers.
+        """
+        t0 = time.perf_counter()
+        W, H, D = _host(W), _host(H), _host(D)
+        label = name or "layer"
+        with self._guard(label):
+            h_fut, d_fut = self._scatter(H, D)
+            fut = self.client.submit(fn, W, h_fut, d_fut, *args, **kwargs,
+                                     key=f"bils-layer-{label}-whole-{time.monotonic_ns()}", pure=False)
+        return _WholeLayerFuture([fut], [(0, W.shape[0])], W.shape, None, label, t0)
 
     def quantize_weight(self, W, H=None, D=None, spec: QuantSpec = QuantSpec(), *, backend="auto",
                         rng=None, bias=None, timeout=None) -> QuantizedLayer:
         """``submit(...).result(timeout)``: a drop-in for the local ``quantize_weight``."""
         return self.submit(W, H, D, spec, backend=backend, rng=rng, bias=bias).result(timeout)
+
+
+#: Built-in uniform methods whose solve is row-separable (see the module notes); other
+#: methods (glvq, methods registered by users) are solved as one task per layer.
+ROW_SEPARABLE = ("rtn", "gptq", "ojbkq", "regcal")
+
+
+def _solve_whole(W, H, D, spec, backend, rng, bias):
+    """Worker side: the spec's registered method on a whole layer."""
+    return methods.for_spec(spec).quantize(W, H, D, spec, backend=backend, rng=rng, bias=bias)
+
+
+class ClusterSolver:
+    r"""The calibration driver's layer solver on a ``distributed`` cluster.
+
+    A :class:`llm_adapter.calibration.LayerSolver` (same ``submit`` signature; not a
+    subclass, so this module does not import torch): what
+    ``quantize_model(..., client=client)`` and ``llm-adapter quantize --scheduler`` /
+    ``--workers`` use. Layers of the built-in row-separable methods (:data:`ROW_SEPARABLE`)
+    go through :class:`LayerSolveExecutor` (split by output rows); any other method
+    (``glvq``, whose lattice encoding is not row-separable, or a method registered by the
+    user, which must then be registered on the workers too) is submitted as one task per
+    layer. Either way the returned :class:`LayerFuture` gives the layer the local call
+    gives, bit for bit, or raises :class:`ClusterLostError` naming the layer.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    rows_per_task : int, optional
+        Passed to :class:`LayerSolveExecutor`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from distributed import Client, LocalCluster
+    >>> from llm_adapter import QuantSpec, quantize_weight
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((8, 32)); X = rng.standard_normal((32, 128)); H = X @ X.T
+    >>> spec = QuantSpec(bits=3, group_size=16, method="ojbkq", n_samples=2)
+    >>> with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1",
+    ...                   protocol="tcp", dashboard_address=None) as cluster, Client(cluster) as client:
+    ...     q = ClusterSolver(client).submit("l0", W, H, None, spec, backend="numpy",
+    ...                                      rng=np.random.default_rng(5)).result()
+    >>> local = quantize_weight(W, H, None, spec, backend="numpy", rng=np.random.default_rng(5))
+    >>> bool(np.array_equal(q.codes, local.codes))
+    True
+    """
+
+    def __init__(self, client, *, rows_per_task=None):
+        self.client = client
+        self.executor = LayerSolveExecutor(client, rows_per_task=rows_per_task)
+
+    def submit(self, name, W, H, D, spec, *, backend="auto", rng=None, bias=None) -> LayerFuture:
+        """Start the solve of layer `name`; returns at once (see :class:`LayerFuture`)."""
+        if isinstance(spec, QuantSpec) and spec.method in ROW_SEPARABLE:
+            return self.executor.submit(W, H, D, spec, backend=backend, rng=rng, bias=bias, name=name)
+        bias = None if bias is None else _host(bias)
+        return self.executor.submit_whole(_solve_whole, W, H, D, spec, backend, rng, bias, name=name)
 
 
 def _scheduler_alive(client):

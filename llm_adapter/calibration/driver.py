@@ -137,7 +137,7 @@ def layer_rng(seed, name):
 def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", "*.lm_head"),
                    true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
                    callback=None, rtn_calibrate=False, progress=True, solver=None, device=None,
-                   report=None):
+                   report=None, client=None):
     r"""Quantize the linear layers of a causal LM block by block, in place.
 
     Parameters
@@ -194,6 +194,15 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
         Filled with figures of the run: ``"block_seconds"`` (list, per block),
         ``"device"`` and, on CUDA, ``"peak_device_bytes"``
         (:func:`torch.cuda.max_memory_allocated` over the run).
+    client : distributed.Client, optional
+        Solve the layers on this dask cluster: shorthand for
+        ``solver=llm_adapter.distributed.ClusterSolver(client)`` (each layer of a
+        row-separable method split by output rows, other methods one task per layer).
+        The forward passes and statistics stay here; the codes are the local run's, bit
+        for bit. A cluster that goes away raises
+        :class:`llm_adapter.distributed.ClusterLostError` naming the layer; with
+        ``checkpoint_dir`` every layer finished before it is kept, and a rerun (with or
+        without a cluster) resumes from there. Not together with `solver`.
 
     Returns
     -------
@@ -229,6 +238,12 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
         raise ParameterError("batch_size", f"`batch_size` must be a positive int, got {batch_size!r}")
     from tqdm.auto import tqdm
 
+    if client is not None:
+        if solver is not None:
+            raise ParameterError("client", "give `solver` or `client`, not both")
+        from ..distributed import ClusterSolver
+
+        solver = ClusterSolver(client)
     target = _device_iv(device)
     solver = InlineSolver() if solver is None else solver
     selected = select_linears(model, targets, exclude)
@@ -403,8 +418,12 @@ class _Run:
             fut = self.solver.submit(name, W, H, D, self.spec, backend=self.backend,
                                      rng=layer_rng(self.seed, name), bias=bias)
             pending.append((name, mod, fut, None))
-        for name, mod, fut, loaded_from in pending:
-            q = fut.result()
+        for i, (name, mod, fut, loaded_from) in enumerate(pending):
+            try:
+                q = fut.result()
+            except BaseException:
+                _cancel(f for _, _, f, _ in pending[i + 1:])  # the stage's solves still queued
+                raise
             if loaded_from is None:
                 if self.checkpoint_dir is not None:
                     save_layer(layer_path(self.checkpoint_dir, name), q)
@@ -417,6 +436,15 @@ class _Run:
             self.results[name] = q
             if self.callback is not None:
                 self.callback(name, q)
+
+
+def _cancel(futures):
+    """Best-effort cancel of futures nobody will wait for (the first error is what matters)."""
+    for fut in futures:
+        try:
+            getattr(fut, "cancel", lambda: None)()
+        except Exception:  # noqa: BLE001 - e.g. a client whose cluster is already gone
+            logger.debug("could not cancel %r", fut, exc_info=True)
 
 
 def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, batch_size, home, target,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 import time
 
 from .. import methods
+from ..distributed import ClusterLostError
 from ..errors import ParameterError
 from .argtypes import device, group_size, nonneg_float, positive_int
 from .common import (CLIError, check_new_dir, layer_table, load_model_or_fail, load_text_or_fail, make_windows,
@@ -14,6 +19,9 @@ __all__ = ["add_parser", "run"]
 
 _BITS = (2, 3, 4, 8)
 _BACKENDS = ("auto", "numpy", "numba", "cupy")
+_CONNECT_TIMEOUT = 60  # seconds to reach a scheduler
+
+logger = logging.getLogger("llm_adapter.cli")
 
 
 def add_parser(sub, common) -> None:
@@ -57,6 +65,12 @@ def add_parser(sub, common) -> None:
                    help="onload the decoder blocks one at a time to this device and compute the statistics "
                         "and solves there (the model stays in CPU memory; default: where the model is)")
     q.add_argument("--overwrite", action="store_true", help="replace existing --out / --export-gptq directories")
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                       help="solve the layers on the dask cluster of this scheduler (tcp://host:8786); "
+                            "the forward passes stay here")
+    where.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="solve the layers on a local dask cluster of N single-threaded worker processes")
     q.set_defaults(func=run)
 
 
@@ -67,6 +81,50 @@ def spec_from_args(args):
         return method.spec_from_cli(args)
     except ParameterError as err:
         raise CLIError(method.flag(err.param), str(err)) from err
+
+
+def _worker_env(n_workers):
+    """Each local worker's share of the cores for numba / OpenMP (unless set by the user):
+    one dask thread per worker, its kernels parallel over the RHS on ``cores // N`` threads."""
+    share = str(max(1, (os.cpu_count() or 1) // n_workers))
+    return {var: os.environ.get(var, share) for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
+@contextlib.contextmanager
+def _cluster(args):
+    """The ``distributed.Client`` of ``--scheduler`` / ``--workers`` (None without them),
+    closed (with the local cluster) on exit."""
+    if args.scheduler is None and args.workers is None:
+        yield None
+        return
+    flag = "--scheduler" if args.scheduler is not None else "--workers"
+    try:
+        import distributed
+    except ImportError as err:
+        raise CLIError(flag, "needs the `distributed` package: pip install 'bils[dask]'") from err
+    cluster = client = None
+    try:
+        try:
+            if args.scheduler is not None:
+                client = distributed.Client(args.scheduler, timeout=_CONNECT_TIMEOUT)
+            else:
+                cluster = distributed.LocalCluster(processes=True, n_workers=args.workers, threads_per_worker=1,
+                                                   dashboard_address=None, host="127.0.0.1",
+                                                   env=_worker_env(args.workers))
+                client = distributed.Client(cluster, timeout=_CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, RuntimeError) as err:
+            where = args.scheduler if args.scheduler is not None else f"a local cluster of {args.workers} workers"
+            raise CLIError(flag, f"cannot connect to {where}: {type(err).__name__}: {err}") from err
+        workers = len(client.scheduler_info().get("workers", {}))
+        print(f"solving layers on {client.scheduler.address} ({workers} workers)", flush=True)
+        yield client
+    finally:
+        for thing in (client, cluster):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # noqa: BLE001 - a cluster that is already gone
+                    logger.debug("closing %r failed", thing, exc_info=True)
 
 
 def run(args) -> int:
@@ -123,14 +181,20 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     flags = {"targets": "--targets", "checkpoint_dir": "--checkpoint", "device": "--device"}
     report = {}
-    try:
-        layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
-                                seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
-                                rtn_calibrate=True, device=args.device, report=report)
-    except ParameterError as err:
-        if err.param in flags:
-            raise CLIError(flags[err.param], str(err)) from err
-        raise
+    with _cluster(args) as client:
+        try:
+            layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
+                                    seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
+                                    rtn_calibrate=True, device=args.device, report=report, client=client)
+        except ParameterError as err:
+            if err.param in flags:
+                raise CLIError(flags[err.param], str(err)) from err
+            raise
+        except ClusterLostError as err:
+            kept = (f"; the layers finished before it are in {args.checkpoint}: rerun with the same "
+                    "--checkpoint to resume") if args.checkpoint else " (give --checkpoint DIR to keep finished layers)"
+            print(f"llm-adapter quantize: error: {err}{kept}", file=sys.stderr)
+            return 1
     elapsed = time.perf_counter() - t0
     print(layer_table(layers))
     print(f"{len(layers)} layers quantized in {elapsed:.1f} s")
