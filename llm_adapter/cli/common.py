@@ -92,8 +92,6 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
     """Base model + the quantized layers of directory `path`: each layer as its method's
     torch module where that module supports it (:mod:`llm_adapter.nn`), else as dequantized
     weights. Returns ``(model, tokenizer, meta)``."""
-    import torch
-
     from .. import methods
     from ..formats import QuantizedFormatError, load_quantized
     from ..nn import replace_linear
@@ -115,8 +113,10 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
                 flag, f"model {source!r} has {key} = {getattr(net.config, key)}, the quantized layers "
                 f"were made for {saved_cfg[key]}"
             )
+    from ..nn.fused import layer_target, write_dequantized
+
     modules = dict(net.named_modules())
-    missing = [n for n in layers if n not in modules]
+    missing = [n for n in layers if layer_target(modules, n)[0] is None]
     if missing:
         raise CLIError(flag, f"model {source!r} has no module(s) {missing[:3]} named in {str(path)!r}")
     packable = {n: l for n, l in layers.items() if methods.for_layer(l).module_class().supports(l)}
@@ -124,11 +124,10 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
         replace_linear(net, packable)
     except (KeyError, ValueError) as err:
         raise CLIError("--quantized", f"{err}") from err
-    with torch.no_grad():
-        for name, layer in layers.items():
-            if name not in packable:
-                mod = modules[name]
-                mod.weight.copy_(torch.from_numpy(layer.dequantize()).to(mod.weight.dtype))
+    try:
+        write_dequantized(net, {n: l for n, l in layers.items() if n not in packable})
+    except (KeyError, ValueError) as err:
+        raise CLIError("--quantized", f"{err}") from err
     logger.info("loaded %d quantized layers from %s onto %s", len(layers), path, source)
     return net, tok, meta
 

@@ -205,7 +205,9 @@ def export_gptq(
         embeddings, norms, head, unquantized linears — are written too).
     layers : dict of str to QuantizedLayer
         Module name to quantized layer; every name must be an ``nn.Linear`` of `model`
-        of the same shape. All layers must share ``bits`` and ``group_size``.
+        of the same shape, or a transformers ``Conv1D`` whose transposed weight has that
+        shape (stored as the equivalent Linear: ``qweight`` packs ``W^T`` = the Conv1D
+        weight, as GPTQModel does for GPT-2). All layers must share ``bits`` and ``group_size``.
     out_dir : str or path-like
         Directory to create (``config.json``, ``model.safetensors``, tokenizer files,
         ``generation_config.json`` if the model has one).
@@ -265,6 +267,8 @@ def export_gptq(
     import torch
     from safetensors.torch import save_file
 
+    from ..nn.fused import expert_slot, is_conv1d
+
     dtype = torch.float16 if dtype is None else dtype
     if not isinstance(layers, dict) or not layers:
         raise GPTQExportError("`layers` must be a non-empty dict of name -> QuantizedLayer")
@@ -282,9 +286,12 @@ def export_gptq(
         if kind != "uniform":
             problems.append(f"{name!r} is a {type(layer).__name__} ({kind}), not a uniform-grid layer "
                             f"({kind} layers have no GPTQ layout; save them with save_quantized)")
-        elif not isinstance(mod, torch.nn.Linear):
+        elif mod is None and expert_slot(modules, name) is not None:
+            problems.append(f"{name!r} is one expert of a fused MoE weight, which a GPTQ checkpoint cannot hold "
+                            "(save it with save_quantized)")
+        elif not isinstance(mod, torch.nn.Linear) and not is_conv1d(mod):
             problems.append(f"{name!r} is not an nn.Linear of the model")
-        elif tuple(mod.weight.shape) != layer.shape:
+        elif (tuple(mod.weight.shape)[::-1] if is_conv1d(mod) else tuple(mod.weight.shape)) != layer.shape:
             problems.append(f"{name!r} has shape {tuple(mod.weight.shape)}, the quantized layer {layer.shape}")
     if problems:
         raise GPTQExportError("cannot export: " + "; ".join(problems))
