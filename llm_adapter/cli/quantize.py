@@ -7,8 +7,8 @@ import time
 from .. import methods
 from ..errors import ParameterError
 from .argtypes import group_size, nonneg_float, positive_int
-from .common import (CLIError, check_new_dir, layer_table, load_model_or_fail, load_text_or_fail, make_windows,
-                     model_source)
+from .common import (LAYER_HEADER, CLIError, check_new_dir, layer_row, layer_table, load_model_or_fail,
+                     load_text_or_fail, make_windows, model_source)
 
 __all__ = ["add_parser", "run"]
 
@@ -23,7 +23,9 @@ def add_parser(sub, common) -> None:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model's linear layers and save them",
                        description="Quantize the linear layers of the decoder blocks and save them "
-                                   "(native format, optionally a GPTQ checkpoint).")
+                                   "(native format, optionally a GPTQ and/or a compressed-tensors checkpoint). "
+                                   "A per-layer table is printed as the layers finish and stored in the "
+                                   "output's quant_config.json under model.report.")
     model_args(q, quantized=False)
     described = "; ".join(f"{n} = {methods.get(n).description}" for n in methods.names() if methods.get(n).description)
     q.add_argument("--method", choices=methods.names(), default="gptq",
@@ -48,6 +50,8 @@ def add_parser(sub, common) -> None:
                    help="fnmatch patterns of the linear layers to quantize (default: all in the blocks)")
     q.add_argument("--out", metavar="DIR", default=None, help="write the quantized layers here (native format)")
     q.add_argument("--export-gptq", metavar="DIR", default=None, help="also write a GPTQ checkpoint here")
+    q.add_argument("--export-compressed-tensors", metavar="DIR", default=None,
+                   help="also write a compressed-tensors pack-quantized checkpoint here (the format vLLM loads)")
     q.add_argument("--gptq-format", choices=("gptq", "gptq_v2"), default="gptq",
                    help="GPTQ checkpoint format (default gptq = v1, stores zero - 1)")
     q.add_argument("--checkpoint", "--resume", dest="checkpoint", metavar="DIR", default=None,
@@ -71,14 +75,20 @@ def run(args) -> int:
     from ..calibration import quantize_model
     from ..data import calibration_windows
 
-    if args.out is None and args.export_gptq is None:
-        raise CLIError("--out", "give --out DIR and/or --export-gptq DIR, or the result is lost")
+    ct_dir = getattr(args, "export_compressed_tensors", None)
+    if args.out is None and args.export_gptq is None and ct_dir is None:
+        raise CLIError("--out", "give --out DIR, --export-gptq DIR and/or --export-compressed-tensors DIR, or the "
+                                "result is lost")
     check_new_dir(args.out, "--out", args.overwrite)
     check_new_dir(args.export_gptq, "--export-gptq", args.overwrite)
+    check_new_dir(ct_dir, "--export-compressed-tensors", args.overwrite)
     spec = spec_from_args(args)
     method = methods.get(args.method)
     if method.format.kind != "uniform" and args.export_gptq is not None:
         raise CLIError("--export-gptq", f"{args.method} layers have no GPTQ layout; use --out (the native format)")
+    if method.format.kind != "uniform" and ct_dir is not None:
+        raise CLIError("--export-compressed-tensors",
+                       f"{args.method} layers have no compressed-tensors layout; use --out (the native format)")
     text = load_text_or_fail(args.calib, "calibration", "--calib")
     source = model_source(args.model)
     model, tok = load_model_or_fail(source)
@@ -88,16 +98,27 @@ def run(args) -> int:
           f"{args.seqlen} tokens", flush=True)
     t0 = time.perf_counter()
     flags = {"targets": "--targets", "checkpoint_dir": "--checkpoint"}
+    widths = (48, 10, 10, 8, 11, 9, 6, 7, 7)
+
+    def line(row):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    print(line(LAYER_HEADER), flush=True)
+
+    def print_row(name, q):  # the per-layer table, as the layers finish
+        print(line(layer_row(name, q)), flush=True)
+
     try:
         layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
                                 seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
-                                rtn_calibrate=True)
+                                rtn_calibrate=True, callback=print_row)
     except ParameterError as err:
         if err.param in flags:
             raise CLIError(flags[err.param], str(err)) from err
         raise
     elapsed = time.perf_counter() - t0
-    print(layer_table(layers))
+    report = layer_table(layers)
+    print(report)
     print(f"{len(layers)} layers quantized in {elapsed:.1f} s")
     if all(hasattr(l, "storage_bits") for l in layers.values()):
         bits = sum(l.storage_bits() for l in layers.values())
@@ -109,6 +130,9 @@ def run(args) -> int:
         "config": model.config.to_dict(),
         "calibration": {"text": list(args.calib), "windows": args.calib_windows, "seqlen": args.seqlen,
                         "seed": args.seed},
+        # the per-layer table of this run (also printed as it went), and per-row values
+        "report": {"table": report, "columns": list(LAYER_HEADER),
+                   "rows": [list(layer_row(n, l)) for n, l in layers.items()], "seconds": elapsed},
     }
     if args.out is not None:
         from ..formats import save_quantized
@@ -124,4 +148,12 @@ def run(args) -> int:
         except GPTQExportError as err:
             raise CLIError("--export-gptq", str(err)) from err
         print(f"wrote GPTQ checkpoint {path}")
+    if ct_dir is not None:
+        from ..formats.compressed_tensors import CompressedTensorsExportError, export_compressed_tensors
+
+        try:
+            path = export_compressed_tensors(model, layers, ct_dir, tokenizer=tok, overwrite=args.overwrite)
+        except CompressedTensorsExportError as err:
+            raise CLIError("--export-compressed-tensors", str(err)) from err
+        print(f"wrote compressed-tensors checkpoint {path}")
     return 0

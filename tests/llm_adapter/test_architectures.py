@@ -299,3 +299,39 @@ def test_unquantizable_weight_is_named_in_a_warning(caplog):
     with caplog.at_level("WARNING", logger="llm_adapter.calibration"):
         select_linears(model)
     assert "model.layers.0.mlp.extra.table" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_moe"])
+def test_cli_quantize_prints_the_table_as_it_goes(tmp_path, capsys, text_file, family):
+    """`quantize` on a saved tiny model: one table row per layer as it finishes (experts with
+    their routed tokens), the table in the output's report, the exports, then `evaluate`."""
+    import json
+
+    from tests.llm_fixtures import run_cli
+
+    base = tmp_path / "base"
+    tiny_model(family).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    argv = ["quantize", "--model", base, "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib",
+            text_file, "--calib-windows", "4", "--seqlen", "32", "--backend", "numpy", "--out", tmp_path / "q"]
+    if family == "gpt2":
+        argv += ["--export-compressed-tensors", tmp_path / "ct", "--export-gptq", tmp_path / "gptq"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    header = out.splitlines()[1]
+    for column in ("layer", "rel loss", "vs GPTQ", "clipped %", "alpha", "tokens", "time s"):
+        assert column in header
+    layers, meta = load_quantized(tmp_path / "q")
+    report = meta["model"]["report"]
+    assert len(report["rows"]) == len(layers) and report["columns"][3] == "vs GPTQ"
+    if family == "qwen2_moe":
+        row = next(r for r in report["rows"] if r[0] == "model.layers.0.mlp.experts.down_proj.0")
+        assert int(row[7].rstrip("*")) == layers["model.layers.0.mlp.experts.down_proj.0"].stats["tokens"]
+        assert "model.layers.1.mlp.experts.gate_up_proj.3" in out
+    else:
+        qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+        assert qc["format"] == "pack-quantized"
+        assert (tmp_path / "gptq" / "model.safetensors").is_file()
+    code, out, err = run_cli(capsys, "evaluate", "--quantized", tmp_path / "q", "--text", text_file,
+                             "--windows", "2", "--seqlen", "32")
+    assert code == 0, err
