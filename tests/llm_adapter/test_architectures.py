@@ -335,3 +335,26 @@ def test_cli_quantize_prints_the_table_as_it_goes(tmp_path, capsys, text_file, f
     code, out, err = run_cli(capsys, "evaluate", "--quantized", tmp_path / "q", "--text", text_file,
                              "--windows", "2", "--seqlen", "32")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gptq_export_every_family(tmp_path, family):
+    """The GPTQ checkpoint of every dense family, read back by the independent reader
+    (tests/gptq_reader.py); MoE families: fused experts are refused by name, the other
+    layers export."""
+    from llm_adapter.formats import GPTQExportError, export_gptq
+    from tests.gptq_reader import read_gptq
+    from tests.llm_adapter.test_nn import fp16_scales
+
+    model = tiny_model(family)
+    layers = quantize_model(model, _windows(n=2), QuantSpec(bits=4, group_size=-1, method="gptq"), backend=NUMPY,
+                            progress=False)
+    if family in MOE:
+        with pytest.raises(GPTQExportError, match="one expert of a fused MoE weight"):
+            export_gptq(model, layers, tmp_path / "x")
+        layers = {n: l for n, l in layers.items() if ".experts." not in n or "shared_expert" in n}
+    out = export_gptq(model, layers, tmp_path / "gptq")
+    config, weights, tensors = read_gptq(out)
+    assert config["model_type"] == model.config.model_type and set(weights) == set(layers)
+    for name, layer in layers.items():
+        np.testing.assert_array_equal(weights[name], fp16_scales(layer).dequantize(), err_msg=name)
