@@ -30,7 +30,17 @@ Requirements, checked with errors naming the layer: uniform-grid layers, one ``b
 one ``group_size`` for the checkpoint, integer zero points, groups dividing ``in``
 (compressed-tensors has no partial last group), static groups (``g_idx = i // group``).
 Linear and GPT-2 ``Conv1D`` layers are exported (the Conv1D weight as its ``(out, in)``
-transpose); fused MoE experts are not (no layout of this exporter for them yet).
+transpose), and the experts of fused MoE weights.
+
+Tensor names are those of the checkpoint that ``save_pretrained`` writes, not the module
+names of the loaded model: transformers 5 converts some checkpoints on load (Mixtral's
+``block_sparse_moe.experts.<e>.w1/w3/w2`` become ``mlp.experts.gate_up_proj`` /
+``down_proj``) and converts back on save. :func:`checkpoint_rows` finds, for every quantized
+layer, which rows of it end up under which checkpoint name, by sending row-index tensors
+through transformers' own ``revert_weight_conversion``; each checkpoint weight is then
+written from those rows of the layer (a uniform layer's rows are independent: codes,
+scales and zero points are per output row). So a fused ``gate_up_proj`` expert becomes
+Mixtral's ``w1`` (its first ``I`` rows) and ``w3`` (the rest), as in the original checkpoint.
 """
 
 from __future__ import annotations
@@ -48,8 +58,8 @@ from ._io import write_dir_atomically
 from .native import library_version
 from .packing import pack
 
-__all__ = ["CompressedTensorsExportError", "compressed_tensors_config", "compressed_tensors_tensors",
-           "export_compressed_tensors"]
+__all__ = ["CompressedTensorsExportError", "checkpoint_rows", "compressed_tensors_config",
+           "compressed_tensors_tensors", "export_compressed_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +140,69 @@ def compressed_tensors_tensors(name: str, layer, *, scale_dtype=np.float16) -> d
     }
 
 
+_ROW_BITS = 32  # row ids: slot * 2**32 + row, exact in float64
+
+
+def checkpoint_rows(model, state_dict: dict, quantized: dict) -> tuple[dict, dict]:
+    """Map the model's tensors to the names ``save_pretrained`` would write.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+    state_dict : dict of str to torch.Tensor
+        The model's non-quantized tensors, by parameter name.
+    quantized : dict of str to (int, int)
+        Parameter name of each quantized weight (``<module>.weight``, or the fused
+        ``<experts>.<param>`` 3-D weight) to ``(first slot, rows)``: its layers are slots
+        ``first, first + 1, ...`` (one per expert for a 3-D weight), each with ``rows`` rows.
+
+    Returns
+    -------
+    tensors : dict of str to torch.Tensor
+        The non-quantized tensors under their checkpoint names.
+    rows : dict of str to (int, ndarray)
+        Checkpoint weight name (``... .weight``) to ``(slot, row indices)``: the rows of
+        quantized layer ``slot`` stored under that name.
+    """
+    import torch
+
+    ids = {}
+    for name, (first, n_rows) in quantized.items():
+        p = model.get_parameter(name)
+        slots = torch.arange(first, first + (p.shape[0] if p.ndim == 3 else 1), dtype=torch.float64)
+        t = slots[:, None] * float(2 ** _ROW_BITS) + torch.arange(n_rows, dtype=torch.float64)[None, :]
+        ids[name] = (t if p.ndim == 3 else t[0])[..., None]  # (E, rows, 1) or (rows, 1)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: no conversion on load, names are kept
+        def revert_weight_conversion(model, sd):
+            return sd
+    out = revert_weight_conversion(model, {**state_dict, **ids})
+    tensors, rows = {}, {}
+    for key, value in out.items():
+        if value.dtype == torch.float64 and value.ndim == 2 and value.shape[-1] == 1 and key.endswith(".weight"):
+            v = value[:, 0].to(torch.int64).numpy()
+            slot = np.unique(v >> _ROW_BITS)
+            if slot.size != 1:
+                raise CompressedTensorsExportError(f"checkpoint weight {key!r} mixes rows of several quantized layers")
+            rows[key] = (int(slot[0]), v & ((1 << _ROW_BITS) - 1))
+        elif value.dtype == torch.float64:
+            raise CompressedTensorsExportError(f"checkpoint tensor {key!r}: a quantized weight is converted in a way "
+                                               "that is not a selection of rows")
+        else:
+            tensors[key] = value
+    return tensors, rows
+
+
+def _row_layer(layer, rows):
+    """The uniform layer made of rows `rows` of `layer` (rows are independent)."""
+    from ..methods.uniform import QuantizedLayer
+
+    return QuantizedLayer(codes=np.asarray(layer.codes)[rows], scales=np.asarray(layer.scales)[rows],
+                          zeros=np.asarray(layer.zeros)[rows], g_idx=layer.g_idx, bits=layer.bits,
+                          group_size=layer.group_size)
+
+
 def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.PathLike, *, tokenizer=None,
                               dtype=None, overwrite: bool = False) -> Path:
     """Write a compressed-tensors ``pack-quantized`` checkpoint directory, atomically.
@@ -139,8 +212,10 @@ def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.P
     model : transformers.PreTrainedModel
         The model the layers belong to (its config and non-quantized tensors are written).
     layers : dict of str to QuantizedLayer
-        Module name (an ``nn.Linear`` or ``Conv1D`` of `model`) to its uniform layer; one
-        ``bits`` (2, 3, 4 or 8) and one ``group_size`` for all.
+        Module name (an ``nn.Linear`` or ``Conv1D`` of `model`) or fused expert name
+        (``<experts>.<param>.<e>``) to its uniform layer; one ``bits`` (2, 3, 4 or 8) and
+        one ``group_size`` for all. Written under the checkpoint names of
+        ``save_pretrained`` (:func:`checkpoint_rows`).
     out_dir : str or path-like
         Directory to create (``config.json``, ``model.safetensors``, tokenizer files).
     tokenizer : transformers tokenizer, optional
@@ -156,8 +231,9 @@ def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.P
     Raises
     ------
     CompressedTensorsExportError
-        Naming the layers that cannot be written (not uniform, not a Linear/Conv1D of
-        `model`, fused experts, mixed bits or group sizes, see :func:`compressed_tensors_tensors`).
+        Naming the layers that cannot be written (not uniform, not a Linear/Conv1D or
+        fused expert of `model`, a fused weight with some experts left out, mixed bits or
+        group sizes, see :func:`compressed_tensors_tensors`).
 
     Examples
     --------
@@ -199,8 +275,10 @@ def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.P
         if kind != "uniform":
             problems.append(f"{name!r} is a {type(layer).__name__} ({kind}), not a uniform-grid layer")
         elif mod is None and expert_slot(modules, name) is not None:
-            problems.append(f"{name!r} is one expert of a fused MoE weight (not supported by this exporter; "
-                            "use the native format)")
+            emod, param, e = expert_slot(modules, name)
+            if tuple(getattr(emod, param).shape[1:]) != tuple(layer.shape):
+                problems.append(f"{name!r} has shape {tuple(getattr(emod, param).shape[1:])}, the quantized layer "
+                                f"{layer.shape}")
         elif not isinstance(mod, torch.nn.Linear) and not is_conv1d(mod):
             problems.append(f"{name!r} is not an nn.Linear or Conv1D of the model")
         elif (tuple(mod.weight.shape)[::-1] if is_conv1d(mod) else tuple(mod.weight.shape)) != tuple(layer.shape):
@@ -218,15 +296,27 @@ def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.P
     sym = all(np.all(np.asarray(l.zeros) == half) for l in layers.values())
 
     np_dtype = {torch.float16: np.float16, torch.float32: np.float32}.get(dtype)
-    tensors: dict[str, torch.Tensor] = {}
+    # quantized weights by parameter name: a Linear/Conv1D weight is one slot, a fused
+    # expert weight (E, rows, in) E slots (expert e = slot first + e)
+    slot_layer, quantized = [], {}
+    fused = {}
     for name, layer in layers.items():
-        for key, arr in compressed_tensors_tensors(name, layer, scale_dtype=np_dtype or np.float32).items():
-            if sym and key.endswith(".weight_zero_point"):
-                continue
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            tensors[key] = t.to(dtype) if key.endswith(".weight_scale") and np_dtype is None else t
-    skip = {f"{name}.weight" for name in layers}
-    seen_ptrs: set[tuple] = set()
+        if name in modules:
+            quantized[f"{name}.weight"] = (len(slot_layer), layer.shape[0])
+            slot_layer.append((name, layer))
+        else:
+            emod, param, e = expert_slot(modules, name)
+            fused.setdefault(name.rsplit(".", 1)[0], {})[e] = (name, layer)
+    for pname, experts in fused.items():
+        n_exp = model.get_parameter(pname).shape[0]
+        missing = [e for e in range(n_exp) if e not in experts]
+        if missing:
+            raise CompressedTensorsExportError(f"fused weight {pname!r}: experts {missing} are not quantized (a "
+                                               "checkpoint holds all experts of a weight or none)")
+        quantized[pname] = (len(slot_layer), experts[0][1].shape[0])
+        slot_layer.extend(experts[e] for e in range(n_exp))
+    skip = {f"{name}.weight" for name in layers if name in modules} | set(fused)
+    float_sd, seen_ptrs = {}, set()
     for key, value in model.state_dict().items():
         if key in skip:
             continue
@@ -235,11 +325,26 @@ def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.P
             continue  # tied weight: saved once, like save_pretrained
         if ptr is not None:
             seen_ptrs.add((ptr, value.storage_offset(), tuple(value.shape)))
-        value = value.detach().cpu()
+        float_sd[key] = value.detach().cpu()
+    plain, rows = checkpoint_rows(model, float_sd, quantized)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in plain.items():
         tensors[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+    for key, (slot, r) in sorted(rows.items()):
+        name, layer = slot_layer[slot]
+        sub = layer if np.array_equal(r, np.arange(layer.shape[0])) else _row_layer(layer, r)
+        try:
+            packed = compressed_tensors_tensors(key[:-len(".weight")], sub, scale_dtype=np_dtype or np.float32)
+        except CompressedTensorsExportError as err:
+            raise CompressedTensorsExportError(f"{name}: {err}") from None
+        for k, arr in packed.items():
+            if sym and k.endswith(".weight_zero_point"):
+                continue
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            tensors[k] = t.to(dtype) if k.endswith(".weight_scale") and np_dtype is None else t
 
     ignore = [n for n, m in modules.items() if (isinstance(m, torch.nn.Linear) or is_conv1d(m)) and n not in layers]
-    targets = ["Linear"] + (["Conv1D"] if any(is_conv1d(modules[n]) for n in layers) else [])
+    targets = ["Linear"] + (["Conv1D"] if any(is_conv1d(modules.get(n)) for n in layers) else [])
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["quantization_config"] = compressed_tensors_config(bits=bits, group_size=group_size, sym=sym,
                                                               ignore=ignore, targets=targets)

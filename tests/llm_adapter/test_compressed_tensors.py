@@ -58,10 +58,38 @@ def test_round_trip_bit_identical(tmp_path, family, bits, group_size, sym):
     assert all(v.dtype == torch.float16 for k, v in sd16.items() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt2", "phi3"])
+def test_checkpoint_names_and_experts(tmp_path, family):
+    """The checkpoint has the tensor names save_pretrained writes (Mixtral: fused experts back
+    to block_sparse_moe.experts.<e>.w1/w3/w2), and every decompressed weight equals the
+    quantized model's, as save_pretrained writes it, bit for bit."""
+    from safetensors.torch import load_file
+
+    model = tiny_model(family)
+    layers = quantize_model(model, _windows(n=2), QuantSpec(bits=4, group_size=16, method="gptq"),
+                            backend="numpy", progress=False)  # the model now holds the dequantized weights
+    path = export_compressed_tensors(model, layers, tmp_path / "ct", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "ref")
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    got, cfg, sd = _decompress(path)
+    plain = {k for k in sd if not k.rsplit(".", 1)[-1].startswith("weight_")}
+    assert {f"{n}.weight" for n in got} | plain == set(ref)
+    for name, w in got.items():
+        want = ref[f"{name}.weight"]
+        if family == "gpt2":  # Conv1D: stored as the equivalent Linear, (out, in)
+            want = want.T
+        assert torch.equal(w, want), name
+    for key in plain:
+        assert torch.equal(sd[key], ref[key]), key
+    if family == "mixtral":
+        assert "model.layers.0.block_sparse_moe.experts.3.w3" in got
+
+
 def test_refusals(tmp_path):
     model = tiny_model("mixtral")
     layers = quantize_model(model, _windows(n=2), QuantSpec(bits=4, group_size=-1, method="rtn"), progress=False)
-    with pytest.raises(CompressedTensorsExportError, match="one expert of a fused MoE weight"):
+    del layers["model.layers.0.mlp.experts.down_proj.2"]
+    with pytest.raises(CompressedTensorsExportError, match=r"experts \[2\] are not quantized"):
         export_compressed_tensors(model, layers, tmp_path / "x")
     llama = tiny_model("llama")
     odd = quantize_model(llama, _windows(n=2), QuantSpec(bits=4, group_size=24, method="rtn"), progress=False)
