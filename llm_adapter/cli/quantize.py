@@ -111,7 +111,7 @@ def run(args) -> int:
     try:
         layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
                                 seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
-                                rtn_calibrate=True, callback=print_row)
+                                rtn_calibrate=True, callback=print_row, progress=False)
     except ParameterError as err:
         if err.param in flags:
             raise CLIError(flags[err.param], str(err)) from err
