@@ -105,13 +105,15 @@ def run(args) -> int:
 
     print(line(LAYER_HEADER), flush=True)
 
-    def print_row(name, q):  # the per-layer table, as the layers finish
-        print(line(layer_row(name, q)), flush=True)
+    from tqdm.auto import tqdm
+
+    def print_row(name, q):  # the per-layer table, as the layers finish (above the progress bar)
+        tqdm.write(line(layer_row(name, q)))
 
     try:
         layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
                                 seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
-                                rtn_calibrate=True, callback=print_row, progress=False)
+                                rtn_calibrate=True, callback=print_row)
     except ParameterError as err:
         if err.param in flags:
             raise CLIError(flags[err.param], str(err)) from err
