@@ -214,6 +214,23 @@ def test_find_blocks_does_not_guess():
     with pytest.raises(ValueError, match="0 ModuleLists have entries of a `_no_split_modules` class"):
         find_blocks(NoBlocks())
 
+    class Blk(torch.nn.Linear):
+        pass
+
+    class TwoStacks(torch.nn.Module):  # e.g. an encoder and a decoder: the config's layer count decides
+        _no_split_modules = ["Blk"]
+
+        def __init__(self, n):
+            super().__init__()
+            self.config = type("Cfg", (), {"num_hidden_layers": n})()
+            self.encoder = torch.nn.ModuleList([Blk(2, 2) for _ in range(2)])
+            self.decoder = torch.nn.ModuleList([Blk(2, 2) for _ in range(3)])
+
+    assert find_blocks(TwoStacks(3))[0] == "decoder"
+    assert find_blocks(TwoStacks(2))[0] == "encoder"
+    with pytest.raises(ValueError, match="2 ModuleLists have entries"):
+        find_blocks(TwoStacks(5))
+
 
 # --------------------------------------------------------------------------- MoE
 
