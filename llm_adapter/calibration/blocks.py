@@ -17,6 +17,7 @@ import logging
 import torch
 
 from ..errors import ParameterError
+from ..nn.fused import is_conv1d
 from .hooks import forward_pre_hooks
 
 __all__ = ["DEFAULT_EXCLUDE", "StopForward", "find_blocks", "first_block_inputs", "is_conv1d", "is_linear",
@@ -109,15 +110,6 @@ def find_blocks(model):
         raise ValueError(f"`model`: {len(cands)} ModuleLists have {rule}, need exactly one; "
                          f"ModuleLists found: {found}")
     return cands[0]
-
-
-#: Layer types quantized as linear layers: ``nn.Linear`` (weight ``(out, in)``) and
-#: transformers' ``Conv1D`` (GPT-2 and relatives: weight ``(in, out)``, ``y = x W + b``),
-#: recognised by class name so that transformers is not imported here.
-def is_conv1d(mod) -> bool:
-    """Whether `mod` is a transformers ``Conv1D`` (a linear layer with a transposed weight)."""
-    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None \
-        and getattr(mod.weight, "ndim", 0) == 2 and hasattr(mod, "nf")
 
 
 def is_linear(mod) -> bool:
