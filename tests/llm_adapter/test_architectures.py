@@ -6,9 +6,9 @@ Tolerance (8 bits, per-channel, gptq): ``||z_q - z||_F <= 0.03 ||z||_F`` over th
 of the calibration windows (measured 0.001-0.014 over the families; the largest, Qwen2-MoE,
 where a few tokens change experts, see docs/architectures.md).
 
-Cost: every family with gptq at 8 bits (the save/load/evaluate/generate round trip) and rtn
-at 4 bits (packed :class:`~llm_adapter.nn.QuantLinear` modules); every registered method on
-Llama, GPT-2 and Mixtral only.
+Cost: every family with gptq at 8 bits (the save/load/evaluate/generate round trip), rtn at
+4 bits (packed :class:`~llm_adapter.nn.QuantLinear` modules) and the GPTQ export; every
+registered method on Llama, GPT-2 and Mixtral only.
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ def _expected_names(model):
     out = set()
     for layers in sel.values():
         for name, layer in layers.items():
-            out.update(f"{name}.{e}" for e in range(layer.n_experts)) if hasattr(layer, "n_experts") else out.add(name)
+            if hasattr(layer, "n_experts"):
+                out.update(f"{name}.{e}" for e in range(layer.n_experts))
+            else:
+                out.add(name)
     return out
 
 
