@@ -19,13 +19,19 @@ Lifecycle, kept apart from the maths:
 * The inputs of the first block, and the exact keyword arguments the model passes to its
   blocks (attention mask, rotary position embeddings, cache flags), are captured by
   swapping the first block for a stand-in that raises (:mod:`~llm_adapter.calibration.blocks`).
-* The block list is found generically: the longest :class:`torch.nn.ModuleList`.
-* Layers are chosen by :func:`fnmatch` patterns on their names (full or block-relative).
+* The block list is found from the model's own structure (``_no_split_modules``, the
+  config's number of layers, ``base_model_prefix``; :func:`~llm_adapter.calibration.blocks.find_blocks`).
+* Layers (``nn.Linear``, transformers ``Conv1D`` with its transposed weight, and the fused
+  3-D weights of MoE experts, quantized expert by expert with the statistics of the tokens
+  routed to each: :mod:`~llm_adapter.calibration.experts`) are chosen by :func:`fnmatch`
+  patterns on their names (full or block-relative); weights that cannot be quantized are
+  named in a warning.
 * Hooks are registered through :func:`~llm_adapter.calibration.hooks.forward_pre_hooks`
   only, which removes them in ``finally``; the sums are :class:`~llm_adapter.calibration.statistics.LayerStatistics`.
 * True-sequential (default, as GPTQ's reference): the selected layers of a block are
-  split into groups that read the same input tensor, in execution order (Llama:
-  q/k/v, o, gate/up, down); a group's statistics are collected with the earlier groups
+  split into groups that read the same input tensor, found from the block's data flow
+  on one forward pass (Llama: q/k/v, o, gate/up, down; Falcon: query_key_value with
+  dense_h_to_4h); a group's statistics are collected with the earlier groups
   already quantized. A capture pass stops the block as soon as the group's input is
   seen (nothing after it is needed).
 * Memory: the two streams of block inputs (quantized and, for joint methods, float),
@@ -59,7 +65,9 @@ from bils.targets import fold_beta
 
 from .. import methods
 from ..errors import ParameterError
-from .blocks import StopForward, find_blocks, first_block_inputs, layer_groups, run_block, select_linears
+from .blocks import (DEFAULT_EXCLUDE, StopForward, find_blocks, first_block_inputs, hook_module, layer_groups,
+                     linear_in_features, linear_weight, run_block, select_linears, set_linear_weight)
+from .experts import MIN_EXPERT_TOKENS, ExpertsPart, ExpertsStatistics
 from .checkpoints import check_manifest, layer_path, load_layer, save_layer
 from .hooks import forward_pre_hooks
 from .statistics import LayerStatistics
@@ -134,10 +142,10 @@ def layer_rng(seed, name):
 
 
 # --------------------------------------------------------------------------- driver
-def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", "*.lm_head"),
+def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCLUDE,
                    true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
                    callback=None, rtn_calibrate=False, progress=True, solver=None, device=None,
-                   report=None, client=None):
+                   report=None, client=None, min_expert_tokens=MIN_EXPERT_TOKENS):
     r"""Quantize the linear layers of a causal LM block by block, in place.
 
     Parameters
@@ -149,8 +157,10 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
     spec : QuantSpec, GLVQSpec, ...
         The spec of a registered method (:mod:`llm_adapter.methods`); ``spec.method`` picks it.
     targets, exclude : str or sequence of str
-        :func:`fnmatch` patterns selecting linear layers inside the blocks (see
-        :func:`select_linears`).
+        :func:`fnmatch` patterns selecting linear layers (``nn.Linear``, ``Conv1D``) and
+        fused expert weights inside the blocks (see :func:`select_linears`). A fused
+        expert weight ``<experts>.gate_up_proj`` gives one layer per expert,
+        ``<experts>.gate_up_proj.<e>``.
     true_sequential : bool
         Quantize groups of layers sharing an input in execution order, re-running the
         block between groups (GPTQ's ``--true-sequential``). ``False``: one capture pass
@@ -203,6 +213,10 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
         :class:`llm_adapter.distributed.ClusterLostError` naming the layer; with
         ``checkpoint_dir`` every layer finished before it is kept, and a rerun (with or
         without a cluster) resumes from there. Not together with `solver`.
+    min_expert_tokens : int
+        Fused MoE experts routed fewer calibration tokens than this are quantized with the
+        shared pre-routing statistics (:mod:`llm_adapter.calibration.experts`); each
+        expert layer's ``stats["tokens"]`` and ``stats["fallback"]`` record it.
 
     Returns
     -------
@@ -258,15 +272,18 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=("lm_head", 
         ckpt_lock = check_manifest(checkpoint_dir, {
             "spec": spec.to_dict(), "true_sequential": bool(true_sequential), "seed": int(seed),
             "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
-            "layers": sorted(n for sel in selected.values() for n in sel)}, model=model)
+            "layers": sorted(s.name for sel in selected.values() for layer in sel.values()
+                             for s in _slots(layer, sel, None))}, model=model)
     run = _Run(spec, seed, checkpoint_dir, backend, solver, callback, target)
+    run.min_expert_tokens = int(min_expert_tokens)
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _cupy_in_torch_memory(target if method.device_arrays else None):
             if not method.needs_calibration and not rtn_calibrate:
-                run.finish_all([(name, mod, None, None) for sel in selected.values() for name, mod in sel.items()])
+                run.finish_all([(slot, None, None, {}) for sel in selected.values() for name, layer in sel.items()
+                                for slot in _slots(layer, sel, name)])
                 return run.results
             bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
             _calibrate(model, blocks, selected, windows, run, bar=bar, true_sequential=true_sequential,
@@ -378,6 +395,34 @@ def device_array(t: torch.Tensor):
     return t.numpy()
 
 
+class _Slot:
+    """One quantized layer: a Linear/Conv1D module, or one expert of a fused weight."""
+
+    def __init__(self, name, module=None, part=None, expert=None):
+        self.name, self.module, self.part, self.expert = name, module, part, expert
+
+    def weight(self) -> torch.Tensor:
+        return self.part.weight(self.expert) if self.part is not None else linear_weight(self.module)
+
+    def bias(self):
+        return None if self.part is not None else self.module.bias
+
+    def write(self, W: torch.Tensor) -> None:
+        if self.part is not None:
+            self.part.set_weight(self.expert, W)
+        else:
+            set_linear_weight(self.module, W)
+
+
+def _slots(layer, sel, name):
+    """The quantized layers behind one selected entry (one per expert for an ExpertsPart)."""
+    if isinstance(layer, ExpertsPart):
+        return [_Slot(layer.layer_name(e), part=layer, expert=e) for e in range(layer.n_experts)]
+    if name is None:
+        name = next(n for n, m in sel.items() if m is layer)
+    return [_Slot(name, module=layer)]
+
+
 class _Run:
     """One run's layer bookkeeping: checkpoints, submission to the solver, write-back."""
 
@@ -401,38 +446,42 @@ class _Run:
         return self.checkpoint_dir is not None and layer_path(self.checkpoint_dir, name).exists()
 
     def finish_all(self, items):
-        """Solve (or load) ``[(name, module, H, D), ...]``: submit every solve, then apply in order."""
+        """Solve (or load) ``[(slot, H, D, extra stats), ...]``: submit every solve, then apply in order."""
         pending = []
-        for name, mod, H, D in items:
+        for slot, H, D, extra in items:
+            name = slot.name
             if self.done(name):
                 path = layer_path(self.checkpoint_dir, name)
-                pending.append((name, mod, _Done(load_layer(path, spec=self.spec, shape=tuple(mod.weight.shape))), path))
+                shape = tuple(slot.weight().shape)
+                pending.append((slot, _Done(load_layer(path, spec=self.spec, shape=shape)), path, extra))
                 logger.info("%s: loaded from %s", name, path)
                 continue
             if self.target is not None:  # the device path: H, D are float64 tensors on the device
-                W = self.arrays(mod.weight.detach().float())
+                W = self.arrays(slot.weight().detach().float())
                 H, D = self.arrays(H), self.arrays(D)
             else:
-                W = mod.weight.detach().cpu().numpy()
-            bias = None if mod.bias is None else mod.bias.detach().cpu().numpy()
+                W = slot.weight().detach().float().cpu().numpy()
+            b = slot.bias()
+            bias = None if b is None else b.detach().cpu().numpy()
             fut = self.solver.submit(name, W, H, D, self.spec, backend=self.backend,
                                      rng=layer_rng(self.seed, name), bias=bias)
-            pending.append((name, mod, fut, None))
-        for i, (name, mod, fut, loaded_from) in enumerate(pending):
+            pending.append((slot, fut, None, extra))
+        for i, (slot, fut, loaded_from, extra) in enumerate(pending):
+            name = slot.name
             try:
                 q = fut.result()
             except BaseException:
-                _cancel(f for _, _, f, _ in pending[i + 1:])  # the stage's solves still queued
+                _cancel(f for _, f, _, _ in pending[i + 1:])  # the stage's solves still queued
                 raise
             if loaded_from is None:
+                if extra:
+                    q.stats.update(extra)
                 if self.checkpoint_dir is not None:
                     save_layer(layer_path(self.checkpoint_dir, name), q)
                 st = q.stats
                 logger.info("%s: %s rel_loss %s  %.2f s", name, st.get("method"),
                             "-" if st.get("rel_loss") is None else f"{st['rel_loss']:.4g}", st.get("time", 0.0))
-            with torch.no_grad():
-                mod.weight.copy_(torch.from_numpy(q.dequantize()).to(device=mod.weight.device,
-                                                                      dtype=mod.weight.dtype))
+            slot.write(torch.from_numpy(q.dequantize()))
             self.results[name] = q
             if self.callback is not None:
                 self.callback(name, q)
@@ -492,11 +541,23 @@ def _block_turn(block, layers, qstream, fstream, extras, run, *, joint, true_seq
                 n_tok, stats_kw):
     """One block: statistics per stage, solves, then the streams through the quantized
     (and, for joint methods, float) block. Returns the next ``(qstream, fstream)``."""
-    # groups of layers reading the same input tensor, in execution order; a stage is
-    # what is solved between two capture passes
+    # groups of layers reading the same input tensor, in execution order (the block's
+    # data flow); a stage is what is solved between two capture passes
     groups = layer_groups(block, layers, (qstream[0], *extras[0])) if layers else []
     stages = [[g] for g in groups] if true_sequential else ([groups] if groups else [])
-    todo = [g[0] for g in groups if not all(run.done(n) for n in g)]
+    slots = {n: _slots(layers[n], layers, n) for g in groups for n in g}
+
+    def pending(n):
+        return not all(run.done(s.name) for s in slots[n])
+
+    # what a capture pass hooks per group: the first linear layer (its input is the
+    # group's input) and every fused experts weight (per-expert statistics)
+    def hooked(g):
+        lin = [n for n in g if not isinstance(layers[n], ExpertsPart)]
+        lead = lin[:1] if any(pending(n) for n in lin) else []  # the first one: α is seeded by its name
+        return lead + [n for n in g if isinstance(layers[n], ExpertsPart) and pending(n)]
+
+    todo = [n for g in groups for n in hooked(g) if not isinstance(layers[n], ExpertsPart)]
 
     # Float pass (joint methods), before anything in this block is quantized, so the
     # block itself is the float block: keep the float inputs of the groups to solve.
@@ -509,22 +570,33 @@ def _block_turn(block, layers, qstream, fstream, extras, run, *, joint, true_seq
             fstream = [run_block(block, h, *e) for h, e in zip(fstream, extras)]
 
     for stage in stages:
-        leads = [g[0] for g in stage if g[0] in todo]
+        leads = [n for g in stage for n in hooked(g)]
         stats = {}
         if leads:
             stats = _capture(block, {n: layers[n] for n in leads}, qstream, extras, finputs,
                              alpha_m=alpha_m, n_seq=n_seq, seed=run.seed, stop_early=true_sequential,
-                             stats_kw=stats_kw)
+                             stats_kw=stats_kw, min_tokens=run.min_expert_tokens)
         items = []
         for g in stage:
-            if g[0] in stats:
-                st = stats.pop(g[0])
+            lead = next((n for n in g if n in stats and not isinstance(layers[n], ExpertsPart)), None)
+            if lead is not None:
+                st = stats.pop(lead)
                 # device path: float64 tensors where the sums are; host path: numpy
                 Hn, Dn = st.mean_tensors(n_tok) if run.target is not None else st.mean(n_tok)
                 del st
             else:
                 Hn = Dn = None  # every layer of the group is in the checkpoint
-            items.extend((name, layers[name], Hn, Dn) for name in g)
+            for name in g:
+                if isinstance(layers[name], ExpertsPart):
+                    est = stats.get(name)
+                    for s in slots[name]:
+                        if est is None:
+                            items.append((s, None, None, {}))
+                            continue
+                        He, fell_back = est.mean(s.expert, run.min_expert_tokens)
+                        items.append((s, He, None, {"tokens": est.count[s.expert], "fallback": fell_back}))
+                else:
+                    items.extend((s, Hn, Dn, {}) for s in slots[name])
         run.finish_all(items)
         items = Hn = Dn = None  # free the statistics before the next capture pass
     finputs = None
@@ -532,34 +604,59 @@ def _block_turn(block, layers, qstream, fstream, extras, run, *, joint, true_seq
     return [run_block(block, h, *e) for h, e in zip(qstream, extras)], fstream
 
 
-def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, stop_early, stats_kw):
-    r"""Run the block on the quantized stream and return ``{lead: LayerStatistics}`` for the
-    layers `leads` (``{name: module}``).
+def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, stop_early, stats_kw, min_tokens):
+    r"""Run the block on the quantized stream and return ``{lead: LayerStatistics or
+    ExpertsStatistics}`` for the layers `leads` (``{name: module or ExpertsPart}``).
 
-    With ``stop_early`` (one lead) the pass stops at the lead's input: nothing after it
+    With ``stop_early`` (one stage) the pass stops at the last lead's input: nothing after it
     is needed. Per-sequence α (``alpha_m`` = Beta parameter) is drawn from
-    ``(seed, lead)`` and folded into ``D``.
+    ``(seed, lead)`` and folded into ``D``. Fused experts routed fewer than `min_tokens`
+    tokens get a second pass collecting the shared (all-token) statistics.
     """
     acc = {}
-    for lead in leads:
+    for lead, layer in leads.items():
+        if isinstance(layer, ExpertsPart):
+            acc[lead] = ExpertsStatistics(layer)
+            continue
         alphas = None if alpha_m is None else torch.from_numpy(
             fold_beta(layer_rng(seed, lead), alpha_m, size=n_seq)).float()
-        acc[lead] = LayerStatistics(leads[lead].in_features, joint=finputs is not None, alphas=alphas,
+        acc[lead] = LayerStatistics(linear_in_features(layer), joint=finputs is not None, alphas=alphas,
                                     **stats_kw)
-    state = {"batch": 0, "seq": 0}
+    state = {"batch": 0, "seq": 0, "left": set(), "mode": None}
+    hooks = {n: hook_module(layer) for n, layer in leads.items()}
 
     def accumulate(name, m, args):
-        x_float = None if finputs is None else finputs[name][state["batch"]]
-        acc[name].add(args[0], x_float, seq=state["seq"])
-        if stop_early:
+        if name not in state["left"]:
+            return
+        if isinstance(leads[name], ExpertsPart):
+            if state["mode"] is None:
+                acc[name].add(args[0], args[1])
+            else:
+                acc[name].add(args[0], args[1], all_tokens=True, only=state["mode"][name])
+        else:
+            x_float = None if finputs is None else finputs[name][state["batch"]]
+            acc[name].add(args[0], x_float, seq=state["seq"])
+        state["left"].discard(name)
+        if stop_early and not state["left"]:
             raise StopForward()
 
-    with forward_pre_hooks(leads, accumulate):
+    def one_pass(names):
+        state["seq"] = 0
         for b, (h, e) in enumerate(zip(qstream, extras)):
-            state["batch"] = b
+            state["batch"], state["left"] = b, set(names)
             try:
                 run_block(block, h, *e)
             except StopForward:
                 pass
             state["seq"] += h.shape[0]
+
+    with forward_pre_hooks(hooks, accumulate):
+        one_pass(list(leads))
+        short = {n: a.short(min_tokens) for n, a in acc.items() if isinstance(a, ExpertsStatistics)}
+        short = {n: s for n, s in short.items() if s}
+        if short:
+            logger.info("experts with fewer than %d routed tokens use the shared statistics: %s", min_tokens,
+                        {n: s for n, s in short.items()})
+            state["mode"] = short
+            one_pass(list(short))
     return acc

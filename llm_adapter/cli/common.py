@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["CLIError", "check_new_dir", "fmt", "layer_table", "load_model_or_fail", "load_quantized_model",
+__all__ = ["CLIError", "LAYER_HEADER", "check_new_dir", "fmt", "layer_row", "layer_table", "load_model_or_fail", "load_quantized_model",
            "load_text_or_fail", "make_windows", "model_source", "table"]
 
 logger = logging.getLogger("llm_adapter.cli")
@@ -92,8 +92,6 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
     """Base model + the quantized layers of directory `path`: each layer as its method's
     torch module where that module supports it (:mod:`llm_adapter.nn`), else as dequantized
     weights. Returns ``(model, tokenizer, meta)``."""
-    import torch
-
     from .. import methods
     from ..formats import QuantizedFormatError, load_quantized
     from ..nn import replace_linear
@@ -115,8 +113,10 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
                 flag, f"model {source!r} has {key} = {getattr(net.config, key)}, the quantized layers "
                 f"were made for {saved_cfg[key]}"
             )
+    from ..nn.fused import layer_target, write_dequantized
+
     modules = dict(net.named_modules())
-    missing = [n for n in layers if n not in modules]
+    missing = [n for n in layers if layer_target(modules, n)[0] is None]
     if missing:
         raise CLIError(flag, f"model {source!r} has no module(s) {missing[:3]} named in {str(path)!r}")
     packable = {n: l for n, l in layers.items() if methods.for_layer(l).module_class().supports(l)}
@@ -124,11 +124,10 @@ def load_quantized_model(path: str | os.PathLike, model: str | None = None):
         replace_linear(net, packable)
     except (KeyError, ValueError) as err:
         raise CLIError("--quantized", f"{err}") from err
-    with torch.no_grad():
-        for name, layer in layers.items():
-            if name not in packable:
-                mod = modules[name]
-                mod.weight.copy_(torch.from_numpy(layer.dequantize()).to(mod.weight.dtype))
+    try:
+        write_dequantized(net, {n: l for n, l in layers.items() if n not in packable})
+    except (KeyError, ValueError) as err:
+        raise CLIError("--quantized", f"{err}") from err
     logger.info("loaded %d quantized layers from %s onto %s", len(layers), path, source)
     return net, tok, meta
 
@@ -162,26 +161,43 @@ def fmt(value, spec: str, missing: str = "-") -> str:
         return str(value)
 
 
+#: Columns of the per-layer table (:func:`layer_row`).
+LAYER_HEADER = ("layer", "loss", "rel loss", "vs GPTQ", "Babai bound", "clipped %", "alpha", "tokens", "time s")
+
+
+def layer_row(name, layer) -> tuple:
+    """One row of the per-layer table, from ``layer.stats``: loss, relative loss, loss over
+    the Babai/GPTQ baseline's (``1`` for gptq itself; from ``stats["babai_loss"]`` where a
+    method records it, else ``-``), Babai's bound, clipped %, α, routed tokens (MoE experts,
+    ``*`` when the shared statistics were used) and seconds."""
+    st = layer.stats
+    clipped = st.get("clipped_frac")
+    loss = st.get("loss")
+    base = loss if st.get("method") == "gptq" else st.get("babai_loss")
+    ratio = None if loss is None or not base else float(loss) / float(base)
+    tokens = st.get("tokens")
+    tok = "-" if tokens is None else f"{int(tokens)}{'*' if st.get('fallback') else ''}"
+    return (
+        name,
+        fmt(loss, ".4g"),
+        fmt(st.get("rel_loss"), ".4g"),
+        fmt(ratio, ".3f"),
+        fmt(st.get("babai_bound"), ".4g"),
+        fmt(None if clipped is None else 100 * float(clipped), ".2f"),
+        fmt(st.get("alpha"), ".3g"),
+        tok,
+        fmt(st.get("time"), ".2f"),
+    )
+
+
 def layer_table(layers) -> str:
-    """The per-layer table: layer, loss, rel loss, Babai bound, clipped %, time."""
-    header = ("layer", "loss", "rel loss", "Babai bound", "clipped %", "time s")
-    rows = []
-    for name, layer in layers.items():
-        st = layer.stats
-        clipped = st.get("clipped_frac")
-        rows.append((
-            name,
-            fmt(st.get("loss"), ".4g"),
-            fmt(st.get("rel_loss"), ".4g"),
-            fmt(st.get("babai_bound"), ".4g"),
-            fmt(None if clipped is None else 100 * float(clipped), ".2f"),
-            fmt(st.get("time"), ".2f"),
-        ))
+    """The per-layer table (:data:`LAYER_HEADER`, rows :func:`layer_row`) with a total line."""
+    rows = [layer_row(name, layer) for name, layer in layers.items()]
     total_time = sum(float(l.stats.get("time") or 0.0) for l in layers.values())
     losses = [l.stats.get("loss") for l in layers.values()]
     total_loss = sum(float(v) for v in losses if v is not None) if any(v is not None for v in losses) else None
-    rows.append(("total", fmt(total_loss, ".4g"), "", "", "", fmt(total_time, ".2f")))
-    return table(header, rows[:-1], footer=rows[-1])
+    footer = ("total", fmt(total_loss, ".4g"), "", "", "", "", "", "", fmt(total_time, ".2f"))
+    return table(LAYER_HEADER, rows, footer=footer)
 
 
 def table(header, rows, footer=None) -> str:

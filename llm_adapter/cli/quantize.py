@@ -12,8 +12,8 @@ from .. import methods
 from ..distributed import ClusterLostError
 from ..errors import ParameterError
 from .argtypes import device, group_size, nonneg_float, positive_int
-from .common import (CLIError, check_new_dir, layer_table, load_model_or_fail, load_text_or_fail, make_windows,
-                     model_source)
+from .common import (LAYER_HEADER, CLIError, check_new_dir, layer_row, layer_table, load_model_or_fail,
+                     load_text_or_fail, make_windows, model_source)
 
 __all__ = ["add_parser", "run"]
 
@@ -31,7 +31,9 @@ def add_parser(sub, common) -> None:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model's linear layers and save them",
                        description="Quantize the linear layers of the decoder blocks and save them "
-                                   "(native format, optionally a GPTQ checkpoint).")
+                                   "(native format, optionally a GPTQ and/or a compressed-tensors checkpoint). "
+                                   "A per-layer table is printed as the layers finish and stored in the "
+                                   "output's quant_config.json under model.report.")
     model_args(q, quantized=False)
     described = "; ".join(f"{n} = {methods.get(n).description}" for n in methods.names() if methods.get(n).description)
     q.add_argument("--method", choices=methods.names(), default="gptq",
@@ -56,6 +58,8 @@ def add_parser(sub, common) -> None:
                    help="fnmatch patterns of the linear layers to quantize (default: all in the blocks)")
     q.add_argument("--out", metavar="DIR", default=None, help="write the quantized layers here (native format)")
     q.add_argument("--export-gptq", metavar="DIR", default=None, help="also write a GPTQ checkpoint here")
+    q.add_argument("--export-compressed-tensors", metavar="DIR", default=None,
+                   help="also write a compressed-tensors pack-quantized checkpoint here (the format vLLM loads)")
     q.add_argument("--gptq-format", choices=("gptq", "gptq_v2"), default="gptq",
                    help="GPTQ checkpoint format (default gptq = v1, stores zero - 1)")
     q.add_argument("--checkpoint", "--resume", dest="checkpoint", metavar="DIR", default=None,
@@ -138,11 +142,14 @@ def run(args) -> int:
     from ..errors import BusyError
     from ..formats import claim_dir
 
-    if args.out is None and args.export_gptq is None:
-        raise CLIError("--out", "give --out DIR and/or --export-gptq DIR, or the result is lost")
+    ct_dir = getattr(args, "export_compressed_tensors", None)
+    if args.out is None and args.export_gptq is None and ct_dir is None:
+        raise CLIError("--out", "give --out DIR, --export-gptq DIR and/or --export-compressed-tensors DIR, or the "
+                                "result is lost")
     locks = []
     try:
-        for path, flag in ((args.out, "--out"), (args.export_gptq, "--export-gptq")):
+        for path, flag in ((args.out, "--out"), (args.export_gptq, "--export-gptq"),
+                           (ct_dir, "--export-compressed-tensors")):
             if path is not None:
                 try:
                     locks.append(claim_dir(path))
@@ -160,8 +167,10 @@ def _run(args) -> int:
     from ..calibration import quantize_model
     from ..data import calibration_windows
 
+    ct_dir = getattr(args, "export_compressed_tensors", None)
     check_new_dir(args.out, "--out", args.overwrite)
     check_new_dir(args.export_gptq, "--export-gptq", args.overwrite)
+    check_new_dir(ct_dir, "--export-compressed-tensors", args.overwrite)
     spec = spec_from_args(args)
     method = methods.get(args.method)
     if method.format.kind != "uniform" and args.export_gptq is not None:
@@ -171,6 +180,9 @@ def _run(args) -> int:
 
         if not torch.cuda.is_available():
             raise CLIError("--device", f"--device {args.device}: torch sees no CUDA device")
+    if method.format.kind != "uniform" and ct_dir is not None:
+        raise CLIError("--export-compressed-tensors",
+                       f"{args.method} layers have no compressed-tensors layout; use --out (the native format)")
     text = load_text_or_fail(args.calib, "calibration", "--calib")
     source = model_source(args.model)
     model, tok = load_model_or_fail(source)
@@ -180,12 +192,25 @@ def _run(args) -> int:
           f"{args.seqlen} tokens", flush=True)
     t0 = time.perf_counter()
     flags = {"targets": "--targets", "checkpoint_dir": "--checkpoint", "device": "--device"}
-    report = {}
+    run_report = {}  # device figures of the run (peak memory)
+    widths = (48, 10, 10, 8, 11, 9, 6, 7, 7)
+
+    def line(row):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    print(line(LAYER_HEADER), flush=True)
+
+    from tqdm.auto import tqdm
+
+    def print_row(name, q):  # the per-layer table, as the layers finish (above the progress bar)
+        tqdm.write(line(layer_row(name, q)))
+
     with _cluster(args) as client:
         try:
             layers = quantize_model(model, windows, spec, targets=tuple(args.targets), batch_size=args.batch_size,
                                     seed=args.seed, checkpoint_dir=args.checkpoint, backend=args.backend,
-                                    rtn_calibrate=True, device=args.device, report=report, client=client)
+                                    rtn_calibrate=True, callback=print_row, device=args.device, report=run_report,
+                                    client=client)
         except ParameterError as err:
             if err.param in flags:
                 raise CLIError(flags[err.param], str(err)) from err
@@ -196,10 +221,11 @@ def _run(args) -> int:
             print(f"llm-adapter quantize: error: {err}{kept}", file=sys.stderr)
             return 1
     elapsed = time.perf_counter() - t0
-    print(layer_table(layers))
+    report = layer_table(layers)
+    print(report)
     print(f"{len(layers)} layers quantized in {elapsed:.1f} s")
-    if "peak_device_bytes" in report:
-        print(f"peak memory on {report['device']}: {report['peak_device_bytes'] / 2**30:.2f} GiB")
+    if "peak_device_bytes" in run_report:
+        print(f"peak memory on {run_report['device']}: {run_report['peak_device_bytes'] / 2**30:.2f} GiB")
     if all(hasattr(l, "storage_bits") for l in layers.values()):
         bits = sum(l.storage_bits() for l in layers.values())
         print(f"storage: {bits / sum(l.codes.size for l in layers.values()):.4f} bits per weight "
@@ -210,6 +236,9 @@ def _run(args) -> int:
         "config": model.config.to_dict(),
         "calibration": {"text": list(args.calib), "windows": args.calib_windows, "seqlen": args.seqlen,
                         "seed": args.seed},
+        # the per-layer table of this run (also printed as it went), and per-row values
+        "report": {"table": report, "columns": list(LAYER_HEADER),
+                   "rows": [list(layer_row(n, l)) for n, l in layers.items()], "seconds": elapsed},
     }
     if args.out is not None:
         from ..formats import save_quantized
@@ -225,4 +254,12 @@ def _run(args) -> int:
         except GPTQExportError as err:
             raise CLIError("--export-gptq", str(err)) from err
         print(f"wrote GPTQ checkpoint {path}")
+    if ct_dir is not None:
+        from ..formats.compressed_tensors import CompressedTensorsExportError, export_compressed_tensors
+
+        try:
+            path = export_compressed_tensors(model, layers, ct_dir, tokenizer=tok, overwrite=args.overwrite)
+        except CompressedTensorsExportError as err:
+            raise CLIError("--export-compressed-tensors", str(err)) from err
+        print(f"wrote compressed-tensors checkpoint {path}")
     return 0

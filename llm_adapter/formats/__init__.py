@@ -9,17 +9,22 @@
   what a killed writer left.
 * :mod:`~llm_adapter.formats.gptq` — export as a transformers-style GPTQ checkpoint
   (:func:`export_gptq`).
+* :mod:`~llm_adapter.formats.compressed_tensors` — export as a compressed-tensors
+  ``pack-quantized`` checkpoint, the format vLLM loads (:func:`export_compressed_tensors`).
 """
 
 from ._io import claim_dir
+from .compressed_tensors import CompressedTensorsExportError, export_compressed_tensors
 from .gptq import GPTQExportError, export_gptq
 from .native import QuantizedFormatError, load_quantized, save_quantized
 from .packing import pack, packed_length, unpack
 
 __all__ = [
+    "CompressedTensorsExportError",
     "GPTQExportError",
     "claim_dir",
     "QuantizedFormatError",
+    "export_compressed_tensors",
     "export_gptq",
     "load_quantized",
     "pack",

@@ -220,7 +220,13 @@ def export_gptq(
         embeddings, norms, head, unquantized linears — are written too).
     layers : dict of str to QuantizedLayer
         Module name to quantized layer; every name must be an ``nn.Linear`` of `model`
-        of the same shape. All layers must share ``bits`` and ``group_size``.
+        of the same shape, or a transformers ``Conv1D`` whose transposed weight has that
+        shape (stored as the equivalent Linear: ``qweight`` packs ``W^T`` = the Conv1D
+        weight, as GPTQModel does for GPT-2), or a fused MoE expert ``<experts>.<param>.<e>``
+        (all experts of a weight): then every tensor is written under the name
+        ``save_pretrained`` uses (:func:`~llm_adapter.formats.compressed_tensors.checkpoint_rows`;
+        Mixtral's ``gate_up_proj`` expert ``e`` becomes ``block_sparse_moe.experts.<e>.w1``
+        and ``w3``). All layers must share ``bits`` and ``group_size``.
     out_dir : str or path-like
         Directory to create (``config.json``, ``model.safetensors``, tokenizer files,
         ``generation_config.json`` if the model has one).
@@ -282,6 +288,8 @@ def export_gptq(
     import torch
     from safetensors.torch import save_file
 
+    from ..nn.fused import expert_slot, is_conv1d
+
     dtype = torch.float16 if dtype is None else dtype
     if not isinstance(layers, dict) or not layers:
         raise GPTQExportError("`layers` must be a non-empty dict of name -> QuantizedLayer")
@@ -299,9 +307,14 @@ def export_gptq(
         if kind != "uniform":
             problems.append(f"{name!r} is a {type(layer).__name__} ({kind}), not a uniform-grid layer "
                             f"({kind} layers have no GPTQ layout; save them with save_quantized)")
-        elif not isinstance(mod, torch.nn.Linear):
+        elif mod is None and expert_slot(modules, name) is not None:
+            emod, param, _ = expert_slot(modules, name)
+            if tuple(getattr(emod, param).shape[1:]) != tuple(layer.shape):
+                problems.append(f"{name!r} has shape {tuple(getattr(emod, param).shape[1:])}, the quantized layer "
+                                f"{layer.shape}")
+        elif not isinstance(mod, torch.nn.Linear) and not is_conv1d(mod):
             problems.append(f"{name!r} is not an nn.Linear of the model")
-        elif tuple(mod.weight.shape) != layer.shape:
+        elif (tuple(mod.weight.shape)[::-1] if is_conv1d(mod) else tuple(mod.weight.shape)) != layer.shape:
             problems.append(f"{name!r} has shape {tuple(mod.weight.shape)}, the quantized layer {layer.shape}")
     if problems:
         raise GPTQExportError("cannot export: " + "; ".join(problems))
@@ -339,6 +352,9 @@ def export_gptq(
         )
 
     tensors: dict[str, torch.Tensor] = {}
+    if any(name not in modules for name in layers):  # fused MoE experts
+        tensors = _moe_tensors(model, layers, modules, checkpoint_format, dtype)
+        layers = {}
     for name, layer in layers.items():
         packed = gptq_tensors(name, layer, checkpoint_format=checkpoint_format, bias_dtype=np.float32)
         for key, arr in packed.items():
@@ -346,7 +362,7 @@ def export_gptq(
             tensors[key] = t.to(dtype) if key.endswith(".bias") else t
     skip = {f"{name}.{p}" for name in layers for p in ("weight", "bias")}
     seen_ptrs: set[tuple] = set()
-    for key, value in model.state_dict().items():
+    for key, value in ({} if not layers else model.state_dict()).items():
         if key in skip:
             continue
         ptr = value.untyped_storage().data_ptr() if value.numel() else None
@@ -394,6 +410,58 @@ def export_gptq(
         path, len(layers), bits, group_size, desc_act, sym, checkpoint_format,
     )
     return path
+
+
+def _moe_tensors(model, layers, modules, checkpoint_format, dtype):
+    """All tensors of a checkpoint with fused-expert layers, under the names ``save_pretrained``
+    writes (:func:`~llm_adapter.formats.compressed_tensors.checkpoint_rows`): a fused
+    ``gate_up_proj`` expert becomes e.g. Mixtral's ``w1`` and ``w3`` (its row halves)."""
+    import torch
+
+    from ..nn.fused import expert_slot
+    from .compressed_tensors import CompressedTensorsExportError, _row_layer, checkpoint_rows
+
+    slot_layer, quantized, fused = [], {}, {}
+    for name, layer in layers.items():
+        if name in modules:
+            quantized[f"{name}.weight"] = (len(slot_layer), layer.shape[0])
+            slot_layer.append((name, layer))
+        else:
+            _, _, e = expert_slot(modules, name)
+            fused.setdefault(name.rsplit(".", 1)[0], {})[e] = (name, layer)
+    for pname, experts in fused.items():
+        n_exp = model.get_parameter(pname).shape[0]
+        missing = [e for e in range(n_exp) if e not in experts]
+        if missing:
+            raise GPTQExportError(f"fused weight {pname!r}: experts {missing} are not quantized (a checkpoint holds "
+                                  "all experts of a weight or none)")
+        quantized[pname] = (len(slot_layer), experts[0][1].shape[0])
+        slot_layer.extend(experts[e] for e in range(n_exp))
+    skip = {f"{n}.weight" for n in layers if n in modules} | {f"{n}.bias" for n, l in layers.items()
+                                                              if n in modules and l.bias is not None} | set(fused)
+    float_sd, seen = {}, set()
+    for key, value in model.state_dict().items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        if key in skip or (ptr is not None and (ptr, value.storage_offset(), tuple(value.shape)) in seen):
+            continue
+        if ptr is not None:
+            seen.add((ptr, value.storage_offset(), tuple(value.shape)))
+        float_sd[key] = value.detach().cpu()
+    try:
+        plain, rows = checkpoint_rows(model, float_sd, quantized)
+    except CompressedTensorsExportError as err:
+        raise GPTQExportError(str(err)) from None
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in plain.items()}
+    for key, (slot, r) in sorted(rows.items()):
+        name, layer = slot_layer[slot]
+        sub = layer if np.array_equal(r, np.arange(layer.shape[0])) else _row_layer(layer, r)
+        if layer.bias is not None and sub is not layer:
+            sub.bias = np.asarray(layer.bias)[r]
+        for k, arr in gptq_tensors(key[:-len(".weight")], sub, checkpoint_format=checkpoint_format,
+                                   bias_dtype=np.float32).items():
+            t = torch.from_numpy(arr)
+            tensors[k] = t.to(dtype) if k.endswith(".bias") else t
+    return tensors
 
 
 def _static_g_idx(layer) -> bool:

@@ -521,14 +521,21 @@ class LatticeLinear(_CachedWeightLinear):
 
 
 def replace_linear(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
-    """Swap the ``nn.Linear`` modules named in `layers` for their methods' torch modules, in place.
+    """Swap the ``nn.Linear`` (and ``Conv1D``) modules named in `layers` for their methods'
+    torch modules, in place; fused MoE expert layers are dequantized into their slice.
 
     The module class comes from the method registry (:attr:`llm_adapter.methods.Method.module`):
     uniform layers become :class:`QuantLinear`, glvq layers
     (:class:`~llm_adapter.methods.glvq.LatticeLayer`) :class:`LatticeLinear`.
 
-    Every name is checked first (it must be an ``nn.Linear`` of `model` with the layer's
-    shape); nothing is replaced if any check fails. The new module is put on the old
+    A transformers ``Conv1D`` (GPT-2, weight ``(in, out)``) is replaced by the same module
+    as a Linear: the quantized layer is its ``(out, in)`` transpose and ``x W^T + b`` is
+    what ``Conv1D`` computes. A name ``<experts module>.<3-D parameter>.<e>`` (one expert
+    of fused MoE weights, :mod:`llm_adapter.nn.fused`) is dequantized on the CPU into
+    ``parameter[e]``; the experts module keeps its own forward.
+
+    Every name is checked first (it must be an ``nn.Linear``/``Conv1D`` of `model` or an
+    expert slot, with the layer's shape); nothing is replaced if any check fails. The new module is put on the old
     one's device; the old bias is used when the quantized layer carries none.
 
     Parameters
@@ -568,8 +575,11 @@ def replace_linear(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
         ...
     KeyError: "`layers` names 1 module(s) that `model` does not have: ['5']"
     """
+    from .fused import expert_slot, is_conv1d, write_dequantized
+
     modules = dict(model.named_modules())
-    unknown = [n for n in layers if n not in modules]
+    experts = {n: l for n, l in layers.items() if n not in modules and expert_slot(modules, n) is not None}
+    unknown = [n for n in layers if n not in modules and n not in experts]
     if unknown:
         raise KeyError(
             f"`layers` names {len(unknown)} module(s) that `model` does not have: {unknown[:5]}"
@@ -577,18 +587,28 @@ def replace_linear(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
         )
     classes = {}
     for name, layer in layers.items():
+        if name in experts:
+            continue
         mod = modules[name]
         try:
             classes[name] = methods.for_layer(layer).module_class()
         except TypeError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
-        if not isinstance(mod, torch.nn.Linear):
+        if not isinstance(mod, torch.nn.Linear) and not is_conv1d(mod):
             raise ValueError(f"module {name!r} is a {type(mod).__name__}, not an nn.Linear")
-        if tuple(mod.weight.shape) != tuple(layer.shape):
+        shape = tuple(mod.weight.shape)[::-1] if is_conv1d(mod) else tuple(mod.weight.shape)
+        if shape != tuple(layer.shape):
             raise ValueError(
-                f"module {name!r} has weight shape {tuple(mod.weight.shape)}, the quantized layer {tuple(layer.shape)}"
+                f"module {name!r} has weight shape {shape} (out, in), the quantized layer {tuple(layer.shape)}"
             )
+    for name, layer in experts.items():
+        _, param, e = expert_slot(modules, name)
+        w = getattr(_, param)[e]
+        if tuple(w.shape) != tuple(layer.shape):
+            raise ValueError(f"expert {name!r} has weight shape {tuple(w.shape)}, the quantized layer {tuple(layer.shape)}")
     for name, layer in layers.items():
+        if name in experts:
+            continue
         mod = modules[name]
         bias = None
         if layer.bias is None and mod.bias is not None:
@@ -596,6 +616,9 @@ def replace_linear(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
         new = classes[name].from_layer(layer, bias=bias).to(mod.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if experts:
+        write_dequantized(model, experts, modules)
+        logger.info("wrote %d fused expert layers (dequantized on the CPU)", len(experts))
     logger.info("replaced %d linear layers with quantized modules", len(layers))
     return model
 
