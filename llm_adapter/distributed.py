@@ -58,7 +58,9 @@ from collections import OrderedDict
 import numpy as np
 
 from . import methods
-from .methods.uniform import QuantizedLayer, QuantSpec, quantize_weight
+import dataclasses
+
+from . import methods
 
 __all__ = ["ClusterSolver", "LayerSolveExecutor", "LayerFuture", "ClusterLostError", "row_blocks"]
 
@@ -84,6 +86,17 @@ def row_blocks(m, rows_per_task):
     return [(r0, min(m, r0 + rows_per_task)) for r0 in range(0, m, rows_per_task)]
 
 
+def _row_spec(spec):
+    """`spec` (default: gptq's default spec) if it is the spec of a row-separable method."""
+    if spec is None:
+        spec = methods.get("gptq").spec_type()
+    method = getattr(spec, "method", None)
+    if method not in ROW_SEPARABLE or not isinstance(spec, methods.get(method).spec_type):
+        raise TypeError(f"`spec` must be the spec of a row-separable method {ROW_SEPARABLE} (a QuantSpec), "
+                        f"got {type(spec).__name__}")
+    return spec
+
+
 def _row_separable(spec, D):
     return not (spec.method == "regcal" and spec.alpha == "closed_form" and D is not None)
 
@@ -96,7 +109,7 @@ def _solve_rows(W, H, D, spec, backend, rng, skip):
     """
     if rng is not None and skip:
         rng.integers(0, _INT64_MAX, size=skip, dtype=np.int64)
-    return quantize_weight(W, H, D, spec, backend=backend, rng=rng)
+    return methods.get(spec.method).quantize(W, H, D, spec, backend=backend, rng=rng)
 
 
 class LayerFuture:
@@ -121,7 +134,7 @@ class LayerFuture:
         for f in self._futures:
             f.cancel()
 
-    def result(self, timeout=None) -> QuantizedLayer:
+    def result(self, timeout=None):
         """Wait for every row block and assemble the layer.
 
         Raises
@@ -189,9 +202,8 @@ def _assemble(parts, blocks, shape, bias, t0):
                                / shape[0])
     stats["time"] = time.perf_counter() - t0
     stats["tasks"] = len(parts)
-    return QuantizedLayer(codes=codes, scales=scales, zeros=zeros, g_idx=first.g_idx,
-                          bits=first.bits, group_size=first.group_size, perm=first.perm,
-                          bias=bias, stats=stats)
+    # the rows' layer type (a uniform layer), with the assembled arrays
+    return dataclasses.replace(first, codes=codes, scales=scales, zeros=zeros, bias=bias, stats=stats)
 
 
 class LayerSolveExecutor:
@@ -245,7 +257,7 @@ class LayerSolveExecutor:
             self._scattered.popitem(last=False)
         return futs
 
-    def submit(self, W, H=None, D=None, spec: QuantSpec = QuantSpec(), *, backend="auto", rng=None,
+    def submit(self, W, H=None, D=None, spec=None, *, backend="auto", rng=None,
                bias=None, name=None) -> LayerFuture:
         """Start ``quantize_weight(W, H, D, spec, backend=..., rng=..., bias=...)`` on the cluster.
 
@@ -262,8 +274,7 @@ class LayerSolveExecutor:
             Layer name for error messages and task keys.
         """
         t0 = time.perf_counter()
-        if not isinstance(spec, QuantSpec):
-            raise TypeError(f"`spec` must be a QuantSpec, got {type(spec).__name__}")
+        spec = _row_spec(spec)
         W = _host(W)
         H, D = _host(H), _host(D)
         if W.ndim != 2:
@@ -320,8 +331,8 @@ class LayerSolveExecutor:
                                      key=f"bils-layer-{label}-whole-{time.monotonic_ns()}", pure=False)
         return _WholeLayerFuture([fut], [(0, W.shape[0])], W.shape, None, label, t0)
 
-    def quantize_weight(self, W, H=None, D=None, spec: QuantSpec = QuantSpec(), *, backend="auto",
-                        rng=None, bias=None, timeout=None) -> QuantizedLayer:
+    def quantize_weight(self, W, H=None, D=None, spec=None, *, backend="auto",
+                        rng=None, bias=None, timeout=None):
         """``submit(...).result(timeout)``: a drop-in for the local ``quantize_weight``."""
         return self.submit(W, H, D, spec, backend=backend, rng=rng, bias=bias).result(timeout)
 
@@ -378,7 +389,8 @@ class ClusterSolver:
 
     def submit(self, name, W, H, D, spec, *, backend="auto", rng=None, bias=None) -> LayerFuture:
         """Start the solve of layer `name`; returns at once (see :class:`LayerFuture`)."""
-        if isinstance(spec, QuantSpec) and spec.method in ROW_SEPARABLE:
+        if getattr(spec, "method", None) in ROW_SEPARABLE \
+                and isinstance(spec, methods.get(spec.method).spec_type):
             return self.executor.submit(W, H, D, spec, backend=backend, rng=rng, bias=bias, name=name)
         bias = None if bias is None else _host(bias)
         return self.executor.submit_whole(_solve_whole, W, H, D, spec, backend, rng, bias, name=name)

@@ -45,6 +45,7 @@ Mixtral's ``w1`` (its first ``I`` rows) and ``w3`` (the rest), as in the origina
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -196,11 +197,8 @@ def checkpoint_rows(model, state_dict: dict, quantized: dict) -> tuple[dict, dic
 
 def _row_layer(layer, rows):
     """The uniform layer made of rows `rows` of `layer` (rows are independent)."""
-    from ..methods.uniform import QuantizedLayer
-
-    return QuantizedLayer(codes=np.asarray(layer.codes)[rows], scales=np.asarray(layer.scales)[rows],
-                          zeros=np.asarray(layer.zeros)[rows], g_idx=layer.g_idx, bits=layer.bits,
-                          group_size=layer.group_size)
+    return dataclasses.replace(layer, codes=np.asarray(layer.codes)[rows], scales=np.asarray(layer.scales)[rows],
+                               zeros=np.asarray(layer.zeros)[rows], perm=None, bias=None, stats={})
 
 
 def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.PathLike, *, tokenizer=None,

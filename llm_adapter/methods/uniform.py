@@ -479,7 +479,7 @@ class UniformProblem:
         """``(scale, offset)`` for the solvers: :class:`bils.GroupedGrid` s (one value per
         (group, output channel) and ``g_idx``) on the host, never expanded to (n, m); the
         per-coordinate ``S``, ``O`` for device arrays."""
-        if self.g_idx is None or not isinstance(self.S, np.ndarray):
+        if self.g_idx is None or type(self.S) is not np.ndarray:  # device arrays (CuPy) stay dense
             return self.S, self.O
         first = np.unique(self.g_idx, return_index=True)[1]  # a row of each group
         return (GroupedGrid(self.S[first], self.g_idx),
