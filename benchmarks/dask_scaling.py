@@ -43,8 +43,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# This file is named like the `distributed` package: take its folder off the path (Python
-# puts a script's folder first) and load the shared helpers by file name.
+# Take this folder off the path (Python puts a script's folder first; no script here may
+# shadow a package) and load the shared helpers by file name.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # the in-memory reference: one thread, like a worker

@@ -45,7 +45,6 @@ Mixtral's ``w1`` (its first ``I`` rows) and ``w3`` (the rest), as in the origina
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ import numpy as np
 
 from .. import methods
 from ._io import write_dir_atomically
+from ._slots import quantized_slots, row_layer
 from .native import library_version
 from .packing import pack
 
@@ -195,12 +195,6 @@ def checkpoint_rows(model, state_dict: dict, quantized: dict) -> tuple[dict, dic
     return tensors, rows
 
 
-def _row_layer(layer, rows):
-    """The uniform layer made of rows `rows` of `layer` (rows are independent)."""
-    return dataclasses.replace(layer, codes=np.asarray(layer.codes)[rows], scales=np.asarray(layer.scales)[rows],
-                               zeros=np.asarray(layer.zeros)[rows], perm=None, bias=None, stats={})
-
-
 def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.PathLike, *, tokenizer=None,
                               dtype=None, overwrite: bool = False) -> Path:
     """Write a compressed-tensors ``pack-quantized`` checkpoint directory, atomically.
@@ -296,23 +290,7 @@ def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.P
     np_dtype = {torch.float16: np.float16, torch.float32: np.float32}.get(dtype)
     # quantized weights by parameter name: a Linear/Conv1D weight is one slot, a fused
     # expert weight (E, rows, in) E slots (expert e = slot first + e)
-    slot_layer, quantized = [], {}
-    fused = {}
-    for name, layer in layers.items():
-        if name in modules:
-            quantized[f"{name}.weight"] = (len(slot_layer), layer.shape[0])
-            slot_layer.append((name, layer))
-        else:
-            emod, param, e = expert_slot(modules, name)
-            fused.setdefault(name.rsplit(".", 1)[0], {})[e] = (name, layer)
-    for pname, experts in fused.items():
-        n_exp = model.get_parameter(pname).shape[0]
-        missing = [e for e in range(n_exp) if e not in experts]
-        if missing:
-            raise CompressedTensorsExportError(f"fused weight {pname!r}: experts {missing} are not quantized (a "
-                                               "checkpoint holds all experts of a weight or none)")
-        quantized[pname] = (len(slot_layer), experts[0][1].shape[0])
-        slot_layer.extend(experts[e] for e in range(n_exp))
+    slot_layer, quantized, fused = quantized_slots(model, modules, layers, CompressedTensorsExportError)
     skip = {f"{name}.weight" for name in layers if name in modules} | set(fused)
     float_sd, seen_ptrs = {}, set()
     for key, value in model.state_dict().items():
@@ -330,7 +308,7 @@ def export_compressed_tensors(model, layers: dict[str, Any], out_dir: str | os.P
         tensors[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
     for key, (slot, r) in sorted(rows.items()):
         name, layer = slot_layer[slot]
-        sub = layer if np.array_equal(r, np.arange(layer.shape[0])) else _row_layer(layer, r)
+        sub = layer if np.array_equal(r, np.arange(layer.shape[0])) else row_layer(layer, r)
         try:
             packed = compressed_tensors_tensors(key[:-len(".weight")], sub, scale_dtype=np_dtype or np.float32)
         except CompressedTensorsExportError as err:

@@ -418,25 +418,10 @@ def _moe_tensors(model, layers, modules, checkpoint_format, dtype):
     ``gate_up_proj`` expert becomes e.g. Mixtral's ``w1`` and ``w3`` (its row halves)."""
     import torch
 
-    from ..nn.fused import expert_slot
-    from .compressed_tensors import CompressedTensorsExportError, _row_layer, checkpoint_rows
+    from ._slots import quantized_slots, row_layer
+    from .compressed_tensors import CompressedTensorsExportError, checkpoint_rows
 
-    slot_layer, quantized, fused = [], {}, {}
-    for name, layer in layers.items():
-        if name in modules:
-            quantized[f"{name}.weight"] = (len(slot_layer), layer.shape[0])
-            slot_layer.append((name, layer))
-        else:
-            _, _, e = expert_slot(modules, name)
-            fused.setdefault(name.rsplit(".", 1)[0], {})[e] = (name, layer)
-    for pname, experts in fused.items():
-        n_exp = model.get_parameter(pname).shape[0]
-        missing = [e for e in range(n_exp) if e not in experts]
-        if missing:
-            raise GPTQExportError(f"fused weight {pname!r}: experts {missing} are not quantized (a checkpoint holds "
-                                  "all experts of a weight or none)")
-        quantized[pname] = (len(slot_layer), experts[0][1].shape[0])
-        slot_layer.extend(experts[e] for e in range(n_exp))
+    slot_layer, quantized, fused = quantized_slots(model, modules, layers, GPTQExportError)
     skip = {f"{n}.weight" for n in layers if n in modules} | {f"{n}.bias" for n, l in layers.items()
                                                               if n in modules and l.bias is not None} | set(fused)
     float_sd, seen = {}, set()
@@ -454,7 +439,7 @@ def _moe_tensors(model, layers, modules, checkpoint_format, dtype):
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in plain.items()}
     for key, (slot, r) in sorted(rows.items()):
         name, layer = slot_layer[slot]
-        sub = layer if np.array_equal(r, np.arange(layer.shape[0])) else _row_layer(layer, r)
+        sub = layer if np.array_equal(r, np.arange(layer.shape[0])) else row_layer(layer, r)
         if layer.bias is not None and sub is not layer:
             sub.bias = np.asarray(layer.bias)[r]
         for k, arr in gptq_tensors(key[:-len(".weight")], sub, checkpoint_format=checkpoint_format,
