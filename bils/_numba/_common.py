@@ -107,15 +107,8 @@ def box_round(c, lo, hi):
     return x
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30 = np.uint64(30)
-_S27 = np.uint64(27)
-_S31 = np.uint64(31)
-_S11 = np.uint64(11)
-_ONE = np.uint64(1)
-_INV53 = 2.0 ** -53
+from .._rng import GOLDEN as _GOLDEN, INV53 as _INV53, M1 as _M1, M2 as _M2  # noqa: E402
+from .._rng import ONE as _ONE, S11 as _S11, S27 as _S27, S30 as _S30, S31 as _S31  # noqa: E402
 
 
 @njit(cache=True, inline="always")
