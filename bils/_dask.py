@@ -9,7 +9,16 @@ The graph holds
 * one solve task per column chunk of ``Y`` (rechunked to a single chunk along ``n``),
   which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks;
 * small ``getitem`` tasks turning each solve's tuple into blocks of ``x``, ``cost``,
-  ``status`` (and the per-RHS entries of ``info``).
+  ``status`` (and the per-RHS entries of ``info``), one graph layer per output on top of
+  the one layer of solves (so ``dask.compute(res.x, res.cost)`` merges them without
+  copying the solve tasks, and runs each solve once).
+
+Results are compact: ``x`` comes in the smallest signed integer type holding the box
+(``int8`` for a box inside [-128, 127], then ``int16``, ``int32``; ``int64`` when ``lo``
+or ``hi`` is itself a dask array), ``status`` as ``int8``, ``cost`` as ``float64``. The
+codes are the in-memory solve's, value for value; a (32, 10⁶) box-[0, 15] result is 32
+MB to gather, not 256 MB. Arithmetic that can leave the box's range (``x ** 2``,
+``x * 1000``) needs ``x.astype(np.int64)`` first, as with any small integer type.
 
 Results do not depend on the chunking: every solver is column-separable, and Klein's
 per-RHS seeds are drawn once on the caller's side for all ``k`` columns (exactly as the
@@ -28,7 +37,7 @@ import uuid
 
 import numpy as np
 
-__all__ = ["is_dask_array", "uses_dask", "run_solver_dask"]
+__all__ = ["is_dask_array", "uses_dask", "run_solver_dask", "code_dtype"]
 
 #: Per-RHS entries of ``info`` (shape (k,) or (m, k)) returned lazily, by solver.
 _RHS_INFO = {
@@ -116,7 +125,7 @@ class _ChunkOptions:
 
 
 def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
-                 options, rhs_names, j0, k_total, perm, dead, info_keys):
+                 options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
     """Solve one column chunk in memory; returns (x, cost, status, per-RHS info)."""
     from ._driver import run_solver
     from .problem import BILSProblem
@@ -131,11 +140,29 @@ def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels
     else:
         res = run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options)
     info = {key: np.asarray(res.info[key]) for key in info_keys if key in res.info}
-    return res.x, res.cost, res.status, info
+    # codes lie in the box (the driver's output check): the cast keeps every value
+    return res.x.astype(code_dtype, copy=False), res.cost, res.status, info
 
 
 def _info_get(out, key):
     return out[3][key]
+
+
+def code_dtype(lo, hi):
+    """The smallest signed integer dtype holding every integer of ``[min lo, max hi]``.
+
+    ``lo``, ``hi``: the bounds as given (scalars or arrays; values are validated per chunk
+    later). A dask bound, or bounds that are not finite numbers, give ``int64``.
+    """
+    if is_dask_array(lo) or is_dask_array(hi):
+        return np.dtype(np.int64)
+    with np.errstate(invalid="ignore"):
+        lo_min, hi_max = float(np.min(lo)), float(np.max(hi))
+    for dt in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dt)
+        if info.min <= lo_min and hi_max <= info.max:  # False for NaN
+            return np.dtype(dt)
+    return np.dtype(np.int64)
 
 
 # ---------------------------------------------------------------------- driver
@@ -226,27 +253,29 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
                      [np.asarray(v) for v in rhs.values()])
     r_key = f"bils-R-{tokenize(Rm)}"
     name = f"bils-{solver}-{token}"
+    xdt = code_dtype(grids[0], grids[1])
     func = functools.partial(_solve_block, solver=solver, kernels=kernels, backend=be,
                              options=options, rhs_names=tuple(rhs), k_total=k, perm=perm,
-                             dead=dead, info_keys=info_keys)
+                             dead=dead, info_keys=info_keys, code_dtype=xdt)
     solve = {r_key: Rm}
     for j in range(nb):
         args = [r_key, (Y.name, 0, j)] + [p.block(j) for p in pieces]
         args.append(None if co_piece is None else co_piece.block(j))
         args += [p.block(j) for p in rhs_pieces]
         solve[(name, j)] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
+    # one layer of solves (with R), one small layer of getters per output on top of it
+    base = HighLevelGraph.from_collections(name, solve, dependencies=deps)
 
     def lazy(suffix, index, chunks, dtype, getter=operator.getitem):
         out = f"{name}-{suffix}"
-        dsk = dict(solve)
         lead = (0,) * (len(chunks) - 1)
-        for j in range(nb):
-            dsk[(out,) + lead + (j,)] = (getter, (name, j), index)
-        graph = HighLevelGraph.from_collections(out, dsk, dependencies=deps)
-        return da.Array(graph, out, chunks=chunks, dtype=dtype,
+        dsk = {(out,) + lead + (j,): (getter, (name, j), index) for j in range(nb)}
+        layers = dict(base.layers, **{out: dsk})
+        dependencies = dict(base.dependencies, **{out: {name}})
+        return da.Array(HighLevelGraph(layers, dependencies), out, chunks=chunks, dtype=dtype,
                         meta=np.empty((0,) * len(chunks), dtype=dtype))
 
-    x = lazy("x", 0, ((n,), col_chunks), np.int64)
+    x = lazy("x", 0, ((n,), col_chunks), xdt)
     cost = lazy("cost", 1, (col_chunks,), np.float64)
     status = lazy("status", 2, (col_chunks,), np.int8)
     info = {"chunks": col_chunks}

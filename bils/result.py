@@ -144,6 +144,34 @@ class BILSResult:
         return BILSResult(x=x, cost=cost, status=status, backend=self.backend, solver=self.solver,
                           info=dict(self.info, **values))
 
+    def persist(self, **kwargs) -> "BILSResult":
+        """The result with every lazy field computed and kept where it was computed.
+
+        One :func:`dask.persist` of ``x``, ``cost``, ``status`` and the lazy ``info``
+        entries: each chunk is solved once, and on a ``distributed`` cluster the blocks
+        stay in the workers' memory (nothing is sent to the client). The fields are still
+        dask arrays, now backed by finished blocks, so later reductions
+        (``res.cost.sum()``), slices and ``compute()`` reuse them without solving again.
+        ``kwargs`` go to :func:`dask.persist`. A no-op for an in-memory result.
+
+        Examples
+        --------
+        >>> import numpy as np, dask.array as da, bils
+        >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+        >>> Y = da.from_array(np.array([[3.1, 0.2, 1.0], [0.9, -1.4, 0.5]]), chunks=(2, 2))
+        >>> kept = bils.babai(R, Y, -2, 2, backend="numpy").persist(scheduler="sync")
+        >>> kept.is_lazy, kept.x.dtype.name, kept.x[:, 1].compute().tolist()
+        (True, 'int8', [1, -1])
+        """
+        if not self.is_lazy:
+            return self
+        import dask
+
+        lazy = {key: v for key, v in self.info.items() if _is_dask(v)}
+        x, cost, status, values = dask.persist(self.x, self.cost, self.status, lazy, **kwargs)
+        return BILSResult(x=x, cost=cost, status=status, backend=self.backend, solver=self.solver,
+                          info=dict(self.info, **values))
+
     def __repr__(self) -> str:  # compact: arrays can be huge
         shape = getattr(self.x, "shape", None)
         total = "<lazy>" if self.is_lazy else f"{float(np.sum(_to_host(self.cost))):.6g}"

@@ -187,6 +187,74 @@ def test_R_is_one_graph_key_for_every_chunk():
     assert sum(holds_R(t) for t in graph.values()) == 1
 
 
+@pytest.mark.parametrize("lo, hi, dtype", [(0, 15, np.int8), (-128, 127, np.int8), (-129, 3, np.int16),
+                                           (0, 40000, np.int32), (0, 2**40, np.int64),
+                                           (np.array([[-3], [0]]), np.array([[2], [300]]), np.int16)])
+def test_codes_come_in_the_smallest_type_holding_the_box(lo, hi, dtype):
+    rng = np.random.default_rng(15)
+    R = np.array([[1.0, 0.3], [0.0, 0.02]])
+    Y = rng.uniform(-200.0, 1000.0, (2, 30))
+    ref = bils.babai(R, Y, lo, hi, backend="numpy")
+    lazy = bils.babai(R, da.from_array(Y, chunks=(2, 7)), lo, hi, backend="numpy")
+    assert lazy.x.dtype == dtype and lazy.status.dtype == np.int8
+    got = lazy.compute(scheduler="sync")
+    assert got.x.dtype == dtype
+    np.testing.assert_array_equal(got.x, ref.x)  # the same values (the bounds are reached)
+    assert got.x.min() == ref.x.min() and got.x.max() == ref.x.max()
+
+
+def test_dask_bounds_keep_int64_codes():
+    R, Y, lo, hi, S, O = _case(16)
+    lazy = bils.babai(R, da.from_array(Y, chunks=(9, 8)), lo, da.from_array(hi, chunks=(9, 8)),
+                      backend="numpy")
+    assert lazy.x.dtype == np.int64
+    np.testing.assert_array_equal(lazy.compute(scheduler="sync").x, bils.babai(R, Y, lo, hi, backend="numpy").x)
+
+
+def test_one_layer_of_solves_under_every_output():
+    R, Y, lo, hi, S, O = _case(17)
+    res = bils.klein(R, da.from_array(Y, chunks=(9, 10)), lo, hi, n_samples=3, rng=1, backend="numpy")
+    graph = res.x.__dask_graph__()
+    solve = [name for name in graph.layers if re.fullmatch(r"bils-klein-[0-9a-f]+", name)]
+    assert len(solve) == 1
+    assert graph.dependencies[res.x.name] == set(solve)
+    assert set(res.cost.__dask_graph__().layers[solve[0]]) == set(graph.layers[solve[0]])
+    # the getter layers hold only their own blocks: one task per chunk
+    assert len(graph.layers[res.x.name]) == 4
+    # x, cost, status and the per-RHS info computed together solve each chunk once
+    calls = []
+    import bils._dask as bd
+    orig = bd._solve_block
+
+    def counting(*args, **kw):
+        calls.append(kw["j0"])
+        return orig(*args, **kw)
+
+    bd._solve_block = counting
+    try:
+        res = bils.klein(R, da.from_array(Y, chunks=(9, 10)), lo, hi, n_samples=3, rng=1, backend="numpy")
+        res.compute(scheduler="sync")
+    finally:
+        bd._solve_block = orig
+    assert sorted(calls) == [0, 10, 20, 30]
+
+
+def test_persist_solves_once_and_keeps_lazy_fields():
+    R, Y, lo, hi, S, O = _case(18)
+    ref = bils.klein(R, Y, lo, hi, scale=S, n_samples=4, rng=3, backend="numpy")
+    lazy = bils.klein(R, da.from_array(Y, chunks=(9, 12)), lo, hi, scale=S, n_samples=4, rng=3,
+                      backend="numpy")
+    kept = lazy.persist(scheduler="sync")
+    assert kept.is_lazy and isinstance(kept.info["improved"], da.Array)
+    # persisted arrays are backed by finished blocks: one key per block, no solve task left
+    graph = dict(kept.x.__dask_graph__())
+    assert len(graph) == 4 and all(key[0] == kept.x.name for key in graph)
+    _same(ref, kept.compute(scheduler="sync"), exact_cost=False)
+    assert float(kept.cost.sum().compute()) == pytest.approx(float(ref.cost.sum()), rel=1e-12)
+    plain = bils.babai(R, Y, lo, hi, backend="numpy")
+    assert plain.persist() is plain
+
+
 def test_problem_with_dask_targets_from_gram():
     rng = np.random.default_rng(4)
     n, k = 12, 30
