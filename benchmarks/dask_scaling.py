@@ -1,16 +1,32 @@
 """Scale-out on Dask: RHS-sharded solves and row-split layer solves, 1 vs 2 workers.
 
+(Issue #19 calls this script ``benchmarks/distributed.py``; it is named ``dask_scaling.py``
+so that it cannot shadow the ``distributed`` package when ``benchmarks/`` is on
+``sys.path``. Results: ``benchmarks/results/dask_scaling.json``.)
+
 Questions:
 
 1. How well does a large multi-RHS batch scale from 1 to 2 worker processes? 10⁶
    right-hand sides, n = 32, box [0, 15], ``bils.babai`` and ``bils.kbest(beam_width=8)``
    (numba backend, one numba thread per worker) on ``LocalCluster(n_workers=1|2,
-   threads_per_worker=1)``. The targets are generated on the workers
-   (``dask.array.random``, so no 256 MB upload), the factor ``R`` is one graph key, the
-   result is reduced on the workers (total cost, code checksum). Target: ≥ 1.7× with 2
-   workers on a quiet 2-core machine. Also: the same solve in memory in one process
-   (one numba thread) and the overhead per chunk, ``(T_cluster,1 worker − T_in-memory) /
-   chunks``, and a graph of tiny chunks (per-task cost of the scheduler).
+   threads_per_worker=1)``. Target: ≥ 1.7× with 2 workers on a quiet 2-core machine.
+   Each solve is timed three ways (best of ``--repeats``):
+
+   * ``reduce`` — the targets live on the cluster (made on the workers, chunk ``j`` on
+     worker ``j mod W``, persisted before timing, as a parallel load would spread them);
+     the total cost and a code checksum are reduced on the workers;
+   * ``gather`` — the same, with ``x`` (compact int8 codes), ``cost``, ``status``
+     gathered to the client (``res.compute()``), checked equal to the in-memory codes;
+   * ``shipped`` — ``Y`` (256 MB float64) in the client, ``da.from_array(Y)``: the upload
+     is timed with the solve (Babai only).
+
+   Babai runs with 20 chunks of 50 000 and with 8 chunks of 125 000 (few large tasks per
+   worker); K-best with the first chunking. Reported beside them: the in-memory solve in
+   this process (one numba thread; one call, and the same chunks one after another), the
+   overhead per chunk ``(T_reduce,1 worker − T_in-memory chunked) / chunks``, the worker
+   time split from ``client.get_task_stream()`` (solve tasks, other tasks, transfers, idle),
+   the CPU seconds of every worker process and of the client + scheduler process, and the
+   cost of one task in a graph of 400 one-column chunks.
 2. The per-layer solves of SmolLM2-135M at W3 g128 (GPTQ = Babai, and OJBKQ) through
    :class:`llm_adapter.distributed.LayerSolveExecutor`: the 7 linear layers of one block
    (q, k, v, o: 576 in; gate, up: 1536 × 576; down: 576 × 1536) submitted together, 1 vs
@@ -19,15 +35,15 @@ Questions:
    statistics: the solve time depends on the shapes, not on the values. Codes are checked
    equal to the local call.
 
-The machine may be shared: the load average at start and end goes into the JSON, and
-the 2-worker speed-up is understated when other processes compete for the 2 cores.
-Re-run on a quiet machine with ``make bench-distributed`` (or the command below).
+The machine may be shared: the load average at start and end of each part goes into the
+JSON, and the 2-worker speed-up is understated when other processes compete for the 2
+cores (the CPU seconds per process are not). Re-run on a quiet machine with
+``make bench-distributed`` (the command below, every figure in one run, ~3-4 minutes).
 
-(Named so that it does not shadow the `distributed` package when benchmarks/ is on sys.path.)
-
-Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000] [--repeats 2]
-       [--parts rhs,layers]
-Writes benchmarks/results/distributed.json (atomically) and prints tables.
+Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
+       [--repeats 2] [--parts rhs,layers] [--solvers babai,kbest8]
+Writes benchmarks/results/dask_scaling.json (atomically; ``--quick``: dask_scaling_quick.json)
+and prints tables.
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ SMOLLM2_BLOCK = {  # name: (out, in) of one SmolLM2-135M decoder block
     "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536),
 }
 N_BLOCKS = 30
+GEN = 5000  # columns per random stream of the targets (chunk sizes are multiples of it)
 
 
 def _version(dist):
@@ -84,13 +101,43 @@ def make_factor(n=N, seed=0):
     return np.linalg.cholesky(G).T.copy()
 
 
-def targets(R, k, chunk, seed=1):
-    """Lazy Y = R (x + e), x uniform in the box, e ~ N(0, 0.3²): generated on the workers."""
-    import dask.array as da
+def make_chunk(R, j0, width, seed=1):
+    """Columns ``[j0, j0 + width)`` of the targets: ``Y = R (x + e)``, x + e uniform on
+    [-0.5, 15.5] (x in the box, e the noise), from streams keyed by ``(seed, column //
+    GEN)``: the same targets for every chunking into multiples of :data:`GEN` columns."""
+    assert j0 % GEN == 0, "chunks must start at multiples of GEN columns"
+    z = np.concatenate([np.random.default_rng([seed, b // GEN]).uniform(
+        -0.5, HI + 0.5, size=(R.shape[0], min(GEN, j0 + width - b))) for b in range(j0, j0 + width, GEN)], axis=1)
+    return R @ z
 
-    rs = da.random.default_rng(seed)
-    Z = rs.uniform(-0.5, HI + 0.5, size=(R.shape[0], k), chunks=(R.shape[0], chunk))
-    return Z.map_blocks(lambda z, R=R: R @ z, dtype=np.float64)
+
+def chunk_starts(k, chunk):
+    return list(range(0, k, chunk))
+
+
+def targets_in_memory(R, k, chunk):
+    """The same targets as :func:`targets_on_workers`, made in this process."""
+    return np.concatenate([make_chunk(R, j0, min(chunk, k - j0)) for j0 in chunk_starts(k, chunk)], axis=1)
+
+
+def targets_on_workers(client, R, k, chunk):
+    """The targets made on the workers, chunk ``j`` on worker ``j mod W`` (round robin), as
+    a persisted dask array: the case of data loaded or generated where it lives, evenly
+    spread (as a parallel read spreads it). Returns (Y, chunks per worker)."""
+    import dask.array as da
+    from distributed import wait
+
+    addrs = sorted(client.scheduler_info()["workers"])
+    futs = [client.submit(make_chunk, R, j0, min(chunk, k - j0), workers=[addrs[j % len(addrs)]],
+                          allow_other_workers=False, pure=False)
+            for j, j0 in enumerate(chunk_starts(k, chunk))]
+    blocks = [da.from_delayed(f, (R.shape[0], min(chunk, k - j0)), dtype=np.float64)
+              for f, j0 in zip(futs, chunk_starts(k, chunk))]
+    Y = client.persist(da.concatenate(blocks, axis=1))
+    wait(Y)
+    who = client.who_has(Y)
+    placement = sorted(sum(1 for ws in who.values() if a in ws) for a in addrs)
+    return Y, placement
 
 
 def cluster(n_workers):
@@ -104,61 +151,165 @@ def cluster(n_workers):
     return c, Client(c)
 
 
-def solve_rhs(client, solver, R, Y, **kw):
-    """Build, run on the cluster, reduce on the workers; returns (seconds, total cost, checksum)."""
+def reduce_lazy(res):
+    """What stays on the workers: the total cost and a checksum of the codes (row sums of
+    ``x`` weighted by ``1 + level``: one cheap pass over each block)."""
     import dask
 
-    t0 = time.perf_counter()
-    res = solver(R, Y, 0, HI, backend="numba", **kw)
-    total, check = dask.compute(res.cost.sum(), (res.x % 7).sum())
-    return time.perf_counter() - t0, float(total), int(check)
+    w = np.arange(1, N + 1, dtype=np.int64)
+    total, rows = dask.compute(res.cost.sum(), res.x.sum(axis=1, dtype=np.int64))
+    return float(total), int(rows @ w)
+
+
+def reduce_mem(res):
+    w = np.arange(1, N + 1, dtype=np.int64)
+    return float(res.cost.sum()), int(res.x.sum(axis=1, dtype=np.int64) @ w)
+
+
+def task_stream_summary(data, wall, workers):
+    """Seconds of worker time in solve tasks and in the others (result getters, fused with
+    the reductions that follow them, and the reductions' aggregation), in transfers, and the
+    idle rest (scheduling, messages, waiting), from ``client.get_task_stream`` records."""
+    busy = {}
+    transfer_s, transfer_bytes = 0.0, 0
+    for t in data:
+        key = t["key"]
+        prefix = (key[0] if isinstance(key, tuple) else key).rsplit("-", 1)[0]
+        kind = "solve" if prefix.startswith("bils-") and prefix.count("-") == 1 else "other"
+        for ss in t["startstops"]:
+            dt = ss["stop"] - ss["start"]
+            if ss["action"] == "compute":
+                busy[kind] = busy.get(kind, 0.0) + dt
+            elif ss["action"] == "transfer":
+                transfer_s += dt
+                transfer_bytes += int(t.get("nbytes", 0) or 0)
+    out = {f"{k}_s": v for k, v in sorted(busy.items())}
+    out.update(tasks=len(data), transfer_s=transfer_s, transfer_bytes=transfer_bytes,
+               idle_s=max(0.0, workers * wall - sum(busy.values()) - transfer_s))
+    return out
+
+
+def shipped(run, Y, chunk):
+    """``run(da.from_array(Y))`` for the client's ``Y``: the chunks travel inside the graph
+    (distributed warns about the graph's size; that is the case being timed)."""
+    import warnings
+
+    import dask.array as da
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return run(da.from_array(Y, chunks=(N, chunk)))
+
+
+def warm_up(R, names):
+    """On a worker: import bils and run each solver once on a small problem (loads the
+    numba caches; compiles them on a first run)."""
+    import bils
+
+    Y = make_chunk(R, 0, 1000)
+    for name in names:
+        {"babai": lambda: bils.babai(R, Y, 0, HI, backend="numba"),
+         "kbest8": lambda: bils.kbest(R, Y, 0, HI, beam_width=8, backend="numba")}[name]()
+
+
+def _process_time():
+    return time.process_time()
+
+
+def cpu_seconds(client):
+    """CPU seconds used so far by each worker process and by this process (the client and,
+    in a ``LocalCluster``, the scheduler): where the time goes, whatever else runs on the
+    machine."""
+    out = {f"worker{i}": v for i, (_, v) in enumerate(sorted(client.run(_process_time).items()))}
+    out["client+scheduler"] = time.process_time()
+    return out
+
+
+def best_of(repeats, fn):
+    best = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        value = fn()
+        t = time.perf_counter() - t0
+        best = (t, value) if best is None or t < best[0] else best
+    return best
 
 
 def bench_rhs(args, out):
     import dask
     import dask.array as da
-    from distributed import wait
+    from distributed import get_task_stream
 
     import bils
 
     R = make_factor()
-    solvers = {"babai": (bils.babai, {}), "kbest8": (bils.kbest, {"beam_width": 8})}
-    k, chunk = args.k, args.chunk
-    n_chunks = -(-k // chunk)
-    rows = []
-    res = {"k": k, "n": N, "box": [0, HI], "chunk": chunk, "chunks": n_chunks, "solvers": {},
-           "loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    # in memory, one process, one numba thread (Y materialised first, not timed)
-    Ymem = targets(R, k, chunk).compute(scheduler="sync")
-    for name, (solver, kw) in solvers.items():
+    k = args.k
+    chunkings = [int(c) for c in str(args.chunk).split(",")]
+    solvers = {"babai": (bils.babai, {}, chunkings, True), "kbest8": (bils.kbest, {"beam_width": 8}, chunkings[:1], False)}
+    solvers = {name: v for name, v in solvers.items() if name in args.solvers.split(",")}
+    res = {"k": k, "n": N, "box": [0, HI], "chunkings": chunkings, "repeats": args.repeats, "solvers": {},
+           "loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "placement": "targets made on the workers, chunk j on worker j mod W (round robin), persisted before timing",
+           "definitions": {
+               "reduce": "solve + total cost and a code checksum reduced on the workers (what stays on the cluster)",
+               "gather": "solve + x (compact int8), cost, status gathered to the client (res.compute())",
+               "shipped": "Y (256 MB float64) in the client: da.from_array(Y) -> solve -> reduce (the upload timed)",
+               "in_memory": "one call on the whole numpy Y in this process, 1 numba thread, + the same reductions",
+               "in_memory_chunked": "the same chunks solved one after another in this process (the per-task work without dask)",
+               "overhead_per_chunk_s": "(1 worker reduce - in-memory chunked) / chunks",
+           }}
+    # in memory, one process, one numba thread
+    Ymem = targets_in_memory(R, k, chunkings[0])
+    for name, (solver, kw, chunks_for, _) in solvers.items():
         solver(R, Ymem[:, :1000], 0, HI, backend="numba", **kw)  # compile / load the cache
-        ts = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            r = solver(R, Ymem, 0, HI, backend="numba", **kw)
-            ts.append(time.perf_counter() - t0)
-        res["solvers"][name] = {"in_memory_s": min(ts), "in_memory_total_cost": float(r.cost.sum()),
-                                "in_memory_checksum": int((r.x % 7).sum())}
-    del Ymem
+        t, (total, check) = best_of(args.repeats, lambda: reduce_mem(solver(R, Ymem, 0, HI, backend="numba", **kw)))
+        e = res["solvers"][name] = {"in_memory_s": t, "total_cost": total, "checksum": check, "chunkings": {}}
+        for chunk in chunks_for:
+            parts = [np.ascontiguousarray(Ymem[:, j0:j0 + chunk]) for j0 in chunk_starts(k, chunk)]
+            t, sums = best_of(args.repeats, lambda: [reduce_mem(solver(R, p, 0, HI, backend="numba", **kw))
+                                                     for p in parts])
+            assert sum(c for _, c in sums) == check
+            e["chunkings"][str(chunk)] = {"chunks": len(parts), "in_memory_chunked_s": t}
+            del parts
+    ref_x = bils.babai(R, Ymem, 0, HI, backend="numba").x
     for workers in (1, 2):
         c, client = cluster(workers)
         try:
             client.wait_for_workers(workers, timeout=120)
-            Y = client.persist(targets(R, k, chunk))  # the RHS live on the workers, made before timing
-            wait(Y)
-            client.rebalance(Y)  # solve tasks run where their chunk lives: spread the chunks evenly
-            res["placement"] = res.get("placement", {})
-            res["placement"][f"workers{workers}"] = sorted(len(v) for v in client.has_what().values())
-            for name, (solver, kw) in solvers.items():
-                solve_rhs(client, solver, R, targets(R, 2 * workers * 1000, 1000), **kw)  # warm workers
-                best = None
-                for _ in range(args.repeats):
-                    t, total, check = solve_rhs(client, solver, R, Y, **kw)
-                    best = t if best is None else min(best, t)
-                entry = res["solvers"][name]
-                entry[f"workers{workers}_s"] = best
-                assert check == entry["in_memory_checksum"], "cluster codes differ from in-memory"
-                assert abs(total - entry["in_memory_total_cost"]) <= 1e-9 * abs(total)
+            assert set(client.run(lambda: __import__("numba").get_num_threads()).values()) == {1}
+            client.run(warm_up, R, list(solvers))  # every worker: imports, numba caches loaded
+            for chunk in chunkings:
+                Y, placement = targets_on_workers(client, R, k, chunk)
+                for name, (solver, kw, chunks_for, extra) in solvers.items():
+                    if chunk not in chunks_for:
+                        continue
+                    e = res["solvers"][name]["chunkings"][str(chunk)]
+                    e[f"placement_workers{workers}"] = placement
+                    # one chunk per worker through the same graph path (first graph, task imports)
+                    reduce_lazy(solver(R, Y[:, :chunk * workers], 0, HI, backend="numba", **kw))
+                    runs = {"reduce": lambda: reduce_lazy(solver(R, Y, 0, HI, backend="numba", **kw))}
+                    if extra:
+                        runs["gather"] = lambda: solver(R, Y, 0, HI, backend="numba", **kw).compute()
+                        runs["shipped"] = lambda: shipped(lambda Ys: reduce_lazy(solver(
+                            R, Ys, 0, HI, backend="numba", **kw)), Ymem, chunk)
+                    for mode, fn in runs.items():
+                        cpu0 = cpu_seconds(client)
+                        with get_task_stream(client) as ts:
+                            t, value = best_of(args.repeats, fn)
+                        cpu1 = cpu_seconds(client)
+                        e[f"{mode}_cpu_workers{workers}_s"] = {
+                            who: (cpu1[who] - cpu0[who]) / args.repeats for who in cpu1}
+                        if mode == "gather":
+                            assert value.x.dtype == np.int8 and np.array_equal(value.x, ref_x), "codes differ"
+                            value = reduce_mem(value)
+                        total, check = value
+                        assert check == res["solvers"][name]["checksum"], f"{name} {mode}: codes differ"
+                        assert abs(total - res["solvers"][name]["total_cost"]) <= 1e-9 * abs(total)
+                        e[f"{mode}_workers{workers}_s"] = t
+                        if mode == "reduce":  # where the worker time goes (all repeats together)
+                            e[f"task_stream_workers{workers}"] = task_stream_summary(
+                                ts.data, t * args.repeats, workers)
+                del Y
             if workers == 1:  # per-task cost: many tiny chunks of a trivial solve
                 tiny_chunks = 400
                 Yt = da.from_array(np.zeros((N, tiny_chunks)), chunks=(N, 1))
@@ -168,17 +319,33 @@ def bench_rhs(args, out):
         finally:
             client.close()
             c.close()
-    for name, e in res["solvers"].items():
-        e["speedup_2_vs_1"] = e["workers1_s"] / e["workers2_s"]
-        e["overhead_per_chunk_s"] = (e["workers1_s"] - e["in_memory_s"]) / n_chunks
-        e["rhs_per_s_2_workers"] = k / e["workers2_s"]
-        rows.append([name, f"{e['in_memory_s']:.2f}", f"{e['workers1_s']:.2f}", f"{e['workers2_s']:.2f}",
-                     f"{e['speedup_2_vs_1']:.2f}x", f"{1e3 * e['overhead_per_chunk_s']:.1f}"])
+    rows = []
+    for name, s_ in res["solvers"].items():
+        for chunk, e in s_["chunkings"].items():
+            for mode in ("reduce", "gather", "shipped"):
+                if f"{mode}_workers1_s" not in e:
+                    continue
+                e[f"{mode}_speedup_2_vs_1"] = e[f"{mode}_workers1_s"] / e[f"{mode}_workers2_s"]
+            e["overhead_per_chunk_s"] = (e["reduce_workers1_s"] - e["in_memory_chunked_s"]) / e["chunks"]
+            e["rhs_per_s_2_workers"] = k / e["reduce_workers2_s"]
+            for mode in ("reduce", "gather", "shipped"):
+                if f"{mode}_workers1_s" in e:
+                    rows.append([name, f"{e['chunks']} x {chunk}", mode, f"{s_['in_memory_s']:.2f}",
+                                 f"{e['in_memory_chunked_s']:.2f}", f"{e[f'{mode}_workers1_s']:.2f}",
+                                 f"{e[f'{mode}_workers2_s']:.2f}", f"{e[f'{mode}_speedup_2_vs_1']:.2f}x",
+                                 f"{1e3 * e['overhead_per_chunk_s']:.1f}" if mode == "reduce" else ""])
     res["loadavg_end"] = _loadavg()
     out["rhs"] = res
-    print(f"\n{k} RHS, n={N}, box [0, {HI}], {n_chunks} chunks of {chunk} (numba, 1 thread per worker)")
-    print(markdown_table(["solver", "in-memory s", "1 worker s", "2 workers s", "speed-up",
-                          "overhead/chunk ms"], rows))
+    print(f"\n{k} RHS, n={N}, box [0, {HI}] (numba, 1 thread per worker); load {res['loadavg_start']} -> {res['loadavg_end']}")
+    print(markdown_table(["solver", "chunks", "timed", "in-memory s", "in-memory chunked s", "1 worker s",
+                          "2 workers s", "speed-up", "overhead/chunk ms"], rows))
+    for name, s_ in res["solvers"].items():
+        for chunk, e in s_["chunkings"].items():
+            for w in (1, 2):
+                ts = e.get(f"task_stream_workers{w}")
+                if ts:
+                    print(f"{name} {chunk}, {w} worker(s), worker seconds over {args.repeats} runs:",
+                          {k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in ts.items()})
     print(f"tiny-task cost (1 worker, 400 one-column chunks): {1e3 * res['tiny_task_s']:.2f} ms/task")
 
 
@@ -267,8 +434,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="10⁵ RHS, one repeat (a smoke run)")
     p.add_argument("--k", type=int, default=1_000_000)
-    p.add_argument("--chunk", type=int, default=50_000)
+    p.add_argument("--chunk", default="50000,125000",
+                   help="columns per chunk, comma-separated (multiples of %d); K-best uses the first" % GEN)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--solvers", default="babai,kbest8", help="subset of babai,kbest8 (the rhs part)")
     p.add_argument("--parts", default="rhs,layers",
                    help="comma-separated subset of rhs,layers; parts not run keep their entry "
                         "from an existing JSON")
@@ -277,17 +446,23 @@ def main(argv=None):
     if not parts <= {"rhs", "layers"}:
         p.error(f"--parts must name rhs and/or layers, got {args.parts!r}")
     if args.quick:
-        args.k, args.chunk, args.repeats = 100_000, 10_000, 1
+        args.k, args.chunk, args.repeats = 100_000, "10000,25000", 1
+    try:
+        chunks = [int(c) for c in str(args.chunk).split(",")]
+    except ValueError:
+        chunks = []
+    if not chunks or any(c <= 0 or c % GEN for c in chunks):
+        p.error(f"--chunk must be positive multiples of {GEN}, comma-separated, got {args.chunk!r}")
     import dask
     import distributed
     import numba
 
     out = {"machine": machine_info(), "numba": numba.__version__, "dask": dask.__version__,
            "distributed": getattr(distributed, "__version__", None) or _version("distributed"), "loadavg_start": _loadavg(),
-           "command": "python benchmarks/dask_scaling.py" + (" --quick" if args.quick else ""),
+           "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + list(sys.argv[1:] if argv is None else argv)),
            "note": "2-core machine possibly shared with other jobs: see loadavg_*; a busy machine "
                    "understates the 2-worker speed-up"}
-    name = "distributed_quick.json" if args.quick else "distributed.json"
+    name = "dask_scaling_quick.json" if args.quick else "dask_scaling.json"
     previous = os.path.join(_common.RESULTS, name)
     if os.path.exists(previous):
         with open(previous) as f:
