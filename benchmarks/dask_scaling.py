@@ -17,8 +17,10 @@ Questions:
      the total cost and a code checksum are reduced on the workers;
    * ``gather`` — the same, with ``x`` (compact int8 codes), ``cost``, ``status``
      gathered to the client (``res.compute()``), checked equal to the in-memory codes;
-   * ``shipped`` — ``Y`` (256 MB float64) in the client, ``da.from_array(Y)``: the upload
-     is timed with the solve (Babai only).
+   * ``shipped`` — ``Y`` (256 MB float64) in the client, ``da.from_array(Y)``: the chunks
+     travel inside the graph, through the scheduler; the upload is timed with the solve;
+   * ``scattered`` — ``Y`` in the client, its column chunks sent straight to the workers
+     with ``client.scatter`` (timed with the solve); ``shipped`` and ``scattered``: Babai only.
 
    Babai runs with 20 chunks of 50 000 and with 8 chunks of 125 000 (few large tasks per
    worker); K-best with the first chunking. Reported beside them: the in-memory solve in
@@ -77,6 +79,7 @@ SMOLLM2_BLOCK = {  # name: (out, in) of one SmolLM2-135M decoder block
     "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536),
 }
 N_BLOCKS = 30
+MODES = ("reduce", "gather", "shipped", "scattered")
 GEN = 5000  # columns per random stream of the targets (chunk sizes are multiples of it)
 
 
@@ -225,6 +228,17 @@ def cpu_seconds(client):
     return out
 
 
+def scattered(client, Y, chunk):
+    """The client's ``Y`` sent to the workers directly, chunk by chunk (``client.scatter``
+    spreads them over the workers), as a dask array of the scattered chunks."""
+    import dask.array as da
+
+    starts = chunk_starts(Y.shape[1], chunk)
+    futs = client.scatter([Y[:, j0:j0 + chunk] for j0 in starts], hash=False)
+    return da.concatenate([da.from_delayed(f, (Y.shape[0], min(chunk, Y.shape[1] - j0)), dtype=Y.dtype)
+                           for f, j0 in zip(futs, starts)], axis=1)
+
+
 def best_of(repeats, fn):
     best = None
     for _ in range(repeats):
@@ -254,6 +268,7 @@ def bench_rhs(args, out):
                "reduce": "solve + total cost and a code checksum reduced on the workers (what stays on the cluster)",
                "gather": "solve + x (compact int8), cost, status gathered to the client (res.compute())",
                "shipped": "Y (256 MB float64) in the client: da.from_array(Y) -> solve -> reduce (the upload timed)",
+               "scattered": "Y in the client: client.scatter of its column chunks -> solve -> reduce (the upload timed)",
                "in_memory": "one call on the whole numpy Y in this process, 1 numba thread, + the same reductions",
                "in_memory_chunked": "the same chunks solved one after another in this process (the per-task work without dask)",
                "overhead_per_chunk_s": "(1 worker reduce - in-memory chunked) / chunks",
@@ -292,6 +307,8 @@ def bench_rhs(args, out):
                         runs["gather"] = lambda: solver(R, Y, 0, HI, backend="numba", **kw).compute()
                         runs["shipped"] = lambda: shipped(lambda Ys: reduce_lazy(solver(
                             R, Ys, 0, HI, backend="numba", **kw)), Ymem, chunk)
+                        runs["scattered"] = lambda: reduce_lazy(solver(
+                            R, scattered(client, Ymem, chunk), 0, HI, backend="numba", **kw))
                     for mode, fn in runs.items():
                         cpu0 = cpu_seconds(client)
                         with get_task_stream(client) as ts:
@@ -322,13 +339,13 @@ def bench_rhs(args, out):
     rows = []
     for name, s_ in res["solvers"].items():
         for chunk, e in s_["chunkings"].items():
-            for mode in ("reduce", "gather", "shipped"):
+            for mode in MODES:
                 if f"{mode}_workers1_s" not in e:
                     continue
                 e[f"{mode}_speedup_2_vs_1"] = e[f"{mode}_workers1_s"] / e[f"{mode}_workers2_s"]
             e["overhead_per_chunk_s"] = (e["reduce_workers1_s"] - e["in_memory_chunked_s"]) / e["chunks"]
             e["rhs_per_s_2_workers"] = k / e["reduce_workers2_s"]
-            for mode in ("reduce", "gather", "shipped"):
+            for mode in MODES:
                 if f"{mode}_workers1_s" in e:
                     rows.append([name, f"{e['chunks']} x {chunk}", mode, f"{s_['in_memory_s']:.2f}",
                                  f"{e['in_memory_chunked_s']:.2f}", f"{e[f'{mode}_workers1_s']:.2f}",

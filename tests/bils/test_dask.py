@@ -255,6 +255,29 @@ def test_persist_solves_once_and_keeps_lazy_fields():
     assert plain.persist() is plain
 
 
+@pytest.mark.parametrize("dtype, copied", [(np.float64, False), (np.float32, True)])
+def test_a_float64_chunk_reaches_the_kernel_without_a_copy(dtype, copied):
+    import bils._dask as bd
+    from bils.babai import KERNELS
+
+    seen = []
+
+    def kernel(can, **options):
+        seen.append(can.Y)
+        return KERNELS["numpy"]()(can, **options)
+
+    R, Y, lo, hi, S, O = _case(19)
+    block = np.ascontiguousarray(Y[:, :10], dtype=dtype)
+    x, cost, status, info = bd._solve_block(
+        R, block, np.zeros((1, 1)), np.full((1, 1), 3), np.ones((1, 1)), np.zeros((1, 1)), None,
+        solver="babai", kernels={"numpy": lambda: kernel}, backend="numpy",
+        options={"block_size": 4, "precision": "float64"}, rhs_names=(), j0=0, k_total=10,
+        perm=None, dead=None, info_keys=(), code_dtype=np.dtype(np.int8))
+    assert np.shares_memory(seen[0], block) != copied  # float32 chunks are converted once
+    assert x.dtype == np.int8 and status.dtype == np.int8 and cost.dtype == np.float64
+    np.testing.assert_array_equal(x, bils.babai(R, block, 0, 3, block_size=4, backend="numpy").x)
+
+
 def test_problem_with_dask_targets_from_gram():
     rng = np.random.default_rng(4)
     n, k = 12, 30
