@@ -166,8 +166,8 @@ def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64):
     M = np.maximum(np.max(np.abs(lo_c), axis=0), np.max(np.abs(hi_c), axis=0)).astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         O = offset.values if isinstance(offset, GroupedGrid) else _compact(offset)
-        grid = _abs_range(S, axis=0)[1] * M + _abs_range(O, axis=0)[1]
-        ymax = _abs_range(Y, axis=0)[1]  # (k,)
+        grid = _abs_max(S, axis=0) * M + _abs_max(O, axis=0)
+        ymax = _abs_max(Y, axis=0)  # (k,): two reductions, no (n, k) temporary
         B = np.broadcast_to(ymax + _max_row_abs_sum(R) * grid, (k,))
         lim = big / (2.0 * math.sqrt(n))
     bad = ~(B <= lim)
@@ -177,6 +177,12 @@ def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64):
             f"the problem's magnitudes overflow {name}: `Y`, `R`, `scale`, "
             f"`offset` and the box (`lo`, `hi`) bound the residuals by {float(B[j]):.3g} for RHS {j}, "
             f"which must be <= {lim:.3g} for the costs to stay finite; rescale the problem")
+
+
+def _abs_max(a, axis):
+    """``max |a|`` along ``axis`` (float64) from the min and max of ``a`` (no ``|a|`` array)."""
+    a = np.asarray(a)
+    return np.maximum(np.max(a, axis=axis).astype(np.float64), -np.min(a, axis=axis).astype(np.float64))
 
 
 def _abs_range(a, axis):
@@ -260,6 +266,12 @@ def check_output(solver, can, x, cost):
         j = int(np.argwhere(~ok)[0, 0])
         raise ValueError(f"`{solver}` produced a non-finite cost ({cost[j]}) for RHS {j}: the "
                          f"problem is too badly scaled for floating point; rescale `R`, `Y` and `scale`")
+    lo_c, hi_c = _compact(can.lo), _compact(can.hi)
+    if x.ndim == 2 and x.size and lo_c.shape[-1] == 1 and hi_c.shape[-1] == 1:
+        # bounds shared by all RHS (the usual case): per-level min and max of the codes,
+        # no (n, k) temporaries; the elementwise test below only finds where it failed
+        if np.all(x.min(axis=1, keepdims=True) >= lo_c) and np.all(x.max(axis=1, keepdims=True) <= hi_c):
+            return
     inbox = (x >= can.lo) & (x <= can.hi)
     if not np.all(inbox):
         i, j = np.argwhere(~inbox)[0]

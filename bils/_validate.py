@@ -108,7 +108,9 @@ def _real_array(name, a, *, allow_int=True, xp=np):
 
 
 def _finite(name, arr, xp=np):
-    if arr.dtype.kind == "f" and not bool(xp.all(xp.isfinite(arr))):
+    # min and max propagate NaN and reach ±inf: two reductions, no boolean (n, k) temporary
+    if arr.dtype.kind == "f" and arr.size and not (bool(xp.isfinite(xp.min(arr)))
+                                                   and bool(xp.isfinite(xp.max(arr)))):
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
 
 

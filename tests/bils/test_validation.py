@@ -401,3 +401,43 @@ class TestCoreValidationGaps:
         # bils/klein.py: np.random.default_rng(rng) errors escape without naming `rng`.
         with pytest.raises((ValueError, TypeError), match=r"`rng`"):
             bils.klein(R2, Y2, 0, 3, rng=rng, backend="numpy")
+
+
+# ---------------------------------------------------------------------- cheap per-call checks
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [(0, 0), (2, 7), (4, 19)])
+def test_finite_check_by_reductions_finds_every_non_finite_value(bad, where):
+    # _finite uses min/max (they propagate NaN and reach ±inf) instead of isfinite + all
+    Y = np.random.default_rng(0).standard_normal((5, 20))
+    R = np.eye(5)
+    problem_iv(R, Y, -3, 3)
+    Y[where] = bad
+    with pytest.raises(ValueError, match=r"^`Y` must be finite \(no NaN or inf\)$"):
+        problem_iv(R, Y, -3, 3)
+
+
+def test_abs_max_equals_the_max_of_the_absolute_values():
+    from bils._guard import _abs_max
+
+    a = np.random.default_rng(1).standard_normal((6, 9))
+    a[:, 0] = -np.abs(a[:, 0])
+    a[:, 1] = np.abs(a[:, 1])
+    for axis in (0, 1):
+        np.testing.assert_array_equal(_abs_max(a, axis), np.abs(a).max(axis=axis))
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 3), (np.zeros((4, 1)), np.full((4, 1), 3)),
+                                    (np.zeros((1, 6)), np.full((4, 6), 3))])
+@pytest.mark.parametrize("where, value", [((0, 0), -1), ((3, 5), 4), ((2, 1), 9)])
+def test_output_check_names_the_first_code_outside_the_box(lo, hi, where, value):
+    # shared bounds take the per-level min/max path, per-RHS bounds the elementwise one
+    from bils._guard import check_output
+
+    R = np.eye(4)
+    can = problem_iv(R, np.zeros((4, 6)), lo, hi)
+    x = np.ones((4, 6), dtype=np.int64)
+    check_output("babai", can, x, np.zeros(6))
+    check_output("babai", can, x.astype(np.int8), np.zeros(6))
+    x[where] = value
+    with pytest.raises(ValueError, match=rf"outside the box at level {where[0]}, RHS {where[1]}:"):
+        check_output("babai", can, x, np.zeros(6))
