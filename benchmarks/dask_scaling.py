@@ -215,6 +215,17 @@ def warm_up(R, names):
          "kbest8": lambda: bils.kbest(R, Y, 0, HI, beam_width=8, backend="numba")}[name]()
 
 
+def chunk_loop(R, k, chunk, name, repeats):
+    """Best time of solving the targets' chunks one after another, with the reductions, in
+    the calling process (run on a worker: what its environment costs, without dask)."""
+    import bils
+
+    solver, kw = {"babai": (bils.babai, {}), "kbest8": (bils.kbest, {"beam_width": 8})}[name]
+    parts = [make_chunk(R, j0, min(chunk, k - j0)) for j0 in chunk_starts(k, chunk)]
+    return best_of(repeats, lambda: [reduce_mem(solver(R, p, 0, HI, backend="numba", **kw))
+                                     for p in parts])[0]
+
+
 def _process_time():
     return time.process_time()
 
@@ -249,6 +260,13 @@ def best_of(repeats, fn):
     return best
 
 
+def overhead_cell(e):
+    cell = f"{1e3 * e['overhead_per_chunk_s']:.1f}"
+    if "dask_per_chunk_s" in e:
+        cell += f" = {1e3 * e['worker_env_per_chunk_s']:.1f} + {1e3 * e['dask_per_chunk_s']:.1f}"
+    return cell
+
+
 def bench_rhs(args, out):
     import dask
     import dask.array as da
@@ -272,6 +290,10 @@ def bench_rhs(args, out):
                "in_memory": "one call on the whole numpy Y in this process, 1 numba thread, + the same reductions",
                "in_memory_chunked": "the same chunks solved one after another in this process (the per-task work without dask)",
                "overhead_per_chunk_s": "(1 worker reduce - in-memory chunked) / chunks",
+               "in_worker_chunked": "the chunked loop run inside the 1-worker cluster's worker process (its environment: "
+                                    "MALLOC_TRIM_THRESHOLD_ and thread settings from distributed's nanny), no dask graph",
+               "worker_env_per_chunk_s": "(in-worker chunked - in-memory chunked) / chunks",
+               "dask_per_chunk_s": "(1 worker reduce - in-worker chunked) / chunks: scheduling, messages, result getters",
            }}
     # in memory, one process, one numba thread
     Ymem = targets_in_memory(R, k, chunkings[0])
@@ -302,6 +324,9 @@ def bench_rhs(args, out):
                     e[f"placement_workers{workers}"] = placement
                     # one chunk per worker through the same graph path (first graph, task imports)
                     reduce_lazy(solver(R, Y[:, :chunk * workers], 0, HI, backend="numba", **kw))
+                    if workers == 1 and extra:  # the same chunk loop inside the worker process (Babai)
+                        e["in_worker_chunked_s"] = client.submit(
+                            chunk_loop, R, k, chunk, name, args.repeats, pure=False).result()
                     runs = {"reduce": lambda: reduce_lazy(solver(R, Y, 0, HI, backend="numba", **kw))}
                     if extra:
                         runs["gather"] = lambda: solver(R, Y, 0, HI, backend="numba", **kw).compute()
@@ -344,18 +369,24 @@ def bench_rhs(args, out):
                     continue
                 e[f"{mode}_speedup_2_vs_1"] = e[f"{mode}_workers1_s"] / e[f"{mode}_workers2_s"]
             e["overhead_per_chunk_s"] = (e["reduce_workers1_s"] - e["in_memory_chunked_s"]) / e["chunks"]
+            if "in_worker_chunked_s" in e:  # of which: the worker process's environment, and dask
+                e["worker_env_per_chunk_s"] = (e["in_worker_chunked_s"] - e["in_memory_chunked_s"]) / e["chunks"]
+                e["dask_per_chunk_s"] = (e["reduce_workers1_s"] - e["in_worker_chunked_s"]) / e["chunks"]
             e["rhs_per_s_2_workers"] = k / e["reduce_workers2_s"]
             for mode in MODES:
                 if f"{mode}_workers1_s" in e:
-                    rows.append([name, f"{e['chunks']} x {chunk}", mode, f"{s_['in_memory_s']:.2f}",
-                                 f"{e['in_memory_chunked_s']:.2f}", f"{e[f'{mode}_workers1_s']:.2f}",
-                                 f"{e[f'{mode}_workers2_s']:.2f}", f"{e[f'{mode}_speedup_2_vs_1']:.2f}x",
-                                 f"{1e3 * e['overhead_per_chunk_s']:.1f}" if mode == "reduce" else ""])
+                    first = mode == "reduce"
+                    rows.append([name, f"{e['chunks']} x {chunk}", mode, f"{s_['in_memory_s']:.2f}" if first else "",
+                                 f"{e['in_memory_chunked_s']:.2f}" if first else "",
+                                 f"{e['in_worker_chunked_s']:.2f}" if first and "in_worker_chunked_s" in e else "",
+                                 f"{e[f'{mode}_workers1_s']:.2f}", f"{e[f'{mode}_workers2_s']:.2f}",
+                                 f"{e[f'{mode}_speedup_2_vs_1']:.2f}x",
+                                 overhead_cell(e) if first else ""])
     res["loadavg_end"] = _loadavg()
     out["rhs"] = res
     print(f"\n{k} RHS, n={N}, box [0, {HI}] (numba, 1 thread per worker); load {res['loadavg_start']} -> {res['loadavg_end']}")
-    print(markdown_table(["solver", "chunks", "timed", "in-memory s", "in-memory chunked s", "1 worker s",
-                          "2 workers s", "speed-up", "overhead/chunk ms"], rows))
+    print(markdown_table(["solver", "chunks", "timed", "in-memory s", "in-memory chunked s", "in-worker chunked s",
+                          "1 worker s", "2 workers s", "speed-up", "overhead/chunk ms = worker env + dask"], rows))
     for name, s_ in res["solvers"].items():
         for chunk, e in s_["chunkings"].items():
             for w in (1, 2):
