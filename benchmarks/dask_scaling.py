@@ -407,6 +407,13 @@ def random_layer(out_f, in_f, seed, tokens=2048):
     return W, H
 
 
+def warm_layer(W, H, spec):
+    """On a worker: one small ``quantize_weight`` call of ``spec`` (imports, numba caches)."""
+    from llm_adapter import quantize_weight
+
+    quantize_weight(W[:8], H, None, spec, backend="numba", rng=0)
+
+
 def bench_layers(args, out):
     from llm_adapter import QuantSpec, quantize_weight
     from llm_adapter.distributed import LayerSolveExecutor
@@ -450,6 +457,9 @@ def bench_layers(args, out):
                 client.wait_for_workers(workers, timeout=120)
                 ex = LayerSolveExecutor(client)
                 ex.submit(*layers["k_proj"], None, spec, backend="numba", rng=0).result(timeout=600)
+                # every worker: imports and numba caches loaded (else the one the warm-up
+                # missed pays them inside the timed run)
+                client.run(warm_layer, *layers["k_proj"], spec)
                 t0 = time.perf_counter()
                 futs = {name: ex.submit(W, H, None, spec, backend="numba", rng=0, name=name)
                         for name, (W, H) in layers.items()}
