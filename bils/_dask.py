@@ -9,9 +9,10 @@ The graph holds
 * one solve task per column chunk of ``Y`` (rechunked to a single chunk along ``n``),
   which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks;
 * small ``getitem`` tasks turning each solve's tuple into blocks of ``x``, ``cost``,
-  ``status`` (and the per-RHS entries of ``info``), one graph layer per output on top of
-  the one layer of solves (so ``dask.compute(res.x, res.cost)`` merges them without
-  copying the solve tasks, and runs each solve once).
+  ``status`` (and the per-RHS entries of ``info``): one blockwise layer per output on top
+  of the one layer of solves, so ``dask.compute(res.x, res.cost)`` runs each solve once,
+  and a getter is fused with the blockwise step that follows it (``res.cost.sum()``: one
+  task per chunk for the getter and the chunk's partial sum, no alias tasks).
 
 Results are compact: ``x`` comes in the smallest signed integer type holding the box
 (``int8`` for a box inside [-128, 127], then ``int16``, ``int32``; ``int64`` when ``lo``
@@ -263,17 +264,19 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
         args.append(None if co_piece is None else co_piece.block(j))
         args += [p.block(j) for p in rhs_pieces]
         solve[(name, j)] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
-    # one layer of solves (with R), one small layer of getters per output on top of it
-    base = HighLevelGraph.from_collections(name, solve, dependencies=deps)
+    # one layer of solves (with R), seen as a 1-D array of per-chunk result tuples; each
+    # output is a blockwise getter on top of it, so that dask fuses a getter with the
+    # blockwise work that follows (a reduction's first step) into one task per chunk
+    solved = da.Array(HighLevelGraph.from_collections(name, solve, dependencies=deps), name,
+                      chunks=(col_chunks,), dtype=object, meta=np.empty((0,), dtype=object))
+    lead_axes = "abc"
 
     def lazy(suffix, index, chunks, dtype, getter=operator.getitem):
-        out = f"{name}-{suffix}"
-        lead = (0,) * (len(chunks) - 1)
-        dsk = {(out,) + lead + (j,): (getter, (name, j), index) for j in range(nb)}
-        layers = dict(base.layers, **{out: dsk})
-        dependencies = dict(base.dependencies, **{out: {name}})
-        return da.Array(HighLevelGraph(layers, dependencies), out, chunks=chunks, dtype=dtype,
-                        meta=np.empty((0,) * len(chunks), dtype=dtype))
+        lead = lead_axes[:len(chunks) - 1]
+        return da.blockwise(getter, lead + "j", solved, "j", index, None,
+                            new_axes={ax: c[0] for ax, c in zip(lead, chunks[:-1])},
+                            name=f"{name}-{suffix}", dtype=dtype,
+                            meta=np.empty((0,) * len(chunks), dtype=dtype))
 
     x = lazy("x", 0, ((n,), col_chunks), xdt)
     cost = lazy("cost", 1, (col_chunks,), np.float64)

@@ -221,6 +221,18 @@ def test_one_layer_of_solves_under_every_output():
     assert set(res.cost.__dask_graph__().layers[solve[0]]) == set(graph.layers[solve[0]])
     # the getter layers hold only their own blocks: one task per chunk
     assert len(graph.layers[res.x.name]) == 4
+    # a getter and the blockwise step after it (a reduction's chunk step) are one task:
+    # 4 solves, 4 fused get-and-sum tasks per output, the aggregations, R; no alias tasks
+    from dask.base import collections_to_expr
+
+    opt = dict(collections_to_expr([res.cost.sum(), res.x.sum(axis=1)]).optimize().__dask_graph__())
+    kinds = {}
+    for key, task in opt.items():
+        prefix = (key[0] if isinstance(key, tuple) else key).rsplit("-", 1)[0]
+        if prefix != "array":  # Y's blocks
+            kinds[prefix] = kinds.get(prefix, 0) + 1
+        assert type(task).__name__ != "Alias", key
+    assert kinds == {"bils-klein": 4, "sum": 8, "sum-aggregate": 2, "bils-R": 1}, kinds
     # x, cost, status and the per-RHS info computed together solve each chunk once
     calls = []
     import bils._dask as bd
