@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/cpu_solvers.py
 
 # Dask scale-out: 1 vs 2 LocalCluster workers (10^6 RHS; SmolLM2-shaped layer solves).
-# Run on a quiet machine: the JSON records the load average.
+# Run on a quiet machine: benchmarks/results/dask_scaling.json records the load average.
 bench-distributed: $(STAMP)
 	$(VPY) benchmarks/dask_scaling.py
 

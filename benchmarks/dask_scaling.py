@@ -395,6 +395,17 @@ def bench_rhs(args, out):
                     print(f"{name} {chunk}, {w} worker(s), worker seconds over {args.repeats} runs:",
                           {k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in ts.items()})
     print(f"tiny-task cost (1 worker, 400 one-column chunks): {1e3 * res['tiny_task_s']:.2f} ms/task")
+    if "babai" in res["solvers"]:  # the target, per chunking, with the CPU split beside it
+        head = {}
+        for chunk, e in res["solvers"]["babai"]["chunkings"].items():
+            c1, c2 = e["reduce_cpu_workers1_s"], e["reduce_cpu_workers2_s"]
+            head[chunk] = {"speedup": e["reduce_speedup_2_vs_1"],
+                           "worker_cpu_ratio": c1["worker0"] / max(c2["worker0"], c2["worker1"])}
+            print(f"TARGET babai 2 vs 1 worker (>= 1.7x on a quiet machine), {e['chunks']} x {chunk}: "
+                  f"{e['reduce_speedup_2_vs_1']:.2f}x wall; work split {head[chunk]['worker_cpu_ratio']:.2f}x "
+                  f"(1-worker CPU / busiest of 2); client+scheduler CPU {c2['client+scheduler']:.3f} s per run; "
+                  f"load {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f}")
+        res["target_babai"] = head
 
 
 def random_layer(out_f, in_f, seed, tokens=2048):
