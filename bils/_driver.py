@@ -17,7 +17,7 @@ import numpy as np
 
 from ._backend import resolve_backend
 from ._dask import run_solver_dask, uses_dask  # dask itself is imported only when used
-from ._guard import guarded
+from ._guard import fused_passes, guarded
 from ._validate import _namespace, problem_iv
 from .problem import BILSProblem
 from .result import BILSResult, _to_host
@@ -94,10 +94,14 @@ def run_solver(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
         x, cost, status, info = _host(out) if be == "cupy" and can.xp is np else out
         if problem is not None and problem.perm is not None:
             xp = _namespace(x)
-            perm = xp.asarray(problem.perm)
-            xo = xp.empty_like(x)
-            xo[perm] = x
-            x = xo
+            fused = fused_passes(x.size) if xp is np and x.ndim == 2 else None
+            if fused is not None and x.flags.c_contiguous:
+                x = fused.scatter_rows(x, problem.perm)  # rows copied in parallel
+            else:
+                perm = xp.asarray(problem.perm)
+                xo = xp.empty_like(x)
+                xo[perm] = x
+                x = xo
             if "best_x" in info:
                 bx = xp.empty_like(info["best_x"])
                 bx[:, perm] = info["best_x"]

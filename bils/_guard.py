@@ -45,6 +45,10 @@ __all__ = [
     "BOUND_LIMIT",
     "bounds_iv",
     "level_weights_iv",
+    "Magnitudes",
+    "magnitudes",
+    "array_magnitudes",
+    "fused_passes",
     "scratch_limit",
     "scratch_iv",
     "work_iv",
@@ -118,28 +122,127 @@ def _max_row_abs_sum(R, rows=256):
     return out
 
 
-def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64):
+#: Arrays with at least this many entries are checked by the fused numba passes of
+#: :mod:`bils._numba.passes` (one parallel read, no temporaries) when numba is
+#: importable and JIT-compiled; smaller ones by numpy (the same rules and messages).
+FUSED_MIN_SIZE = 1 << 16
+
+_FUSED = []
+
+
+def fused_passes(size):
+    """The module of fused passes (:mod:`bils._numba.passes`) for an array of ``size`` entries, or None.
+
+    None below :data:`FUSED_MIN_SIZE`, without numba, or under ``NUMBA_DISABLE_JIT=1``
+    (interpreted loops over every entry would be slower than numpy's passes).
+    """
+    if size < FUSED_MIN_SIZE:
+        return None
+    if not _FUSED:
+        try:
+            import numba
+
+            if numba.config.DISABLE_JIT:
+                raise ImportError("numba JIT disabled")
+            from ._numba import passes
+        except ImportError:
+            passes = None
+        _FUSED.append(passes)
+    return _FUSED[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Magnitudes:
+    """Reductions of a problem's arrays that :func:`level_weights_iv` needs.
+
+    ``O(n + g + k)`` numbers, computed once per validated problem (one fused pass per
+    array for large ones), so the check for a second working precision reads nothing
+    of size (n, k) again.
+
+    Attributes
+    ----------
+    rowsum : float
+        :math:`\\max_i \\sum_l |R_{il}|`.
+    ymax : (k,) ndarray
+        :math:`\\max_i |Y_{ij}|`.
+    s_rowmin, s_rowmax : (g,) ndarray
+        Per row of the scale values (a group, or a compact row): min and max of ``|s|``.
+    s_colmax, o_colmax : (k or 1,) ndarray
+        Per column: max of ``|s|`` and of ``|o|`` over the rows of their values.
+    """
+
+    rowsum: float
+    ymax: np.ndarray
+    s_rowmin: np.ndarray
+    s_rowmax: np.ndarray
+    s_colmax: np.ndarray
+    o_colmax: np.ndarray
+
+
+def grid_values(grid):
+    """The values of a grid: a :class:`~bils.GroupedGrid`'s (g, k or 1), or a broadcast
+    view's compact (n or 1, k or 1) rows."""
+    return grid.values if isinstance(grid, GroupedGrid) else _compact(grid)
+
+
+def array_magnitudes(V, rows=True):
+    """``(non_finite, row |V| min, row |V| max, column |V| max)`` of a 2-D float array.
+
+    One fused pass for large C-contiguous float64 arrays, numpy reductions otherwise
+    (row parts None with ``rows=False``).
+    """
+    V = np.asarray(V)
+    fused = fused_passes(V.size)
+    if fused is not None and V.dtype == np.float64 and V.flags.c_contiguous and V.ndim == 2:
+        return fused.array_stats(V, rows)
+    non_finite = V.dtype.kind == "f" and not bool(np.all(np.isfinite(V)))
+    if non_finite:
+        return True, None, None, None
+    cmax = _abs_range(V, axis=0, need_min=False)[1]
+    if not rows:
+        return False, None, None, cmax
+    rmin, rmax = _abs_range(V, axis=1)
+    return False, rmin, rmax, cmax
+
+
+def magnitudes(R, Y, scale, offset, *, rowsum=None, ymax=None, s_stats=None, o_colmax=None):
+    """:class:`Magnitudes` of a problem; parts already computed by validation are passed in."""
+    if rowsum is None:
+        rowsum = _max_row_abs_sum(R)
+    if ymax is None:
+        ymax = array_magnitudes(Y, rows=False)[3]
+    if s_stats is None:
+        s_stats = array_magnitudes(grid_values(scale))[1:]
+    if o_colmax is None:
+        o_colmax = array_magnitudes(grid_values(offset), rows=False)[3]
+    return Magnitudes(rowsum, ymax, *s_stats, o_colmax)
+
+
+def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64, mags=None):
     """Check the level weights ``R_ii * scale_ij`` and the residual bound (see module doc).
 
     ``R`` (n, n), ``Y`` (n, k) float64; ``lo``, ``hi``, ``scale``, ``offset`` broadcast
-    views of shape (n, k). ``dtype`` is the working precision (float64 or float32).
-    Raises ``ValueError`` naming ``R``/``scale`` (weights) or ``Y``/``offset``/``lo``/``hi``
-    (residual bound). Cost: one pass over ``R``, ``O(n k)`` for the grids.
+    views of shape (n, k) (``scale``, ``offset`` may be :class:`~bils.GroupedGrid` s).
+    ``dtype`` is the working precision (float64 or float32). ``mags`` (a
+    :class:`Magnitudes` of these arrays) skips the reductions over ``R``, ``Y`` and the
+    grids. Raises ``ValueError`` naming ``R``/``scale`` (weights) or
+    ``Y``/``offset``/``lo``/``hi`` (residual bound). Cost: one pass over ``R``, ``Y`` and
+    the grid values without ``mags``; ``O(n + k)`` with it.
     """
     if not isinstance(R, np.ndarray):  # device problems: checked by their kernels' outputs only
         return
+    if mags is None:
+        mags = magnitudes(R, Y, scale, offset)
     fi = np.finfo(dtype)
     tiny, big = math.sqrt(float(fi.tiny)), math.sqrt(float(fi.max))
     n = R.shape[0]
     name = np.dtype(dtype).name
     diag = np.abs(np.diag(R)).astype(np.float64)
+    S = grid_values(scale)
     if isinstance(scale, GroupedGrid):  # reduce the group values, then map them to levels
-        gmin, gmax = _abs_range(scale.values, axis=1)
-        smin, smax = gmin[scale.groups], gmax[scale.groups]
-        S = scale.values
+        smin, smax = mags.s_rowmin[scale.groups], mags.s_rowmax[scale.groups]
     else:
-        S = _compact(scale)
-        smin, smax = _abs_range(S, axis=1)  # per level, over RHS: reductions, no (n, k) temporaries
+        smin, smax = mags.s_rowmin, mags.s_rowmax  # per level, over RHS (compact rows)
     if dtype != np.float64:
         # the sweep casts R and scale themselves to `dtype`: each must stay a normal number
         for what, lo_v, hi_v in (("R", diag, diag), ("scale", smin, smax)):
@@ -151,7 +254,7 @@ def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64):
         dmin, dmax = diag * smin, diag * smax
     bad = ~((dmin >= tiny) & (dmax <= big))
     if np.any(bad):
-        i = int(np.argwhere(bad)[0, 0])
+        i = int(np.argwhere(bad)[0, 0]) if bad.ndim else 0
         with np.errstate(over="ignore", under="ignore"):
             srow = scale.row(i) if isinstance(scale, GroupedGrid) else S[min(i, S.shape[0] - 1)]
             row = diag[i] * np.abs(srow)
@@ -165,10 +268,8 @@ def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64):
     lo_c, hi_c = _compact(lo), _compact(hi)
     M = np.maximum(np.max(np.abs(lo_c), axis=0), np.max(np.abs(hi_c), axis=0)).astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        O = offset.values if isinstance(offset, GroupedGrid) else _compact(offset)
-        grid = _abs_max(S, axis=0) * M + _abs_max(O, axis=0)
-        ymax = _abs_max(Y, axis=0)  # (k,): two reductions, no (n, k) temporary
-        B = np.broadcast_to(ymax + _max_row_abs_sum(R) * grid, (k,))
+        grid = mags.s_colmax * M + mags.o_colmax
+        B = np.broadcast_to(mags.ymax + mags.rowsum * grid, (k,))
         lim = big / (2.0 * math.sqrt(n))
     bad = ~(B <= lim)
     if np.any(bad):
@@ -179,21 +280,18 @@ def level_weights_iv(R, Y, lo, hi, scale, offset, dtype=np.float64):
             f"which must be <= {lim:.3g} for the costs to stay finite; rescale the problem")
 
 
-def _abs_max(a, axis):
-    """``max |a|`` along ``axis`` (float64) from the min and max of ``a`` (no ``|a|`` array)."""
-    a = np.asarray(a)
-    return np.maximum(np.max(a, axis=axis).astype(np.float64), -np.min(a, axis=axis).astype(np.float64))
-
-
-def _abs_range(a, axis):
+def _abs_range(a, axis, need_min=True):
     """``(min |a|, max |a|)`` along ``axis`` (float64), by min/max reductions of ``a``.
 
-    Only rows/columns holding both signs need ``|a|`` itself (rare: scales are positive).
+    Only rows/columns holding both signs need ``|a|`` itself (rare: scales are positive);
+    with ``need_min=False`` the minimum is not computed (returned as None).
     """
     a = np.asarray(a)
     amin = np.min(a, axis=axis).astype(np.float64)
     amax = np.max(a, axis=axis).astype(np.float64)
     absmax = np.maximum(amax, -amin)
+    if not need_min:
+        return None, absmax
     absmin = np.where(amin > 0, amin, -amax)
     mixed = (amin <= 0) & (amax >= 0)
     if np.any(mixed):
@@ -266,6 +364,11 @@ def check_output(solver, can, x, cost):
         j = int(np.argwhere(~ok)[0, 0])
         raise ValueError(f"`{solver}` produced a non-finite cost ({cost[j]}) for RHS {j}: the "
                          f"problem is too badly scaled for floating point; rescale `R`, `Y` and `scale`")
+    fused = fused_passes(x.size)
+    if (fused is not None and x.dtype == np.int64 and x.ndim == 2 and x.flags.c_contiguous
+            and fused.codes_in_box(x, *(np.ascontiguousarray(_compact(b), dtype=np.int64)
+                                        for b in (can.lo, can.hi)))):
+        return  # one parallel pass, no (n, k) temporaries; else numpy finds the culprit
     lo_c, hi_c = _compact(can.lo), _compact(can.hi)
     if x.ndim == 2 and x.size and lo_c.shape[-1] == 1 and hi_c.shape[-1] == 1:
         # bounds shared by all RHS (the usual case): per-level min and max of the codes,

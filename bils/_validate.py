@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numbers
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._grid import GroupedGrid
-from ._guard import bounds_iv, level_weights_iv
+from ._guard import (_compact, array_magnitudes, bounds_iv, fused_passes, level_weights_iv,
+                     magnitudes)
 
 __all__ = ["Canonical", "problem_iv", "grid_iv", "int_iv", "float_iv", "choice_iv"]
 
@@ -37,6 +38,11 @@ class Canonical:
     scale: GroupedGrid
     offset: GroupedGrid
     squeeze: bool  # the caller passed a 1-D y
+    #: :class:`~bils._guard.Magnitudes` of these arrays, set by :func:`problem_iv` on the
+    #: host (reused by later range checks, e.g. for a second working precision). Not an
+    #: ``__init__`` argument: ``dataclasses.replace`` and :meth:`astype` make problems
+    #: without it, so reductions of other arrays are never reused by mistake.
+    magnitudes: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -148,18 +154,31 @@ def _has_lower_entries(R, rows=256, xp=np):
 
 def triangular_iv(R, name="R", xp=np):
     """Validate an upper-triangular factor: square, finite, non-zero diagonal."""
+    return _triangular_iv(R, name, xp)[0]
+
+
+def _triangular_iv(R, name="R", xp=np):
+    """:func:`triangular_iv` and ``max_i sum_l |R_il|`` when a fused pass computed it (else None)."""
     R = _real_array(name, R, xp=xp)
     if R.ndim != 2 or R.shape[0] != R.shape[1]:
         raise ValueError(f"`{name}` must be a square 2-D array, got shape {R.shape}")
     if R.shape[0] == 0:
         raise ValueError(f"`{name}` must have at least one row")
     R = xp.ascontiguousarray(R, dtype=np.float64)
-    _finite(name, R, xp)
-    if _has_lower_entries(R, xp=xp):
+    fused = fused_passes(R.size) if xp is np else None
+    rowsum = None
+    if fused is not None:  # finiteness, triangularity and row sums in one pass
+        non_finite, lower, rowsum = fused.matrix_stats(R)
+        if non_finite:
+            raise ValueError(f"`{name}` must be finite (no NaN or inf)")
+    else:
+        _finite(name, R, xp)
+        lower = _has_lower_entries(R, xp=xp)
+    if lower:
         raise ValueError(f"`{name}` must be upper triangular (entries below the diagonal must be 0)")
     if bool(xp.any(xp.diag(R) == 0)):
         raise ValueError(f"`{name}` must have a non-zero diagonal")
-    return R
+    return R, rowsum
 
 
 def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
@@ -173,7 +192,7 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
         from ._backend import array_namespace
 
         xp = array_namespace(R, Y, lo, hi, scale, offset)
-    R = triangular_iv(R, xp=xp)
+    R, rowsum = _triangular_iv(R, xp=xp)
     n = R.shape[0]
     Y = _real_array("Y", Y, xp=xp)
     if Y.ndim not in (1, 2):
@@ -184,7 +203,13 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
     Y = xp.ascontiguousarray(Y.reshape(n, -1), dtype=np.float64)
     if Y.shape[1] == 0:
         raise ValueError("`Y` must have at least one column")
-    _finite("Y", Y, xp)
+    ymax = None
+    if xp is np and fused_passes(Y.size) is not None:  # finiteness and column maxima in one pass
+        non_finite, _, _, ymax = array_magnitudes(Y, rows=False)
+        if non_finite:
+            raise ValueError("`Y` must be finite (no NaN or inf)")
+    else:
+        _finite("Y", Y, xp)
     shape = Y.shape
 
     bounds = []
@@ -202,16 +227,28 @@ def problem_iv(R, Y, lo, hi, scale=None, offset=None, *, xp=None) -> Canonical:
         b = _broadcast(name, _as_column_shape(b, squeeze), shape, xp)
         bounds.append(b)
     lo, hi = bounds
-    if bool(xp.any(lo > hi)):
+    # compared in their compact forms (a scalar box is one comparison, not n k)
+    lo_c, hi_c = (_compact(b) if xp is np else b for b in (lo, hi))
+    if bool(xp.any(lo_c > hi_c)):
         raise ValueError("`lo` must not exceed `hi` (elementwise)")
 
     if xp is np:  # host: grids stay grouped (never expanded to (n, k))
         scale = grid_iv("scale", scale, 1.0, shape, squeeze)
-        if np.any(scale.values == 0):
+        non_finite, *s_stats = array_magnitudes(scale.values)
+        if non_finite:  # (a dense grid large enough for the fused pass is checked here)
+            raise ValueError("`scale` must be finite (no NaN or inf)")
+        if np.any(s_stats[0] == 0):  # a row's smallest |s|
             raise ValueError("`scale` must be non-zero")
         offset = grid_iv("offset", offset, 0.0, shape, squeeze)
-        level_weights_iv(R, Y, lo, hi, scale, offset)  # derived quantities: R_ii*s_ij, residual bound
-        return Canonical(R, Y, lo, hi, scale, offset, squeeze)
+        non_finite, _, _, o_colmax = array_magnitudes(offset.values, rows=False)
+        if non_finite:
+            raise ValueError("`offset` must be finite (no NaN or inf)")
+        mags = magnitudes(R, Y, scale, offset, rowsum=rowsum, ymax=ymax, s_stats=s_stats[:3],
+                          o_colmax=o_colmax)
+        level_weights_iv(R, Y, lo, hi, scale, offset, mags=mags)  # R_ii*s_ij, residual bound
+        can = Canonical(R, Y, lo, hi, scale, offset, squeeze)
+        object.__setattr__(can, "magnitudes", mags)
+        return can
 
     # device arrays: dense broadcast views in the array's namespace
     if isinstance(scale, GroupedGrid):
@@ -252,7 +289,8 @@ def grid_iv(name, a, default, shape, squeeze):
         raise TypeError(f"`{name}` must be array_like or a bils.GroupedGrid, not a tuple; "
                         f"write `{name}=bils.GroupedGrid(values, groups)` for grouped values")
     arr = _real_array(name, a).astype(np.float64, copy=False)
-    _finite(name, arr)
+    if fused_passes(arr.size) is None:  # large grids: checked by problem_iv's fused pass
+        _finite(name, arr)
     arr = _broadcast(name, _as_column_shape(arr, squeeze), shape)
     return GroupedGrid.from_dense(arr, n)
 

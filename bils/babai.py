@@ -188,4 +188,5 @@ def babai(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, block_size
 
 def _precision_iv(can, precision):
     """The problem's level weights and residual bound in the working precision's range."""
-    level_weights_iv(can.R, can.Y, can.lo, can.hi, can.scale, can.offset, np.dtype(precision))
+    level_weights_iv(can.R, can.Y, can.lo, can.hi, can.scale, can.offset, np.dtype(precision),
+                     mags=getattr(can, "magnitudes", None))  # validation's reductions, reused

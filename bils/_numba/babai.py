@@ -24,7 +24,9 @@ the products themselves). The fused pass runs at the speed of a BLAS product in 
 without fused multiply-adds (no ``fastmath``: the numpy reference rounds the same way).
 
 Grids are grouped (:class:`~bils.GroupedGrid`): a level reads its group's row of scale and
-offset, refilled only when the group changes; bounds are compact arrays.
+offset, refilled only when the group changes; bounds are compact arrays. Grid values stay
+in float64 (a full per-coordinate (n, k) grid is read in place, never copied or
+converted): the single-precision sweep converts each row as it reads it.
 
 The panel method (:func:`sweep`: BLAS products ``G = R_{a:e, e:} Z_{e:}`` between panels of
 levels, in-panel tiles as above) is kept for Klein, whose sampled sweeps reuse every
@@ -132,8 +134,8 @@ def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
     zdum = np.empty(w, dtype=dt)
     coef = np.empty(STEP, dtype=dt)
     cl = np.zeros(w)
-    srow = np.empty(w, dtype=S.dtype)
-    orow = np.empty(w, dtype=O.dtype)
+    srow = np.empty(w, dtype=dt)  # grid rows in the working precision (converted as read)
+    orow = np.empty(w, dtype=dt)
     lorow = np.empty(w)
     hirow = np.empty(w)
     sg_last = -1
@@ -202,7 +204,9 @@ def whole_sweep(can, X, cost, dtype, *, timings=None):
     clock = Clock(timings)
     Y = readonly(can.Y)
     n, k = Y.shape
-    S, Sg, O, Og, LO, HI = grids(can, dtype)
+    # grids stay in float64 (no converted copy, even of a full (n, k) grid): a level's row
+    # is converted to the working precision as it is read, rounding as ``astype`` does
+    S, Sg, O, Og, LO, HI = grids(can)
     cost[:] = 0.0
     clock.lap("grid")
     width = tile_width(k, dtype)

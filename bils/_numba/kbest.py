@@ -11,10 +11,28 @@ one *reference* path (beam member 0 at the last panel boundary) densely in ``Zre
 start one BLAS product gives ``Y - R_{a:e, e:} Zref_{e:}`` for every RHS; a member's own
 targets differ from it only at the levels where its path differs from the reference path,
 found by walking both parent chains up to their common ancestor (beam members share long
-prefixes, so the walk and the correction are short). Inside the panel each member keeps
-its residual for the panel's remaining levels (right-looking updates, vectorised over
-levels). Each RHS is handled by one thread with its own scratch (``prange`` over RHS): no
-shared mutable state, and results do not depend on the thread count.
+prefixes, so the walk and the correction are short). Each RHS is handled by one thread
+with its own scratch (``prange`` over RHS): no shared mutable state, and results do not
+depend on the thread count.
+
+Steps. Inside a panel, levels are decided in steps of 16
+(:data:`~bils._numba._tiles.STEP`), as in the whole-sweep Babai. At a step's start every
+member has its targets for the panel's remaining levels (one row per member); during the
+step a member is its ancestor's row plus the points it chose at the step's levels so far,
+and a level's target subtracts those few terms on the fly. After the step one pass gives
+every member its new row for the levels below (16 updates per element, coefficients in
+a contiguous (16, m) block: :func:`_step_rows`), instead of a copy-and-update of every
+member's row per level. Each target receives the same operations in the same order as
+with one update per level, so codes and costs are bitwise those of the per-level
+kernel.
+
+Selection. A parent's children, in zig-zag order, have non-decreasing costs, so the
+next beam is the merge of the parents' child sequences: every parent's rounded child is
+scored, then the cheapest head (the earlier parent on equal costs) is taken and replaced
+by that parent's next child, ``nb`` times. That is the stable order of the reference
+(cost, then parent, then rank) with about ``B + K`` children scored and no insertion
+shifts (the former insertion sort scored ~26 children and made ~20 shifted insertions
+per level for K = 8 on a 3-bit box).
 """
 
 from __future__ import annotations
@@ -25,6 +43,7 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import at, box_round, gat, grids, readonly
+from ._tiles import STEP
 
 __all__ = ["kbest_kernel"]
 
@@ -47,6 +66,78 @@ def _lower_first(c, dn, up, mm):
     if ddn != dup:
         return ddn < dup
     return mm - dn <= up - mm
+
+
+@njit(cache=True, inline="always")
+def _rows16(Tn, b, Tb, a, cf, zst, nrows):
+    """``Tn[b, l] = Tb[a, l] - sum_r cf[r, l] zst[b, r]``, r = 0..15 in order, for
+    ``0 <= l < nrows``. Arrays are indexed directly with constant rows of ``cf`` (one base
+    pointer for the 16 coefficient streams) and ``l`` counts from 0 (provably
+    non-negative: no wraparound selects), so the loop vectorises; a loop from a variable
+    start runs ~7x slower."""
+    z0 = zst[b, 0]
+    z1 = zst[b, 1]
+    z2 = zst[b, 2]
+    z3 = zst[b, 3]
+    z4 = zst[b, 4]
+    z5 = zst[b, 5]
+    z6 = zst[b, 6]
+    z7 = zst[b, 7]
+    z8 = zst[b, 8]
+    z9 = zst[b, 9]
+    z10 = zst[b, 10]
+    z11 = zst[b, 11]
+    z12 = zst[b, 12]
+    z13 = zst[b, 13]
+    z14 = zst[b, 14]
+    z15 = zst[b, 15]
+    for l in range(nrows):
+        t = Tb[a, l]
+        t = t - cf[0, l] * z0
+        t = t - cf[1, l] * z1
+        t = t - cf[2, l] * z2
+        t = t - cf[3, l] * z3
+        t = t - cf[4, l] * z4
+        t = t - cf[5, l] * z5
+        t = t - cf[6, l] * z6
+        t = t - cf[7, l] * z7
+        t = t - cf[8, l] * z8
+        t = t - cf[9, l] * z9
+        t = t - cf[10, l] * z10
+        t = t - cf[11, l] * z11
+        t = t - cf[12, l] * z12
+        t = t - cf[13, l] * z13
+        t = t - cf[14, l] * z14
+        t = t - cf[15, l] * z15
+        Tn[b, l] = t
+
+
+@njit(cache=True)
+def _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot, cf):
+    """Targets of rows ``[0, bot)`` after the step of levels ``[bot, top)`` for every member.
+
+    Member ``b``'s new row is its ancestor's row ``Tb[anc[b]]`` minus the step's updates
+    ``RT[lv, l] z_b(lv)`` in level order (``zst[b, r]`` is level ``top - 1 - r``), the same
+    operations in the same order as one rank-1 update per level, so the results do not
+    depend on the step. The step's coefficient rows are copied to ``cf`` (STEP, m) first.
+    Empty members (cost ``inf``) are skipped.
+    """
+    ns = top - bot
+    for r in range(ns):
+        for l in range(bot):
+            cf[r, l] = RT[top - 1 - r, l]
+    for b in range(B):
+        if pc[b] == np.inf:
+            continue
+        ab = anc[b]
+        if ns == STEP:
+            _rows16(Tn, b, Tb, ab, cf, zst, bot)
+        else:
+            for l in range(bot):
+                t = Tb[ab, l]
+                for r in range(ns):
+                    t = t - cf[r, l] * zst[b, r]
+                Tn[b, l] = t
 
 
 @njit(cache=True)
@@ -82,105 +173,161 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     pc = pcost[jj]
     slot = bslot[jj]
     sel_c = np.empty(K)
-    sel_p = np.empty(K, dtype=np.int64)
-    sel_r = np.empty(K, dtype=np.int64)
-    sel_z = np.empty(K)
+    sel_k = np.empty(K, dtype=np.int64)  # candidate key p * C + rank (-1: empty slot)
+    cand_z = np.empty(K * C)  # a level's selected candidates' points, by key
+    # per parent: its next child (cost hc, point hz, rank hr), its target t, centre,
+    # rounded value, window [hlo, hhi] of hn children and the zig-zag frontier hdn/hup
+    hc = np.empty(K)
+    hz = np.empty(K)
+    hr = np.empty(K, dtype=np.int64)
+    hn = np.empty(K, dtype=np.int64)
+    ht = np.empty(K)
+    hcen = np.empty(K)
+    hm = np.empty(K)
+    hlo = np.empty(K)
+    hhi = np.empty(K)
+    hdn = np.empty(K)
+    hup = np.empty(K)
     npc = np.empty(K)
-    for q in range(m - 1, -1, -1):
-        i = a + q
-        rii = RT[q, q]
-        s = gat(S, Sg, i, jg)
-        o = gat(O, Og, i, jg)
-        lo = at(LO, i, jg)
-        hi = at(HI, i, jg)
-        flo = np.float64(lo)
-        fhi = np.float64(hi)
-        d = rii * s
-        w = min(C - 1, hi - lo)
-        ce = min(C, 2 * w + 1)
-        nb = min(K, B * ce)
-        cnt = 0
-        bab_c = 0.0
-        bab_z = 0.0
-        for p in range(B):
-            if pc[p] == np.inf:
-                continue  # an empty slot: all its children are infeasible
-            t = Tb[p, q] - rii * o
-            c = t / d
-            mm = box_round(c, lo, hi)
-            zlo = max(mm - w, flo)
-            zhi = min(mm + w, fhi)
-            nfin = min(ce, np.int64(zhi - zlo) + 1)
-            dn = mm - 1.0
-            up = mm
-            for r in range(nfin):
-                # zig-zag by distance; on exact ties the offset listed first in
-                # 0, -1, +1, -2, +2, ... wins (so child 0 is the rounded value)
-                if dn >= zlo and (up > zhi or _lower_first(c, dn, up, mm)):
+    # members' targets are kept per step of STEP levels: ``Tb[anc[b]]`` holds member b's
+    # targets as of the step's start (its ancestor's row), ``zst[b, :ns]`` the points it
+    # chose at the step's first ns levels; a level's target subtracts those on the fly
+    anc = np.empty(K, dtype=np.int64)
+    anc_n = np.empty(K, dtype=np.int64)
+    cf = np.empty((STEP, m))
+    ct = np.empty((STEP, STEP))  # ct[q - bot, r] = RT[top - 1 - r, q]: in-step coefficients
+    zst = np.empty((K, STEP))
+    zst_n = np.empty((K, STEP))
+    for b in range(K):
+        anc[b] = b
+    top = m
+    while top > 0:
+        bot = max(0, top - STEP)
+        for u in range(top - bot):
+            for r in range(top - 1 - bot - u):
+                ct[u, r] = RT[top - 1 - r, bot + u]
+        for q in range(top - 1, bot - 1, -1):
+            ns = top - 1 - q  # levels of this step decided before q
+            i = a + q
+            rii = RT[q, q]
+            s = gat(S, Sg, i, jg)
+            o = gat(O, Og, i, jg)
+            lo = at(LO, i, jg)
+            hi = at(HI, i, jg)
+            flo = np.float64(lo)
+            fhi = np.float64(hi)
+            d = rii * s
+            w = min(C - 1, hi - lo)
+            ce = min(C, 2 * w + 1)
+            nb = min(K, B * ce)
+            # every parent's children come in zig-zag order with non-decreasing cost:
+            # the beam is the merge of these sequences, nb heads taken in (cost, key)
+            # order (key = parent * C + rank, the reference's stable order)
+            for p in range(B):
+                hc[p] = np.inf
+                if pc[p] == np.inf:
+                    continue  # an empty slot: all its children are infeasible
+                t = Tb[anc[p], q]
+                zp = zst[p]
+                cq = ct[q - bot]
+                for r in range(ns):
+                    t = t - cq[r] * zp[r]
+                t = t - rii * o
+                c = t / d
+                mm = box_round(c, lo, hi)
+                ht[p] = t
+                hcen[p] = c
+                hm[p] = mm
+                hlo[p] = max(mm - w, flo)
+                hhi[p] = min(mm + w, fhi)
+                hn[p] = min(ce, np.int64(hhi[p] - hlo[p]) + 1)
+                hr[p] = 0
+                hdn[p] = mm - 1.0
+                hup[p] = mm + 1.0
+                ez = t - d * mm  # child 0: the rounded value
+                hz[p] = mm
+                hc[p] = pc[p] + ez * ez
+            bab_c = hc[slot]
+            bab_z = hz[slot]
+            cnt = 0
+            while cnt < nb:
+                best = -1
+                bc = np.inf
+                for p in range(B):
+                    if hc[p] < bc:  # strict: on equal costs the earlier parent wins
+                        bc = hc[p]
+                        best = p
+                if best < 0:
+                    break  # every parent's children are taken
+                p = best
+                key = p * C + hr[p]
+                sel_c[cnt] = bc
+                sel_k[cnt] = key
+                cand_z[key] = hz[p]
+                cnt += 1
+                r = hr[p] + 1  # the parent's next child in zig-zag order
+                hr[p] = r
+                if r >= hn[p]:
+                    hc[p] = np.inf
+                    continue
+                dn = hdn[p]
+                up = hup[p]
+                mm = hm[p]
+                if dn >= hlo[p] and (up > hhi[p] or _lower_first(hcen[p], dn, up, mm)):
                     z = dn
-                    dn -= 1.0
+                    hdn[p] = dn - 1.0
                 else:
                     z = up
-                    up += 1.0
-                ez = t - d * z
-                cc = pc[p] + ez * ez
-                if p == slot and r == 0:
-                    bab_c = cc
-                    bab_z = z
-                if cnt == nb and not cc < sel_c[nb - 1]:
-                    break  # this parent's later children are farther: no better
-                # insert after entries of equal cost (stable order: parent, then rank)
-                pos = cnt if cnt < nb else nb - 1
-                while pos > 0 and sel_c[pos - 1] > cc:
-                    if pos < nb:
-                        sel_c[pos] = sel_c[pos - 1]
-                        sel_p[pos] = sel_p[pos - 1]
-                        sel_r[pos] = sel_r[pos - 1]
-                        sel_z[pos] = sel_z[pos - 1]
-                    pos -= 1
-                sel_c[pos] = cc
-                sel_p[pos] = p
-                sel_r[pos] = r
-                sel_z[pos] = z
-                if cnt < nb:
-                    cnt += 1
-        if cnt == nb:
-            present = False
+                    hup[p] = up + 1.0
+                ez = ht[p] - d * z
+                hz[p] = z
+                hc[p] = pc[p] + ez * ez
+            bkey = slot * C  # the Babai child of the Babai parent
+            if cnt == nb:
+                present = False
+                for r in range(nb):
+                    if sel_k[r] == bkey:
+                        present = True
+                if not present:
+                    sel_c[nb - 1] = bab_c
+                    sel_k[nb - 1] = bkey
+                    cand_z[bkey] = bab_z
+            else:
+                for r in range(cnt, nb):  # empty slots (fewer feasible children than nb)
+                    sel_c[r] = np.inf
+                    sel_k[r] = -1
+            newslot = 0
+            for r in range(nb - 1, -1, -1):
+                if sel_k[r] == bkey:
+                    newslot = r
+            slot = newslot
             for r in range(nb):
-                if sel_p[r] == slot and sel_r[r] == 0:
-                    present = True
-            if not present:
-                sel_c[nb - 1] = bab_c
-                sel_p[nb - 1] = slot
-                sel_r[nb - 1] = 0
-                sel_z[nb - 1] = bab_z
-        else:
-            for r in range(cnt, nb):  # empty slots (fewer feasible children than nb)
-                sel_c[r] = np.inf
-                sel_p[r] = -1
-                sel_r[r] = -1
-                sel_z[r] = 0.0
-        newslot = 0
-        for r in range(nb - 1, -1, -1):
-            if sel_p[r] == slot and sel_r[r] == 0:
-                newslot = r
-        slot = newslot
-        rq = RT[q]
-        for r in range(nb):
-            p = sel_p[r]
-            xcode[jj, i, r] = np.int64(sel_z[r])
-            npc[r] = sel_c[r]
-            if p < 0:
-                par[jj, i, r] = 0
-                continue
-            par[jj, i, r] = p
-            zv = s * sel_z[r] + o
-            for l in range(q):
-                Tn[r, l] = Tb[p, l] - rq[l] * zv
-        for r in range(nb):
-            pc[r] = npc[r]
-        Tb, Tn = Tn, Tb
-        B = nb
+                key = sel_k[r]
+                npc[r] = sel_c[r]
+                if key < 0:
+                    xcode[jj, i, r] = 0
+                    par[jj, i, r] = 0
+                    anc_n[r] = 0
+                    continue
+                p = key // C
+                zr = cand_z[key]
+                xcode[jj, i, r] = np.int64(zr)
+                par[jj, i, r] = p
+                anc_n[r] = anc[p]
+                for u in range(ns):
+                    zst_n[r, u] = zst[p, u]
+                zst_n[r, ns] = s * zr + o
+            for r in range(nb):
+                pc[r] = npc[r]
+            anc, anc_n = anc_n, anc
+            zst, zst_n = zst_n, zst
+            B = nb
+        if bot > 0:  # rows below the step: each member's STEP updates in one pass
+            _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot, cf)
+            Tb, Tn = Tn, Tb
+            for b in range(B):
+                anc[b] = b
+        top = bot
     nbeam[jj] = B
     bslot[jj] = slot
     # member 0 becomes the reference path: rewrite Zref where it differs from the old one

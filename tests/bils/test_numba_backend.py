@@ -161,6 +161,21 @@ def test_kbest_panels_and_corrections(monkeypatch):
     _assert_parity(ref, _solve(bils.kbest, prob, "numba", beam_width=6), "chunked")
 
 
+@pytest.mark.parametrize("beam, children", [(8, None), (3, 2), (5, 8)])
+def test_kbest_steps_across_panels(beam, children, monkeypatch):
+    """Panels of 40 levels: steps of 16 levels (targets updated per step) end at 8-level
+    partial steps and cross panel boundaries; a 3-bit box with many candidates per level
+    prunes whole parents (and the Babai parent's non-Babai children)."""
+    import bils._numba.kbest as nkb
+
+    R, Y, lo, hi, scale, offset = _problem(100, 40, "full", seed=17)
+    prob = (R, Y, 0, 7, scale, offset)
+    kw = dict(beam_width=beam, n_children=children)
+    ref = _solve(bils.kbest, prob, "numpy", **kw)
+    monkeypatch.setattr(nkb, "PANEL", 40)
+    _assert_parity(ref, _solve(bils.kbest, prob, "numba", **kw), f"K={beam} C={children}")
+
+
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("max_nodes, n_best", [(None, 1), (None, 4), (25, 1), (60, 3)])
 def test_enumerate_parity(grid, max_nodes, n_best):
