@@ -416,14 +416,17 @@ def test_finite_check_by_reductions_finds_every_non_finite_value(bad, where):
         problem_iv(R, Y, -3, 3)
 
 
-def test_abs_max_equals_the_max_of_the_absolute_values():
-    from bils._guard import _abs_max
+def test_abs_range_equals_the_min_and_max_of_the_absolute_values():
+    from bils._guard import _abs_range
 
     a = np.random.default_rng(1).standard_normal((6, 9))
     a[:, 0] = -np.abs(a[:, 0])
     a[:, 1] = np.abs(a[:, 1])
     for axis in (0, 1):
-        np.testing.assert_array_equal(_abs_max(a, axis), np.abs(a).max(axis=axis))
+        amin, amax = _abs_range(a, axis)
+        np.testing.assert_array_equal(amax, np.abs(a).max(axis=axis))
+        np.testing.assert_array_equal(amin, np.abs(a).min(axis=axis))
+        assert _abs_range(a, axis, need_min=False)[0] is None
 
 
 @pytest.mark.parametrize("lo, hi", [(0, 3), (np.zeros((4, 1)), np.full((4, 1), 3)),
