@@ -615,7 +615,9 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
 
     dead = None if H is None else xp.diag(H) == 0
     Wg = W if dead is None or not bool(dead.any()) or spec.group_size == -1 else xp.where(dead, 0.0, W)
+    t_grid = time.perf_counter()
     scales, zeros = compute_grid(Wg, spec)  # GPTQ: static groups after zeroing dead columns
+    t_grid = time.perf_counter() - t_grid
     gs = n if spec.group_size == -1 else spec.group_size
     g_idx = (np.arange(n) // gs).astype(np.int32)
     if xp is np:
@@ -656,11 +658,15 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
         stats["loss"] = float(xp.sum((E @ Hd) * E))
         ref = float(xp.sum((W @ Hd) * W))
         stats["rel_loss"] = stats["loss"] / ref if ref > 0 else 0.0
-        Et = sol.target - Q
-        stats["objective"] = float(xp.sum((Et @ Hd) * Et))
+        if sol.target is W:  # gptq, rtn: the objective is the loss (one (m, n) x (n, n) product less)
+            stats["objective"] = stats["loss"]
+        else:
+            Et = sol.target - Q
+            stats["objective"] = float(xp.sum((Et @ Hd) * Et))
     stats.setdefault("babai_bound", None)
     stats = {k: (float(v) if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v) for k, v in stats.items()}
     stats["time"] = time.perf_counter() - t0
+    stats["time_grid"] = t_grid  # of which the grid search (the calibration's stage profile)
     return QuantizedLayer(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=spec.bits,
                           group_size=spec.group_size, perm=perm, bias=bias, stats=stats)
 
