@@ -25,7 +25,7 @@ Usage::
 
     python benchmarks/e2e_speed.py --threads 2                       # everything, ~the issue's table
     python benchmarks/e2e_speed.py --methods gptq --calib-windows 16  # quick
-    python benchmarks/e2e_speed.py --methods gptq --capture-passes    # the pre-#18 path, for comparison
+    python benchmarks/e2e_speed.py --methods gptq --paths single capture  # against the pre-#18 path
 """
 
 from __future__ import annotations
@@ -151,8 +151,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (the issue's machine: 2)")
-    ap.add_argument("--capture-passes", action="store_true",
-                    help="quantize with the capture-pass path (single_pass=False), for comparison")
+    ap.add_argument("--paths", nargs="+", default=["single"], choices=["single", "capture"],
+                    help="calibration paths to time: 'single' (the default single pass) and/or 'capture' "
+                         "(single_pass=False: the capture passes before issue #18), each method in each")
     ap.add_argument("--ppl", action="store_true", help="also evaluate perplexity (32 x 512 held-out windows)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -189,7 +190,7 @@ def main(argv=None):
                 "seqlen": args.seqlen, "seed": args.seed, "batch_size": args.batch_size,
                 "threads": torch.get_num_threads(), "corpus": "shakespeare", "true_sequential": True}
     runs = {}
-    for method in args.methods:
+    for method, path in [(m, p) for m in args.methods for p in args.paths]:
         spec = spec_for(method, args.config)
         model.load_state_dict(float_state)
         report = {}
@@ -198,12 +199,12 @@ def main(argv=None):
             t0 = time.perf_counter()
             layers = quantize_model(model, calib, spec, batch_size=args.batch_size, seed=args.seed,
                                     backend=args.backend, progress=False, report=report,
-                                    single_pass=not args.capture_passes)
+                                    single_pass=path == "single")
             wall = time.perf_counter() - t0
         prof = report["profile"]
         peak_quant = model_bytes + max(0, mem.peak - mem.start)
         run = {
-            "method": method, "spec": spec.to_dict(), "path": "capture" if args.capture_passes else "single",
+            "method": method, "spec": spec.to_dict(), "path": path,
             "wall_s": wall, "ratio": wall / forward_pass_s, "target_ratio": TARGETS.get(method),
             "profile": prof, "n_layers": len(layers),
             "memory": {"rss_start_bytes": mem.start, "rss_peak_bytes": mem.peak,
@@ -215,7 +216,7 @@ def main(argv=None):
             "forward_pass_s": forward_pass_s,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        msg = (f"{method}: {wall:.1f} s = {run['ratio']:.2f} x the forward pass"
+        msg = (f"{method} ({path}): {wall:.1f} s = {run['ratio']:.2f} x the forward pass"
                + (f" (target {TARGETS[method]} x)" if method in TARGETS else "")
                + f"; peak memory {peak_quant / GiB:.2f} GiB (target {target_bytes / GiB:.2f} GiB); "
                f"load {run['load_average']}")

@@ -32,10 +32,20 @@ Lifecycle, kept apart from the maths:
   split into groups that read the same input tensor, found from the block's data flow
   on one forward pass (Llama: q/k/v, o, gate/up, down; Falcon: query_key_value with
   dense_h_to_4h); a group's statistics are collected with the earlier groups
-  already quantized. A capture pass stops the block as soon as the group's input is
-  seen (nothing after it is needed).
+  already quantized. Single pass (default, ``single_pass=True``): the batches of the
+  quantized stream go through the block together, one thread each, and stop at each
+  group's input, where the group is solved and written before they go on: a block costs
+  one forward pass over the quantized stream (plus, for joint methods, one over the
+  float stream), the least a sequential calibration can do. ``single_pass=False``: a
+  capture pass per group that stops the block as soon as the group's input is seen,
+  then a pass through the quantized block (the same codes, about three block forwards).
 * Memory: the two streams of block inputs (quantized and, for joint methods, float),
-  plus for joint methods the float inputs of the current block's layer groups.
+  plus for joint methods the float inputs of the current block's layer groups; the
+  single pass also holds the block's live activations of every batch at a group's
+  input (see ``single_pass``).
+* Profile: every run's seconds per stage (forward passes by kind, statistics, solves,
+  grid search, write-back, checkpoint I/O), per block and in total, go to
+  ``report["profile"]`` (:mod:`~llm_adapter.calibration.profile`).
 * Resume: with ``checkpoint_dir`` every finished layer is written atomically; a
   restarted run loads finished layers instead of solving them and ends bit-identical
   (sampling is seeded from ``(seed, layer name)``).

@@ -176,3 +176,18 @@ def test_stage_profile_sums():
     p.end_block(0.5)
     t = p.totals()
     assert t == {"model_load": 2.0, "solve": 1.5, "sync": 0.5, "blocks": 2.0}
+
+
+def test_cli_quantize_verbose_prints_and_stores_the_profile(tmp_path, capsys, tiny_dir, text_file):
+    from llm_adapter.formats import load_quantized
+    from tests.llm_fixtures import run_cli
+
+    code, out, err = run_cli(capsys, "quantize", "-vv", "--model", tiny_dir, "--method", "ojbkq", "--bits", "4",
+                             "--group-size", "32", "--calib", text_file, "--calib-windows", "4", "--seqlen", "32",
+                             "--batch-size", "2", "--backend", "numpy", "--out", tmp_path / "q")
+    assert code == 0, err
+    assert "stage profile (s)" in out and "forward_propagate" in out and "model_load" in out
+    assert "block" in out[out.index("stage profile"):]  # -vv: one line per block
+    _, meta = load_quantized(tmp_path / "q")
+    prof = meta["model"]["report"]["profile"]
+    assert prof["totals"]["model_load"] > 0 and len(prof["blocks"]) == 2
