@@ -15,16 +15,16 @@ One run measures:
   (:mod:`llm_adapter.calibration.profile`), and the peak resident memory (RSS, sampled
   every 20 ms) against the target: float model + 2 x the block activations of the
   calibration set (tokens x hidden size x 4 bytes) + 1 GiB;
-* with ``--ppl``, the perplexity on the evaluation windows (32 x 512), against the same
-  configuration's row in ``benchmarks/results/llm_quality.json`` (docs/results.md).
+* the perplexity on the evaluation windows (32 x 512; ``--no-ppl`` skips it), against the
+  same configuration's row in ``benchmarks/results/llm_quality.json`` (docs/results.md).
 
 The machine's load average is recorded with every figure (the 2-core machine is shared).
 Results: ``benchmarks/results/e2e_speed.json`` (merged by run key).
 
 Usage::
 
-    python benchmarks/e2e_speed.py --threads 2                       # everything, ~the issue's table
-    python benchmarks/e2e_speed.py --methods gptq --calib-windows 16  # quick
+    python benchmarks/e2e_speed.py --threads 2                       # everything the issue asks for
+    python benchmarks/e2e_speed.py --methods gptq --calib-windows 16 --no-ppl  # quick
     python benchmarks/e2e_speed.py --methods gptq --paths single capture  # against the pre-#18 path
 """
 
@@ -124,6 +124,8 @@ def forward_pass(model, windows, batch_size):
         inps = first_block_inputs(model, blocks, windows, batch_size, home)
         t1 = time.perf_counter()
         hs = [h for h, _, _ in inps]
+        run_block(blocks[0], hs[0], inps[0][1], inps[0][2])  # warm-up (one-time costs), not timed
+        t1 = time.perf_counter()
         for block in blocks:
             hs = [run_block(block, h, r, k) for h, (_, r, k) in zip(hs, inps)]
         t2 = time.perf_counter()
@@ -154,7 +156,9 @@ def main(argv=None):
     ap.add_argument("--paths", nargs="+", default=["single"], choices=["single", "capture"],
                     help="calibration paths to time: 'single' (the default single pass) and/or 'capture' "
                          "(single_pass=False: the capture passes before issue #18), each method in each")
-    ap.add_argument("--ppl", action="store_true", help="also evaluate perplexity (32 x 512 held-out windows)")
+    ap.add_argument("--no-ppl", dest="ppl", action="store_false",
+                    help="skip the perplexities (default: each quantized model on 32 x 512 held-out windows, "
+                         "against docs/results.md)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("-v", "--verbose", action="store_true", help="per-block profile lines")
@@ -189,7 +193,13 @@ def main(argv=None):
     protocol = {"model": args.model, "config": args.config, "calib_windows": args.calib_windows,
                 "seqlen": args.seqlen, "seed": args.seed, "batch_size": args.batch_size,
                 "threads": torch.get_num_threads(), "corpus": "shakespeare", "true_sequential": True}
-    runs = {}
+    try:
+        data = json.loads(args.out.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if data.get("protocol") != protocol:
+        data = {"protocol": protocol, "runs": {}}
+    data.update(machine=machine_info(), model_load_s=t_load, forward_pass=yard)
     for method, path in [(m, p) for m in args.methods for p in args.paths]:
         spec = spec_for(method, args.config)
         model.load_state_dict(float_state)
@@ -230,19 +240,9 @@ def main(argv=None):
                                                                      f"{100 * (ppl - ref) / ref:+.2f} %)")
         logger.info(msg)
         print(format_profile(prof, per_block=args.verbose), flush=True)
-        runs[f"{method}/{run['path']}"] = run
-
-    try:
-        data = json.loads(args.out.read_text())
-    except (OSError, ValueError):
-        data = {}
-    if data.get("protocol") != protocol:
-        data = {"protocol": protocol, "runs": {}}
-    data.update(machine=machine_info(), model_load_s=t_load, forward_pass=yard)
-    for key, run in runs.items():
         run["forward_pass"] = yard
-        data["runs"][key] = run
-    write_json_file(args.out, data)
+        data["runs"][f"{method}/{path}"] = run
+        write_json_file(args.out, data)  # after every run: a long one (glvq) killed keeps the others
     print(f"\none forward pass of the decoder: {forward_pass_s:.1f} s (load average {yard['load_average'][0]})")
     print(f"{'run':<18}{'wall s':>9}{'ratio':>8}{'target':>8}{'peak GiB':>10}{'target GiB':>11}{'ppl':>9}")
     for key, run in data["runs"].items():
