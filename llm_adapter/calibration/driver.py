@@ -730,8 +730,9 @@ class _Lockstep:
     as a sequential loop over the batches.
     """
 
-    def __init__(self, n_batches, n_groups):
+    def __init__(self, n_batches, n_groups, device=None):
         self.n, self.n_groups = n_batches, n_groups
+        self.device = device  # the batches' device: a CUDA one is made current in each thread
         self.cv = threading.Condition()
         self.token = threading.Lock()
         self.arrived = [0] * n_groups
@@ -773,7 +774,8 @@ class _Lockstep:
             loc.has_token = True
             if self.error is not None:
                 raise _Abort()
-            with torch.no_grad():
+            with torch.no_grad(), (torch.cuda.device(self.device) if self.device is not None
+                                   and self.device.type == "cuda" else contextlib.nullcontext()):
                 out[b] = fn()
         except _Abort:
             pass
@@ -831,7 +833,7 @@ def _single_pass(block, groups, layers, slots, qstream, extras, finputs, run, *,
             entry = modules.setdefault(key, (hook_module(layer), []))
             if gi not in entry[1]:
                 entry[1].append(gi)
-    step = _Lockstep(n, len(groups))
+    step = _Lockstep(n, len(groups), qstream[0].device)
     spent = [0.0]
 
     def on_group(gi):
