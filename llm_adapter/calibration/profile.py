@@ -81,6 +81,7 @@ class StageProfile:
             self.add(stage, time.perf_counter() - t0)
 
     def start_block(self) -> None:
+        """Open a block: the next :meth:`add` calls count for it."""
         self._cur = {}
 
     def end_block(self, wall: float) -> None:
@@ -93,6 +94,7 @@ class StageProfile:
         self._cur = None
 
     def abort_block(self) -> None:
+        """Drop the current block (its turn raised)."""
         self._cur = None
 
     def totals(self) -> dict:
