@@ -32,10 +32,20 @@ Lifecycle, kept apart from the maths:
   split into groups that read the same input tensor, found from the block's data flow
   on one forward pass (Llama: q/k/v, o, gate/up, down; Falcon: query_key_value with
   dense_h_to_4h); a group's statistics are collected with the earlier groups
-  already quantized. A capture pass stops the block as soon as the group's input is
-  seen (nothing after it is needed).
+  already quantized. Single pass (default, ``single_pass=True``): the batches of the
+  quantized stream go through the block together, one thread each, and stop at each
+  group's input, where the group is solved and written before they go on: a block costs
+  one forward pass over the quantized stream (plus, for joint methods, one over the
+  float stream), the least a sequential calibration can do. ``single_pass=False``: a
+  capture pass per group that stops the block as soon as the group's input is seen,
+  then a pass through the quantized block (the same codes, about three block forwards).
 * Memory: the two streams of block inputs (quantized and, for joint methods, float),
-  plus for joint methods the float inputs of the current block's layer groups.
+  plus for joint methods the float inputs of the current block's layer groups; the
+  single pass also holds the block's live activations of every batch at a group's
+  input (see ``single_pass``).
+* Profile: every run's seconds per stage (forward passes by kind, statistics, solves,
+  grid search, write-back, checkpoint I/O), per block and in total, go to
+  ``report["profile"]`` (:mod:`~llm_adapter.calibration.profile`).
 * Resume: with ``checkpoint_dir`` every finished layer is written atomically; a
   restarted run loads finished layers instead of solving them and ends bit-identical
   (sampling is seeded from ``(seed, layer name)``).
@@ -53,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -70,6 +81,7 @@ from .blocks import (DEFAULT_EXCLUDE, StopForward, find_blocks, first_block_inpu
 from .experts import MIN_EXPERT_TOKENS, ExpertsPart, ExpertsStatistics
 from .checkpoints import check_manifest, layer_path, load_layer, save_layer
 from .hooks import forward_pre_hooks
+from .profile import StageProfile, format_profile
 from .statistics import LayerStatistics
 
 __all__ = ["ExecutorSolver", "InlineSolver", "LayerSolver", "quantize_model", "solve_layer"]
@@ -145,7 +157,7 @@ def layer_rng(seed, name):
 def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCLUDE,
                    true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
                    callback=None, rtn_calibrate=False, progress=True, solver=None, device=None,
-                   report=None, client=None, min_expert_tokens=MIN_EXPERT_TOKENS):
+                   report=None, client=None, min_expert_tokens=MIN_EXPERT_TOKENS, single_pass=True):
     r"""Quantize the linear layers of a causal LM block by block, in place.
 
     Parameters
@@ -202,8 +214,11 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
         sums.
     report : dict, optional
         Filled with figures of the run: ``"block_seconds"`` (list, per block),
-        ``"device"`` and, on CUDA, ``"peak_device_bytes"``
-        (:func:`torch.cuda.max_memory_allocated` over the run).
+        ``"device"``, ``"profile"`` (the stage profile,
+        :meth:`~llm_adapter.calibration.profile.StageProfile.as_dict`: ``"totals"``
+        ``{stage: seconds}`` with ``"wall"`` the whole call, and ``"blocks"``, one dict per
+        block; stages in :mod:`llm_adapter.calibration.profile`) and, on CUDA,
+        ``"peak_device_bytes"`` (:func:`torch.cuda.max_memory_allocated` over the run).
     client : distributed.Client, optional
         Solve the layers on this dask cluster: shorthand for
         ``solver=llm_adapter.distributed.ClusterSolver(client)`` (each layer of a
@@ -217,6 +232,17 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
         Fused MoE experts routed fewer calibration tokens than this are quantized with the
         shared pre-routing statistics (:mod:`llm_adapter.calibration.experts`); each
         expert layer's ``stats["tokens"]`` and ``stats["fallback"]`` record it.
+    single_pass : bool
+        True-sequential blocks in one pass over the quantized stream (default): every
+        batch runs in a thread of its own, the threads stop together at each group's
+        input, where the group is solved and written before they go on (one thread
+        computes at a time). Same codes as ``False``, the capture passes (one per group,
+        stopped at its input, then a pass through the quantized block): a block costs one
+        forward instead of about three. Memory: the block's live activations of every
+        calibration token at a group's input (for a Llama block the residual, the
+        hidden states and at the ``down_proj`` the MLP's intermediate activation) instead
+        of one batch's. Blocks whose groups mix fused MoE experts with other layers take
+        the capture passes.
 
     Returns
     -------
@@ -245,11 +271,14 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
     >>> bool(torch.equal(w, torch.from_numpy(q.dequantize())))
     True
     """
+    t_run = time.perf_counter()
     method = methods.for_spec(spec)
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2:
         raise ParameterError("windows", "`windows` must be a 2-D integer torch.Tensor (n_windows, T)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParameterError("batch_size", f"`batch_size` must be a positive int, got {batch_size!r}")
+    if not isinstance(single_pass, bool):
+        raise ParameterError("single_pass", f"`single_pass` must be a bool, got {single_pass!r}")
     from tqdm.auto import tqdm
 
     if client is not None:
@@ -287,9 +316,11 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
                 return run.results
             bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
             _calibrate(model, blocks, selected, windows, run, bar=bar, true_sequential=true_sequential,
-                       batch_size=batch_size, home=home, target=target, report=report)
+                       batch_size=batch_size, home=home, target=target, report=report, single_pass=single_pass)
     finally:
         model.train(was_training)
+        report["profile"] = run.profile.as_dict()
+        report["profile"]["totals"]["wall"] = time.perf_counter() - t_run
         if target is not None and target.type == "cuda":
             report["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(target))
             logger.info("peak device memory on %s: %.2f GiB", target, report["peak_device_bytes"] / 2**30)
@@ -431,6 +462,7 @@ class _Run:
         self.backend, self.solver, self.callback = backend, solver, callback
         self.target = target  # torch.device of the device path, or None
         self.results = {}
+        self.profile = StageProfile()
 
     def arrays(self, t):
         """A tensor as the solver takes it: a device array on the device path (when the
@@ -447,13 +479,20 @@ class _Run:
 
     def finish_all(self, items):
         """Solve (or load) ``[(slot, H, D, extra stats), ...]``: submit every solve, then apply in order."""
+        prof = self.profile
         pending = []
+        t_solve = time.perf_counter()
+        other = 0.0  # seconds of this call not spent solving (checkpoints, write-back, callback)
         for slot, H, D, extra in items:
             name = slot.name
             if self.done(name):
                 path = layer_path(self.checkpoint_dir, name)
                 shape = tuple(slot.weight().shape)
+                t1 = time.perf_counter()
                 pending.append((slot, _Done(load_layer(path, spec=self.spec, shape=shape)), path, extra))
+                dt = time.perf_counter() - t1
+                prof.add("checkpoint_io", dt)
+                other += dt
                 logger.info("%s: loaded from %s", name, path)
                 continue
             if self.target is not None:  # the device path: H, D are float64 tensors on the device
@@ -473,18 +512,27 @@ class _Run:
             except BaseException:
                 _cancel(f for _, f, _, _ in pending[i + 1:])  # the stage's solves still queued
                 raise
+            t1 = time.perf_counter()
             if loaded_from is None:
                 if extra:
                     q.stats.update(extra)
+                tg = q.stats.get("time_grid")
+                if isinstance(tg, float):
+                    prof.add("grid_search", tg)
+                    other += tg
                 if self.checkpoint_dir is not None:
-                    save_layer(layer_path(self.checkpoint_dir, name), q)
+                    with prof.timed("checkpoint_io"):
+                        save_layer(layer_path(self.checkpoint_dir, name), q)
                 st = q.stats
                 logger.info("%s: %s rel_loss %s  %.2f s", name, st.get("method"),
                             "-" if st.get("rel_loss") is None else f"{st['rel_loss']:.4g}", st.get("time", 0.0))
-            slot.write(torch.from_numpy(q.dequantize()))
+            with prof.timed("write_back"):
+                slot.write(torch.from_numpy(q.dequantize()))
             self.results[name] = q
             if self.callback is not None:
                 self.callback(name, q)
+            other += time.perf_counter() - t1
+        prof.add("solve", max(0.0, time.perf_counter() - t_solve - other))
 
 
 def _cancel(futures):
@@ -497,17 +545,19 @@ def _cancel(futures):
 
 
 def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, batch_size, home, target,
-               report):
+               report, single_pass):
     """The block loop: capture inputs, collect statistics per stage, hand layers to `run`.
 
     With `target` (the device path) the captured block inputs are moved there and each
     block is onloaded (``block.to(target)``) for its turn and offloaded (``block.to(home)``)
     after it, also when the turn raises."""
     spec = run.spec
+    prof = run.profile
     joint = spec.joint
-    inps = first_block_inputs(model, blocks, windows, batch_size, home)
-    if target is not None:
-        inps = to_device(inps, target)
+    with prof.timed("capture_inputs"):
+        inps = first_block_inputs(model, blocks, windows, batch_size, home)
+        if target is not None:
+            inps = to_device(inps, target)
     qstream = [h for h, _, _ in inps]  # X̃: block inputs from the quantized model, per batch
     fstream = [h.clone() for h in qstream] if joint else None  # X: float block inputs
     extras = [(r, k) for _, r, k in inps]
@@ -516,34 +566,85 @@ def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, b
     alpha_m = spec.alpha_beta
     n_seq = windows.shape[0]
     stats_kw = {} if target is None else {"device": target, "dtype": torch.float32}
+    blocks_name = find_blocks(model)[0]
+    group_cache = {}
 
     for bi in bar:
         block = blocks[bi]
         layers = selected.get(bi, {})
         t0 = time.perf_counter()
+        prof.start_block()
         if target is not None:
             block.to(target)
         try:
             qstream, fstream = _block_turn(block, layers, qstream, fstream, extras, run, joint=joint,
                                            true_sequential=true_sequential, alpha_m=alpha_m, n_seq=n_seq,
-                                           n_tok=n_tok, stats_kw=stats_kw)
+                                           n_tok=n_tok, stats_kw=stats_kw, single_pass=single_pass,
+                                           group_cache=group_cache, prefix=f"{blocks_name}.{bi}.")
+        except BaseException:
+            prof.abort_block()
+            raise
         finally:
             if target is not None:
                 block.to(home)
         if target is not None and target.type == "cuda":
             torch.cuda.synchronize(target)
         dt = time.perf_counter() - t0
+        prof.end_block(dt)
         report["block_seconds"].append(dt)
-        logger.info("block %d done in %.1f s", bi, dt)
+        logger.info("block %d done in %.1f s (%s)", bi, dt, ", ".join(
+            f"{k} {v:.1f}" for k, v in prof.blocks[-1].items() if k != "total" and v >= 0.05))
+
+
+def _stage_items(stage, stats, layers, slots, run, n_tok):
+    """``[(slot, H, D, extra stats), ...]`` of the groups `stage` from their statistics
+    (``{lead: LayerStatistics or ExpertsStatistics}``); a group without any is loaded
+    from the checkpoint."""
+    items = []
+    for g in stage:
+        lead = next((n for n in g if n in stats and not isinstance(layers[n], ExpertsPart)), None)
+        if lead is not None:
+            st = stats.pop(lead)
+            # device path: float64 tensors where the sums are; host path: numpy
+            Hn, Dn = st.mean_tensors(n_tok) if run.target is not None else st.mean(n_tok)
+            del st
+        else:
+            Hn = Dn = None  # every layer of the group is in the checkpoint
+        for name in g:
+            if isinstance(layers[name], ExpertsPart):
+                est = stats.get(name)
+                for s in slots[name]:
+                    if est is None:
+                        items.append((s, None, None, {}))
+                        continue
+                    He, fell_back = est.mean(s.expert, run.min_expert_tokens)
+                    items.append((s, He, None, {"tokens": est.count[s.expert], "fallback": fell_back}))
+            else:
+                items.extend((s, Hn, Dn, {}) for s in slots[name])
+    return items
+
+
+def _groups(block, layers, probe, cache, prefix):
+    """:func:`layer_groups` of `block`, probed once per block class and set of
+    block-relative layer names (`cache`): blocks of one class have one data flow."""
+    if cache is None or not all(n.startswith(prefix) for n in layers):
+        return layer_groups(block, layers, probe)
+    key = (type(block), tuple(n[len(prefix):] for n in layers))
+    if key not in cache:
+        cache[key] = [[n[len(prefix):] for n in g] for g in layer_groups(block, layers, probe)]
+    return [[prefix + r for r in g] for g in cache[key]]
 
 
 def _block_turn(block, layers, qstream, fstream, extras, run, *, joint, true_sequential, alpha_m, n_seq,
-                n_tok, stats_kw):
+                n_tok, stats_kw, single_pass=True, group_cache=None, prefix=""):
     """One block: statistics per stage, solves, then the streams through the quantized
     (and, for joint methods, float) block. Returns the next ``(qstream, fstream)``."""
+    prof = run.profile
     # groups of layers reading the same input tensor, in execution order (the block's
     # data flow); a stage is what is solved between two capture passes
-    groups = layer_groups(block, layers, (qstream[0], *extras[0])) if layers else []
+    t = time.perf_counter()
+    groups = _groups(block, layers, (qstream[0], *extras[0]), group_cache, prefix) if layers else []
+    prof.add("forward_capture", time.perf_counter() - t)
     stages = [[g] for g in groups] if true_sequential else ([groups] if groups else [])
     slots = {n: _slots(layers[n], layers, n) for g in groups for n in g}
 
@@ -566,47 +667,237 @@ def _block_turn(block, layers, qstream, fstream, extras, run, *, joint, true_seq
         def keep(name, m, args):
             finputs[name].append(args[0].reshape(-1, args[0].shape[-1]).clone())
 
+        t = time.perf_counter()
         with forward_pre_hooks({n: layers[n] for n in todo}, keep):
             fstream = [run_block(block, h, *e) for h, e in zip(fstream, extras)]
+        prof.add("forward_float", time.perf_counter() - t)
+
+    if single_pass and true_sequential and groups and _lockstep_fits(groups, layers):
+        qstream = _single_pass(block, groups, layers, slots, qstream, extras, finputs, run, hooked=hooked,
+                               alpha_m=alpha_m, n_seq=n_seq, n_tok=n_tok, stats_kw=stats_kw)
+        return qstream, fstream
 
     for stage in stages:
         leads = [n for g in stage for n in hooked(g)]
         stats = {}
         if leads:
-            stats = _capture(block, {n: layers[n] for n in leads}, qstream, extras, finputs,
-                             alpha_m=alpha_m, n_seq=n_seq, seed=run.seed, stop_early=true_sequential,
-                             stats_kw=stats_kw, min_tokens=run.min_expert_tokens)
-        items = []
-        for g in stage:
-            lead = next((n for n in g if n in stats and not isinstance(layers[n], ExpertsPart)), None)
-            if lead is not None:
-                st = stats.pop(lead)
-                # device path: float64 tensors where the sums are; host path: numpy
-                Hn, Dn = st.mean_tensors(n_tok) if run.target is not None else st.mean(n_tok)
-                del st
-            else:
-                Hn = Dn = None  # every layer of the group is in the checkpoint
-            for name in g:
-                if isinstance(layers[name], ExpertsPart):
-                    est = stats.get(name)
-                    for s in slots[name]:
-                        if est is None:
-                            items.append((s, None, None, {}))
-                            continue
-                        He, fell_back = est.mean(s.expert, run.min_expert_tokens)
-                        items.append((s, He, None, {"tokens": est.count[s.expert], "fallback": fell_back}))
-                else:
-                    items.extend((s, Hn, Dn, {}) for s in slots[name])
+            t = time.perf_counter()
+            stats, t_stats = _capture(block, {n: layers[n] for n in leads}, qstream, extras, finputs,
+                                      alpha_m=alpha_m, n_seq=n_seq, seed=run.seed, stop_early=true_sequential,
+                                      stats_kw=stats_kw, min_tokens=run.min_expert_tokens)
+            prof.add("forward_capture", time.perf_counter() - t - t_stats)
+            prof.add("statistics", t_stats)
+        with prof.timed("statistics"):
+            items = _stage_items(stage, stats, layers, slots, run, n_tok)
         run.finish_all(items)
-        items = Hn = Dn = None  # free the statistics before the next capture pass
+        items = None  # free the statistics before the next capture pass
     finputs = None
     # the next quantized stream goes through the (now quantized) block
-    return [run_block(block, h, *e) for h, e in zip(qstream, extras)], fstream
+    t = time.perf_counter()
+    out = [run_block(block, h, *e) for h, e in zip(qstream, extras)]
+    prof.add("forward_propagate", time.perf_counter() - t)
+    return out, fstream
+
+
+def _lockstep_fits(groups, layers):
+    """The single pass hooks each group at the first call of one of its modules: every
+    group must then see all its statistics' inputs there. A group mixing fused experts
+    with other layers (the experts' routing arrives with the experts call only) or the
+    experts of two modules does not fit (the block then takes the capture passes)."""
+    for g in groups:
+        parts = [layers[n] for n in g if isinstance(layers[n], ExpertsPart)]
+        if parts and (len(parts) != len(g) or len({p.experts_name for p in parts}) != 1):
+            return False
+    return True
+
+
+class _Abort(Exception):
+    """Stops a batch thread of the single pass after an error elsewhere."""
+
+
+class _Lockstep:
+    """The batches of one block, each in a thread, stopped together at each group.
+
+    A thread runs its batch through the block; at the first call of a module of group
+    ``gi`` (a forward pre-hook) it records the call's arguments, gives up the compute
+    token and waits until every batch has reached ``gi`` (a batch that never calls the
+    group counts as arrived when it ends). The coordinating (calling) thread then
+    computes the group's statistics from the recorded inputs, in batch order, solves the
+    group and writes its quantized weights, and lets the threads go on: the modules of
+    the group, and everything after them, run on quantized weights, as the capture
+    passes of GPTQ's true-sequential order would see them. One thread computes at a time
+    (the token): the forward work of the batches is done once, in the same operations
+    as a sequential loop over the batches.
+    """
+
+    def __init__(self, n_batches, n_groups, device=None):
+        self.n, self.n_groups = n_batches, n_groups
+        self.device = device  # the batches' device: a CUDA one is made current in each thread
+        self.cv = threading.Condition()
+        self.token = threading.Lock()
+        self.arrived = [0] * n_groups
+        self.released = [False] * n_groups
+        self.inputs = [[None] * n_batches for _ in range(n_groups)]
+        self.error = None
+        self.local = threading.local()
+
+    def _arrive(self, upto):
+        """Arrive at the groups up to `upto` (the caller holds `cv`)."""
+        loc = self.local
+        while loc.next <= upto:
+            self.arrived[loc.next] += 1
+            loc.next += 1
+        self.cv.notify_all()
+
+    def hook(self, gis, args):
+        """In a batch thread, at a call of a module of the groups `gis` (in order)."""
+        loc = self.local
+        for gi in gis:
+            if gi < loc.next:
+                continue  # a module called again: its group is done
+            self.inputs[gi][loc.batch] = args
+            self.token.release()
+            loc.has_token = False
+            with self.cv:
+                self._arrive(gi)
+                self.cv.wait_for(lambda: self.released[gi] or self.error is not None)
+                if self.error is not None:
+                    raise _Abort()
+            self.token.acquire()
+            loc.has_token = True
+
+    def run_batch(self, b, fn, out):
+        loc = self.local
+        loc.batch, loc.next, loc.has_token = b, 0, False
+        try:
+            self.token.acquire()
+            loc.has_token = True
+            if self.error is not None:
+                raise _Abort()
+            with torch.no_grad(), (torch.cuda.device(self.device) if self.device is not None
+                                   and self.device.type == "cuda" else contextlib.nullcontext()):
+                out[b] = fn()
+        except _Abort:
+            pass
+        except BaseException as err:  # noqa: BLE001 - handed to the coordinator
+            with self.cv:
+                if self.error is None:
+                    self.error = err
+                self.cv.notify_all()
+        finally:
+            if loc.has_token:
+                self.token.release()
+            with self.cv:
+                self._arrive(self.n_groups - 1)
+
+    def coordinate(self, on_group):
+        """In the calling thread: run ``on_group(gi)`` for each group once every batch got there."""
+        for gi in range(self.n_groups):
+            with self.cv:
+                self.cv.wait_for(lambda: self.arrived[gi] == self.n or self.error is not None)
+                if self.error is not None:
+                    return
+            try:
+                on_group(gi)
+            except BaseException as err:
+                with self.cv:
+                    self.error = err
+                    self.cv.notify_all()
+                return
+            finally:
+                self.inputs[gi] = None
+            with self.cv:
+                self.released[gi] = True
+                self.cv.notify_all()
+
+
+def _single_pass(block, groups, layers, slots, qstream, extras, finputs, run, *, hooked, alpha_m, n_seq, n_tok,
+                 stats_kw):
+    r"""The true-sequential block in one pass over the quantized stream (:class:`_Lockstep`):
+    returns the block's outputs (the next quantized stream).
+
+    Same statistics, solves and outputs as the capture passes followed by the
+    propagation pass, operation for operation (the sums in batch order); the memory
+    held is what every batch holds at its group's input at once (the block's live
+    activations for the whole calibration set at that point: for a Llama block at most
+    the hidden states, the residual and the MLP's intermediate activation of every token).
+    """
+    prof = run.profile
+    n = len(qstream)
+    seq0 = np.cumsum([0] + [h.shape[0] for h in qstream]).tolist()
+    modules = {}  # hooked module key -> (module, [group indices])
+    for gi, g in enumerate(groups):
+        for name in g:
+            layer = layers[name]
+            key = getattr(layer, "experts_name", name)
+            entry = modules.setdefault(key, (hook_module(layer), []))
+            if gi not in entry[1]:
+                entry[1].append(gi)
+    step = _Lockstep(n, len(groups), qstream[0].device)
+    spent = [0.0]
+
+    def on_group(gi):
+        t0 = time.perf_counter()
+        g = groups[gi]
+        recorded = step.inputs[gi]
+        stats = {}
+        for lead in hooked(g):
+            layer = layers[lead]
+            if isinstance(layer, ExpertsPart):
+                est = ExpertsStatistics(layer)
+                for args in recorded:
+                    if args is not None:
+                        est.add(args[0], args[1])
+                short = est.short(run.min_expert_tokens)
+                if short:
+                    logger.info("experts with fewer than %d routed tokens use the shared statistics: %s",
+                                run.min_expert_tokens, {lead: short})
+                    for args in recorded:
+                        if args is not None:
+                            est.add(args[0], args[1], all_tokens=True, only=short)
+                stats[lead] = est
+                continue
+            alphas = None if alpha_m is None else torch.from_numpy(
+                fold_beta(layer_rng(run.seed, lead), alpha_m, size=n_seq)).float()
+            st = LayerStatistics(linear_in_features(layer), joint=finputs is not None, alphas=alphas, **stats_kw)
+            for b, args in enumerate(recorded):
+                if args is not None:
+                    st.add(args[0], None if finputs is None else finputs[lead][b], seq=seq0[b])
+            stats[lead] = st
+        items = _stage_items([g], stats, layers, slots, run, n_tok)
+        prof.add("statistics", time.perf_counter() - t0)
+        run.finish_all(items)
+        spent[0] += time.perf_counter() - t0
+        del items, stats
+
+    out = [None] * n
+    t = time.perf_counter()
+    with forward_pre_hooks({k: m for k, (m, _) in modules.items()},
+                           lambda key, m, args: step.hook(modules[key][1], args)):
+        threads = [threading.Thread(target=step.run_batch, daemon=True, name=f"calibration-batch-{b}",
+                                    args=(b, lambda h=h, e=e: run_block(block, h, *e), out))
+                   for b, (h, e) in enumerate(zip(qstream, extras))]
+        for th in threads:
+            th.start()
+        try:
+            step.coordinate(on_group)
+        except BaseException as err:  # e.g. KeyboardInterrupt while waiting: stop the batches
+            with step.cv:
+                step.error = step.error or err
+                step.cv.notify_all()
+            raise
+        finally:
+            for th in threads:
+                th.join()
+    prof.add("forward_propagate", max(0.0, time.perf_counter() - t - spent[0]))
+    if step.error is not None:
+        raise step.error
+    return out
 
 
 def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, stop_early, stats_kw, min_tokens):
-    r"""Run the block on the quantized stream and return ``{lead: LayerStatistics or
-    ExpertsStatistics}`` for the layers `leads` (``{name: module or ExpertsPart}``).
+    r"""Run the block on the quantized stream and return ``({lead: LayerStatistics or
+    ExpertsStatistics}, seconds spent accumulating)`` for the layers `leads` (``{name: module or ExpertsPart}``).
 
     With ``stop_early`` (one stage) the pass stops at the last lead's input: nothing after it
     is needed. Per-sequence α (``alpha_m`` = Beta parameter) is drawn from
@@ -622,12 +913,13 @@ def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, st
             fold_beta(layer_rng(seed, lead), alpha_m, size=n_seq)).float()
         acc[lead] = LayerStatistics(linear_in_features(layer), joint=finputs is not None, alphas=alphas,
                                     **stats_kw)
-    state = {"batch": 0, "seq": 0, "left": set(), "mode": None}
+    state = {"batch": 0, "seq": 0, "left": set(), "mode": None, "seconds": 0.0}
     hooks = {n: hook_module(layer) for n, layer in leads.items()}
 
     def accumulate(name, m, args):
         if name not in state["left"]:
             return
+        t0 = time.perf_counter()
         if isinstance(leads[name], ExpertsPart):
             if state["mode"] is None:
                 acc[name].add(args[0], args[1])
@@ -636,6 +928,7 @@ def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, st
         else:
             x_float = None if finputs is None else finputs[name][state["batch"]]
             acc[name].add(args[0], x_float, seq=state["seq"])
+        state["seconds"] += time.perf_counter() - t0
         state["left"].discard(name)
         if stop_early and not state["left"]:
             raise StopForward()
@@ -659,4 +952,4 @@ def _capture(block, leads, qstream, extras, finputs, *, alpha_m, n_seq, seed, st
                         {n: s for n, s in short.items()})
             state["mode"] = short
             one_pass(list(short))
-    return acc
+    return acc, state["seconds"]

@@ -185,7 +185,9 @@ def _run(args) -> int:
                        f"{args.method} layers have no compressed-tensors layout; use --out (the native format)")
     text = load_text_or_fail(args.calib, "calibration", "--calib")
     source = model_source(args.model)
+    t_load = time.perf_counter()
     model, tok = load_model_or_fail(source)
+    t_load = time.perf_counter() - t_load
     windows = make_windows(calibration_windows, "--calib-windows/--seqlen", tok, text,
                            n_windows=args.calib_windows, seqlen=args.seqlen, seed=args.seed)
     print(f"quantizing {source} with {args.method}: {spec.describe()}, calibration {args.calib_windows} x "
@@ -221,9 +223,16 @@ def _run(args) -> int:
             print(f"llm-adapter quantize: error: {err}{kept}", file=sys.stderr)
             return 1
     elapsed = time.perf_counter() - t0
+    profile = run_report.get("profile")
+    if profile is not None:
+        profile["totals"]["model_load"] = t_load
     report = layer_table(layers)
     print(report)
-    print(f"{len(layers)} layers quantized in {elapsed:.1f} s")
+    print(f"{len(layers)} layers quantized in {elapsed:.1f} s (model load {t_load:.1f} s)")
+    if profile is not None and getattr(args, "verbose", 0):
+        from ..calibration.profile import format_profile
+
+        print(format_profile(profile, per_block=args.verbose > 1))
     if "peak_device_bytes" in run_report:
         print(f"peak memory on {run_report['device']}: {run_report['peak_device_bytes'] / 2**30:.2f} GiB")
     if all(hasattr(l, "storage_bits") for l in layers.values()):
@@ -238,7 +247,8 @@ def _run(args) -> int:
                         "seed": args.seed},
         # the per-layer table of this run (also printed as it went), and per-row values
         "report": {"table": report, "columns": list(LAYER_HEADER),
-                   "rows": [list(layer_row(n, l)) for n, l in layers.items()], "seconds": elapsed},
+                   "rows": [list(layer_row(n, l)) for n, l in layers.items()], "seconds": elapsed,
+                   "profile": profile},
     }
     if args.out is not None:
         from ..formats import save_quantized

@@ -615,7 +615,9 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
 
     dead = None if H is None else xp.diag(H) == 0
     Wg = W if dead is None or not bool(dead.any()) or spec.group_size == -1 else xp.where(dead, 0.0, W)
+    t_grid = time.perf_counter()
     scales, zeros = compute_grid(Wg, spec)  # GPTQ: static groups after zeroing dead columns
+    t_grid = time.perf_counter() - t_grid
     gs = n if spec.group_size == -1 else spec.group_size
     g_idx = (np.arange(n) // gs).astype(np.int32)
     if xp is np:
@@ -631,6 +633,7 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
     sol = solve(prob)
     stats = {"method": spec.method, "alpha": None, "backend": None, **sol.stats}
     perm = None
+    from_factor = None  # (objective, sum (W H_d) * W) from the factor, when it gives them
     if sol.result is not None:
         res, problem = sol.result, sol.problem
         codes = res.x.T
@@ -644,6 +647,11 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
         c = xs + E / Rd
         stats["clipped_frac"] = float(xp.mean((c < -0.5) | (c > spec.maxq + 0.5)))
         stats["babai_bound"] = float(0.25 * xp.sum(Rd * Rd))
+        if not bool(dead.any()) and not bool(xp.any(xp.asarray(problem.cost_offset) != 0)):
+            # E = R (T - Q)_p with R^T R = H_d (the damped H, columns in solve order) and
+            # Y = R T_p: the objective is ||E||^2 and, for the target W, sum (W H_d) * W
+            # is ||Y||^2 -- two (m, n) x (n, n) products less (dead columns change Y: not then)
+            from_factor = (float(xp.sum(E * E)), float(xp.sum(problem.Y * problem.Y)))
         del xs, E, c, Rd
     else:
         codes = sol.codes
@@ -652,15 +660,24 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
     codes = to_host(codes_dev)
     if Hd is not None:
         Q = S.T * (codes_dev - Z.T)
-        E = W - Q
-        stats["loss"] = float(xp.sum((E @ Hd) * E))
-        ref = float(xp.sum((W @ Hd) * W))
+        if from_factor is not None and sol.target is W:  # gptq
+            stats["loss"], ref = from_factor
+        else:
+            E = W - Q
+            stats["loss"] = float(xp.sum((E @ Hd) * E))
+            ref = float(xp.sum((W @ Hd) * W))
         stats["rel_loss"] = stats["loss"] / ref if ref > 0 else 0.0
-        Et = sol.target - Q
-        stats["objective"] = float(xp.sum((Et @ Hd) * Et))
+        if sol.target is W:  # gptq, rtn: the objective is the loss
+            stats["objective"] = stats["loss"]
+        elif from_factor is not None:
+            stats["objective"] = from_factor[0]
+        else:
+            Et = sol.target - Q
+            stats["objective"] = float(xp.sum((Et @ Hd) * Et))
     stats.setdefault("babai_bound", None)
     stats = {k: (float(v) if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v) for k, v in stats.items()}
     stats["time"] = time.perf_counter() - t0
+    stats["time_grid"] = t_grid  # of which the grid search (the calibration's stage profile)
     return QuantizedLayer(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=spec.bits,
                           group_size=spec.group_size, perm=perm, bias=bias, stats=stats)
 
