@@ -516,6 +516,8 @@ def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, b
     alpha_m = spec.alpha_beta
     n_seq = windows.shape[0]
     stats_kw = {} if target is None else {"device": target, "dtype": torch.float32}
+    if joint and getattr(spec, "d_shrink", None):  # D in two folds, shrunk by their difference
+        stats_kw["d_shrink"] = spec.d_shrink
 
     for bi in bar:
         block = blocks[bi]

