@@ -236,3 +236,29 @@ def test_quantize_model_with_all_options():
     assert layers
     for q in layers.values():
         assert 0.0 <= q.stats["alpha"] <= 1.0 and "refined_rows" in q.stats
+
+
+# --------------------------------------------------------------------------- glvq with the joint target
+def test_glvq_joint_target_is_ojbkqs_target():
+    """glvq with ``alpha`` codes W_alpha = joint_target(W, H_d, D, alpha), the ojbkq target."""
+    from bils import joint_target
+    from llm_adapter.methods._shared import damped_hessian
+    from llm_adapter.methods.glvq import GLVQSpec, quantize_weight_glvq
+
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((8, 32))
+    Xq = rng.standard_normal((32, 128))
+    X = Xq + 0.3 * rng.standard_normal((32, 128))
+    H, D = Xq @ Xq.T, (X - Xq) @ Xq.T
+    spec = GLVQSpec(bits=2, d=8, group_size=16, n_iter=2, row_scale=False, encode="nearest_plane")
+    import dataclasses
+
+    joint = quantize_weight_glvq(W, H, D, dataclasses.replace(spec, alpha=0.5), backend="numpy")
+    Wa = joint_target(W, damped_hessian(H, spec.damp)[0], D, 0.5)
+    ref = quantize_weight_glvq(Wa, H, None, spec, backend="numpy")
+    np.testing.assert_array_equal(joint.codes, ref.codes)
+    assert joint.stats["alpha"] == 0.5 and GLVQSpec(alpha=0.5).joint and not spec.joint
+    plain = quantize_weight_glvq(W, H, D, spec, backend="numpy")  # alpha = 0: D unused
+    np.testing.assert_array_equal(plain.codes, quantize_weight_glvq(W, H, None, spec, backend="numpy").codes)
+    with pytest.raises(ParameterError, match="alpha"):
+        GLVQSpec(alpha=2.0)
