@@ -68,6 +68,9 @@ METHODS = {
     # the spec's defaults: 5 Klein paths + the Babai path, K-best with K = 4, µ = 0.25
     "ojbkq": {"method": "ojbkq"},
     "regcal": {"method": "regcal"},
+    # grouped lattice VQ, d = 8, one generator per group_size columns (bits/weight ~ bits + 0.04);
+    # nearest-plane codes (docs/results.md: better than exact through the sequential protocol)
+    "glvq": {"method": "glvq", "encode": "nearest_plane"},
 }
 #: Calibration corpora of the out-of-domain protocol (``llm_adapter.data.load_text`` names).
 CALIB_CORPORA = ("shakespeare", "mixed")
@@ -264,13 +267,27 @@ def bits_per_weight(layers) -> float:
     for q in layers.values():
         m, n = q.shape
         total += m * n
-        bits += q.bits * m * n + q.scales.shape[1] * m * (16 + q.bits)
+        if hasattr(q, "bits_per_weight"):  # lattice layers count their own storage
+            bits += q.bits_per_weight * m * n
+        else:
+            bits += q.bits * m * n + q.scales.shape[1] * m * (16 + q.bits)
     return bits / total if total else float("nan")
 
 
 def excess_ratio(ppl, ppl_gptq, ppl_float):
     """``(ppl - float) / (ppl_gptq - float)``: a method's perplexity excess relative to gptq's."""
     return (ppl - ppl_float) / (ppl_gptq - ppl_float)
+
+
+def make_spec(cfg, meth, overrides):
+    """The spec of a (config, method) run with ``--set`` overrides (GLVQSpec for glvq)."""
+    fields = {**CONFIGS[cfg], **METHODS[meth], **overrides}
+    if fields["method"] == "glvq":
+        from llm_adapter.methods.glvq import GLVQSpec
+
+        fields.pop("method")
+        return GLVQSpec(**fields)
+    return QuantSpec(**fields)
 
 
 def run_key(calib, cfg, meth, overrides):
@@ -393,8 +410,7 @@ def main(argv=None):
     overrides = _parse_set(args.set)
     pairs = _pairs(args, ap)
     for cfg, meth in pairs:
-        fields = {**CONFIGS[cfg], **METHODS[meth], **overrides}
-        spec = QuantSpec(**fields)
+        spec = make_spec(cfg, meth, overrides)
         key = run_key(args.calib_corpus, cfg, meth, overrides)
         done = data["runs"].get(key)
         if args.skip_done and done is not None and done.get("spec") == spec.to_dict():
