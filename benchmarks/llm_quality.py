@@ -76,7 +76,6 @@ METHODS = {
 CALIB_CORPORA = ("shakespeare", "mixed")
 TEXT_LABELS = {"shakespeare": "plays", "moby_dick": "Moby-Dick", "sotu": "SOTU", "licenses": "licences"}
 DEFAULT_OOD_OUT = ROOT / "benchmarks" / "results" / "llm_quality_ood.json"
-OOD_BEGIN, OOD_END = "<!-- llm_quality_ood:begin -->", "<!-- llm_quality_ood:end -->"
 #: Reference perplexities from the original GPTQ code with this exact protocol.
 REFERENCE = {
     ("float", None): 40.95,
@@ -301,8 +300,10 @@ def markdown_ood(data: dict) -> str:
     texts = proto["texts"]
     floats = data.get("float", {})
     runs = data.get("runs", {})
+    reduced = proto.get("calib_windows") != 128 or proto.get("eval_windows") != 32
     lines = [
-        "## LLM quality away from the calibration text (`benchmarks/llm_quality.py`)",
+        "## LLM quality away from the calibration text (`benchmarks/llm_quality.py`"
+        + (", reduced protocol: exploration)" if reduced else ")"),
         "",
         f"Protocol: model `{proto.get('model')}` (float32, CPU); calibration {proto.get('calib_windows')} random "
         f"windows × {proto.get('seqlen')} tokens (BOS first, seed {proto.get('seed')}) of the calibration corpus "
@@ -354,6 +355,11 @@ def main(argv=None):
     ap.add_argument("--plays-only", action="store_true",
                     help="the original protocol: Shakespeare calibration, the held-out plays only "
                          "(llm_quality.json)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="mixed precision: average stored bits per weight (with --high); each run's config "
+                         "is the base format, the most sensitive layers get --high")
+    ap.add_argument("--high", default="w3g128", choices=list(CONFIGS),
+                    help="the richer format of mixed precision (default w3g128)")
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -382,7 +388,7 @@ def main(argv=None):
         table = markdown(data)
         print(table)
         if not args.no_doc:
-            write_doc(args.doc, table, OOD_BEGIN, OOD_END)
+            write_doc(args.doc, table, *_markers(out))
         return
     texts = list(args.eval_texts or EVALUATION_TEXTS)
     protocol = {"model": args.model, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
@@ -412,6 +418,14 @@ def main(argv=None):
     for cfg, meth in pairs:
         spec = make_spec(cfg, meth, overrides)
         key = run_key(args.calib_corpus, cfg, meth, overrides)
+        layer_specs, alloc = None, None
+        if args.budget is not None:
+            from llm_adapter.calibration.allocation import allocate_bits, input_diagonals
+
+            key += f"/mixed={args.high}@{args.budget}"
+            model.load_state_dict(float_state)
+            layer_specs, alloc = allocate_bits(model, input_diagonals(model, calib, batch_size=args.batch_size),
+                                               spec, make_spec(args.high, meth, overrides), args.budget)
         done = data["runs"].get(key)
         if args.skip_done and done is not None and done.get("spec") == spec.to_dict():
             logger.info("=== %s: already in %s, skipped", key, out)
@@ -422,7 +436,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         layers = quantize_model(model, calib, spec, true_sequential=not args.no_true_sequential,
                                 batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
-                                backend=args.backend, progress=False)
+                                backend=args.backend, progress=False, layer_specs=layer_specs)
         tq = time.perf_counter() - t0
         t1 = time.perf_counter()
         ppl = ppls()
@@ -436,6 +450,9 @@ def main(argv=None):
             "mean_rel_loss": (sum(rel) / len(rel)) if rel else None,
             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
             "command": " ".join(sys.argv),
+            "mixed": None if alloc is None else {"high": args.high, "budget": args.budget,
+                                                 "high_layers": alloc["high_layers"],
+                                                 "high_fraction": alloc["high_fraction"]},
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         data = _merge_run(out, protocol, data["float"], key, run)
@@ -445,7 +462,12 @@ def main(argv=None):
     table = markdown(data)
     print(table)
     if not args.no_doc:
-        write_doc(args.doc, table, OOD_BEGIN, OOD_END)
+        write_doc(args.doc, table, *_markers(out))
+
+
+def _markers(out: Path):
+    """The docs/results.md markers of a results file (one section per file)."""
+    return f"<!-- {out.stem}:begin -->", f"<!-- {out.stem}:end -->"
 
 
 def _pairs(args, ap):

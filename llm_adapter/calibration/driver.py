@@ -145,7 +145,7 @@ def layer_rng(seed, name):
 def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCLUDE,
                    true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
                    callback=None, rtn_calibrate=False, progress=True, solver=None, device=None,
-                   report=None, client=None, min_expert_tokens=MIN_EXPERT_TOKENS):
+                   report=None, client=None, min_expert_tokens=MIN_EXPERT_TOKENS, layer_specs=None):
     r"""Quantize the linear layers of a causal LM block by block, in place.
 
     Parameters
@@ -217,6 +217,11 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
         Fused MoE experts routed fewer calibration tokens than this are quantized with the
         shared pre-routing statistics (:mod:`llm_adapter.calibration.experts`); each
         expert layer's ``stats["tokens"]`` and ``stats["fallback"]`` record it.
+    layer_specs : dict of str to spec, optional
+        Per-layer specs (mixed precision, e.g. from
+        :func:`llm_adapter.calibration.allocation.allocate_bits`): a layer named there is
+        solved with its own spec, every other layer with `spec`. Each must be of `spec`'s
+        method; `spec` decides which statistics are collected (``D`` when ``spec.joint``).
 
     Returns
     -------
@@ -271,10 +276,13 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
     if checkpoint_dir is not None:
         ckpt_lock = check_manifest(checkpoint_dir, {
             "spec": spec.to_dict(), "true_sequential": bool(true_sequential), "seed": int(seed),
+            **({"layer_specs": {n: v.to_dict() for n, v in sorted(layer_specs.items())}} if layer_specs else {}),
             "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
             "layers": sorted(s.name for sel in selected.values() for layer in sel.values()
                              for s in _slots(layer, sel, None))}, model=model)
+    layer_specs = _layer_specs_iv(layer_specs, spec)
     run = _Run(spec, seed, checkpoint_dir, backend, solver, callback, target)
+    run.layer_specs = layer_specs
     run.min_expert_tokens = int(min_expert_tokens)
 
     was_training = model.training
@@ -431,6 +439,11 @@ class _Run:
         self.backend, self.solver, self.callback = backend, solver, callback
         self.target = target  # torch.device of the device path, or None
         self.results = {}
+        self.layer_specs = {}
+
+    def spec_for(self, name):
+        """The spec layer `name` is solved with (``layer_specs`` override, else the run's)."""
+        return self.layer_specs.get(name, self.spec)
 
     def arrays(self, t):
         """A tensor as the solver takes it: a device array on the device path (when the
@@ -453,7 +466,7 @@ class _Run:
             if self.done(name):
                 path = layer_path(self.checkpoint_dir, name)
                 shape = tuple(slot.weight().shape)
-                pending.append((slot, _Done(load_layer(path, spec=self.spec, shape=shape)), path, extra))
+                pending.append((slot, _Done(load_layer(path, spec=self.spec_for(name), shape=shape)), path, extra))
                 logger.info("%s: loaded from %s", name, path)
                 continue
             if self.target is not None:  # the device path: H, D are float64 tensors on the device
@@ -463,7 +476,7 @@ class _Run:
                 W = slot.weight().detach().float().cpu().numpy()
             b = slot.bias()
             bias = None if b is None else b.detach().cpu().numpy()
-            fut = self.solver.submit(name, W, H, D, self.spec, backend=self.backend,
+            fut = self.solver.submit(name, W, H, D, self.spec_for(name), backend=self.backend,
                                      rng=layer_rng(self.seed, name), bias=bias)
             pending.append((slot, fut, None, extra))
         for i, (slot, fut, loaded_from, extra) in enumerate(pending):
@@ -485,6 +498,20 @@ class _Run:
             self.results[name] = q
             if self.callback is not None:
                 self.callback(name, q)
+
+
+def _layer_specs_iv(layer_specs, spec):
+    """``layer_specs`` as a dict, every value a spec of `spec`'s method."""
+    if layer_specs is None:
+        return {}
+    if not isinstance(layer_specs, dict):
+        raise ParameterError("layer_specs", f"`layer_specs` must be a dict of layer name to spec, got "
+                             f"{type(layer_specs).__name__}")
+    for name, s in layer_specs.items():
+        if type(s) is not type(spec) or s.method != spec.method:
+            raise ParameterError("layer_specs", f"`layer_specs[{name!r}]` must be a {type(spec).__name__} of "
+                                 f"method {spec.method!r} like `spec`, got {s!r}")
+    return dict(layer_specs)
 
 
 def _cancel(futures):

@@ -262,3 +262,61 @@ def test_glvq_joint_target_is_ojbkqs_target():
     np.testing.assert_array_equal(plain.codes, quantize_weight_glvq(W, H, None, spec, backend="numpy").codes)
     with pytest.raises(ParameterError, match="alpha"):
         GLVQSpec(alpha=2.0)
+
+
+# --------------------------------------------------------------------------- mixed precision
+def test_input_diagonals_match_hooked_inputs():
+    from llm_adapter.calibration.allocation import input_diagonals
+
+    model = tiny_llama()
+    windows = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
+    diag = input_diagonals(model, windows, batch_size=2)
+    assert len(diag) == 2 * 7
+    seen = []
+    q = model.model.layers[1].self_attn.q_proj
+    handle = q.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    handle.remove()
+    x = torch.cat(seen).double()
+    np.testing.assert_allclose(diag["model.layers.1.self_attn.q_proj"], (x * x).mean(0).numpy(), rtol=1e-5)
+
+
+def test_allocate_bits_budget_and_order():
+    from llm_adapter.calibration.allocation import allocate_bits, format_bits, input_diagonals
+
+    model = tiny_llama()
+    windows = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    diag = input_diagonals(model, windows)
+    base, high = QuantSpec(bits=2, group_size=32, method="gptq"), QuantSpec(bits=3, group_size=32, method="gptq")
+    specs, rep = allocate_bits(model, diag, base, high, budget=2.9)
+    modules = dict(model.named_modules())
+    sizes = {n: modules[n].weight.numel() for n in diag}
+    bits = sum((format_bits(high if n in specs else base, modules[n].weight.shape[1])) * s for n, s in sizes.items())
+    assert rep["bits_per_weight"] == pytest.approx(bits / sum(sizes.values()))
+    assert rep["bits_per_weight"] <= 2.9 and 0 < len(specs) < len(diag)
+    assert set(specs.values()) == {high}
+    assert max(rep["gain"], key=rep["gain"].get) in specs  # the most sensitive layer first
+    base_avg = sum(format_bits(base, modules[n].weight.shape[1]) * s for n, s in sizes.items()) / sum(sizes.values())
+    none, rep0 = allocate_bits(model, diag, base, high, budget=base_avg)
+    assert none == {} and rep0["bits_per_weight"] == pytest.approx(base_avg)
+    with pytest.raises(ParameterError, match="budget"):
+        allocate_bits(model, diag, base, high, budget=2.0)
+    with pytest.raises(ParameterError, match="high"):
+        allocate_bits(model, diag, high, base, budget=4.0)
+
+
+def test_quantize_model_layer_specs():
+    from llm_adapter.calibration import quantize_model
+
+    model = tiny_llama()
+    windows = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    base = QuantSpec(bits=2, group_size=32, method="gptq")
+    name = "model.layers.0.mlp.down_proj"
+    layers = quantize_model(model, windows, base, backend="numpy", progress=False,
+                            layer_specs={name: QuantSpec(bits=4, group_size=32, method="gptq")})
+    assert layers[name].bits == 4
+    assert {q.bits for n, q in layers.items() if n != name} == {2}
+    with pytest.raises(ParameterError, match="layer_specs"):
+        quantize_model(tiny_llama(), windows, base, backend="numpy", progress=False,
+                       layer_specs={name: QuantSpec(bits=4, method="rtn")})
