@@ -333,7 +333,41 @@ def markdown_ood(data: dict) -> str:
             cells.append(cell)
         lines.append(f"| `{key}` | {r['bits_per_weight']:.3f} | " + " | ".join(cells)
                      + f" | {r['quant_time_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *ood_target_lines(data)]) + "\n"
+
+
+def ood_target_lines(data: dict) -> list[str]:
+    """Issue #21's targets, per run: W3 g128 — excess ratio to gptq <= 0.5 on every text and
+    plays <= 1.15 x float; <= 2.25 bits/weight — plays <= 3 x float and below gptq W2 g64 (same
+    calibration corpus) on every text."""
+    floats, runs = data.get("float", {}), data.get("runs", {})
+    texts = data["protocol"]["texts"]
+    out = ["Targets of issue #21 (on this protocol's float perplexities): W3 g128 — excess ratio to gptq "
+           "≤ 0.5 on every text and plays ≤ 1.15 × float; ≤ 2.25 bits/weight — plays ≤ 3 × float and "
+           "below gptq W2 g64 on every text.", "",
+           "| run | target | met | detail |", "|---|---|---|---|"]
+    for key, r in runs.items():
+        if r["method"] == "gptq":
+            continue
+        if r["config"] == "w3g128" and not r.get("mixed"):
+            g = runs.get(f"{r['calib']}:w3g128/gptq")
+            if g is None:
+                continue
+            ratios = {t: excess_ratio(r["ppl"][t], g["ppl"][t], floats[t]) for t in texts}
+            plays = r["ppl"].get("shakespeare")
+            ok = all(v <= 0.5 for v in ratios.values()) and plays is not None and plays <= 1.15 * floats["shakespeare"]
+            detail = ", ".join(f"{TEXT_LABELS.get(t, t)} {v:.2f}" for t, v in ratios.items())
+            detail += f"; plays {plays:.2f} vs {1.15 * floats['shakespeare']:.2f}"
+            out.append(f"| `{key}` | W3 g128 | {'yes' if ok else 'NO'} | {detail} |")
+        elif r["bits_per_weight"] <= 2.25 + 1e-9:
+            g = runs.get(f"{r['calib']}:w2g64/gptq")
+            plays = r["ppl"].get("shakespeare")
+            below = None if g is None else all(r["ppl"][t] < g["ppl"][t] for t in texts)
+            ok = plays is not None and plays <= 3 * floats["shakespeare"] and below is True
+            detail = f"plays {plays:.2f} vs {3 * floats['shakespeare']:.2f}; below gptq W2 g64 on every text: " \
+                     + ("not measured" if below is None else "yes" if below else "no")
+            out.append(f"| `{key}` | ≤ 2.25 b/w | {'yes' if ok else 'NO'} | {detail} |")
+    return out
 
 
 def main(argv=None):
