@@ -320,3 +320,46 @@ def test_quantize_model_layer_specs():
     with pytest.raises(ParameterError, match="layer_specs"):
         quantize_model(tiny_llama(), windows, base, backend="numpy", progress=False,
                        layer_specs={name: QuantSpec(bits=4, method="rtn")})
+
+
+# --------------------------------------------------------------------------- the benchmark's arithmetic
+def _llm_quality():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("llm_quality_under_test", bench / "llm_quality.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
+
+
+def test_benchmark_bits_excess_and_targets():
+    lq = _llm_quality()
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((4, 256))
+    X = rng.standard_normal((256, 300))
+    q = quantize_weight(W, X @ X.T, spec=QuantSpec(bits=2, group_size=128, method="gptq"), backend="numpy")
+    assert lq.bits_per_weight({"a": q}) == pytest.approx(2 + 18 / 128)
+    q3 = quantize_weight(W, X @ X.T, spec=QuantSpec(bits=3, group_size=128, method="gptq"), backend="numpy")
+    assert lq.bits_per_weight({"a": q, "b": q3}) == pytest.approx(2.5 + (18 + 19) / 256)
+    assert lq.excess_ratio(50.0, 80.0, 40.0) == 0.25
+    floats = {"shakespeare": 40.0, "sotu": 20.0}
+    run = {"calib": "shakespeare", "method": "ojbkq", "config": "w3g128", "bits_per_weight": 3.16,
+           "quant_time_s": 1.0}
+    data = {"protocol": {"texts": ["shakespeare", "sotu"], "calib_windows": 128, "eval_windows": 32},
+            "float": floats, "runs": {
+                "shakespeare:w3g128/gptq": {**run, "method": "gptq", "ppl": {"shakespeare": 80.0, "sotu": 40.0}},
+                "shakespeare:w3g128/ojbkq": {**run, "ppl": {"shakespeare": 45.0, "sotu": 31.0}},
+                "shakespeare:w2g128/ojbkq/mixed=w3g128@2.25": {**run, "config": "w2g128", "bits_per_weight": 2.25,
+                                                               "mixed": {}, "ppl": {"shakespeare": 110.0,
+                                                                                    "sotu": 50.0}}}}
+    table = lq.markdown(data)
+    assert "45.00 (0.12)" in table and "31.00 (0.55)" in table  # (45-40)/(80-40), (31-20)/(40-20)
+    assert "| `shakespeare:w3g128/ojbkq` | W3 g128 | NO |" in table  # sotu 0.55 > 0.5
+    assert "below gptq W2 g64 on every text: not measured" in table
