@@ -264,6 +264,7 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
 
         solver = ClusterSolver(client)
     target = _device_iv(device)
+    layer_specs = _layer_specs_iv(layer_specs, spec)
     solver = InlineSolver() if solver is None else solver
     selected = select_linears(model, targets, exclude)
     _, blocks = find_blocks(model)
@@ -280,7 +281,6 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
             "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
             "layers": sorted(s.name for sel in selected.values() for layer in sel.values()
                              for s in _slots(layer, sel, None))}, model=model)
-    layer_specs = _layer_specs_iv(layer_specs, spec)
     run = _Run(spec, seed, checkpoint_dir, backend, solver, callback, target)
     run.layer_specs = layer_specs
     run.min_expert_tokens = int(min_expert_tokens)
