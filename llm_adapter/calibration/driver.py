@@ -157,7 +157,8 @@ def layer_rng(seed, name):
 def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCLUDE,
                    true_sequential=True, batch_size=8, seed=0, checkpoint_dir=None, backend="auto",
                    callback=None, rtn_calibrate=False, progress=True, solver=None, device=None,
-                   report=None, client=None, min_expert_tokens=MIN_EXPERT_TOKENS, single_pass=True):
+                   report=None, client=None, min_expert_tokens=MIN_EXPERT_TOKENS, single_pass=True,
+                   layer_specs=None):
     r"""Quantize the linear layers of a causal LM block by block, in place.
 
     Parameters
@@ -243,6 +244,11 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
         hidden states and at the ``down_proj`` the MLP's intermediate activation) instead
         of one batch's. Blocks whose groups mix fused MoE experts with other layers take
         the capture passes.
+    layer_specs : dict of str to spec, optional
+        Per-layer specs (mixed precision, e.g. from
+        :func:`llm_adapter.calibration.allocation.allocate_bits`): a layer named there is
+        solved with its own spec, every other layer with `spec`. Each must be of `spec`'s
+        method; `spec` decides which statistics are collected (``D`` when ``spec.joint``).
 
     Returns
     -------
@@ -288,6 +294,7 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
 
         solver = ClusterSolver(client)
     target = _device_iv(device)
+    layer_specs = _layer_specs_iv(layer_specs, spec)
     solver = InlineSolver() if solver is None else solver
     selected = select_linears(model, targets, exclude)
     _, blocks = find_blocks(model)
@@ -300,10 +307,12 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
     if checkpoint_dir is not None:
         ckpt_lock = check_manifest(checkpoint_dir, {
             "spec": spec.to_dict(), "true_sequential": bool(true_sequential), "seed": int(seed),
+            **({"layer_specs": {n: v.to_dict() for n, v in sorted(layer_specs.items())}} if layer_specs else {}),
             "windows": list(windows.shape), "windows_crc": zlib.crc32(windows.cpu().numpy().tobytes()),
             "layers": sorted(s.name for sel in selected.values() for layer in sel.values()
                              for s in _slots(layer, sel, None))}, model=model)
     run = _Run(spec, seed, checkpoint_dir, backend, solver, callback, target)
+    run.layer_specs = layer_specs
     run.min_expert_tokens = int(min_expert_tokens)
 
     was_training = model.training
@@ -463,6 +472,11 @@ class _Run:
         self.target = target  # torch.device of the device path, or None
         self.results = {}
         self.profile = StageProfile()
+        self.layer_specs = {}
+
+    def spec_for(self, name):
+        """The spec layer `name` is solved with (``layer_specs`` override, else the run's)."""
+        return self.layer_specs.get(name, self.spec)
 
     def arrays(self, t):
         """A tensor as the solver takes it: a device array on the device path (when the
@@ -489,7 +503,7 @@ class _Run:
                 path = layer_path(self.checkpoint_dir, name)
                 shape = tuple(slot.weight().shape)
                 t1 = time.perf_counter()
-                pending.append((slot, _Done(load_layer(path, spec=self.spec, shape=shape)), path, extra))
+                pending.append((slot, _Done(load_layer(path, spec=self.spec_for(name), shape=shape)), path, extra))
                 dt = time.perf_counter() - t1
                 prof.add("checkpoint_io", dt)
                 other += dt
@@ -502,7 +516,7 @@ class _Run:
                 W = slot.weight().detach().float().cpu().numpy()
             b = slot.bias()
             bias = None if b is None else b.detach().cpu().numpy()
-            fut = self.solver.submit(name, W, H, D, self.spec, backend=self.backend,
+            fut = self.solver.submit(name, W, H, D, self.spec_for(name), backend=self.backend,
                                      rng=layer_rng(self.seed, name), bias=bias)
             pending.append((slot, fut, None, extra))
         for i, (slot, fut, loaded_from, extra) in enumerate(pending):
@@ -533,6 +547,20 @@ class _Run:
                 self.callback(name, q)
             other += time.perf_counter() - t1
         prof.add("solve", max(0.0, time.perf_counter() - t_solve - other))
+
+
+def _layer_specs_iv(layer_specs, spec):
+    """``layer_specs`` as a dict, every value a spec of `spec`'s method."""
+    if layer_specs is None:
+        return {}
+    if not isinstance(layer_specs, dict):
+        raise ParameterError("layer_specs", f"`layer_specs` must be a dict of layer name to spec, got "
+                             f"{type(layer_specs).__name__}")
+    for name, s in layer_specs.items():
+        if type(s) is not type(spec) or s.method != spec.method:
+            raise ParameterError("layer_specs", f"`layer_specs[{name!r}]` must be a {type(spec).__name__} of "
+                                 f"method {spec.method!r} like `spec`, got {s!r}")
+    return dict(layer_specs)
 
 
 def _cancel(futures):
@@ -568,6 +596,8 @@ def _calibrate(model, blocks, selected, windows, run, *, bar, true_sequential, b
     stats_kw = {} if target is None else {"device": target, "dtype": torch.float32}
     blocks_name = find_blocks(model)[0]
     group_cache = {}
+    if joint and getattr(spec, "d_shrink", None):  # D in two folds, shrunk by their difference
+        stats_kw["d_shrink"] = spec.d_shrink
 
     for bi in bar:
         block = blocks[bi]

@@ -11,6 +11,14 @@ quantized and :math:`x` the float model's. With per-sequence :math:`\alpha_s` (r
 on the host (the default) and float32 on an accelerator (``device=..., dtype=torch.float32``,
 what :func:`~llm_adapter.calibration.quantize_model` uses with ``device=``: float64 is
 slow on most GPUs and is only needed for the factorisation, :meth:`LayerStatistics.mean_tensors`).
+
+Shrinkage of ``D`` by its noise (``d_shrink``): the sequences are split in two folds by
+the parity of their index, :math:`D = D_0 + D_1`. With :math:`\bar D_f = D_f / N_f` the
+per-token means of the folds, :math:`v = ((\bar D_0 - \bar D_1)/2)^2` estimates the
+variance of the mean :math:`\bar D = D / N` entry by entry (one degree of freedom), and
+the returned mean is shrunk toward 0 (positive-part James-Stein):
+``"layer"``: :math:`\bar D \max(0, 1 - \sum v / \sum \bar D^2)`;
+``"entry"``: :math:`\bar D \odot \max(0, 1 - v / \bar D^2)`.
 """
 
 from __future__ import annotations
@@ -18,7 +26,50 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["LayerStatistics"]
+__all__ = ["LayerStatistics", "shrink_d"]
+
+#: Rules of :func:`shrink_d`.
+SHRINKS = ("layer", "entry")
+
+
+def shrink_d(D0, D1, n0, n1, rule):
+    r"""``(D0 + D1) / (n0 + n1)`` shrunk toward 0 by the noise seen between the two folds.
+
+    Parameters
+    ----------
+    D0, D1 : (n, n) torch.Tensor
+        Sums of :math:`\Delta x\, \tilde x^\top` over the tokens of each fold.
+    n0, n1 : int
+        Tokens in each fold (both > 0).
+    rule : {"layer", "entry"}
+        One factor for the whole matrix, or one per entry (see the module docstring).
+
+    Returns
+    -------
+    (n, n) torch.Tensor
+        The shrunk mean, float64.
+
+    Examples
+    --------
+    >>> import torch
+    >>> D0 = torch.tensor([[2.0, 1.0]]); D1 = torch.tensor([[2.0, -1.0]])  # entry 2 is noise
+    >>> shrink_d(D0, D1, 1, 1, "entry").tolist()
+    [[2.0, 0.0]]
+    """
+    if rule not in SHRINKS:
+        raise ValueError(f"`rule` must be one of {SHRINKS}, got {rule!r}")
+    if n0 <= 0 or n1 <= 0:
+        raise ValueError(f"both folds need tokens, got n0={n0}, n1={n1}")
+    D0, D1 = D0.double(), D1.double()
+    mean = (D0 + D1) / (n0 + n1)
+    v = ((D0 / n0 - D1 / n1) / 2) ** 2
+    if rule == "layer":
+        sig = float((mean ** 2).sum())
+        return mean * (max(0.0, 1.0 - float(v.sum()) / sig) if sig > 0 else 0.0)
+    sq = mean ** 2
+    factor = torch.where(sq > 0, torch.clamp(1.0 - v / torch.where(sq > 0, sq, 1.0), min=0.0),
+                         torch.zeros_like(sq))
+    return mean * factor
 
 
 class LayerStatistics:
@@ -36,6 +87,9 @@ class LayerStatistics:
         Where the sums live (default: the CPU). Batches added must be on it.
     dtype : torch.dtype
         Dtype of the sums: float64 (default) or float32.
+    d_shrink : None, "layer" or "entry"
+        Keep ``D`` in two folds (sequence parity) and shrink its mean by the fold noise
+        (:func:`shrink_d`).
 
     Examples
     --------
@@ -49,12 +103,18 @@ class LayerStatistics:
     """
 
     def __init__(self, n_in: int, *, joint: bool, alphas: torch.Tensor | None = None, device=None,
-                 dtype: torch.dtype = torch.float64):
+                 dtype: torch.dtype = torch.float64, d_shrink: str | None = None):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype!r}")
         self.H = torch.zeros(n_in, n_in, dtype=dtype, device=device)
         self.D = torch.zeros(n_in, n_in, dtype=dtype, device=device) if joint else None
         self.alphas = None if alphas is None else alphas.to(self.H.device)
+        if d_shrink is not None and d_shrink not in SHRINKS:
+            raise ValueError(f"`d_shrink` must be None or one of {SHRINKS}, got {d_shrink!r}")
+        self.d_shrink = d_shrink if joint else None
+        # fold 1 (odd sequences) kept apart: D holds fold 0 then, D1 fold 1
+        self.D1 = torch.zeros_like(self.D) if self.d_shrink else None
+        self.fold_tokens = [0, 0]
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None, *, seq: int = 0) -> None:
         """Add a batch: `x` (n_seq, ..., n_in) quantized-model inputs, `x_float` the float
@@ -67,7 +127,15 @@ class LayerStatistics:
             if self.alphas is not None:
                 a = self.alphas[seq:seq + nb]
                 dx = dx * a.repeat_interleave(x.shape[0] // nb)[:, None]
-            self.D.add_((dx.T @ x).to(self.H.dtype))
+            if self.D1 is None:
+                self.D.add_((dx.T @ x).to(self.H.dtype))
+            else:
+                per = x.shape[0] // nb
+                odd = ((torch.arange(nb, device=x.device) + seq) % 2 == 1).repeat_interleave(per)
+                for fold, sel, target in ((0, ~odd, self.D), (1, odd, self.D1)):
+                    if bool(sel.any()):
+                        target.add_((dx[sel].T @ x[sel]).to(self.H.dtype))
+                        self.fold_tokens[fold] += int(sel.sum())
 
     def mean(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray | None]:
         """``(H / n_tokens, D / n_tokens)`` as float64 numpy arrays (``D`` None unless joint)."""
@@ -77,4 +145,12 @@ class LayerStatistics:
     def mean_tensors(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(H / n_tokens, D / n_tokens)`` as float64 tensors where the sums live."""
         H = self.H.double() / n_tokens
-        return H, None if self.D is None else self.D.double() / n_tokens
+        if self.D is None:
+            return H, None
+        if self.D1 is None:
+            return H, self.D.double() / n_tokens
+        n0, n1 = self.fold_tokens
+        if n0 == 0 or n1 == 0:  # one sequence: no noise estimate, D unshrunk
+            return H, (self.D.double() + self.D1.double()) / n_tokens
+        # the folds' means are per fold token; rescale to the caller's normalisation
+        return H, shrink_d(self.D, self.D1, n0, n1, self.d_shrink) * ((n0 + n1) / n_tokens)

@@ -39,6 +39,7 @@ import numpy as np
 import scipy.linalg
 
 from bils.lattice import ENCODE_METHODS, Codebook, decode, encode, fit_generator
+from bils.targets import joint_target
 
 from ..errors import ParameterError, QuantizedFormatError
 from ..formats.packing import SUPPORTED_BITS, pack, pack_width, packed_length, unpack
@@ -100,6 +101,10 @@ class GLVQSpec:
         For ``encode="kbest"``.
     max_nodes : int >= 1 or None
         For ``encode="exact"`` (per sub-vector).
+    alpha : float in [0, 1]
+        Joint target: the codes approximate :math:`W_\alpha = W + \alpha W D H_d^{-1}`
+        (:func:`bils.joint_target`, the target of ojbkq/regcal) instead of ``W``; the
+        calibration then collects ``D``. ``0`` (default): ``W``, ``D`` unused.
 
     Notes
     -----
@@ -146,6 +151,7 @@ class GLVQSpec:
     mu: float | None = None
     beam_width: int = 8
     max_nodes: int | None = None
+    alpha: float = 0.0
 
     def __post_init__(self):
         if not is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -185,6 +191,8 @@ class GLVQSpec:
             raise ParameterError("beam_width", f"`beam_width` must be an int >= 1, got {self.beam_width!r}")
         if self.max_nodes is not None and (not is_int(self.max_nodes) or self.max_nodes < 1):
             raise ParameterError("max_nodes", f"`max_nodes` must be None or an int >= 1, got {self.max_nodes!r}")
+        if not is_real(self.alpha) or not 0 <= self.alpha <= 1:
+            raise ParameterError("alpha", f"`alpha` must be a float in [0, 1], got {self.alpha!r}")
 
     @property
     def method(self) -> str:
@@ -193,8 +201,8 @@ class GLVQSpec:
 
     @property
     def joint(self) -> bool:
-        """``False``: glvq uses ``H`` only (no cross term ``D``)."""
-        return False
+        """Whether the cross term ``D`` is used (``alpha > 0``: the joint target)."""
+        return self.alpha > 0
 
     @property
     def alpha_beta(self) -> None:
@@ -422,8 +430,10 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
         Float weights; ``in`` a multiple of ``spec.d``.
     H : (in, in) array_like
         Input Gram (any positive normalisation), undamped.
-    D : ignored
-        Accepted for signature compatibility (glvq does not use the cross term).
+    D : (in, in) array_like, optional
+        Cross term :math:`(X - \tilde X)\tilde X^\top` (same normalisation as ``H``): with
+        ``spec.alpha > 0`` the codes approximate the joint target
+        :math:`W_\alpha = W + \alpha W D H_d^{-1}`; ignored when ``alpha = 0`` or ``None``.
     spec : GLVQSpec
     backend : str
         For the :mod:`bils` solvers; ``"auto"`` falls back to numpy when a compiled
@@ -476,6 +486,11 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
     # damping as GPTQ / bils.BILSProblem.from_gram: dead columns get H_ii = 1 and weight 0
     Hd, dead = damped_hessian(H, spec.damp)
     Wt = np.where(dead[None, :], 0.0, W)
+    D = as_float64("D", D)
+    if D is not None and D.shape != (n, n):
+        raise ValueError(f"`D` must be ({n}, {n}) to match `W` {W.shape}, got {D.shape}")
+    alpha = spec.alpha if D is not None else 0.0
+    target = joint_target(Wt, Hd, D, alpha) if alpha else Wt
 
     gs, d = spec.group_size, spec.d
     bounds = [(a, min(n, a + gs)) for a in range(0, n, gs)]
@@ -510,7 +525,7 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
         perm = np.arange(n)
         gorder = list(range(ng))
     R = scipy.linalg.cholesky(Hd[np.ix_(perm, perm)], lower=False)
-    Y = R @ Wt[:, perm].T  # (n, out), solve order
+    Y = R @ target[:, perm].T  # (n, out), solve order
     What = np.zeros((n, out))  # decided weights, solve order
 
     codes = np.empty((out, n), dtype=np.uint8)
@@ -565,7 +580,7 @@ def quantize_weight_glvq(W, H, D=None, spec: GLVQSpec = GLVQSpec(), *, backend="
     layer.stats = {"method": "glvq", "encode": spec.encode, "fit_encode": spec.fit_encode or spec.encode,
                    "backend": be, "loss": loss,
                    "rel_loss": loss / ref if ref > 0 else 0.0, "bits_per_weight": layer.bits_per_weight,
-                   "fit_gain": float(np.mean(gains)), "edge_frac": edges / codes.size,
+                   "fit_gain": float(np.mean(gains)), "edge_frac": edges / codes.size, "alpha": float(alpha),
                    "time": time.perf_counter() - t0}
     return layer
 

@@ -37,7 +37,7 @@ from ..formats.packing import SUPPORTED_BITS, pack, packed_length, unpack
 from ._shared import as_float64, damped_hessian, is_device_array, is_int, is_real, namespace, to_host, with_fallback
 from .registry import LayerFormat, Method, get, names, register
 
-__all__ = ["CLIPS", "ORDERINGS", "QuantSpec", "QuantizedLayer", "Solution", "UniformProblem",
+__all__ = ["CLIPS", "D_SHRINKS", "ORDERINGS", "QuantSpec", "QuantizedLayer", "Solution", "UniformProblem",
            "UNIFORM_FORMAT", "check_layer", "compute_grid", "quantize_weight", "register_uniform",
            "uniform_methods"]
 
@@ -47,9 +47,8 @@ CLIPS = ("minmax", "mse")
 ORDERINGS = ("natural", "diag", "sqrd", "vblast", "minpivot")
 
 _REGCAL_ALPHAS = ("sample", "closed_form")
-
-
-_REGCAL_ALPHAS = ("sample", "closed_form")
+#: Shrinkage rules of ``D`` (:attr:`QuantSpec.d_shrink`).
+D_SHRINKS = (None, "layer", "entry")
 
 # GPTQ's MSE clip search (Quantizer(mse=True): grid=100, maxshrink=0.8, norm=2.4)
 _MSE_GRID = 100
@@ -106,10 +105,13 @@ class QuantSpec:
 
     OJBKQ
     -----
-    mu : float in [0, 1]
+    mu : float in [0, 1] or "closed_form"
         Target mix :math:`\mu` (the α of :func:`bils.joint_target`): 0 = GPTQ's target,
-        1 = GPTAQ's. Default 0.25, RegCal's fixed α (OJBKQ publishes no value; not
-        tuned here: an SmolLM µ sweep did not fit the CPU budget, see docs/results.md).
+        1 = GPTAQ's. Default 0.25, RegCal's fixed α (OJBKQ publishes no value).
+        ``"closed_form"``: per layer, RegCal's closed form (:func:`bils.alpha_closed_form`)
+        of a first Babai pass at ``alpha0``, capped at ``mu_max``, then the search at that µ.
+    mu_max : float in [0, 1]
+        Cap of the closed-form µ (default 1: no cap).
     lam : float >= 0
         Ridge: ``lam * mean(diag H)`` added to the diagonal on top of ``damp``.
     n_samples : int >= 0
@@ -134,6 +136,20 @@ class QuantSpec:
         First-pass α of ``"closed_form"``.
     beta_m : float > 0
         Beta parameter of ``"sample"``.
+
+    Generalisation and refinement (any uniform method that uses them)
+    ------------------------------------------------------------------
+    d_shrink : None, "layer" or "entry"
+        Shrink ``D`` toward 0 by its estimated noise (:mod:`llm_adapter.calibration.statistics`:
+        the calibration sequences are split in two folds by parity, the noise variance of
+        ``D`` is estimated from the fold difference). ``"layer"``: one factor
+        :math:`\max(0, 1 - \sum v / \sum D^2)` per layer; ``"entry"``: per entry
+        :math:`\max(0, 1 - v_{ik} / D_{ik}^2)`. ``None`` (default): ``D`` as accumulated.
+    refine : bool
+        After the codes are fixed, refit each group's scale and (integer) zero point by
+        H-weighted least squares against the method's target
+        (:func:`llm_adapter.methods.refine.refine_grid`); a row keeps its grid unless the
+        objective decreases.
     """
 
     bits: int = 4
@@ -154,6 +170,10 @@ class QuantSpec:
     alpha: float | str = 0.25
     alpha0: float = 0.25
     beta_m: float = 5.0
+    mu_max: float = 1.0
+    # generalisation / refinement
+    d_shrink: str | None = None
+    refine: bool = False
 
     def __post_init__(self):
         if not is_int(self.bits) or not 2 <= self.bits <= 8:
@@ -172,7 +192,8 @@ class QuantSpec:
             raise ParameterError("damp", f"`damp` must be a finite float >= 0, got {self.damp!r}")
         if not is_int(self.block_size) or self.block_size < 1:
             raise ParameterError("block_size", f"`block_size` must be a positive int, got {self.block_size!r}")
-        for name in ("mu", "alpha0"):
+        names = ("alpha0", "mu_max") if self.mu == "closed_form" else ("mu", "alpha0", "mu_max")
+        for name in names:
             v = getattr(self, name)
             if not is_real(v) or not 0 <= v <= 1:
                 raise ParameterError(name, f"`{name}` must be a float in [0, 1], got {v!r}")
@@ -191,6 +212,10 @@ class QuantSpec:
             raise ParameterError("alpha", f"`alpha` must be a float in [0, 1], 'sample' or 'closed_form', got {self.alpha!r}")
         if not is_real(self.beta_m) or self.beta_m <= 0:
             raise ParameterError("beta_m", f"`beta_m` must be a finite float > 0, got {self.beta_m!r}")
+        if self.d_shrink not in D_SHRINKS:
+            raise ParameterError("d_shrink", f"`d_shrink` must be one of {D_SHRINKS}, got {self.d_shrink!r}")
+        if not isinstance(self.refine, bool):
+            raise ParameterError("refine", f"`refine` must be a bool, got {self.refine!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -202,7 +227,7 @@ class QuantSpec:
     def joint(self) -> bool:
         """Whether the method uses ``D`` (full-precision inputs) at all."""
         if self.method == "ojbkq":
-            return self.mu > 0
+            return self.mu == "closed_form" or self.mu > 0
         if self.method == "regcal":
             return self.alpha != 0
         return False
@@ -658,6 +683,14 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
 
     codes_dev = xp.asarray(codes).astype(np.uint8)
     codes = to_host(codes_dev)
+    if spec.refine and Hd is not None:
+        from .refine import refine_grid
+
+        scales, zeros, better = refine_grid(to_host(sol.target), to_host(Hd), codes, scales, zeros, g_idx,
+                                            spec.maxq, sym=spec.sym)
+        stats["refined_rows"] = float(np.mean(better))
+        S = xp.asarray(scales.astype(np.float64)[:, g_idx].T)
+        Z = xp.asarray(zeros.astype(np.float64)[:, g_idx].T)
     if Hd is not None:
         Q = S.T * (codes_dev - Z.T)
         if from_factor is not None and sol.target is W:  # gptq
