@@ -474,18 +474,10 @@ def main(argv=None):
             model.load_state_dict(float_state)
             layer_specs, alloc = allocate_bits(model, input_diagonals(model, calib, batch_size=args.batch_size),
                                                spec, make_spec(args.high, meth, overrides), args.budget)
-        done = data["runs"].get(key)
-        if args.skip_done and done is not None and done.get("spec") == spec.to_dict():
-            logger.info("=== %s: already in %s, skipped", key, out)
+        layers, tq = _quantize_run(model, float_state, calib, spec, key, data, out, args,
+                                   progress=False, layer_specs=layer_specs)
+        if layers is None:
             continue
-        model.load_state_dict(float_state)
-        ckpt = None if args.checkpoint_root is None else args.checkpoint_root / key.replace("/", "_")
-        logger.info("=== %s: %s", key, spec)
-        t0 = time.perf_counter()
-        layers = quantize_model(model, calib, spec, true_sequential=not args.no_true_sequential,
-                                batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
-                                backend=args.backend, progress=False, layer_specs=layer_specs)
-        tq = time.perf_counter() - t0
         t1 = time.perf_counter()
         ppl = ppls()
         te = time.perf_counter() - t1
@@ -511,6 +503,23 @@ def main(argv=None):
     print(table)
     if not args.no_doc:
         write_doc(args.doc, table, *_markers(out))
+
+
+def _quantize_run(model, float_state, calib, spec, key, data, out, args, **kw):
+    """Quantize the float model for one run: ``(layers, seconds)``, or ``(None, 0)`` when
+    ``--skip-done`` finds the run already in the results under the same spec."""
+    done = data["runs"].get(key)
+    if args.skip_done and done is not None and done.get("spec") == spec.to_dict():
+        logger.info("=== %s: already in %s, skipped", key, out)
+        return None, 0.0
+    model.load_state_dict(float_state)
+    ckpt = None if args.checkpoint_root is None else args.checkpoint_root / key.replace("/", "_")
+    logger.info("=== %s: %s", key, spec)
+    t0 = time.perf_counter()
+    layers = quantize_model(model, calib, spec, true_sequential=not args.no_true_sequential,
+                            batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
+                            backend=args.backend, **kw)
+    return layers, time.perf_counter() - t0
 
 
 def _markers(out: Path):
@@ -570,18 +579,9 @@ def _main_plays(args, ap):
         fields = {**CONFIGS[cfg], **METHODS[meth], **overrides}
         spec = QuantSpec(**fields)
         key = f"{cfg}/{meth}" + ("".join(f"/{k}={v}" for k, v in sorted(overrides.items())))
-        done = data["runs"].get(key)
-        if args.skip_done and done is not None and done.get("spec") == spec.to_dict():
-            logger.info("=== %s: already in %s, skipped", key, out)
+        layers, tq = _quantize_run(model, float_state, calib, spec, key, data, out, args)
+        if layers is None:
             continue
-        model.load_state_dict(float_state)
-        ckpt = None if args.checkpoint_root is None else args.checkpoint_root / key.replace("/", "_")
-        logger.info("=== %s: %s", key, spec)
-        t0 = time.perf_counter()
-        layers = quantize_model(model, calib, spec, true_sequential=not args.no_true_sequential,
-                                batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
-                                backend=args.backend)
-        tq = time.perf_counter() - t0
         t1 = time.perf_counter()
         ppl = perplexity(model, evalw, progress=False).ppl
         te = time.perf_counter() - t1
