@@ -689,6 +689,8 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
         scales, zeros, better = refine_grid(to_host(sol.target), to_host(Hd), codes, scales, zeros, g_idx,
                                             spec.maxq, sym=spec.sym)
         stats["refined_rows"] = float(np.mean(better))
+        if np.any(better):
+            from_factor = None  # the factor's E is of the grid before the refit
         S = xp.asarray(scales.astype(np.float64)[:, g_idx].T)
         Z = xp.asarray(zeros.astype(np.float64)[:, g_idx].T)
     if Hd is not None:
