@@ -433,11 +433,7 @@ def main(argv=None):
     out = DEFAULT_OOD_OUT if args.out is None else args.out
     data = _load(out)
     if args.table_only:
-        table = markdown(data)
-        print(table)
-        if not args.no_doc:
-            write_doc(args.doc, table, *_markers(out))
-        return
+        return _print_table(data, args, _markers(out))
     texts = list(args.eval_texts or EVALUATION_TEXTS)
     protocol = {"model": args.model, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
                 "seqlen": args.seqlen, "seed": args.seed, "texts": texts,
@@ -499,10 +495,7 @@ def main(argv=None):
         logger.info("%s: ppl %s  %.3f b/w  quantization %.0f s  eval %.0f s", key,
                     {t: round(v, 2) for t, v in ppl.items()}, run["bits_per_weight"], tq, te)
 
-    table = markdown(data)
-    print(table)
-    if not args.no_doc:
-        write_doc(args.doc, table, *_markers(out))
+    _print_table(data, args, _markers(out))
 
 
 def _quantize_run(model, float_state, calib, spec, key, data, out, args, **kw):
@@ -520,6 +513,14 @@ def _quantize_run(model, float_state, calib, spec, key, data, out, args, **kw):
                             batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
                             backend=args.backend, **kw)
     return layers, time.perf_counter() - t0
+
+
+def _print_table(data, args, markers):
+    """``--table-only``: print the table of `data` and write it into ``--doc`` between `markers`."""
+    table = markdown(data)
+    print(table)
+    if not args.no_doc:
+        write_doc(args.doc, table, *markers)
 
 
 def _markers(out: Path):
@@ -545,11 +546,7 @@ def _main_plays(args, ap):
     out = DEFAULT_OUT if args.out is None else args.out
     data = _load(out)
     if args.table_only:
-        table = markdown(data)
-        print(table)
-        if not args.no_doc:
-            write_doc(args.doc, table, BEGIN, END)
-        return
+        return _print_table(data, args, (BEGIN, END))
 
     protocol = {"model": args.model, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
                 "seqlen": args.seqlen, "seed": args.seed, "corpus": "shakespeare",
@@ -597,10 +594,7 @@ def _main_plays(args, ap):
         data = _merge_run(out, protocol, data["float"], key, data["runs"][key])
         logger.info("%s: ppl %.3f  quantization %.0f s  eval %.0f s", key, ppl, tq, te)
 
-    table = markdown(data)
-    print(table)
-    if not args.no_doc:
-        write_doc(args.doc, table, BEGIN, END)
+    _print_table(data, args, (BEGIN, END))
 
 
 if __name__ == "__main__":

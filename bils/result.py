@@ -135,14 +135,7 @@ class BILSResult:
         >>> lazy.is_lazy, lazy.compute(scheduler="sync").x.tolist()
         (True, [[1, 1, 0], [1, -1, 1]])
         """
-        if not self.is_lazy:
-            return self
-        import dask
-
-        lazy = {key: v for key, v in self.info.items() if _is_dask(v)}
-        x, cost, status, values = dask.compute(self.x, self.cost, self.status, lazy, **kwargs)
-        return BILSResult(x=x, cost=cost, status=status, backend=self.backend, solver=self.solver,
-                          info=dict(self.info, **values))
+        return self._through_dask("compute", kwargs)
 
     def persist(self, **kwargs) -> "BILSResult":
         """The result with every lazy field computed and kept where it was computed.
@@ -163,12 +156,17 @@ class BILSResult:
         >>> kept.is_lazy, kept.x.dtype.name, kept.x[:, 1].compute().tolist()
         (True, 'int8', [1, -1])
         """
+        return self._through_dask("persist", kwargs)
+
+    def _through_dask(self, name, kwargs) -> "BILSResult":
+        """The result with ``x``, ``cost``, ``status`` and the lazy ``info`` entries passed
+        together through ``dask.<name>`` (``compute`` or ``persist``); ``self`` when in memory."""
         if not self.is_lazy:
             return self
         import dask
 
         lazy = {key: v for key, v in self.info.items() if _is_dask(v)}
-        x, cost, status, values = dask.persist(self.x, self.cost, self.status, lazy, **kwargs)
+        x, cost, status, values = getattr(dask, name)(self.x, self.cost, self.status, lazy, **kwargs)
         return BILSResult(x=x, cost=cost, status=status, backend=self.backend, solver=self.solver,
                           info=dict(self.info, **values))
 
