@@ -259,39 +259,150 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
                              options=options, rhs_names=tuple(rhs), k_total=k, perm=perm,
                              dead=dead, info_keys=info_keys, code_dtype=xdt)
     solve = {r_key: Rm}
+    recipe = {}
     for j in range(nb):
         args = [r_key, (Y.name, 0, j)] + [p.block(j) for p in pieces]
         args.append(None if co_piece is None else co_piece.block(j))
         args += [p.block(j) for p in rhs_pieces]
-        solve[(name, j)] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
+        recipe[j] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
+        solve[(name, j)] = recipe[j]
     # one layer of solves (with R), seen as a 1-D array of per-chunk result tuples; each
     # output is a blockwise getter on top of it, so that dask fuses a getter with the
     # blockwise work that follows (a reduction's first step) into one task per chunk
     solved = da.Array(HighLevelGraph.from_collections(name, solve, dependencies=deps), name,
                       chunks=(col_chunks,), dtype=object, meta=np.empty((0,), dtype=object))
-    lead_axes = "abc"
+    chunks = LazyChunks(solved, n, xdt, solver, n_best, squeeze,
+                        recipe=recipe, r_key=r_key, R=Rm, deps=deps)
+    x, cost, status, info = chunks.outputs()
+    info["chunks"] = col_chunks
+    info["time"] = time.perf_counter() - t0  # building the graph; the solve runs at compute
+    return BILSResult(x=x, cost=cost, status=status, backend=be, solver=solver, info=info,
+                      _chunks=chunks)
 
-    def lazy(suffix, index, chunks, dtype, getter=operator.getitem):
-        lead = lead_axes[:len(chunks) - 1]
-        return da.blockwise(getter, lead + "j", solved, "j", index, None,
-                            new_axes={ax: c[0] for ax, c in zip(lead, chunks[:-1])},
-                            name=f"{name}-{suffix}", dtype=dtype,
-                            meta=np.empty((0,) * len(chunks), dtype=dtype))
 
-    x = lazy("x", 0, ((n,), col_chunks), xdt)
-    cost = lazy("cost", 1, (col_chunks,), np.float64)
-    status = lazy("status", 2, (col_chunks,), np.int8)
-    info = {"chunks": col_chunks}
-    for key, dtype in _RHS_INFO.get(solver, {}).items():
-        info[key] = lazy(key, key, (col_chunks,), dtype, _info_get)
-    if n_best > 1:
-        info["best_x"] = lazy("best_x", "best_x", ((n_best,), (n,), col_chunks), np.int64, _info_get)
-        info["best_cost"] = lazy("best_cost", "best_cost", ((n_best,), col_chunks), np.float64, _info_get)
+# ---------------------------------------------------------------------- the chunks behind a lazy result
+class LazyChunks:
+    """The per-chunk solves behind a lazy :class:`~bils.BILSResult`.
+
+    ``solved`` is a 1-D dask array of dtype object whose block ``j`` is the tuple
+    ``(x, cost, status, info)`` of column chunk ``j`` (``x`` in the compact code type,
+    ``info`` the per-RHS entries). ``recipe`` maps ``j`` to that chunk's solve task (a
+    legacy task tuple whose keys are ``r_key`` and keys of ``deps``), so other per-chunk
+    work can run *inside* the solve's task (:meth:`reduce`); it is None once the chunks
+    are persisted (then ``solved``'s blocks are finished results).
+    """
+
+    def __init__(self, solved, n, xdt, solver, n_best, squeeze, *, recipe=None, r_key=None, R=None,
+                 deps=()):
+        self.solved, self.n, self.xdt, self.solver = solved, n, np.dtype(xdt), solver
+        self.n_best, self.squeeze = n_best, squeeze
+        self.recipe, self.r_key, self.R, self.deps = recipe, r_key, R, list(deps)
+
+    @property
+    def col_chunks(self):
+        return self.solved.chunks[0]
+
+    def outputs(self):
+        """Lazy ``x``, ``cost``, ``status`` and per-RHS ``info`` entries: getters of ``solved``."""
+        import dask.array as da
+
+        solved, name, col_chunks, n = self.solved, self.solved.name, self.col_chunks, self.n
+        lead_axes = "abc"
+
+        def lazy(suffix, index, chunks, dtype, getter=operator.getitem):
+            lead = lead_axes[:len(chunks) - 1]
+            return da.blockwise(getter, lead + "j", solved, "j", index, None,
+                                new_axes={ax: c[0] for ax, c in zip(lead, chunks[:-1])},
+                                name=f"{name}-{suffix}", dtype=dtype,
+                                meta=np.empty((0,) * len(chunks), dtype=dtype))
+
+        x = lazy("x", 0, ((n,), col_chunks), self.xdt)
+        cost = lazy("cost", 1, (col_chunks,), np.float64)
+        status = lazy("status", 2, (col_chunks,), np.int8)
+        info = {}
+        for key, dtype in _RHS_INFO.get(self.solver, {}).items():
+            info[key] = lazy(key, key, (col_chunks,), dtype, _info_get)
+        if self.n_best > 1:
+            m = self.n_best
+            info["best_x"] = lazy("best_x", "best_x", ((m,), (n,), col_chunks), np.int64, _info_get)
+            info["best_cost"] = lazy("best_cost", "best_cost", ((m,), col_chunks), np.float64, _info_get)
+        if self.squeeze:
+            x, cost, status = x[:, 0], cost[0], status[0]
+            info = {key: v[..., 0] for key, v in info.items()}
+        return x, cost, status, info
+
+    def compute(self, **kwargs):
+        """``(x, cost, status, info)`` in memory: one task per chunk, gathered as tuples and
+        joined here (no getter or concatenation task on the cluster)."""
+        import dask
+
+        blocks = dask.compute(*self.solved.to_delayed().ravel().tolist(), **kwargs)
+        return _join(blocks, self.squeeze)
+
+    def persist(self, **kwargs):
+        """The same chunks with every solve finished (kept where it ran)."""
+        import dask
+
+        (kept,) = dask.persist(self.solved, **kwargs)
+        return LazyChunks(kept, self.n, self.xdt, self.solver, self.n_best, self.squeeze)
+
+    def reduce(self, chunk, aggregate):
+        """A ``Delayed`` of ``aggregate([chunk(x_j, cost_j, status_j) for every chunk j])``:
+        ``chunk`` runs inside chunk ``j``'s solve task (or on its persisted tuple), then
+        one task aggregates the partial results."""
+        from dask.base import tokenize
+        from dask.delayed import Delayed
+        from dask.highlevelgraph import HighLevelGraph
+
+        token = tokenize(self.solved.name, chunk, aggregate)
+        part, out = f"bils-reduce-chunk-{token}", f"bils-reduce-{token}"
+        nb = len(self.col_chunks)
+        if self.recipe is not None:  # solve and reduce in one task per chunk
+            dsk = {self.r_key: self.R}
+            dsk.update({(part, j): (_reduce_block, chunk, self.squeeze) + self.recipe[j] for j in range(nb)})
+            deps = self.deps
+        else:  # persisted chunks: reduce each finished tuple
+            dsk = {(part, j): (_reduce_kept, chunk, self.squeeze, (self.solved.name, j)) for j in range(nb)}
+            deps = [self.solved]
+        dsk[out] = (_aggregate, aggregate, [(part, j) for j in range(nb)])
+        return Delayed(out, HighLevelGraph.from_collections(out, dsk, dependencies=deps))
+
+
+def _squeezed(out, squeeze):
+    x, cost, status = out[:3]
+    return (x[:, 0], cost[0], status[0]) if squeeze else (x, cost, status)
+
+
+def _reduce_block(chunk, squeeze, solve, *args):
+    return chunk(*_squeezed(solve(*args), squeeze))
+
+
+def _reduce_kept(chunk, squeeze, out):
+    return chunk(*_squeezed(out, squeeze))
+
+
+def _aggregate(aggregate, parts):
+    return aggregate(list(parts))
+
+
+def sum_partials(parts):
+    """The default ``aggregate`` of :meth:`~bils.BILSResult.reduce_chunks`: the sum of the
+    partial results, field by field when they are tuples."""
+    if isinstance(parts[0], tuple):
+        return tuple(functools.reduce(operator.add, field) for field in zip(*parts))
+    return functools.reduce(operator.add, parts)
+
+
+def _join(blocks, squeeze):
+    """In-memory ``(x, cost, status, info)`` from the per-chunk tuples, in column order."""
+    x = np.concatenate([b[0] for b in blocks], axis=-1)
+    cost = np.concatenate([b[1] for b in blocks], axis=-1)
+    status = np.concatenate([b[2] for b in blocks], axis=-1)
+    info = {key: np.concatenate([b[3][key] for b in blocks], axis=-1) for key in blocks[0][3]}
     if squeeze:
         x, cost, status = x[:, 0], cost[0], status[0]
-        info = {key: (v[..., 0] if is_dask_array(v) else v) for key, v in info.items()}
-    info["time"] = time.perf_counter() - t0  # building the graph; the solve runs at compute
-    return BILSResult(x=x, cost=cost, status=status, backend=be, solver=solver, info=info)
+        info = {key: v[..., 0] for key, v in info.items()}
+    return x, cost, status, info
 
 
 # ---------------------------------------------------------------------- BILSProblem with dask targets

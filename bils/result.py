@@ -98,6 +98,8 @@ class BILSResult:
     backend: str
     solver: str
     info: Mapping[str, Any] = field(default_factory=dict)
+    # the per-chunk solves behind a lazy result (bils._dask.LazyChunks); None in memory
+    _chunks: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
@@ -160,15 +162,68 @@ class BILSResult:
 
     def _through_dask(self, name, kwargs) -> "BILSResult":
         """The result with ``x``, ``cost``, ``status`` and the lazy ``info`` entries passed
-        together through ``dask.<name>`` (``compute`` or ``persist``); ``self`` when in memory."""
+        together through ``dask.<name>`` (``compute`` or ``persist``); ``self`` when in memory.
+
+        A solver's lazy result goes through its per-chunk solve tuples: one task per chunk
+        (no getter tasks), gathered and joined in this process by ``compute``."""
         if not self.is_lazy:
             return self
-        import dask
+        chunks = self._chunks
+        if chunks is not None:
+            if name == "compute":
+                x, cost, status, values = chunks.compute(**kwargs)
+            else:
+                chunks = chunks.persist(**kwargs)
+                x, cost, status, values = chunks.outputs()
+        else:  # lazy fields assembled by hand
+            import dask
 
-        lazy = {key: v for key, v in self.info.items() if _is_dask(v)}
-        x, cost, status, values = getattr(dask, name)(self.x, self.cost, self.status, lazy, **kwargs)
+            lazy = {key: v for key, v in self.info.items() if _is_dask(v)}
+            x, cost, status, values = getattr(dask, name)(self.x, self.cost, self.status, lazy, **kwargs)
+            chunks = None
         return BILSResult(x=x, cost=cost, status=status, backend=self.backend, solver=self.solver,
-                          info=dict(self.info, **values))
+                          info=dict(self.info, **values), _chunks=chunks if name == "persist" else None)
+
+    def reduce_chunks(self, chunk, aggregate=None):
+        """Reduce the result chunk by chunk where each chunk is solved.
+
+        ``chunk(x, cost, status)`` gets one column chunk's codes ``x`` (n, k_j), costs
+        (k_j,) and statuses (k_j,) (``x`` in the compact integer type of a lazy result)
+        and returns a partial result; ``aggregate(parts)`` combines the list of partial
+        results, in column order (default: their sum, field by field for tuples).
+
+        With dask right-hand sides this returns a ``dask.delayed.Delayed``; its graph has
+        one task per chunk — the solve and ``chunk`` together, so only the partial result
+        leaves the task — and one aggregation task. That is the cheapest way to keep a
+        large result on the cluster: ``dask.compute(res.cost.sum(), res.x.sum(axis=1))``
+        runs three tasks per chunk (the solve, and one per output) plus two reduction
+        trees. The solves run inside these tasks: to reduce *and* keep the codes,
+        :meth:`persist` first (the chunks are then reduced where they are kept). An
+        in-memory result is one chunk: the value ``aggregate([chunk(x, cost, status)])``
+        is returned at once.
+
+        Float partial sums are added in chunk order, so a total cost equals the in-memory
+        ``cost.sum()`` to rounding; integer sums are exact.
+
+        Examples
+        --------
+        >>> import numpy as np, dask.array as da, bils
+        >>> R = np.array([[2.0, 1.0], [0.0, 1.0]])
+        >>> Y = da.from_array(np.array([[3.1, 0.2, 1.0], [0.9, -1.4, 0.5]]), chunks=(2, 2))
+        >>> lazy = bils.babai(R, Y, -2, 2, backend="numpy")
+        >>> total = lazy.reduce_chunks(lambda x, cost, status: (cost.sum(), x.sum(axis=1, dtype=np.int64)))
+        >>> cost, rows = total.compute(scheduler="sync")
+        >>> round(float(cost), 6), rows.tolist()
+        (1.07, [2, 1])
+        """
+        if aggregate is None:
+            from ._dask import sum_partials as aggregate
+        if not self.is_lazy:
+            return aggregate([chunk(self.x, self.cost, self.status)])
+        chunks = self._chunks
+        if chunks is None:
+            raise TypeError("`reduce_chunks` needs a lazy result made by a solver (or its `persist()`)")
+        return chunks.reduce(chunk, aggregate)
 
     def __repr__(self) -> str:  # compact: arrays can be huge
         shape = getattr(self.x, "shape", None)

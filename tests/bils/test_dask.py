@@ -24,6 +24,7 @@ import bils
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
+from dask.delayed import Delayed  # noqa: E402  (after the importorskip)
 
 TIMEOUT = 120  # seconds: every wait on the cluster is bounded
 
@@ -258,9 +259,12 @@ def test_persist_solves_once_and_keeps_lazy_fields():
                       backend="numpy")
     kept = lazy.persist(scheduler="sync")
     assert kept.is_lazy and isinstance(kept.info["improved"], da.Array)
-    # persisted arrays are backed by finished blocks: one key per block, no solve task left
+    # persisted fields are getters of finished per-chunk tuples: one kept key per chunk
+    # (x, cost, status, info together), no solve task left
     graph = dict(kept.x.__dask_graph__())
-    assert len(graph) == 4 and all(key[0] == kept.x.name for key in graph)
+    kept_keys = [key for key in graph if key[0] != kept.x.name]
+    assert len(kept_keys) == 4 and len(graph) == 8
+    assert all(isinstance(graph[key], tuple) and graph[key][0].dtype == np.int8 for key in kept_keys)
     _same(ref, kept.compute(scheduler="sync"), exact_cost=False)
     assert float(kept.cost.sum().compute()) == pytest.approx(float(ref.cost.sum()), rel=1e-12)
     plain = bils.babai(R, Y, lo, hi, backend="numpy")
@@ -448,3 +452,115 @@ def test_worker_killed_mid_solve_gives_the_same_result(client):
     else:
         pytest.fail("the solve always finished before a worker could be killed mid-solve")
     client.wait_for_workers(2, timeout=TIMEOUT)  # the nanny restarts the killed worker
+
+
+# ---------------------------------------------------------------------- one task per chunk
+def _summary(x, cost, status):
+    """Partial sums of one chunk: total cost, code row sums, status counts."""
+    return cost.sum(), x.astype(np.int64).sum(axis=-1), np.bincount(status, minlength=3)
+
+
+def _same_summary(got, ref):
+    assert got[0] == pytest.approx(ref[0], rel=1e-12)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[2], ref[2])
+
+
+class _TaskLog(dask.callbacks.Callback):
+    """The keys of the tasks a local scheduler runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def _pretask(self, key, dsk, state):
+        self.keys.append(key)
+
+
+def _prefixes(keys):
+    out = {}
+    for key in keys:
+        prefix = (key[0] if isinstance(key, tuple) else key).rsplit("-", 1)[0]
+        out[prefix] = out.get(prefix, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("cols", (1, 7, 40))
+def test_reduce_chunks_equals_in_memory(name, cols):
+    solver, kw = SOLVERS[name]
+    R, Y, lo, hi, S, O = _case(20)
+    ref = solver(R, Y, lo, hi, scale=S, offset=O, backend="numba", **kw)
+    want = _summary(ref.x, ref.cost, ref.status)
+    _same_summary(ref.reduce_chunks(_summary), want)  # in memory: the value at once
+    lazy = _lazy(solver, R, Y, lo, hi, S, O, cols, backend="numba", **kw)
+    got = lazy.reduce_chunks(_summary)
+    assert isinstance(got, Delayed)
+    _same_summary(got.compute(scheduler="threads"), want)
+    # the partial results arrive in column order; a custom aggregate sees all of them
+    parts = lazy.reduce_chunks(lambda x, c, s: c, aggregate=np.concatenate).compute(scheduler="sync")
+    np.testing.assert_array_equal(parts, ref.cost)
+    # on a persisted result the kept chunks are reduced, without solving again
+    kept = lazy.persist(scheduler="sync")
+    log = _TaskLog()
+    with log:
+        _same_summary(kept.reduce_chunks(_summary).compute(scheduler="sync"), want)
+    assert not any(re.fullmatch(rf"bils-{name}-[0-9a-f]+", p) for p in _prefixes(log.keys))
+
+
+def test_reduce_chunks_runs_one_task_per_chunk_and_one_aggregation():
+    R, Y, lo, hi, S, O = _case(21)
+    lazy = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, scale=S, backend="numba")
+    log = _TaskLog()
+    with log:
+        total = lazy.reduce_chunks(_summary).compute(scheduler="sync")
+    kinds = _prefixes(log.keys)
+    kinds.pop("array", None)  # Y's blocks
+    assert kinds == {"bils-reduce-chunk": 4, "bils-reduce": 1}, kinds  # R is data, not a task
+    graph = dict(lazy.reduce_chunks(_summary).__dask_graph__())
+    assert sum(isinstance(key, str) and key.startswith("bils-R-") for key in graph) == 1
+    ref = bils.babai(R, Y, lo, hi, scale=S, backend="numba")
+    _same_summary(total, _summary(ref.x, ref.cost, ref.status))
+    # single 1-D right-hand side: x (n,), a 0-d cost and status, as in the result
+    one = bils.babai(R, da.from_array(Y[:, 3], chunks=4), lo[:, 0], hi[:, 3], backend="numba")
+    got = one.reduce_chunks(lambda x, c, s: (x.shape, c.shape, s.shape)).compute(scheduler="sync")
+    assert got == ((9,), (), ())
+
+
+def test_compute_runs_the_solves_and_nothing_else():
+    R, Y, lo, hi, S, O = _case(22)
+    ref = bils.enumerate(R, Y, lo, hi, scale=S, max_nodes=500, n_best=2, backend="numba")
+    lazy = bils.enumerate(R, da.from_array(Y, chunks=(9, 15)), lo, hi, scale=S, max_nodes=500,
+                          n_best=2, backend="numba")
+    log = _TaskLog()
+    with log:
+        got = lazy.compute(scheduler="sync")
+    kinds = _prefixes(log.keys)
+    kinds.pop("array", None)
+    assert kinds == {"bils-enumerate": 3}, kinds  # no getter, no concatenation task
+    assert got.x.dtype == np.int8 and not got.is_lazy and got._chunks is None
+    _same(ref, got, exact_cost=False)
+    np.testing.assert_array_equal(got.info["best_x"], ref.info["best_x"])
+
+
+def test_reduce_chunks_needs_a_solver_result():
+    R, Y, lo, hi, S, O = _case(23)
+    lazy = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, backend="numpy")
+    by_hand = bils.BILSResult(lazy.x, lazy.cost, lazy.status, "numpy", "babai")
+    with pytest.raises(TypeError, match="`reduce_chunks` needs a lazy result made by a solver"):
+        by_hand.reduce_chunks(_summary)
+    np.testing.assert_array_equal(by_hand.compute(scheduler="sync").x, lazy.compute(scheduler="sync").x)
+
+
+@pytest.mark.slow
+def test_local_cluster_reduce_chunks_and_gather(client):
+    R, Y, lo, hi, S, O = _case(24, k=120)
+    ref = bils.klein(R, Y, lo, hi, scale=S, offset=O, n_samples=5, rng=11, backend="numba")
+    lazy = _lazy(bils.klein, R, Y, lo, hi, S, O, 13, backend="numba", n_samples=5, rng=11)
+    _same_summary(client.compute(lazy.reduce_chunks(_summary)).result(timeout=TIMEOUT),
+                  _summary(ref.x, ref.cost, ref.status))
+    _same(ref, lazy.compute(), exact_cost=True)  # gathered through the per-chunk tuples
+    kept = lazy.persist()
+    distributed.wait([kept.x, kept.cost], timeout=TIMEOUT)
+    _same(ref, kept.compute(), exact_cost=True)
+    _same_summary(kept.reduce_chunks(_summary).compute(), _summary(ref.x, ref.cost, ref.status))
