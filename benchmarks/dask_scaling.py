@@ -14,20 +14,29 @@ Questions:
 
    * ``reduce`` — the targets live on the cluster (made on the workers, chunk ``j`` on
      worker ``j mod W``, persisted before timing, as a parallel load would spread them);
-     the total cost and a code checksum are reduced on the workers;
+     the total cost and a code checksum are reduced on the workers with plain dask
+     reductions, ``dask.compute(res.cost.sum(), res.x.sum(axis=1))``: per chunk the
+     solve and one fused getter-and-partial-sum task per output, then two reduction
+     trees (``split_every=4``: 20 chunks → 5 → 2 → 1);
+   * ``fused`` — the same reductions through ``res.reduce_chunks(partial)``: the
+     partial sums of a chunk are taken inside its solve task, one task per chunk and one
+     aggregation task (what a user writes to keep a result on the cluster);
    * ``gather`` — the same, with ``x`` (compact int8 codes), ``cost``, ``status``
-     gathered to the client (``res.compute()``), checked equal to the in-memory codes;
+     gathered to the client (``res.compute()``: the per-chunk solve tuples, one task per
+     chunk, joined in the client), checked equal to the in-memory codes;
    * ``shipped`` — ``Y`` (256 MB float64) in the client, ``da.from_array(Y)``: the chunks
      travel inside the graph, through the scheduler; the upload is timed with the solve;
    * ``scattered`` — ``Y`` in the client, its column chunks sent straight to the workers
-     with ``client.scatter`` (timed with the solve); ``shipped`` and ``scattered``: Babai only.
+     with ``client.scatter`` (timed with the solve); ``fused``, ``gather``, ``shipped``
+     and ``scattered``: Babai only.
 
    Babai runs with 20 chunks of 50 000 and with 8 chunks of 125 000 (few large tasks per
    worker); K-best with the first chunking. Reported beside them: the in-memory solve in
    this process (one numba thread; one call, and the same chunks one after another), the
    overhead per chunk ``(T_reduce,1 worker − T_in-memory chunked) / chunks``, the worker
    time split from ``client.get_task_stream()`` (solve tasks, other tasks, transfers, idle),
-   the CPU seconds of every worker process and of the client + scheduler process, and the
+   the CPU seconds of every worker process and of the client + scheduler process, the
+   tasks each mode runs per solve (from the task stream: per run and per chunk), and the
    cost of one task in a graph of 400 one-column chunks.
 2. The per-layer solves of SmolLM2-135M at W3 g128 (GPTQ = Babai, and OJBKQ) through
    :class:`llm_adapter.distributed.LayerSolveExecutor`: the 7 linear layers of one block
@@ -79,7 +88,7 @@ SMOLLM2_BLOCK = {  # name: (out, in) of one SmolLM2-135M decoder block
     "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536),
 }
 N_BLOCKS = 30
-MODES = ("reduce", "gather", "shipped", "scattered")
+MODES = ("reduce", "fused", "gather", "shipped", "scattered")
 GEN = 5000  # columns per random stream of the targets (chunk sizes are multiples of it)
 
 
@@ -164,21 +173,36 @@ def reduce_lazy(res):
     return float(total), int(rows @ w)
 
 
+def _partial_sums(x, cost, status):
+    """One chunk's share of :func:`reduce_lazy`'s numbers (run inside the chunk's solve task)."""
+    return cost.sum(), x.sum(axis=1, dtype=np.int64)
+
+
+def reduce_fused(res):
+    """:func:`reduce_lazy`'s numbers through ``res.reduce_chunks``: one task per chunk."""
+    total, rows = res.reduce_chunks(_partial_sums).compute()
+    return float(total), int(rows @ np.arange(1, N + 1, dtype=np.int64))
+
+
 def reduce_mem(res):
     w = np.arange(1, N + 1, dtype=np.int64)
     return float(res.cost.sum()), int(res.x.sum(axis=1, dtype=np.int64) @ w)
 
 
 def task_stream_summary(data, wall, workers):
-    """Seconds of worker time in solve tasks and in the others (result getters, fused with
-    the reductions that follow them, and the reductions' aggregation), in transfers, and the
+    """Seconds of worker time in solve tasks (with ``reduce_chunks``: solve and partial sums)
+    and in the others (result getters, fused with the reductions that follow them, and the
+    reductions' aggregation), in transfers, and the
     idle rest (scheduling, messages, waiting), from ``client.get_task_stream`` records."""
     busy = {}
     transfer_s, transfer_bytes = 0.0, 0
     for t in data:
         key = t["key"]
         prefix = (key[0] if isinstance(key, tuple) else key).rsplit("-", 1)[0]
-        kind = "solve" if prefix.startswith("bils-") and prefix.count("-") == 1 else "other"
+        # a solve task: bils-<solver>, or reduce_chunks's solve-and-reduce bils-reduce-chunk
+        solve = (prefix.startswith("bils-") and prefix.count("-") == 1 and prefix not in ("bils-R", "bils-reduce")
+                 or prefix == "bils-reduce-chunk")
+        kind = "solve" if solve else "other"
         for ss in t["startstops"]:
             dt = ss["stop"] - ss["start"]
             if ss["action"] == "compute":
@@ -267,6 +291,11 @@ def overhead_cell(e):
     return cell
 
 
+def tasks_cell(e, mode):
+    tasks = e.get(f"{mode}_tasks_per_run_workers1")
+    return "" if tasks is None else f"{tasks:.0f} ({tasks / e['chunks']:.1f})"
+
+
 def bench_rhs(args, out):
     import dask
     import dask.array as da
@@ -283,13 +312,18 @@ def bench_rhs(args, out):
            "loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "placement": "targets made on the workers, chunk j on worker j mod W (round robin), persisted before timing",
            "definitions": {
-               "reduce": "solve + total cost and a code checksum reduced on the workers (what stays on the cluster)",
-               "gather": "solve + x (compact int8), cost, status gathered to the client (res.compute())",
+               "reduce": "solve + total cost and a code checksum reduced on the workers with dask reductions: "
+                         "dask.compute(res.cost.sum(), res.x.sum(axis=1))",
+               "fused": "the same numbers through res.reduce_chunks(partial sums): one task per chunk + one aggregation",
+               "gather": "solve + x (compact int8), cost, status gathered to the client (res.compute(): the "
+                         "per-chunk solve tuples, joined in the client)",
                "shipped": "Y (256 MB float64) in the client: da.from_array(Y) -> solve -> reduce (the upload timed)",
                "scattered": "Y in the client: client.scatter of its column chunks -> solve -> reduce (the upload timed)",
                "in_memory": "one call on the whole numpy Y in this process, 1 numba thread, + the same reductions",
                "in_memory_chunked": "the same chunks solved one after another in this process (the per-task work without dask)",
                "overhead_per_chunk_s": "(1 worker reduce - in-memory chunked) / chunks",
+               "fused_overhead_per_chunk_s": "(1 worker fused - in-memory chunked) / chunks",
+               "tasks_per_run": "tasks in the task stream per solve (every key the scheduler ran, R included)",
                "in_worker_chunked": "the chunked loop run inside the 1-worker cluster's worker process (its environment: "
                                     "MALLOC_TRIM_THRESHOLD_ and thread settings from distributed's nanny), no dask graph",
                "worker_env_per_chunk_s": "(in-worker chunked - in-memory chunked) / chunks",
@@ -329,6 +363,7 @@ def bench_rhs(args, out):
                             chunk_loop, R, k, chunk, name, args.repeats, pure=False).result()
                     runs = {"reduce": lambda: reduce_lazy(solver(R, Y, 0, HI, backend="numba", **kw))}
                     if extra:
+                        runs["fused"] = lambda: reduce_fused(solver(R, Y, 0, HI, backend="numba", **kw))
                         runs["gather"] = lambda: solver(R, Y, 0, HI, backend="numba", **kw).compute()
                         runs["shipped"] = lambda: shipped(lambda Ys: reduce_lazy(solver(
                             R, Ys, 0, HI, backend="numba", **kw)), Ymem, chunk)
@@ -348,9 +383,10 @@ def bench_rhs(args, out):
                         assert check == res["solvers"][name]["checksum"], f"{name} {mode}: codes differ"
                         assert abs(total - res["solvers"][name]["total_cost"]) <= 1e-9 * abs(total)
                         e[f"{mode}_workers{workers}_s"] = t
-                        if mode == "reduce":  # where the worker time goes (all repeats together)
-                            e[f"task_stream_workers{workers}"] = task_stream_summary(
-                                ts.data, t * args.repeats, workers)
+                        e[f"{mode}_tasks_per_run_workers{workers}"] = len(ts.data) / args.repeats
+                        if mode in ("reduce", "fused"):  # where the worker time goes (all repeats together)
+                            e[f"{'' if mode == 'reduce' else mode + '_'}task_stream_workers{workers}"] = \
+                                task_stream_summary(ts.data, t * args.repeats, workers)
                 del Y
             if workers == 1:  # per-task cost: many tiny chunks of a trivial solve
                 tiny_chunks = 400
@@ -369,6 +405,8 @@ def bench_rhs(args, out):
                     continue
                 e[f"{mode}_speedup_2_vs_1"] = e[f"{mode}_workers1_s"] / e[f"{mode}_workers2_s"]
             e["overhead_per_chunk_s"] = (e["reduce_workers1_s"] - e["in_memory_chunked_s"]) / e["chunks"]
+            if "fused_workers1_s" in e:
+                e["fused_overhead_per_chunk_s"] = (e["fused_workers1_s"] - e["in_memory_chunked_s"]) / e["chunks"]
             if "in_worker_chunked_s" in e:  # of which: the worker process's environment, and dask
                 e["worker_env_per_chunk_s"] = (e["in_worker_chunked_s"] - e["in_memory_chunked_s"]) / e["chunks"]
                 e["dask_per_chunk_s"] = (e["reduce_workers1_s"] - e["in_worker_chunked_s"]) / e["chunks"]
@@ -381,12 +419,15 @@ def bench_rhs(args, out):
                                  f"{e['in_worker_chunked_s']:.2f}" if first and "in_worker_chunked_s" in e else "",
                                  f"{e[f'{mode}_workers1_s']:.2f}", f"{e[f'{mode}_workers2_s']:.2f}",
                                  f"{e[f'{mode}_speedup_2_vs_1']:.2f}x",
-                                 overhead_cell(e) if first else ""])
+                                 tasks_cell(e, mode),
+                                 overhead_cell(e) if first else (
+                                     f"{1e3 * e['fused_overhead_per_chunk_s']:.1f}" if mode == "fused" else "")])
     res["loadavg_end"] = _loadavg()
     out["rhs"] = res
     print(f"\n{k} RHS, n={N}, box [0, {HI}] (numba, 1 thread per worker); load {res['loadavg_start']} -> {res['loadavg_end']}")
     print(markdown_table(["solver", "chunks", "timed", "in-memory s", "in-memory chunked s", "in-worker chunked s",
-                          "1 worker s", "2 workers s", "speed-up", "overhead/chunk ms = worker env + dask"], rows))
+                          "1 worker s", "2 workers s", "speed-up", "tasks/run (per chunk)",
+                          "overhead/chunk ms = worker env + dask"], rows))
     for name, s_ in res["solvers"].items():
         for chunk, e in s_["chunkings"].items():
             for w in (1, 2):
@@ -398,13 +439,19 @@ def bench_rhs(args, out):
     if "babai" in res["solvers"]:  # the issue's target, per chunking, with the CPU split beside it
         head = {}
         for chunk, e in res["solvers"]["babai"]["chunkings"].items():
-            c1, c2 = e["reduce_cpu_workers1_s"], e["reduce_cpu_workers2_s"]
-            head[chunk] = {"speedup": e["reduce_speedup_2_vs_1"],
-                           "worker_cpu_ratio": c1["worker0"] / max(c2["worker0"], c2["worker1"])}
-            print(f"TARGET babai 2 vs 1 worker (>= 1.7x on a quiet machine), {e['chunks']} x {chunk}: "
-                  f"{e['reduce_speedup_2_vs_1']:.2f}x wall; work split {head[chunk]['worker_cpu_ratio']:.2f}x "
-                  f"(1-worker CPU / busiest of 2); client+scheduler CPU {c2['client+scheduler']:.3f} s per run; "
-                  f"load {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f}")
+            head[chunk] = {}
+            for mode in ("reduce", "fused"):
+                if f"{mode}_workers2_s" not in e:
+                    continue
+                c1, c2 = e[f"{mode}_cpu_workers1_s"], e[f"{mode}_cpu_workers2_s"]
+                head[chunk][mode] = {"speedup": e[f"{mode}_speedup_2_vs_1"],
+                                     "worker_cpu_ratio": c1["worker0"] / max(c2["worker0"], c2["worker1"]),
+                                     "client_scheduler_cpu_2_workers_s": c2["client+scheduler"]}
+                print(f"TARGET babai 2 vs 1 worker (>= 1.7x on a quiet machine), {e['chunks']} x {chunk}, {mode}: "
+                      f"{e[f'{mode}_speedup_2_vs_1']:.2f}x wall; work split "
+                      f"{head[chunk][mode]['worker_cpu_ratio']:.2f}x (1-worker CPU / busiest of 2); "
+                      f"client+scheduler CPU {c2['client+scheduler']:.3f} s per run; "
+                      f"load {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f}")
         res["target_babai"] = head
 
 
