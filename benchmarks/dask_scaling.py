@@ -52,9 +52,9 @@ cores (the CPU seconds per process are not). Re-run on a quiet machine with
 ``make bench-distributed`` (the command below, every figure in one run, ~3-4 minutes).
 
 Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
-       [--repeats 2] [--parts rhs,layers] [--solvers babai,kbest8]
-Writes benchmarks/results/dask_scaling.json (atomically; ``--quick``: dask_scaling_quick.json)
-and prints tables.
+       [--repeats 2] [--parts rhs,layers] [--solvers babai,kbest8] [--out NAME.json]
+Writes benchmarks/results/dask_scaling.json (atomically; ``--quick``: dask_scaling_quick.json;
+``--out``: another name) and prints tables.
 """
 
 from __future__ import annotations
@@ -254,12 +254,45 @@ def _process_time():
     return time.process_time()
 
 
+def _thread_cpu():
+    """CPU seconds so far of this process's threads, by role: ``loop`` (the main thread:
+    in a worker its event loop — messages, the task state machine; in the client process
+    the client's own calls), ``tasks`` (dask's executor threads: the tasks' code),
+    ``io_loop`` (distributed's IO-loop thread: in the client process of a LocalCluster the
+    scheduler and the client's comms), ``other``. Read from /proc; {} where it is absent."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    base = f"/proc/{os.getpid()}/task"
+    try:
+        tids = os.listdir(base)
+    except OSError:  # pragma: no cover - not Linux
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), "")
+        role = ("loop" if name == "MainThread" else "tasks" if "Dask-Default-Threads" in name
+                else "io_loop" if name == "IO loop" else "other")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def cpu_seconds(client):
     """CPU seconds used so far by each worker process and by this process (the client and,
     in a ``LocalCluster``, the scheduler): where the time goes, whatever else runs on the
-    machine."""
+    machine. ``<process>.<role>`` entries split them by thread (see :func:`_thread_cpu`;
+    clock ticks of 10 ms: read them as sums over the repeats)."""
     out = {f"worker{i}": v for i, (_, v) in enumerate(sorted(client.run(_process_time).items()))}
     out["client+scheduler"] = time.process_time()
+    for i, (_, roles) in enumerate(sorted(client.run(_thread_cpu).items())):
+        out.update({f"worker{i}.{role}": v for role, v in roles.items()})
+    out.update({f"client+scheduler.{role}": v for role, v in _thread_cpu().items()})
     return out
 
 
@@ -399,7 +432,7 @@ def bench_rhs(args, out):
                             t, value = best_of(args.repeats, fn, before=settle)
                         cpu1 = cpu_seconds(client)
                         e[f"{mode}_cpu_workers{workers}_s"] = {
-                            who: (cpu1[who] - cpu0[who]) / args.repeats for who in cpu1}
+                            who: (cpu1[who] - cpu0.get(who, 0.0)) / args.repeats for who in cpu1}
                         if mode == "gather":
                             assert value.x.dtype == np.int8 and np.array_equal(value.x, ref_x), "codes differ"
                             value = reduce_mem(value)
@@ -459,6 +492,23 @@ def bench_rhs(args, out):
                 if ts:
                     print(f"{name} {chunk}, {w} worker(s), worker seconds over {args.repeats} runs:",
                           {k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in ts.items()})
+    cpu_rows = []  # where the CPU goes, per run: workers (event loops / tasks) and the scheduler's process
+    for name, s_ in res["solvers"].items():
+        for chunk, e in s_["chunkings"].items():
+            for mode in MODES:
+                for w in (1, 2):
+                    c = e.get(f"{mode}_cpu_workers{w}_s")
+                    if c is None:
+                        continue
+                    ws = [f"worker{i}" for i in range(w)]
+                    cpu_rows.append([name, f"{e['chunks']} x {chunk}", mode, w,
+                                     f"{e[f'{mode}_tasks_per_run_workers{w}']:.0f}",
+                                     " + ".join(f"{c[x]:.3f}" for x in ws),
+                                     f"{sum(c.get(x + '.loop', 0.0) for x in ws):.3f}",
+                                     f"{sum(c.get(x + '.tasks', 0.0) for x in ws):.3f}",
+                                     f"{c['client+scheduler']:.3f}", f"{c.get('client+scheduler.io_loop', 0.0):.3f}"])
+    print(markdown_table(["solver", "chunks", "timed", "workers", "tasks/run", "worker CPU s", "of which event loops",
+                          "of which tasks", "client+scheduler CPU s", "of which scheduler IO loop"], cpu_rows))
     print(f"tiny-task cost (1 worker, 400 one-column chunks): {1e3 * res['tiny_task_s']:.2f} ms/task")
     if "babai" in res["solvers"]:  # the issue's target, per chunking, with the CPU split beside it
         head = {}
@@ -581,6 +631,8 @@ def main(argv=None):
     p.add_argument("--parts", default="rhs,layers",
                    help="comma-separated subset of rhs,layers; parts not run keep their entry "
                         "from an existing JSON")
+    p.add_argument("--out", default=None,
+                   help="file name under benchmarks/results/ (default dask_scaling.json; --quick: dask_scaling_quick.json)")
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if not parts <= {"rhs", "layers"}:
@@ -602,7 +654,7 @@ def main(argv=None):
            "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + list(sys.argv[1:] if argv is None else argv)),
            "note": "2-core machine possibly shared with other jobs: see loadavg_*; a busy machine "
                    "understates the 2-worker speed-up"}
-    name = "dask_scaling_quick.json" if args.quick else "dask_scaling.json"
+    name = args.out or ("dask_scaling_quick.json" if args.quick else "dask_scaling.json")
     previous = os.path.join(_common.RESULTS, name)
     if os.path.exists(previous):
         with open(previous) as f:
