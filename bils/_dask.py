@@ -14,6 +14,15 @@ The graph holds
   and a getter is fused with the blockwise step that follows it (``res.cost.sum()``: one
   task per chunk for the getter and the chunk's partial sum, no alias tasks).
 
+The result keeps the solves (:class:`LazyChunks`), so that its own operations run one
+task per chunk: ``compute()`` gathers the per-chunk tuples and joins them in the caller's
+process (no getter or concatenation task on the cluster), ``persist()`` keeps one tuple
+per chunk (the fields become getters of the kept tuples), and ``reduce_chunks(chunk,
+aggregate)`` runs ``chunk`` inside each chunk's solve task and one aggregation task. A
+task costs the cluster a few milliseconds of CPU (the worker's event loop, the
+scheduler): for a 10⁶-RHS Babai solve in 20 chunks that is as much as a third of the
+solve's own time with four tasks per chunk.
+
 Results are compact: ``x`` comes in the smallest signed integer type holding the box
 (``int8`` for a box inside [-128, 127], then ``int16``, ``int32``; ``int64`` when ``lo``
 or ``hi`` is itself a dask array), ``status`` as ``int8``, ``cost`` as ``float64``. The

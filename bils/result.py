@@ -124,7 +124,8 @@ class BILSResult:
         """The in-memory result: one ``dask.compute`` of every lazy field (a no-op otherwise).
 
         Computing ``x``, ``cost`` and ``status`` separately would run every chunk's solve
-        once per field; this runs each once. ``kwargs`` go to :func:`dask.compute`
+        once per field; this runs each once, as one task per chunk whose tuple of fields
+        is gathered and joined here. ``kwargs`` go to :func:`dask.compute`
         (e.g. ``scheduler="threads"``); without them the active scheduler is used (a
         ``distributed.Client`` when one exists).
 
@@ -142,11 +143,11 @@ class BILSResult:
     def persist(self, **kwargs) -> "BILSResult":
         """The result with every lazy field computed and kept where it was computed.
 
-        One :func:`dask.persist` of ``x``, ``cost``, ``status`` and the lazy ``info``
-        entries: each chunk is solved once, and on a ``distributed`` cluster the blocks
-        stay in the workers' memory (nothing is sent to the client). The fields are still
-        dask arrays, now backed by finished blocks, so later reductions
-        (``res.cost.sum()``), slices and ``compute()`` reuse them without solving again.
+        One :func:`dask.persist` of the per-chunk solves: each chunk is solved once, in one
+        task, and on a ``distributed`` cluster its ``(x, cost, status, info)`` stays in the
+        worker's memory (nothing is sent to the client). The fields are still dask arrays,
+        now getters of the finished chunks, so later reductions (``res.cost.sum()``),
+        slices, :meth:`reduce_chunks` and ``compute()`` reuse them without solving again.
         ``kwargs`` go to :func:`dask.persist`. A no-op for an in-memory result.
 
         Examples
