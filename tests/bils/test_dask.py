@@ -140,6 +140,11 @@ def test_any_chunking_equals_in_memory(case):
     lazy = solver(R, da.from_array(Y, chunks=((n,), chunks)), -3, 3, scale=S, backend="numpy", **kw)
     assert lazy.x.chunks[1] == chunks
     _same(ref, lazy.compute(scheduler="sync"), exact_cost=False)
+    # reduce_chunks hands every chunk's fields, in column order, to the aggregation
+    x, cost = lazy.reduce_chunks(lambda x, c, s: (x, c), aggregate=lambda parts: tuple(
+        np.concatenate(f, axis=-1) for f in zip(*parts))).compute(scheduler="sync")
+    np.testing.assert_array_equal(x, ref.x)
+    np.testing.assert_allclose(cost, ref.cost, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow
