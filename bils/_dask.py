@@ -120,6 +120,25 @@ class _Blocks:
             return a
         return a[..., self.offsets[j]:self.offsets[j + 1]]
 
+    def pair(self, nb):
+        """This argument as an ``(argument, index)`` pair of a blockwise layer over the
+        column chunks (index ``j``; a 2-D dask array's single row block is the contracted
+        index ``i``: the task gets a list of one block)."""
+        from dask._task_spec import TaskRef
+        from dask.blockwise import BlockwiseDepDict
+
+        a = self.a
+        if is_dask_array(a):
+            if self.per_rhs:
+                return a.name, "ij"[2 - a.ndim:]
+            return TaskRef((a.name,) + (0,) * a.ndim), None
+        if not self.per_rhs:
+            return a, None
+        return BlockwiseDepDict({(j,): self.block(j) for j in range(nb)}), "j"
+
+    def numblocks(self):
+        return {self.a.name: self.a.numblocks} if is_dask_array(self.a) and self.per_rhs else {}
+
 
 # ---------------------------------------------------------------------- chunk task
 class _ChunkOptions:
@@ -152,6 +171,12 @@ def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels
     info = {key: np.asarray(res.info[key]) for key in info_keys if key in res.info}
     # codes lie in the box (the driver's output check): the cast keeps every value
     return res.x.astype(code_dtype, copy=False), res.cost, res.status, info
+
+
+def _solve_chunk(func, j0, *args):
+    """A blockwise solve task: ``func(*args, j0=j0)``, the contracted single-block inputs
+    (a list of one block) unwrapped."""
+    return func(*(a[0] if type(a) is list else a for a in args), j0=j0)
 
 
 def _info_get(out, key):
@@ -267,18 +292,31 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
     func = functools.partial(_solve_block, solver=solver, kernels=kernels, backend=be,
                              options=options, rhs_names=tuple(rhs), k_total=k, perm=perm,
                              dead=dead, info_keys=info_keys, code_dtype=xdt)
-    solve = {r_key: Rm}
-    recipe = {}
+    recipe = {}  # each chunk's solve as one task tuple: reduce_chunks composes with it
     for j in range(nb):
         args = [r_key, (Y.name, 0, j)] + [p.block(j) for p in pieces]
         args.append(None if co_piece is None else co_piece.block(j))
         args += [p.block(j) for p in rhs_pieces]
         recipe[j] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
-        solve[(name, j)] = recipe[j]
-    # one layer of solves (with R), seen as a 1-D array of per-chunk result tuples; each
-    # output is a blockwise getter on top of it, so that dask fuses a getter with the
-    # blockwise work that follows (a reduction's first step) into one task per chunk
-    solved = da.Array(HighLevelGraph.from_collections(name, solve, dependencies=deps), name,
+    # one blockwise layer of solves, seen as a 1-D array of per-chunk result tuples, R one
+    # key beside it; each output is a blockwise getter on top of it, so that dask fuses a
+    # getter with the blockwise work that follows (a reduction's first step) into one task
+    # per chunk, and with the solve too when that output is the only one computed
+    from dask._task_spec import TaskRef
+    from dask.blockwise import BlockwiseDepDict
+    from dask.blockwise import blockwise as core_blockwise
+    from dask.delayed import Delayed
+
+    pairs = [BlockwiseDepDict({(j,): int(starts[j]) for j in range(nb)}), "j",
+             TaskRef(r_key), None, Y.name, "ij"]
+    numblocks = {Y.name: Y.numblocks}
+    for p in pieces + [co_piece] + rhs_pieces:
+        pairs += p.pair(nb) if p is not None else [None, None]
+        numblocks.update(p.numblocks() if p is not None else {})
+    layer = core_blockwise(functools.partial(_solve_chunk, func), name, "j", *pairs,
+                           numblocks=numblocks, concatenate=None)
+    r_value = Delayed(r_key, {r_key: Rm})
+    solved = da.Array(HighLevelGraph.from_collections(name, layer, dependencies=deps + [r_value]), name,
                       chunks=(col_chunks,), dtype=object, meta=np.empty((0,), dtype=object))
     chunks = LazyChunks(solved, n, xdt, solver, n_best, squeeze,
                         recipe=recipe, r_key=r_key, R=Rm, deps=deps)

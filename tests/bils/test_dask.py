@@ -239,6 +239,22 @@ def test_one_layer_of_solves_under_every_output():
             kinds[prefix] = kinds.get(prefix, 0) + 1
         assert type(task).__name__ != "Alias", key
     assert kinds == {"bils-klein": 4, "sum": 8, "sum-aggregate": 2, "bils-R": 1}, kinds
+    # one output alone: the solve layer is blockwise too, so the solve, the getter and the
+    # partial sum are one task per chunk (no alias task left by a renaming fusion)
+    for alone, want in ((res.cost.sum(), {"sum": 4, "sum-aggregate": 1}),
+                        (res.x.sum(axis=1), {"sum": 4, "sum-aggregate": 1}),
+                        (da.map_blocks(np.negative, res.status), {"negative": 4})):
+        opt = dict(collections_to_expr([alone]).optimize().__dask_graph__())
+        assert not any(type(t).__name__ == "Alias" for t in opt.values())
+        kinds = _prefixes(opt)
+        assert kinds.pop("array") == 4 and kinds.pop("bils-R") == 1  # Y's blocks, R
+        assert kinds == want, kinds
+    ref = bils.klein(R, Y, lo, hi, n_samples=3, rng=1, backend="numpy")
+    cost_sum, x_sum, neg = dask.compute(res.cost.sum(), res.x.sum(axis=1), da.map_blocks(np.negative, res.status),
+                                        scheduler="sync")
+    assert cost_sum == pytest.approx(ref.cost.sum(), rel=1e-12)
+    np.testing.assert_array_equal(x_sum, ref.x.sum(axis=1))
+    np.testing.assert_array_equal(neg, -ref.status)
     # x, cost, status and the per-RHS info computed together solve each chunk once
     calls = []
     import bils._dask as bd
