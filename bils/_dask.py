@@ -7,7 +7,10 @@ The graph holds
 * one key for ``R`` (the shared factor, in memory): every chunk task depends on it, so a
   distributed scheduler ships it once per worker, not once per chunk;
 * one solve task per column chunk of ``Y`` (rechunked to a single chunk along ``n``),
-  which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks;
+  which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks: one
+  blockwise layer (``Y``'s and the grids' single row block is a contracted index, numpy
+  per-RHS slices and the chunks' first columns are ``BlockwiseDepDict`` arguments), so
+  dask's blockwise fusion can merge it with the one consumer of an output computed alone;
 * small ``getitem`` tasks turning each solve's tuple into blocks of ``x``, ``cost``,
   ``status`` (and the per-RHS entries of ``info``): one blockwise layer per output on top
   of the one layer of solves, so ``dask.compute(res.x, res.cost)`` runs each solve once,
