@@ -50,8 +50,8 @@ The machine may be shared: the load average at start and end of each part goes i
 JSON, and the 2-worker speed-up is understated when other processes compete for the 2
 cores (the CPU seconds per process are not). Re-run on a quiet machine with
 ``make bench-distributed`` (the command below, every figure in one run: ~2.5 minutes on the quiet
-machine — 2 min 33 s for the run of 2026-12-01 01:03 before the ``fused`` mode, which adds
-a few seconds; 2 min 45 s for the Babai part alone at load 11).
+machine — the run of 2026-12-01 01:03, before the ``fused`` mode, which adds
+a few seconds, took about that; the Babai part alone took 2 min 45 s at load 11).
 
 Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
        [--repeats 2] [--parts rhs,layers] [--solvers babai,kbest8] [--out NAME.json]
