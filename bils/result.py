@@ -186,25 +186,43 @@ class BILSResult:
                           info=dict(self.info, **values), _chunks=chunks if name == "persist" else None)
 
     def reduce_chunks(self, chunk, aggregate=None):
-        """Reduce the result chunk by chunk where each chunk is solved.
+        """Reduce the result chunk by chunk, where each chunk is solved.
 
-        ``chunk(x, cost, status)`` gets one column chunk's codes ``x`` (n, k_j), costs
-        (k_j,) and statuses (k_j,) (``x`` in the compact integer type of a lazy result)
-        and returns a partial result; ``aggregate(parts)`` combines the list of partial
-        results, in column order (default: their sum, field by field for tuples).
+        .. math::
 
-        With dask right-hand sides this returns a ``dask.delayed.Delayed``; its graph has
-        one task per chunk — the solve and ``chunk`` together, so only the partial result
-        leaves the task — and one aggregation task. That is the cheapest way to keep a
-        large result on the cluster: ``dask.compute(res.cost.sum(), res.x.sum(axis=1))``
-        runs three tasks per chunk (the solve, and one per output) plus two reduction
-        trees. The solves run inside these tasks: to reduce *and* keep the codes,
-        :meth:`persist` first (the chunks are then reduced where they are kept). An
-        in-memory result is one chunk: the value ``aggregate([chunk(x, cost, status)])``
-        is returned at once.
+            \\text{aggregate}\\big([\\,\\text{chunk}(X_{:,J_1}, c_{J_1}, s_{J_1}), \\dots,
+            \\text{chunk}(X_{:,J_B}, c_{J_B}, s_{J_B})\\,]\\big)
 
-        Float partial sums are added in chunk order, so a total cost equals the in-memory
-        ``cost.sum()`` to rounding; integer sums are exact.
+        over the column chunks :math:`J_1, \\dots, J_B` of ``Y`` (one chunk, all columns, for
+        an in-memory result).
+
+        Parameters
+        ----------
+        chunk : callable ``chunk(x, cost, status) -> partial``
+            Gets one chunk's codes ``x`` (n, k_j) (in the compact integer type of a lazy
+            result), ``cost`` (k_j,) float64 and ``status`` (k_j,) int8 — ``x`` (n,) and 0-d
+            ``cost``, ``status`` for a single 1-D right-hand side — and returns any object.
+        aggregate : callable ``aggregate(parts) -> value``, optional
+            Combines the list of partial results, in column order. Default: their sum
+            (``+``), field by field when they are tuples.
+
+        Returns
+        -------
+        dask.delayed.Delayed or object
+            With dask right-hand sides a ``Delayed`` whose graph has one task per chunk —
+            the solve and ``chunk`` together, so only the partial result leaves the task —
+            and one aggregation task; for an in-memory result the value itself.
+
+        Notes
+        -----
+        This is the cheapest way to keep a large result on the cluster:
+        ``dask.compute(res.cost.sum(), res.x.sum(axis=1))`` runs three tasks per chunk
+        (the solve, and one per output) plus a reduction tree per output, and each task
+        costs the scheduler and the worker milliseconds of CPU. The solves run inside
+        these tasks: to reduce *and* keep or gather the codes, :meth:`persist` first (the
+        kept chunks are then reduced where they are). Float partial sums are added in
+        chunk order, so a total cost equals the in-memory ``cost.sum()`` to rounding;
+        integer sums are exact.
 
         Examples
         --------
