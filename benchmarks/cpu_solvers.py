@@ -422,9 +422,9 @@ def babai_phases(prob, precision, panels=False):
 
 
 #: Seconds of pause before every timed call of the focused run: BLAS (OpenBLAS, torch's
-#: OpenMP) worker threads keep spinning for a while after a call and would take a core from
-#: the next contender on a 2-core machine (measured: up to +60 % CPU time of a Babai call
-#: right after a numpy product, none after a pause).
+#: OpenMP) worker threads keep spinning for a while after a call and can take a core from
+#: the next contender on a 2-core machine (measured: a Babai call right after a numpy
+#: product took 1.0-1.3x, once 1.7x, the CPU time of one after a pause).
 SETTLE_S = 0.25
 
 
@@ -570,6 +570,7 @@ def bench_focus(args):
             rd.timed("babai_grouped_3bit_float64", lambda: bils.babai(p3, backend="numba"), keep=False)
             rd.timed("kbest8_grouped_3bit", lambda: bils.kbest(p3, beam_width=8, backend="numba"),
                      keep=False)
+        rec["kbest8_3bit_phases_s"] = kbest_phases(p3, 8)
         del p3
     rec["times_s"] = rd.best()
     rec["rounds_s"] = dict(rd.wall)
@@ -581,6 +582,28 @@ def bench_focus(args):
     CPU_TIMES.update({f"focus {k}": v for k, v in rec["cpu_s"].items()})
     rec["checks"] = focus_checks(rec)
     return rec
+
+
+def kbest_phases(prob, beam_width):
+    """Seconds per phase of one numba K-best call (``kbest_kernel``'s ``timings``), wall and
+    process CPU time (all threads)."""
+    from bils._numba._common import Clock
+    from bils._numba.kbest import kbest_kernel
+
+    can = prob.canonical()
+    out = {}
+    for clock, name in ((time.perf_counter, "wall"), (time.process_time, "cpu")):
+        t = {}
+        saved = Clock.now
+        Clock.now = staticmethod(clock)
+        try:
+            t0 = clock()
+            kbest_kernel(can, beam_width=beam_width, n_children=beam_width, timings=t)  # bils.kbest's default
+            t["call"] = clock() - t0
+        finally:
+            Clock.now = saved
+        out[name] = t
+    return out
 
 
 def klein_phases(prob, n_samples):
@@ -761,6 +784,8 @@ def main_focus(args):
     if "klein8_phases_s" in rec:
         print("\nnumba Klein S=8 phases (s):",
               {p: round(v, 3) for p, v in rec["klein8_phases_s"].items()})
+        for clock, ph in rec["kbest8_3bit_phases_s"].items():
+            print(f"numba K-best K=8 3-bit phases ({clock} s):", {p: round(v, 3) for p, v in ph.items()})
     print(f"\nload average at start {rec['loadavg_start']}, per round {rec['loadavg_rounds']}, "
           f"at end {rec['loadavg_end']} ({os.cpu_count()} cores)\n")
     print(markdown_table(["target", "limit", "measured", "met"],
