@@ -347,22 +347,28 @@ def _sample_panel_one(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost
 
 
 @njit(cache=True, parallel=True)
-def _keep_better(xbest, cbest, xs, cs, improved, width):
-    """Where ``cs < cbest`` (strictly), take the sample's column and cost."""
+def _keep_better(xbest, cbest, xs, cs, improved):
+    """Where ``cs < cbest`` (strictly), take the sample's column and cost.
+
+    The improved columns are listed first (serially, in column order); the copy then
+    runs over rows in parallel, touching only those columns (after the first samples
+    few columns improve, so most of the former full ``n x k`` scan was wasted).
+    """
     n, k = xbest.shape
-    for t in prange((k + width - 1) // width):
-        j0 = t * width
-        j1 = min(k, j0 + width)
-        better = np.zeros(j1 - j0, dtype=np.bool_)
-        for j in range(j0, j1):
-            if cs[j] < cbest[j]:
-                cbest[j] = cs[j]
-                improved[j] = True
-                better[j - j0] = True
-        for i in range(n):
-            for j in range(j0, j1):
-                if better[j - j0]:
-                    xbest[i, j] = xs[i, j]
+    cols = np.empty(k, dtype=np.int64)
+    nc = 0
+    for j in range(k):
+        if cs[j] < cbest[j]:
+            cbest[j] = cs[j]
+            improved[j] = True
+            cols[nc] = j
+            nc += 1
+    if nc == 0:
+        return
+    for i in prange(n):
+        for c in range(nc):
+            j = cols[c]
+            xbest[i, j] = xs[i, j]
 
 
 def _sample_width(k):
@@ -432,7 +438,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
                     panel_fn(Y, Gb[a:e], e < n, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cs,
                              dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
                 clock.lap("samples")
-                _keep_better(x, cost, xs, cs, improved, TILE)
+                _keep_better(x, cost, xs, cs, improved)
                 clock.lap("select")
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,
