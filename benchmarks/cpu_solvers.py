@@ -31,17 +31,21 @@ own scratch is a few tiles per thread).
 Usage: python benchmarks/cpu_solvers.py [--quick] [--repeats 3] [--skip-compile]
 Writes benchmarks/results/cpu_solvers.json (atomically) and prints a table.
 
-Focused run (issue #23, ~2-3 min): ``python benchmarks/cpu_solvers.py --only babai4096
-[--repeats 2] [--focus-shape 4096x4096]``: the 4096x4096 4-bit g128 layer with its grid passed
-grouped (``bils.GroupedGrid``) and as full (n, k) arrays; in every round the float32/float64
-product floor (``n² k`` flops at the speed of one BLAS product), numba Babai in both
-precisions and both grid forms, and the lean torch loop in both precisions run back to back;
+Focused run (issue #23): ``python benchmarks/cpu_solvers.py --only babai4096
+[--repeats N] [--focus-shape 4096x4096]``: the 4096x4096 4-bit g128 layer with its grid
+passed grouped (``bils.GroupedGrid``) and as full (n, k) arrays, in three sections of N
+interleaved rounds (every contender once per round, a ``SETTLE_S`` pause before each
+call): (1) the float32/float64 product floor (``n² k`` flops at the speed of one BLAS
+product), numba Babai in both precisions and both grid forms, the lean torch loop in both
+precisions; (2) Babai float64 and Klein S=8; (3) Babai 3-bit and K-best K=8 3-bit.
+Figures are best-of-N per contender; every round's wall and CPU seconds, the per-round
+ratios (``round_ratios``) and the load average per round are stored beside them. Also:
 per-phase timings of the numba Babai (every step of a ``bils.babai`` call: validation with
 the fused passes, the precision's range check, grid handling, the sweep, result assembly,
 the output check, reordering to the caller's order; their sum next to one plain call; the
-former panel method's conversions, products and in-panel sweep for comparison); layer
-loss against the loop's; numpy == numba codes; Klein S=8 and K-best K=8 (3-bit) against
-Babai (side by side, fastest of ``--repeats``). Writes
+former panel method's conversions, products and in-panel sweep for comparison), of Klein
+(Babai sweep, conversions, samples, selection) and K-best (products, beam sweeps, wall and
+CPU); layer loss against the loop's; numpy == numba codes. Writes
 benchmarks/results/cpu_solvers_focus.json (``--focus-out NAME`` for another file).
 """
 
