@@ -31,17 +31,21 @@ own scratch is a few tiles per thread).
 Usage: python benchmarks/cpu_solvers.py [--quick] [--repeats 3] [--skip-compile]
 Writes benchmarks/results/cpu_solvers.json (atomically) and prints a table.
 
-Focused run (issue #23, ~2-3 min): ``python benchmarks/cpu_solvers.py --only babai4096
-[--repeats 2] [--focus-shape 4096x4096]``: the 4096x4096 4-bit g128 layer with its grid passed
-grouped (``bils.GroupedGrid``) and as full (n, k) arrays; in every round the float32/float64
-product floor (``n² k`` flops at the speed of one BLAS product), numba Babai in both
-precisions and both grid forms, and the lean torch loop in both precisions run back to back;
+Focused run (issue #23): ``python benchmarks/cpu_solvers.py --only babai4096
+[--repeats N] [--focus-shape 4096x4096]``: the 4096x4096 4-bit g128 layer with its grid
+passed grouped (``bils.GroupedGrid``) and as full (n, k) arrays, in three sections of N
+interleaved rounds (every contender once per round, a ``SETTLE_S`` pause before each
+call): (1) the float32/float64 product floor (``n² k`` flops at the speed of one BLAS
+product), numba Babai in both precisions and both grid forms, the lean torch loop in both
+precisions; (2) Babai float64 and Klein S=8; (3) Babai 3-bit and K-best K=8 3-bit.
+Figures are best-of-N per contender; every round's wall and CPU seconds, the per-round
+ratios (``round_ratios``) and the load average per round are stored beside them. Also:
 per-phase timings of the numba Babai (every step of a ``bils.babai`` call: validation with
 the fused passes, the precision's range check, grid handling, the sweep, result assembly,
 the output check, reordering to the caller's order; their sum next to one plain call; the
-former panel method's conversions, products and in-panel sweep for comparison); layer
-loss against the loop's; numpy == numba codes; Klein S=8 and K-best K=8 (3-bit) against
-Babai (side by side, fastest of ``--repeats``). Writes
+former panel method's conversions, products and in-panel sweep for comparison), of Klein
+(Babai sweep, conversions, samples, selection) and K-best (products, beam sweeps, wall and
+CPU); layer loss against the loop's; numpy == numba codes. Writes
 benchmarks/results/cpu_solvers_focus.json (``--focus-out NAME`` for another file).
 """
 
@@ -421,13 +425,80 @@ def babai_phases(prob, precision, panels=False):
     return phases
 
 
+#: Seconds of pause before every timed call of the focused run: BLAS (OpenBLAS, torch's
+#: OpenMP) worker threads keep spinning for a while after a call and can take a core from
+#: the next contender on a 2-core machine (measured: a Babai call right after a numpy
+#: product took 1.0-1.3x, once 1.7x, the CPU time of one after a pause).
+SETTLE_S = 0.25
+
+
+class Rounds:
+    """Interleaved timing: every contender once per round, all rounds kept.
+
+    ``timed(label, fn)`` pauses :data:`SETTLE_S`, times ``fn()`` (wall and process CPU
+    seconds of all threads) and appends both to the label's list; the result of the
+    fastest call is kept in ``results``. ``best`` is the fastest per label (best-of-N),
+    ``ratio(a, b)`` the per-round ratios ``a / b`` (contenders timed in the same round).
+    """
+
+    def __init__(self):
+        self.wall, self.cpu, self.results = {}, {}, {}
+
+    def timed(self, label, fn, keep=True):
+        gc.collect()
+        time.sleep(SETTLE_S)
+        c0 = time.process_time()
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+        cpu = time.process_time() - c0
+        if keep and dt < min(self.wall.get(label, [np.inf])):
+            self.results[label] = out
+        self.add(label, dt, cpu)
+        return out
+
+    def add(self, label, wall, cpu):
+        self.wall.setdefault(label, []).append(wall)
+        self.cpu.setdefault(label, []).append(cpu)
+
+    def best(self):
+        return {k: min(v) for k, v in self.wall.items()}
+
+    def best_cpu(self):
+        return {k: min(v) for k, v in self.cpu.items()}
+
+    def ratio(self, a, b):
+        return [x / y for x, y in zip(self.wall[a], self.wall[b])]
+
+
+#: Per-round ratios stored in the focused run's JSON (numerator, denominator).
+ROUND_RATIOS = {
+    "babai_grouped_f32_over_floor_f32": ("babai_grouped_float32", "floor_float32"),
+    "babai_full_f32_over_floor_f32": ("babai_full_float32", "floor_float32"),
+    "babai_grouped_f64_over_floor_f64": ("babai_grouped_float64", "floor_float64"),
+    "lean_f32_over_babai_grouped_f32": ("lean_float32", "babai_grouped_float32"),
+    "lean_f64_over_babai_grouped_f64": ("lean_float64", "babai_grouped_float64"),
+    "klein8_over_babai_f64": ("klein8_grouped", "babai_grouped_float64_klein_round"),
+    "kbest8_3bit_over_babai_3bit": ("kbest8_grouped_3bit", "babai_grouped_3bit_float64"),
+}
+
+
 def bench_focus(args):
-    """Every figure of issue #23's "Must show" on one layer, measured side by side."""
+    """Every figure of issue #23's "Must show" on one layer, measured side by side.
+
+    Three sections of ``--repeats`` interleaved rounds each (every contender once per
+    round, a :data:`SETTLE_S` pause before each call): (1) the float32 and float64
+    product floors, numba Babai in both precisions and both grid forms and the lean torch
+    loop in both precisions; (2) Babai float64 and Klein S=8; (3) Babai 3-bit and K-best
+    K=8 3-bit. Figures use the fastest call per contender (best-of-N); the per-round
+    ratios (contenders timed next to each other) are stored beside them.
+    """
     import torch
     from _gptq_torch import gptq_lean
 
     n, k = (int(v) for v in args.focus_shape.split("x"))
-    rec = {"n": n, "k": k, "group": GROUP, "bits": 4, "loadavg_start": os.getloadavg()}
+    rec = {"n": n, "k": k, "group": GROUP, "bits": 4, "loadavg_start": os.getloadavg(),
+           "repeats": args.repeats, "settle_s": SETTLE_S}
     torch.set_num_threads(os.cpu_count() or 1)
     H, W, N, rec["build_s"] = layer_data(n, k, seed=n + k)
     probs = {}
@@ -441,35 +512,24 @@ def bench_focus(args):
     warm = {prec: bils.babai(probs["grouped"], precision=prec, backend="numba")  # compile
             for prec in ("float32", "float64")}
     del warm
-    times = {}
-    results = {}
+    rd = Rounds()
+    rec["loadavg_rounds"] = []
 
-    def timed(label, fn):
-        gc.collect()
-        c0 = time.process_time()
-        t = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t
-        if dt < times.get(label, np.inf):
-            times[label] = dt
-            CPU_TIMES[f"focus {label}"] = time.process_time() - c0
-            results[label] = out
-        return out
-
-    # interleaved: the floor, Babai and the lean loop run next to each other in every round
+    # (1) the floor, Babai and the lean loop next to each other in every round
     for _ in range(args.repeats):
         for prec, dt in (("float32", np.float32), ("float64", np.float64)):
+            gc.collect()
+            time.sleep(SETTLE_S)
             f, rate, fcpu = product_floor(n, k, dt, rng)
-            if f < times.get(f"floor_{prec}", np.inf):
-                times[f"floor_{prec}"] = f
-                rec[f"floor_{prec}_gflops"] = rate
-                CPU_TIMES[f"focus floor_{prec}"] = fcpu
+            rd.add(f"floor_{prec}", f, fcpu)
+            rec[f"floor_{prec}_gflops"] = max(rate, rec.get(f"floor_{prec}_gflops", 0.0))
             for form in ("grouped", "full"):
-                timed(f"babai_{form}_{prec}",
-                      lambda: bils.babai(probs[form], precision=prec, backend="numba"))
+                rd.timed(f"babai_{form}_{prec}",
+                         lambda: bils.babai(probs[form], precision=prec, backend="numba"))
             tdt = torch.float32 if prec == "float32" else torch.float64
-            timed(f"lean_{prec}", lambda: gptq_lean(Wt, Ht, sc, ze, dtype=tdt).numpy())
-    rec["times_s"] = dict(times)
+            rd.timed(f"lean_{prec}", lambda: gptq_lean(Wt, Ht, sc, ze, dtype=tdt).numpy())
+        rec["loadavg_rounds"].append(os.getloadavg())
+    results = rd.results
     # the phase split of the fastest of `repeats` instrumented calls (sum of phases)
     rec["phases_s"] = {f"{form}_{prec}": min((babai_phases(probs[form], prec)
                                               for _ in range(args.repeats)), key=lambda ph: ph["sum"])
@@ -481,9 +541,8 @@ def bench_focus(args):
     for label in ("babai_full_float64", "babai_grouped_float32", "babai_full_float32"):
         rec[f"codes_equal_{label}_vs_grouped_float64"] = float(np.mean(results[label].x == xg))
     for form in ("grouped", "full"):
-        t = time.perf_counter()
-        ref = bils.babai(probs[form], backend="numpy")
-        times[f"babai_numpy_{form}_float64"] = time.perf_counter() - t
+        ref = rd.timed(f"babai_numpy_{form}_float64", lambda: bils.babai(probs[form], backend="numpy"),
+                       keep=False)
         rec[f"numpy_vs_numba_codes_equal_{form}"] = float(np.mean(ref.x == results[f"babai_{form}_float64"].x))
         rec[f"numpy_vs_numba_identical_{form}"] = bool(np.array_equal(ref.x, results[f"babai_{form}_float64"].x))
         del ref
@@ -497,21 +556,75 @@ def bench_focus(args):
     results.clear()
     gc.collect()
     if not args.skip_klein:
+        # (2) Babai and Klein side by side; (3) Babai 3-bit and K-best side by side
         p = probs["grouped"]
-        timed("klein8_grouped", lambda: bils.klein(p, n_samples=8, rng=0, backend="numba"))
-        del p
         probs.clear()
         gc.collect()
+        bils.klein(p, n_samples=1, rng=0, backend="numba")  # compile
+        for _ in range(args.repeats):
+            rd.timed("babai_grouped_float64_klein_round", lambda: bils.babai(p, backend="numba"),
+                     keep=False)
+            rd.timed("klein8_grouped", lambda: bils.klein(p, n_samples=8, rng=0, backend="numba"),
+                     keep=False)
+        rec["klein8_phases_s"] = klein_phases(p, 8)
+        del p
+        gc.collect()
         p3, _, _, _ = grouped_problem(H, W, 3, True)
-        for _ in range(args.repeats):  # side by side, fastest of each
-            timed("babai_grouped_3bit_float64", lambda: bils.babai(p3, backend="numba"))
-            timed("kbest8_grouped_3bit", lambda: bils.kbest(p3, beam_width=8, backend="numba"))
+        for _ in range(args.repeats):
+            rd.timed("babai_grouped_3bit_float64", lambda: bils.babai(p3, backend="numba"), keep=False)
+            rd.timed("kbest8_grouped_3bit", lambda: bils.kbest(p3, beam_width=8, backend="numba"),
+                     keep=False)
+        rec["kbest8_3bit_phases_s"] = kbest_phases(p3, 8)
         del p3
-        rec["times_s"] = dict(times)
+    rec["times_s"] = rd.best()
+    rec["rounds_s"] = dict(rd.wall)
+    rec["rounds_cpu_s"] = dict(rd.cpu)
+    rec["round_ratios"] = {name: rd.ratio(a, b) for name, (a, b) in ROUND_RATIOS.items()
+                           if a in rd.wall and b in rd.wall}
     rec["loadavg_end"] = os.getloadavg()
-    rec["cpu_s"] = {k[len("focus "):]: v for k, v in CPU_TIMES.items() if k.startswith("focus ")}
+    rec["cpu_s"] = rd.best_cpu()
+    CPU_TIMES.update({f"focus {k}": v for k, v in rec["cpu_s"].items()})
     rec["checks"] = focus_checks(rec)
     return rec
+
+
+def kbest_phases(prob, beam_width):
+    """Seconds per phase of one numba K-best call (``kbest_kernel``'s ``timings``), wall and
+    process CPU time (all threads)."""
+    from bils._numba._common import Clock
+    from bils._numba.kbest import kbest_kernel
+
+    can = prob.canonical()
+    out = {}
+    for clock, name in ((time.perf_counter, "wall"), (time.process_time, "cpu")):
+        t = {}
+        saved = Clock.now
+        Clock.now = staticmethod(clock)
+        try:
+            t0 = clock()
+            kbest_kernel(can, beam_width=beam_width, n_children=beam_width, timings=t)  # bils.kbest's default
+            t["call"] = clock() - t0
+        finally:
+            Clock.now = saved
+        out[name] = t
+    return out
+
+
+def klein_phases(prob, n_samples):
+    """Seconds per phase of one numba Klein call (``klein_kernel``'s ``timings``)."""
+    from bils._numba.klein import klein_kernel
+    from bils.klein import lls_tau
+    from bils._rng import column_seeds
+
+    can = prob.canonical()
+    k = can.Y.shape[1]
+    tau = np.broadcast_to(np.asarray(lls_tau(can.R, can.scale, n_samples), dtype=float), (k,)).copy()
+    t = {}
+    t0 = time.perf_counter()
+    klein_kernel(can, n_samples=n_samples, tau=tau, seeds=column_seeds(0, k), block_size=128,
+                 timings=t)
+    t["call"] = time.perf_counter() - t0
+    return t
 
 
 def focus_checks(rec):
@@ -543,7 +656,7 @@ def focus_checks(rec):
             q = cpu[f"babai_{form}_float32"] / cpu["floor_float32"]
             add(f"for information: CPU time babai float32 ({form}) / float32 floor", "-", q, None)
     if "klein8_grouped" in t:
-        q = t["klein8_grouped"] / t["babai_grouped_float64"]
+        q = t["klein8_grouped"] / t["babai_grouped_float64_klein_round"]
         add("klein S=8 / babai (float64, grouped)", "<= 6", q, q <= 6)
         q = t["kbest8_grouped_3bit"] / t["babai_grouped_3bit_float64"]
         add("kbest K=8 3-bit / babai 3-bit (grouped)", "<= 8", q, q <= 8)
@@ -668,8 +781,17 @@ def main_focus(args):
     print(markdown_table(["numba babai", "phase", "seconds"],
                          [[run, p, f"{v:.3f}"] for run, ph in rec["phases_s"].items()
                           for p, v in ph.items()]))
-    print(f"\nload average at start {rec['loadavg_start']}, at end {rec['loadavg_end']} "
-          f"({os.cpu_count()} cores)\n")
+    print()
+    print(markdown_table(["per-round ratio", "rounds", "median"],
+                         [[name, " ".join(f"{v:.2f}" for v in vals), f"{np.median(vals):.2f}"]
+                          for name, vals in rec["round_ratios"].items()]))
+    if "klein8_phases_s" in rec:
+        print("\nnumba Klein S=8 phases (s):",
+              {p: round(v, 3) for p, v in rec["klein8_phases_s"].items()})
+        for clock, ph in rec["kbest8_3bit_phases_s"].items():
+            print(f"numba K-best K=8 3-bit phases ({clock} s):", {p: round(v, 3) for p, v in ph.items()})
+    print(f"\nload average at start {rec['loadavg_start']}, per round {rec['loadavg_rounds']}, "
+          f"at end {rec['loadavg_end']} ({os.cpu_count()} cores)\n")
     print(markdown_table(["target", "limit", "measured", "met"],
                          [[c["name"], c["limit"], c["measured"],
                            "-" if c["met"] is None else "yes" if c["met"] else "NO"]

@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, Clock, grids, readonly
+from ._common import TILE, Clock, aligned_empty, grids, readonly
 from ._tiles import (STEP, bound_row, grid_row, load_tile, rank1, rank1_col, rank16_rows,
                      update_below)
 
@@ -126,11 +126,11 @@ def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
     n = R.shape[0]
     w = j1 - j0
     dt = proto.dtype
-    T = np.empty((n, w), dtype=dt)
+    T = aligned_empty(n, w, proto)  # on a cache line: see aligned_empty
     for l in range(n):
         for jj in range(w):
             T[l, jj] = Y[l, j0 + jj]
-    zb = np.empty((STEP, w), dtype=dt)
+    zb = aligned_empty(STEP, w, proto)
     zdum = np.empty(w, dtype=dt)
     coef = np.empty(STEP, dtype=dt)
     cl = np.zeros(w)

@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import at, box_round, gat, grids, readonly
+from ._common import Clock, at, box_round, gat, grids, readonly
 from ._tiles import STEP
 
 __all__ = ["kbest_kernel"]
@@ -377,8 +377,14 @@ def _backtrack(xcode, par, nbeam, pcost, j0, X, cost):
             ib = par[jj, lv, ib]
 
 
-def kbest_kernel(can, *, beam_width, n_children):
-    """Numba kernel of :func:`bils.kbest` (same contract as ``_kbest_numpy``)."""
+def kbest_kernel(can, *, beam_width, n_children, timings=None):
+    """Numba kernel of :func:`bils.kbest` (same contract as ``_kbest_numpy``).
+
+    ``timings``, a dict, receives seconds per phase: ``convert`` (grids, transposed panel
+    copies of ``R``, path storage), ``product`` (the reference paths' BLAS products),
+    ``panel`` (the beams' sweeps over each panel), ``backtrack`` (best member's codes).
+    """
+    clock = Clock(timings)
     R = can.R
     Y = readonly(can.Y)
     n, k = Y.shape
@@ -400,11 +406,13 @@ def kbest_kernel(can, *, beam_width, n_children):
         bslot = np.zeros(w, dtype=np.int64)
         Zref = np.empty((n, w))
         Gc = np.empty((min(PANEL, n), w))
+        clock.lap("convert")
         for (a, e), RS, RT in zip(panels, slabs, diags):
             Gp = Gc[: e - a]
             has_g = e < n
             if has_g:
                 np.matmul(R[a:e, e:], Zref[e:], out=Gp)
+            clock.lap("product")
             if w > 1:
                 with numba.parallel_chunksize(_CHUNK):  # work per RHS varies (corrections)
                     _panel(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode,
@@ -412,6 +420,8 @@ def kbest_kernel(can, *, beam_width, n_children):
             else:
                 _panel_one(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode, par,
                            nbeam, pcost, bslot, Zref)
+            clock.lap("panel")
         _backtrack(xcode, par, nbeam, pcost, j0, x, cost)
+        clock.lap("backtrack")
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"beam_width": beam_width, "n_children": n_children}

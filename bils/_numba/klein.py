@@ -33,7 +33,7 @@ from ._common import TILE, Clock, at, box_round, gat, grids, readonly, uniform
 from ._tiles import STEP, rank1, update_below
 from .babai import panels, sweep, whole_sweep
 
-__all__ = ["klein_kernel", "klein_pick"]
+__all__ = ["klein_kernel", "klein_panel", "klein_pick"]
 
 #: Klein's window half-width in standard deviations (``bils.klein.WINDOW_SIGMAS``).
 WINDOW_SIGMAS = 6.0
@@ -41,6 +41,15 @@ WINDOW_SIGMAS = 6.0
 _SKIP_EXP = 45.0
 #: Candidates per side of the centre whose weights are kept in scratch.
 _NBUF = 32
+#: Fewest levels per panel of the numba Klein (its Babai sweep and every sampled sweep use
+#: the same panels: a sample equal to the Babai point then has bitwise the Babai cost, so
+#: ``improved`` is exact). The panel is the smallest multiple of ``block_size`` at least
+#: this large: on a 4096 x 4096 layer with S = 8, panels of 128 levels cost 2.2x the CPU
+#: time of panels of 1024 (the Babai sweep's BLAS products and thread hand-overs per panel,
+#: a parallel launch per panel and sample); 512: 1.2x, 2048: 1.0x (measured side by side).
+#: The corrections of a sample cost the same for any panel size (a sum over the levels
+#: below each panel where the sample left the Babai point), the in-panel sweep grows with it.
+MIN_PANEL = 1024
 #: Right-hand sides per parallel task of a sampled sweep (wide tiles: each task streams
 #: the panel's rows of ``R`` once).
 SAMPLE_TILE = 128
@@ -338,22 +347,28 @@ def _sample_panel_one(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost
 
 
 @njit(cache=True, parallel=True)
-def _keep_better(xbest, cbest, xs, cs, improved, width):
-    """Where ``cs < cbest`` (strictly), take the sample's column and cost."""
+def _keep_better(xbest, cbest, xs, cs, improved):
+    """Where ``cs < cbest`` (strictly), take the sample's column and cost.
+
+    The improved columns are listed first (serially, in column order); the copy then
+    runs over rows in parallel, touching only those columns (after the first samples
+    few columns improve, so most of the former full ``n x k`` scan was wasted).
+    """
     n, k = xbest.shape
-    for t in prange((k + width - 1) // width):
-        j0 = t * width
-        j1 = min(k, j0 + width)
-        better = np.zeros(j1 - j0, dtype=np.bool_)
-        for j in range(j0, j1):
-            if cs[j] < cbest[j]:
-                cbest[j] = cs[j]
-                improved[j] = True
-                better[j - j0] = True
-        for i in range(n):
-            for j in range(j0, j1):
-                if better[j - j0]:
-                    xbest[i, j] = xs[i, j]
+    cols = np.empty(k, dtype=np.int64)
+    nc = 0
+    for j in range(k):
+        if cs[j] < cbest[j]:
+            cbest[j] = cs[j]
+            improved[j] = True
+            cols[nc] = j
+            nc += 1
+    if nc == 0:
+        return
+    for i in prange(n):
+        for c in range(nc):
+            j = cols[c]
+            xbest[i, j] = xs[i, j]
 
 
 def _sample_width(k):
@@ -364,8 +379,18 @@ def _sample_width(k):
     return w
 
 
+def klein_panel(block_size):
+    """Levels per panel of the numba Klein: the smallest multiple of ``block_size`` that is
+    at least :data:`MIN_PANEL`. The result does not depend on it beyond rounding."""
+    return block_size * max(1, -(-MIN_PANEL // block_size))
+
+
 def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
     """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``).
+
+    Sweeps run in panels of :func:`klein_panel` levels (``block_size`` rounded up to a
+    multiple of at least :data:`MIN_PANEL`); like the numba Babai, the panels change
+    the result only through rounding.
 
     ``timings``, a dict, receives seconds per phase: ``babai`` (the Babai sweep keeping
     every panel's product), ``convert`` (transposed panel copies of ``R``), ``samples``
@@ -380,7 +405,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
         whole_sweep(can, xb, cost_b, np.dtype(np.float64))
     else:
         Gb = np.empty((n, k))
-        sweep(can, block_size, xb, np.empty((n, k)), cost_b, G_out=Gb)
+        sweep(can, klein_panel(block_size), xb, np.empty((n, k)), cost_b, G_out=Gb)
     x, cost = xb, cost_b
     clock.lap("babai")
     if n_samples > 0:
@@ -395,7 +420,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
         width = _sample_width(k)
         panel_fn = _sample_panel if k > width else _sample_panel_one
         ntiles = (k + width - 1) // width
-        bounds = panels(n, block_size)
+        bounds = panels(n, klein_panel(block_size))
         RTs = [readonly(np.ascontiguousarray(R[a:e, a:e].T)) for a, e in bounds]
         RSs = [readonly(np.ascontiguousarray(R[a:e, e:].T)) for a, e in bounds]
         Gb = readonly(Gb)
@@ -413,7 +438,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
                     panel_fn(Y, Gb[a:e], e < n, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cs,
                              dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
                 clock.lap("samples")
-                _keep_better(x, cost, xs, cs, improved, TILE)
+                _keep_better(x, cost, xs, cs, improved)
                 clock.lap("select")
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,

@@ -62,3 +62,25 @@ def test_timings_phases():
     t = {}
     nbb.babai_kernel(can, block_size=8, timings=t, panels=True)
     assert {"grid", "product", "panel", "convert", "assemble"} <= set(t)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 5), (4096 // 64, 128)])
+def test_aligned_empty_starts_on_a_cache_line(dtype, rows, cols):
+    from numba import njit
+
+    from bils._numba._common import ALIGN, aligned_empty
+
+    @njit
+    def addrs(rows, cols, proto):
+        out = np.empty(8, dtype=np.int64)
+        for t in range(8):  # several allocations: different allocator states
+            a = aligned_empty(rows + t, cols, proto)
+            a[:, :] = 1.0
+            out[t] = a.ctypes.data % ALIGN if a.shape == (rows + t, cols) else -1
+        return out
+
+    np.testing.assert_array_equal(addrs(rows, cols, np.empty(0, dtype)), 0)
+    a = aligned_empty.py_func(rows, cols, np.empty(0, dtype))  # the NUMBA_DISABLE_JIT path
+    assert a.shape == (rows, cols) and a.dtype == dtype and a.flags.c_contiguous
+    assert a.ctypes.data % ALIGN == 0

@@ -110,7 +110,12 @@ def test_babai_precision_argument():
 
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("n, k, block_size", [(1, 2, 128), (9, 5, 3), (40, 40, 16), (150, 20, 64)])
-def test_klein_parity(grid, n, k, block_size):
+@pytest.mark.parametrize("min_panel", [None, 1])
+def test_klein_parity(grid, n, k, block_size, min_panel, monkeypatch):
+    if min_panel is not None:  # panels of exactly block_size levels: many products, corrections
+        import bils._numba.klein as nbk
+
+        monkeypatch.setattr(nbk, "MIN_PANEL", min_panel)
     prob = _problem(n, k, grid, seed=7 * n + k)
     for tau in ("auto", 0.3, 3.0):
         kw = dict(n_samples=5, tau=tau, rng=11, block_size=block_size)
@@ -278,3 +283,11 @@ print(json.dumps(out))
 def test_runs_without_jit():
     res = _run({"NUMBA_DISABLE_JIT": "1"}, script=_NOJIT)
     assert res == {"babai": True, "klein": True, "kbest": True, "enumerate": True}
+
+
+def test_klein_panel_is_a_multiple_of_block_size():
+    from bils._numba.klein import MIN_PANEL, klein_panel
+
+    for bs in (1, 3, 128, 1000, MIN_PANEL, 3000):
+        p = klein_panel(bs)
+        assert p % bs == 0 and p >= MIN_PANEL and p - bs < max(MIN_PANEL, bs)
