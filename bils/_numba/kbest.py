@@ -363,6 +363,11 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     ct = np.empty((STEP, STEP))  # ct[q - bot, r] = RT[top - 1 - r, q]: in-step coefficients
     zst = np.empty((K, STEP))
     zst_n = np.empty((K, STEP))
+    # tst[b, u]: member b's target at level bot + u of the current step, the step's decided
+    # levels already subtracted (in level order, as the on-the-fly sum would): a parent's
+    # target is one load, and a new member's row is its parent's minus one term per level
+    tst = np.empty((K, STEP))
+    tst_n = np.empty((K, STEP))
     for b in range(K):
         anc[b] = b
     top = m
@@ -371,6 +376,9 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
         for u in range(top - bot):
             for r in range(top - 1 - bot - u):
                 ct[u, r] = RT[top - 1 - r, bot + u]
+        for b in range(B):  # anc is the identity at a step's start
+            for u in range(top - bot):
+                tst[b, u] = Tb[b, bot + u]
         for q in range(top - 1, bot - 1, -1):
             ns = top - 1 - q  # levels of this step decided before q
             i = a + q
@@ -388,15 +396,9 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
             # every parent's children come in zig-zag order with non-decreasing cost:
             # the beam is the merge of these sequences, nb heads taken in (cost, key)
             # order (key = parent * C + rank, the reference's stable order)
-            for p in range(B):
-                hc[p] = np.inf
-                if pc[p] == np.inf:
-                    continue  # an empty slot: all its children are infeasible
-                t = Tb[anc[p], q]
-                zp = zst[p]
-                cq = ct[q - bot]
-                for r in range(ns):
-                    t = t - cq[r] * zp[r]
+            uq = q - bot
+            for p in range(B):  # branch-free over the parents (empty slots: cost inf below)
+                t = tst[p, uq]
                 t = t - rii * o
                 c = t / d
                 mm = box_round(c, lo, hi)
@@ -411,7 +413,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 hup[p] = mm + 1.0
                 ez = t - d * mm  # child 0: the rounded value
                 hz[p] = mm
-                hc[p] = pc[p] + ez * ez
+                hc[p] = np.inf if pc[p] == np.inf else pc[p] + ez * ez
             bab_c = hc[slot]
             bab_z = hz[slot]
             cnt = 0
@@ -475,6 +477,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                     anc_n[r] = 0
                     for u in range(STEP):
                         zst_n[r, u] = 0.0
+                        tst_n[r, u] = 0.0
                     continue
                 p = key // C
                 zr = cand_z[key]
@@ -483,11 +486,15 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 anc_n[r] = anc[p]
                 for u in range(ns):
                     zst_n[r, u] = zst[p, u]
-                zst_n[r, ns] = s * zr + o
+                zv = s * zr + o
+                zst_n[r, ns] = zv
+                for u in range(q - bot):
+                    tst_n[r, u] = tst[p, u] - ct[u, ns] * zv
             for r in range(nb):
                 pc[r] = npc[r]
             anc, anc_n = anc_n, anc
             zst, zst_n = zst_n, zst
+            tst, tst_n = tst_n, tst
             B = nb
         if bot > 0:  # rows below the step: each member's STEP updates in one pass
             _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot, cf)

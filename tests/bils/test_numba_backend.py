@@ -291,3 +291,22 @@ def test_klein_panel_is_a_multiple_of_block_size():
     for bs in (1, 3, 128, 1000, MIN_PANEL, 3000):
         p = klein_panel(bs)
         assert p % bs == 0 and p >= MIN_PANEL and p - bs < max(MIN_PANEL, bs)
+
+
+def test_kbest_empty_slots_across_steps(monkeypatch):
+    """Empty beam slots (cost inf) that live through whole steps and panel boundaries: the
+    top level's box holds 5 values (3 of K=8 slots stay empty), the next 39 levels one
+    value each (the beam keeps its empty slots), then 3-bit boxes refill it. Exercises the
+    four-at-a-time step rows over empty members and the branch-free parent scoring."""
+    import bils._numba.kbest as nkb
+
+    n = 100
+    R, Y, lo, hi, scale, offset = _problem(n, 12, "full", seed=23)
+    hi = np.full((n, 1), 7, dtype=np.int64)
+    hi[n - 40:] = 0
+    hi[n - 1] = 4
+    prob = (R, Y, np.zeros((n, 1), dtype=np.int64), hi, scale, offset)
+    ref = _solve(bils.kbest, prob, "numpy", beam_width=8)
+    for panel in (40, 512):
+        monkeypatch.setattr(nkb, "PANEL", panel)
+        _assert_parity(ref, _solve(bils.kbest, prob, "numba", beam_width=8), f"panel={panel}")
