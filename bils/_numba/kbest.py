@@ -18,11 +18,13 @@ depend on the thread count.
 Steps. Inside a panel, levels are decided in steps of 16
 (:data:`~bils._numba._tiles.STEP`), as in the whole-sweep Babai. At a step's start every
 member has its targets for the panel's remaining levels (one row per member); during the
-step a member is its ancestor's row plus the points it chose at the step's levels so far,
-and a level's target subtracts those few terms on the fly. After the step one pass gives
-every member its new row for the levels below (16 updates per element, coefficients in
-a contiguous (16, m) block: :func:`_step_rows`), instead of a copy-and-update of every
-member's row per level. Each target receives the same operations in the same order as
+step a member is its ancestor's row plus the points it chose at the step's levels so far;
+its targets at the step's remaining levels are kept in a 16-wide row (a new member's is
+its parent's minus its new point's term, one per level), so scoring a parent is one load.
+After the step one pass gives every member its new row for the levels below (16 updates
+per element, coefficients in a contiguous (16, m) block, four members per pass so each
+coefficient is loaded once for four: :func:`_step_rows`), instead of a copy-and-update of
+every member's row per level. Each target receives the same operations in the same order as
 with one update per level, so codes and costs are bitwise those of the per-level
 kernel.
 
@@ -280,7 +282,8 @@ def _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot, cf):
     ``RT[lv, l] z_b(lv)`` in level order (``zst[b, r]`` is level ``top - 1 - r``), the same
     operations in the same order as one rank-1 update per level, so the results do not
     depend on the step. The step's coefficient rows are copied to ``cf`` (STEP, m) first.
-    Empty members (cost ``inf``) are skipped.
+    Empty members (cost ``inf``) get rows too when they fall in a block of four (their step
+    points are zeros; their costs keep them out of every selection), otherwise skipped.
     """
     ns = top - bot
     for r in range(ns):
@@ -356,7 +359,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     npc = np.empty(K)
     # members' targets are kept per step of STEP levels: ``Tb[anc[b]]`` holds member b's
     # targets as of the step's start (its ancestor's row), ``zst[b, :ns]`` the points it
-    # chose at the step's first ns levels; a level's target subtracts those on the fly
+    # chose at the step's first ns levels (for the rows below the step, :func:`_step_rows`)
     anc = np.empty(K, dtype=np.int64)
     anc_n = np.empty(K, dtype=np.int64)
     cf = np.empty((STEP, m))
