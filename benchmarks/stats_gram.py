@@ -11,6 +11,7 @@ statistics seconds of each run (stage profile). Results: ``benchmarks/results/st
 Usage::
 
     python benchmarks/stats_gram.py --methods gptq ojbkq --threads 2
+    python benchmarks/stats_gram.py --methods gptq --runs matmul/bs4 --threads 2 --out benchmarks/results/stats_gram_control.json
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["gptq", "ojbkq"])
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--runs", nargs="+", default=["matmul", "syrk"], choices=["matmul", "syrk", "matmul/bs4"],
+                    help="'matmul/bs4': the old product with 4 windows per batch, a rounding-level change of the "
+                         "old arithmetic (a control: how far perplexity moves by rounding alone)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stats_gram.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -61,16 +65,17 @@ def main(argv=None):
     for method in args.methods:
         spec = spec_for(method, "w3g128")
         codes = {}
-        for gram in ("matmul", "syrk"):
+        for gram in args.runs:
+            bs = 4 if gram.endswith("/bs4") else 8
             model.load_state_dict(state)
             report, la = {}, load_average()
 
-            def stats(*a, gram=gram, **k):
+            def stats(*a, gram=gram.split("/")[0], **k):
                 return LayerStatistics(*a, gram=gram, **k)
 
             t0 = time.perf_counter()
             with mock.patch.object(driver, "LayerStatistics", stats):
-                layers = quantize_model(model, calib, spec, batch_size=8, seed=0, progress=False, report=report)
+                layers = quantize_model(model, calib, spec, batch_size=bs, seed=0, progress=False, report=report)
             wall = time.perf_counter() - t0
             ppl = perplexity(model, evalw, progress=False).ppl
             codes[gram] = {n: np.asarray(q.codes) for n, q in layers.items()}
@@ -78,14 +83,17 @@ def main(argv=None):
                                                "load_average": [la, load_average()]}
             logger.info("%s %s: %.1f s (statistics %.1f s), ppl %.4f, load %s", method, gram, wall,
                         report["profile"]["totals"]["statistics"], ppl, la)
-        differ = sum(int((codes["matmul"][n] != codes["syrk"][n]).sum()) for n in codes["syrk"])
-        total = sum(c.size for c in codes["syrk"].values())
-        a, b = out["runs"][f"{method}/matmul"]["ppl"], out["runs"][f"{method}/syrk"]["ppl"]
-        out["runs"][f"{method}/compare"] = {"codes_differ_frac": differ / total, "ppl_rel_diff": (b - a) / a}
-        logger.info("%s: %.4f %% of codes differ; perplexity %+.3f %%", method, 100 * differ / total,
-                    100 * (b - a) / a)
+        if "matmul" in codes:
+            for other in [r for r in args.runs if r != "matmul"]:
+                differ = sum(int((codes["matmul"][n] != codes[other][n]).sum()) for n in codes[other])
+                total = sum(c.size for c in codes[other].values())
+                a, b = out["runs"][f"{method}/matmul"]["ppl"], out["runs"][f"{method}/{other}"]["ppl"]
+                out["runs"][f"{method}/compare/{other}"] = {"codes_differ_frac": differ / total,
+                                                            "ppl_rel_diff": (b - a) / a}
+                logger.info("%s %s against matmul: %.4f %% of codes differ; perplexity %+.3f %%", method, other,
+                            100 * differ / total, 100 * (b - a) / a)
         write_json_file(args.out, out)
-    print(json.dumps({k: v for k, v in out["runs"].items() if k.endswith("compare")}, indent=1))
+    print(json.dumps({k: v for k, v in out["runs"].items() if "/compare" in k}, indent=1))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ from .blocks import (DEFAULT_EXCLUDE, StopForward, find_blocks, first_block_inpu
 from .experts import MIN_EXPERT_TOKENS, ExpertsPart, ExpertsStatistics
 from .checkpoints import check_manifest, layer_path, load_layer, save_layer
 from .hooks import forward_pre_hooks
+from .memory import trim as trim_memory
 from .profile import StageProfile, format_profile
 from .statistics import LayerStatistics
 
@@ -902,8 +903,10 @@ def _single_pass(block, groups, layers, slots, qstream, extras, finputs, run, *,
         items = _stage_items([g], stats, layers, slots, run, n_tok)
         prof.add("statistics", time.perf_counter() - t0)
         run.finish_all(items)
-        spent[0] += time.perf_counter() - t0
         del items, stats
+        # every batch thread waits here: give their arenas' freed pages back before they go on
+        trim_memory()
+        spent[0] += time.perf_counter() - t0
 
     out = [None] * n
     t = time.perf_counter()
