@@ -3,12 +3,18 @@
 The single pass (:func:`~llm_adapter.calibration.quantize_model`, ``single_pass=True``)
 runs every calibration batch in a thread of its own. glibc's ``malloc`` gives each thread
 an arena of its own, and memory a thread frees stays in its arena, where the other threads
-cannot reuse it: with 16 batch threads the resident memory grows well past what is alive
-(measured on SmolLM2, 3 blocks, 32 x 512 tokens: 1.36 GiB over the start against 0.51 GiB
-with a fixed ``MALLOC_MMAP_THRESHOLD_``; docs/performance.md). :func:`trim` asks glibc to
-hand every arena's free pages back to the system (``malloc_trim(0)``), which the driver
-does while all the batch threads wait at a group, before they go on; nothing is changed
-in the process's malloc settings. On other C libraries it does nothing.
+cannot reuse it: the resident memory grows well past what is alive (SmolLM2, 3 blocks,
+32 x 512 tokens, 4 batch threads: 1.32 GiB over the start; 0.58 GiB with the arenas capped
+at 2, 0.64 GiB with :func:`trim`; docs/performance.md). Two remedies:
+
+* :func:`limit_arenas` (process-wide, for applications: the ``llm-adapter`` program and the
+  benchmarks call it; the library does not), the better one: less memory, fewer page
+  faults, less CPU time;
+* :func:`trim`, which the driver calls while all the batch threads wait at a group: glibc
+  hands every arena's free pages back to the system (``malloc_trim(0)``); it changes no
+  setting, costs page faults, and does nothing where the arenas are capped.
+
+On other C libraries both do nothing.
 """
 
 from __future__ import annotations
@@ -16,25 +22,33 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 __all__ = ["limit_arenas", "trim"]
 
 logger = logging.getLogger("llm_adapter.calibration")
 
 _TRIM = []  # [malloc_trim or None], looked up once
+_CAPPED = []  # [n] once limit_arenas(n) took effect: mirrors the process's malloc setting
 
 
 def trim() -> bool:
     """Return the free pages of every malloc arena to the system (glibc ``malloc_trim(0)``).
 
+    Nothing is done where the arenas are capped (:func:`limit_arenas` called, or
+    ``MALLOC_ARENA_MAX`` in the environment): the threads then share their freed memory
+    already, and trimming only costs page faults (docs/performance.md: 0.58 GiB without,
+    0.52 GiB with, but 2.3 times the page faults and more CPU time).
+
     Returns
     -------
     bool
-        Whether glibc's ``malloc_trim`` was found and called (False elsewhere: a no-op).
+        Whether glibc's ``malloc_trim`` was called (False on other C libraries or with
+        capped arenas: a no-op).
 
     Examples
     --------
-    >>> isinstance(trim(), bool)
+    >>> trim() in (True, False)
     True
     """
     if not _TRIM:
@@ -48,7 +62,7 @@ def trim() -> bool:
             logger.debug("no malloc_trim: freed memory stays in the arenas", exc_info=True)
         _TRIM.append(fn)
     fn = _TRIM[0]
-    if fn is None:
+    if fn is None or _CAPPED or os.environ.get("MALLOC_ARENA_MAX"):
         return False
     fn(0)
     return True
@@ -76,7 +90,8 @@ def limit_arenas(n: int = 2) -> bool:
 
     Examples
     --------
-    >>> isinstance(limit_arenas(8), bool)
+    >>> from llm_adapter.calibration.memory import limit_arenas
+    >>> limit_arenas(2)  # doctest: +SKIP
     True
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -88,4 +103,7 @@ def limit_arenas(n: int = 2) -> bool:
         return False
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_ARENA_MAX = -8  # glibc's malloc.h
-    return bool(fn(M_ARENA_MAX, n))
+    ok = bool(fn(M_ARENA_MAX, n))
+    if ok and not _CAPPED:
+        _CAPPED.append(n)
+    return ok
