@@ -67,7 +67,7 @@ def gram_update(x: torch.Tensor, scratch: np.ndarray) -> torch.Tensor:
     """
     from scipy.linalg.blas import ssyrk
 
-    a = x.numpy()
+    a = x.detach().numpy()
     # row-major x (N, n) is the column-major (n, N) matrix x^T: ssyrk's A A^T = x^T x
     c = ssyrk(1.0, a.T, beta=0.0, c=scratch, trans=0, lower=0, overwrite_c=1)
     if c is not scratch and not np.shares_memory(c, scratch):  # pragma: no cover - f2py copied
