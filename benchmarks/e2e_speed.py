@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from _common import machine_info, write_json_file  # noqa: E402
 from llm_quality import CONFIGS, METHODS  # noqa: E402  (the protocol's configs and method fields)
 from llm_adapter.calibration import quantize_model  # noqa: E402
+from llm_adapter.calibration.memory import limit_arenas  # noqa: E402
 from llm_adapter.calibration.blocks import find_blocks, first_block_inputs, run_block  # noqa: E402
 from llm_adapter.calibration.profile import format_profile  # noqa: E402
 from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
@@ -107,6 +108,12 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process so far, every thread (user + system): against the wall time,
+    how much of the 2 cores a stage got on the shared machine (2 x wall on a quiet one)."""
+    return time.process_time()
+
+
 def spec_for(method, config):
     """The benchmark's spec of `method` at `config` (llm_quality's fields; glvq: bits and group size)."""
     fields = dict(CONFIGS[config])
@@ -116,7 +123,8 @@ def spec_for(method, config):
 
 
 def forward_pass(model, windows, batch_size):
-    """``(seconds to the first block's inputs, seconds of one pass of every block over all batches)``."""
+    """``(seconds to the first block's inputs, seconds of one pass of every block over all batches,
+    CPU seconds of that pass)``."""
     _, blocks = find_blocks(model)
     home = next(blocks[0].parameters()).device
     with torch.no_grad():
@@ -125,11 +133,11 @@ def forward_pass(model, windows, batch_size):
         t1 = time.perf_counter()
         hs = [h for h, _, _ in inps]
         run_block(blocks[0], hs[0], inps[0][1], inps[0][2])  # warm-up (one-time costs), not timed
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), cpu_seconds()
         for block in blocks:
             hs = [run_block(block, h, r, k) for h, (_, r, k) in zip(hs, inps)]
         t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, cpu_seconds() - c1
 
 
 def reference_ppl(config, method):
@@ -162,7 +170,11 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("-v", "--verbose", action="store_true", help="per-block profile lines")
+    ap.add_argument("--malloc-arenas", type=int, default=2,
+                    help="cap glibc's malloc arenas (as `llm-adapter` does; 0: leave the C library's default)")
     args = ap.parse_args(argv)
+    if args.malloc_arenas:
+        limit_arenas(args.malloc_arenas)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("llm_adapter").setLevel(logging.WARNING)
     if args.threads:
@@ -184,15 +196,16 @@ def main(argv=None):
     state_bytes = sum(v.numel() * v.element_size() for v in float_state.values())
 
     la = load_average()
-    t_in, t_fwd = forward_pass(model, calib, args.batch_size)
+    t_in, t_fwd, c_fwd = forward_pass(model, calib, args.batch_size)
     forward_pass_s = t_fwd
     logger.info("one forward pass of the decoder blocks over %d x %d tokens: %.1f s (first-block inputs %.1f s; "
                 "load %s)", calib.shape[0], calib.shape[1], t_fwd, t_in, la)
-    yard = {"seconds": t_fwd, "first_block_inputs_s": t_in, "load_average": [la, load_average()]}
+    yard = {"seconds": t_fwd, "cpu_s": c_fwd, "first_block_inputs_s": t_in, "load_average": [la, load_average()]}
 
     protocol = {"model": args.model, "config": args.config, "calib_windows": args.calib_windows,
                 "seqlen": args.seqlen, "seed": args.seed, "batch_size": args.batch_size,
-                "threads": torch.get_num_threads(), "corpus": "shakespeare", "true_sequential": True}
+                "threads": torch.get_num_threads(), "corpus": "shakespeare", "true_sequential": True,
+                "malloc_arenas": args.malloc_arenas}
     try:
         data = json.loads(args.out.read_text())
     except (OSError, ValueError):
@@ -206,16 +219,17 @@ def main(argv=None):
         report = {}
         la0 = load_average()
         with PeakRSS() as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             layers = quantize_model(model, calib, spec, batch_size=args.batch_size, seed=args.seed,
                                     backend=args.backend, progress=False, report=report,
                                     single_pass=path == "single")
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         prof = report["profile"]
         peak_quant = model_bytes + max(0, mem.peak - mem.start)
         run = {
             "method": method, "spec": spec.to_dict(), "path": path,
-            "wall_s": wall, "ratio": wall / forward_pass_s, "target_ratio": TARGETS.get(method),
+            "wall_s": wall, "cpu_s": cpu, "ratio": wall / forward_pass_s, "cpu_ratio": cpu / c_fwd,
+            "target_ratio": TARGETS.get(method),
             "profile": prof, "n_layers": len(layers),
             "memory": {"rss_start_bytes": mem.start, "rss_peak_bytes": mem.peak,
                        "quantize_peak_bytes": peak_quant, "target_bytes": target_bytes,
@@ -226,7 +240,8 @@ def main(argv=None):
             "forward_pass_s": forward_pass_s,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        msg = (f"{method} ({path}): {wall:.1f} s = {run['ratio']:.2f} x the forward pass"
+        msg = (f"{method} ({path}): {wall:.1f} s = {run['ratio']:.2f} x the forward pass (CPU {cpu:.1f} s = "
+               f"{run['cpu_ratio']:.2f} x its {c_fwd:.1f} s)"
                + (f" (target {TARGETS[method]} x)" if method in TARGETS else "")
                + f"; peak memory {peak_quant / GiB:.2f} GiB (target {target_bytes / GiB:.2f} GiB); "
                f"load {run['load_average']}")
@@ -243,10 +258,14 @@ def main(argv=None):
         run["forward_pass"] = yard
         data["runs"][f"{method}/{path}"] = run
         write_json_file(args.out, data)  # after every run: a long one (glvq) killed keeps the others
-    print(f"\none forward pass of the decoder: {forward_pass_s:.1f} s (load average {yard['load_average'][0]})")
-    print(f"{'run':<18}{'wall s':>9}{'ratio':>8}{'target':>8}{'peak GiB':>10}{'target GiB':>11}{'ppl':>9}")
+    print(f"\none forward pass of the decoder: {forward_pass_s:.1f} s, CPU {c_fwd:.1f} s "
+          f"(load average {yard['load_average'][0]})")
+    print(f"{'run':<18}{'wall s':>9}{'ratio':>8}{'CPU ratio':>10}{'target':>8}{'peak GiB':>10}{'target GiB':>11}"
+          f"{'ppl':>9}")
     for key, run in data["runs"].items():
+        cr = run.get("cpu_ratio")
         print(f"{key:<18}{run['wall_s']:9.1f}{run['wall_s'] / run['forward_pass_s']:8.2f}"
+              f"{'' if cr is None else f'{cr:.2f}':>10}"
               f"{run['target_ratio'] or '':>8}{run['memory']['quantize_peak_bytes'] / GiB:10.2f}"
               f"{run['memory']['target_bytes'] / GiB:11.2f}{run.get('ppl') or float('nan'):9.3f}")
     print(f"wrote {args.out}")

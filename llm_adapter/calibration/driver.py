@@ -81,6 +81,7 @@ from .blocks import (DEFAULT_EXCLUDE, StopForward, find_blocks, first_block_inpu
 from .experts import MIN_EXPERT_TOKENS, ExpertsPart, ExpertsStatistics
 from .checkpoints import check_manifest, layer_path, load_layer, save_layer
 from .hooks import forward_pre_hooks
+from .memory import trim as trim_memory
 from .profile import StageProfile, format_profile
 from .statistics import LayerStatistics
 
@@ -717,6 +718,9 @@ def _block_turn(block, layers, qstream, fstream, extras, run, *, joint, true_seq
                                       stats_kw=stats_kw, min_tokens=run.min_expert_tokens)
             prof.add("forward_capture", time.perf_counter() - t - t_stats)
             prof.add("statistics", t_stats)
+            if finputs is not None:  # folded into D: the float copies are not needed any more
+                for n in leads:
+                    finputs.pop(n, None)
         with prof.timed("statistics"):
             items = _stage_items(stage, stats, layers, slots, run, n_tok)
         run.finish_all(items)
@@ -893,12 +897,16 @@ def _single_pass(block, groups, layers, slots, qstream, extras, finputs, run, *,
             for b, args in enumerate(recorded):
                 if args is not None:
                     st.add(args[0], None if finputs is None else finputs[lead][b], seq=seq0[b])
+                if finputs is not None:
+                    finputs[lead][b] = None  # folded into D: the float copy is not needed any more
             stats[lead] = st
         items = _stage_items([g], stats, layers, slots, run, n_tok)
         prof.add("statistics", time.perf_counter() - t0)
         run.finish_all(items)
-        spent[0] += time.perf_counter() - t0
         del items, stats
+        # every batch thread waits here: give their arenas' freed pages back before they go on
+        trim_memory()
+        spent[0] += time.perf_counter() - t0
 
     out = [None] * n
     t = time.perf_counter()

@@ -12,6 +12,14 @@ on the host (the default) and float32 on an accelerator (``device=..., dtype=tor
 what :func:`~llm_adapter.calibration.quantize_model` uses with ``device=``: float64 is
 slow on most GPUs and is only needed for the factorisation, :meth:`LayerStatistics.mean_tensors`).
 
+``H`` is symmetric: on the host its per-batch product is a symmetric rank-k update
+(BLAS ``ssyrk`` through SciPy, ``gram="syrk"``, the default where the sums live on the
+CPU), which computes the upper triangle only, half the flops of the full float32 product
+(``gram="matmul"``, what an accelerator uses). Both are float32 products accumulated in
+float32 inside the BLAS call, so they differ only by the order of the roundings (relative
+error of either against the float64 product about 2e-7, see docs/performance.md); the
+running sum holds the upper triangle and :meth:`LayerStatistics.mean_tensors` mirrors it.
+
 Shrinkage of ``D`` by its noise (``d_shrink``): the sequences are split in two folds by
 the parity of their index, :math:`D = D_0 + D_1`. With :math:`\bar D_f = D_f / N_f` the
 per-token means of the folds, :math:`v = ((\bar D_0 - \bar D_1)/2)^2` estimates the
@@ -26,10 +34,45 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["LayerStatistics", "shrink_d"]
+__all__ = ["LayerStatistics", "gram_update", "shrink_d"]
 
 #: Rules of :func:`shrink_d`.
 SHRINKS = ("layer", "entry")
+#: Ways of forming the per-batch product of ``H`` (:class:`LayerStatistics`'s ``gram``).
+GRAMS = ("auto", "syrk", "matmul")
+
+
+def gram_update(x: torch.Tensor, scratch: np.ndarray) -> torch.Tensor:
+    r"""Upper triangle of :math:`x^\top x` for a float32 CPU `x` (N, n), by BLAS ``ssyrk``.
+
+    Parameters
+    ----------
+    x : (N, n) torch.Tensor
+        float32, on the CPU, C-contiguous.
+    scratch : (n, n) numpy.ndarray
+        float32, Fortran order, zero below the diagonal: overwritten with the product's
+        upper triangle (the lower one is never written, so it stays zero).
+
+    Returns
+    -------
+    (n, n) torch.Tensor
+        A view of `scratch`: :math:`\operatorname{triu}(x^\top x)`, zero below the diagonal.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    >>> gram_update(x, np.zeros((2, 2), np.float32, order="F")).tolist()
+    [[10.0, 14.0], [0.0, 20.0]]
+    """
+    from scipy.linalg.blas import ssyrk
+
+    a = x.detach().numpy()
+    # row-major x (N, n) is the column-major (n, N) matrix x^T: ssyrk's A A^T = x^T x
+    c = ssyrk(1.0, a.T, beta=0.0, c=scratch, trans=0, lower=0, overwrite_c=1)
+    if c is not scratch and not np.shares_memory(c, scratch):  # pragma: no cover - f2py copied
+        scratch[...] = c
+    return torch.from_numpy(scratch)
 
 
 def shrink_d(D0, D1, n0, n1, rule):
@@ -73,7 +116,7 @@ def shrink_d(D0, D1, n0, n1, rule):
 
 
 class LayerStatistics:
-    """Running ``H`` (and ``D``) of one layer with `n_in` inputs.
+    r"""Running ``H`` (and ``D``) of one layer with `n_in` inputs.
 
     Parameters
     ----------
@@ -90,6 +133,10 @@ class LayerStatistics:
     d_shrink : None, "layer" or "entry"
         Keep ``D`` in two folds (sequence parity) and shrink its mean by the fold noise
         (:func:`shrink_d`).
+    gram : {"auto", "syrk", "matmul"}
+        How each batch's :math:`\tilde x^\top \tilde x` is formed: ``"syrk"`` the upper
+        triangle by BLAS ``ssyrk`` (CPU only; half the flops), ``"matmul"`` the full float32
+        product (torch), ``"auto"`` (default) ``"syrk"`` on the CPU, else ``"matmul"``.
 
     Examples
     --------
@@ -103,10 +150,18 @@ class LayerStatistics:
     """
 
     def __init__(self, n_in: int, *, joint: bool, alphas: torch.Tensor | None = None, device=None,
-                 dtype: torch.dtype = torch.float64, d_shrink: str | None = None):
+                 dtype: torch.dtype = torch.float64, d_shrink: str | None = None, gram: str = "auto"):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype!r}")
+        if gram not in GRAMS:
+            raise ValueError(f"`gram` must be one of {GRAMS}, got {gram!r}")
         self.H = torch.zeros(n_in, n_in, dtype=dtype, device=device)
+        on_cpu = self.H.device.type == "cpu"
+        if gram == "syrk" and not on_cpu:
+            raise ValueError(f"`gram`='syrk' needs the sums on the CPU, got device {self.H.device}")
+        self.gram = "syrk" if gram == "auto" and on_cpu else ("matmul" if gram == "auto" else gram)
+        # H holds the upper triangle only with syrk (mirrored in mean_tensors)
+        self._scratch = np.zeros((n_in, n_in), np.float32, order="F") if self.gram == "syrk" else None
         self.D = torch.zeros(n_in, n_in, dtype=dtype, device=device) if joint else None
         self.alphas = None if alphas is None else alphas.to(self.H.device)
         if d_shrink is not None and d_shrink not in SHRINKS:
@@ -121,7 +176,10 @@ class LayerStatistics:
         model's (any shape with the same rows), `seq` the index of the batch's first sequence."""
         nb, width = x.shape[0], x.shape[-1]
         x = x.reshape(-1, width).float()
-        self.H.add_((x.T @ x).to(self.H.dtype))
+        if self._scratch is not None:
+            self.H.add_(gram_update(x.contiguous(), self._scratch))
+        else:
+            self.H.add_((x.T @ x).to(self.H.dtype))
         if self.D is not None:
             dx = x_float.reshape(-1, width).float() - x
             if self.alphas is not None:
@@ -145,6 +203,8 @@ class LayerStatistics:
     def mean_tensors(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(H / n_tokens, D / n_tokens)`` as float64 tensors where the sums live."""
         H = self.H.double() / n_tokens
+        if self._scratch is not None:  # the upper triangle: mirror it
+            H = H.triu() + H.triu(1).T
         if self.D is None:
             return H, None
         if self.D1 is None:

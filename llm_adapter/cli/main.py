@@ -58,7 +58,16 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (2 for argument errors)."""
+    """Run the CLI; returns the exit status (2 for argument errors).
+
+    Run as the program (`argv` None: ``llm-adapter``, ``python -m llm_adapter``), it first caps
+    glibc's malloc arenas at 2 for the process (:func:`llm_adapter.calibration.memory.limit_arenas`:
+    the calibration's batch threads then reuse each other's freed memory); called with an
+    `argv` list (from Python, tests) it changes nothing process-wide."""
+    if argv is None:
+        from ..calibration.memory import limit_arenas
+
+        limit_arenas(2)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

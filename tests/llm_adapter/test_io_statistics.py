@@ -84,3 +84,41 @@ def test_statistics_do_not_depend_on_batching(seed, n_seq, tokens, n, split, sam
     np.testing.assert_allclose(H, X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(D, dX.T @ X / X.shape[0], rtol=1e-4, atol=1e-6)
     assert LayerStatistics(n, joint=False).mean(1)[1] is None
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 300])
+def test_syrk_gram_matches_the_float64_product_and_the_float32_matmul(n):
+    """H by BLAS ssyrk (the upper triangle, mirrored) against the float64 oracle and the full
+    float32 product: the same to float32 rounding, exactly symmetric; D untouched by `gram`."""
+    from llm_adapter.calibration.statistics import gram_update
+
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(2, 33, n, generator=g) * (1 + 10 * torch.rand(n, generator=g)) for _ in range(3)]
+    xf = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
+    got = {}
+    for gram in ("syrk", "matmul", "auto"):
+        st_ = LayerStatistics(n, joint=True, gram=gram)
+        for i, (x, f) in enumerate(zip(xs, xf)):
+            st_.add(x, f, seq=2 * i)
+        got[gram] = st_.mean(198)
+    X = torch.cat([x.reshape(-1, n) for x in xs]).double()
+    dX = torch.cat([(f - x).reshape(-1, n) for x, f in zip(xs, xf)]).double()
+    ref_H, ref_D = (X.T @ X / 198).numpy(), (dX.T @ X / 198).numpy()
+    scale = np.abs(ref_H).max()
+    for gram in ("syrk", "matmul"):
+        H, D = got[gram]
+        assert np.abs(H - ref_H).max() <= 1e-6 * scale
+    np.testing.assert_array_equal(got["syrk"][0], got["syrk"][0].T)  # the full product is only nearly so
+    np.testing.assert_array_equal(got["auto"][0], got["syrk"][0])  # the default on the CPU
+    np.testing.assert_array_equal(got["syrk"][1], got["matmul"][1])
+    np.testing.assert_allclose(got["syrk"][1], ref_D, rtol=1e-4, atol=1e-6 * np.abs(ref_D).max())
+    tri = gram_update(xs[0].reshape(-1, n), np.zeros((n, n), np.float32, order="F")).numpy()
+    np.testing.assert_array_equal(np.tril(tri, -1), 0)
+
+
+def test_gram_option_is_checked():
+    with pytest.raises(ValueError, match="`gram` must be one of"):
+        LayerStatistics(4, joint=False, gram="bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`gram`='syrk' needs the sums on the CPU"):
+            LayerStatistics(4, joint=False, gram="syrk", device="meta")

@@ -191,3 +191,27 @@ def test_cli_quantize_verbose_prints_and_stores_the_profile(tmp_path, capsys, ti
     _, meta = load_quantized(tmp_path / "q")
     prof = meta["model"]["report"]["profile"]
     assert prof["totals"]["model_load"] > 0 and len(prof["blocks"]) == 2
+
+
+def test_single_pass_trims_the_heap_once_per_group_and_frees_the_float_inputs(monkeypatch):
+    """The single pass gives the arenas' free pages back once per group solved (while every
+    batch waits), and drops each float layer input of a joint method once it is in D."""
+    from llm_adapter.calibration import driver
+    from llm_adapter.calibration.memory import limit_arenas, trim
+
+    assert isinstance(trim(), bool)
+    with pytest.raises(ValueError, match="`n` must be a positive int"):
+        limit_arenas(0)
+    calls = []
+    monkeypatch.setattr(driver, "trim_memory", lambda: calls.append(1) or True)
+    kept = []
+    real = driver._single_pass
+
+    def spy(*a, **k):
+        kept.append(a[6])  # finputs: {lead: [float input per batch]}
+        return real(*a, **k)
+
+    monkeypatch.setattr(driver, "_single_pass", spy)
+    _run("llama", SPECS["ojbkq"], single_pass=True)
+    assert len(calls) == 2 * 4  # 2 blocks x (q/k/v, o, gate/up, down)
+    assert kept and all(x is None for finputs in kept for xs in finputs.values() for x in xs)
