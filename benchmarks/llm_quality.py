@@ -347,6 +347,13 @@ def markdown_ood(data: dict) -> str:
             cells.append(cell)
         lines.append(f"| `{key}` | {r['bits_per_weight']:.3f} | " + " | ".join(cells)
                      + f" | {r['quant_time_s']:.0f} |")
+    mixed = [(key, r) for key, r in runs.items() if r.get("mixed")]
+    if mixed:
+        lines += ["", "Mixed precision (`--budget`, `llm_adapter.calibration.allocation.allocate_bits`): "
+                  + "; ".join(f"`{key}` — {len(r['mixed']['high_layers'])} of {r.get('n_layers', '?')} layers "
+                              f"at {CONFIG_LABELS.get(r['mixed']['high'], r['mixed']['high'])} "
+                              f"({100 * r['mixed']['high_fraction']:.1f} % of the weights)"
+                              for key, r in mixed) + "."]
     return "\n".join(lines + ["", *ood_target_lines(data)]) + "\n"
 
 
