@@ -367,3 +367,4 @@ def test_benchmark_bits_excess_and_targets():
     assert "| `shakespeare:w3g128/ojbkq` | W3 g128 | NO |" in table  # sotu 0.55 > 0.5
     assert "below gptq W2 g64 on every text: not measured" in table
     assert "2 of 7 layers at W3 g128 (10.0 % of the weights)" in table
+    assert "| ≤ 2.25 b/w | plays only (gptq W2 g64 not measured) |" in table  # 110 <= 3 * 40
