@@ -357,9 +357,14 @@ def test_benchmark_bits_excess_and_targets():
                 "shakespeare:w3g128/gptq": {**run, "method": "gptq", "ppl": {"shakespeare": 80.0, "sotu": 40.0}},
                 "shakespeare:w3g128/ojbkq": {**run, "ppl": {"shakespeare": 45.0, "sotu": 31.0}},
                 "shakespeare:w2g128/ojbkq/mixed=w3g128@2.25": {**run, "config": "w2g128", "bits_per_weight": 2.25,
-                                                               "mixed": {}, "ppl": {"shakespeare": 110.0,
+                                                               "n_layers": 7, "mixed": {
+                                                                   "high": "w3g128", "budget": 2.25,
+                                                                   "high_layers": ["a", "b"],
+                                                                   "high_fraction": 0.1}, "ppl": {"shakespeare": 110.0,
                                                                                     "sotu": 50.0}}}}
     table = lq.markdown(data)
     assert "45.00 (0.12)" in table and "31.00 (0.55)" in table  # (45-40)/(80-40), (31-20)/(40-20)
     assert "| `shakespeare:w3g128/ojbkq` | W3 g128 | NO |" in table  # sotu 0.55 > 0.5
     assert "below gptq W2 g64 on every text: not measured" in table
+    assert "2 of 7 layers at W3 g128 (10.0 % of the weights)" in table
+    assert "| ≤ 2.25 b/w | plays only (gptq W2 g64 not measured) |" in table  # 110 <= 3 * 40
