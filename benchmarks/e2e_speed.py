@@ -47,14 +47,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from _common import machine_info, write_json_file  # noqa: E402
-from llm_quality import CONFIGS, METHODS  # noqa: E402  (the protocol's configs and method fields)
+from llm_quality import CONFIGS, make_spec  # noqa: E402  (the protocol's configs and method fields)
 from llm_adapter.calibration import quantize_model  # noqa: E402
 from llm_adapter.calibration.memory import limit_arenas  # noqa: E402
 from llm_adapter.calibration.blocks import find_blocks, first_block_inputs, run_block  # noqa: E402
 from llm_adapter.calibration.profile import format_profile  # noqa: E402
 from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
 from llm_adapter.evaluate import perplexity  # noqa: E402
-from llm_adapter.methods import get as get_method  # noqa: E402
 from llm_adapter.models import load_model  # noqa: E402
 
 logger = logging.getLogger("e2e_speed")
@@ -116,10 +115,7 @@ def cpu_seconds() -> float:
 
 def spec_for(method, config):
     """The benchmark's spec of `method` at `config` (llm_quality's fields; glvq: bits and group size)."""
-    fields = dict(CONFIGS[config])
-    if method in METHODS:
-        return get_method(method).spec_type(**fields, **METHODS[method])
-    return get_method(method).spec_type(bits=fields["bits"], group_size=fields["group_size"])
+    return make_spec(config, method, {})
 
 
 def forward_pass(model, windows, batch_size):
