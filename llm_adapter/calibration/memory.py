@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -28,8 +29,19 @@ __all__ = ["limit_arenas", "trim"]
 
 logger = logging.getLogger("llm_adapter.calibration")
 
-_TRIM = []  # [malloc_trim or None], looked up once
 _CAPPED = []  # [n] once limit_arenas(n) took effect: mirrors the process's malloc setting
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str, argtypes: tuple, restype):
+    """The C library's function `name` with its signature set, or None (looked up once)."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        logger.debug("no %s in the C library", name, exc_info=True)
+        return None
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
 
 
 def trim() -> bool:
@@ -51,17 +63,7 @@ def trim() -> bool:
     >>> trim() in (True, False)
     True
     """
-    if not _TRIM:
-        fn = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            fn = getattr(libc, "malloc_trim", None)
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        except OSError:  # pragma: no cover - no C library found by that name
-            logger.debug("no malloc_trim: freed memory stays in the arenas", exc_info=True)
-        _TRIM.append(fn)
-    fn = _TRIM[0]
+    fn = _libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
     if fn is None or _CAPPED or os.environ.get("MALLOC_ARENA_MAX"):
         return False
     fn(0)
@@ -96,12 +98,9 @@ def limit_arenas(n: int = 2) -> bool:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"`n` must be a positive int, got {n!r}")
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallopt
-    except (OSError, AttributeError):
+    fn = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    if fn is None:
         return False
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_ARENA_MAX = -8  # glibc's malloc.h
     ok = bool(fn(M_ARENA_MAX, n))
     if ok and not _CAPPED:
