@@ -4,8 +4,11 @@ Every solver's :func:`bils._driver.run_solver` hands over to :func:`run_solver_d
 ``Y`` (or a grid array, or the targets of a :class:`~bils.BILSProblem`) is a dask array.
 The graph holds
 
-* one key for ``R`` (the shared factor, in memory): every chunk task depends on it, so a
-  distributed scheduler ships it once per worker, not once per chunk;
+* ``R`` (the shared factor, in memory) inside every chunk task when it is small
+  (``R.nbytes`` times the number of chunks at most :data:`INLINE_R_BYTES`, 1 MiB: n = 32
+  up to 128 chunks), so that no solve waits for an ``R`` task or an ``R`` transfer; a
+  larger ``R`` is one key every chunk task depends on, so a distributed scheduler ships it
+  once per worker, not once per chunk (:func:`inline_R`);
 * one solve task per column chunk of ``Y`` (rechunked to a single chunk along ``n``),
   which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks: one
   blockwise layer (``Y``'s and the grids' single row block is a contracted index, numpy
@@ -204,6 +207,25 @@ def code_dtype(lo, hi):
 
 
 # ---------------------------------------------------------------------- driver
+#: ``R`` goes inside every chunk's task while ``R.nbytes * chunks`` is at most this many
+#: bytes (n = 32: 8 KiB, up to 128 chunks); above it, ``R`` is one graph key.
+INLINE_R_BYTES = 1 << 20
+
+
+def inline_R(R, n_chunks) -> bool:
+    """Whether ``R`` travels inside each of the ``n_chunks`` solve tasks instead of as one key.
+
+    A key costs every solve a dependency: on a ``distributed`` cluster the scheduler first
+    runs the key's task on one worker, hears back, then releases the solves, and every
+    other worker fetches ``R`` from the first before its first solve — two message round
+    trips (about 10 ms on loopback) before any work, and the key's task and transfers in
+    the task stream. A small ``R`` embedded in every task costs a few kilobytes per task
+    instead. A large ``R`` (``R.nbytes * n_chunks`` above :data:`INLINE_R_BYTES`) stays one
+    key, so that it is sent once per worker, not once per chunk.
+    """
+    return R.nbytes * n_chunks <= INLINE_R_BYTES
+
+
 def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     """Build the lazy result of ``solver`` for dask right-hand sides (see module docstring)."""
     import dask.array as da
@@ -289,7 +311,10 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
                      None if co is None else (co if not is_dask_array(co) else co.name), be,
                      options if isinstance(options, dict) else uuid.uuid4().hex,
                      [np.asarray(v) for v in rhs.values()])
-    r_key = f"bils-R-{tokenize(Rm)}"
+    # a small R goes into every chunk's task (no R task to run before the solves, no R
+    # transfer between workers); a large one is one graph key shared by every chunk task
+    r_key = None if inline_R(Rm, nb) else f"bils-R-{tokenize(Rm)}"
+    r_arg = Rm if r_key is None else r_key
     name = f"bils-{solver}-{token}"
     xdt = code_dtype(grids[0], grids[1])
     func = functools.partial(_solve_block, solver=solver, kernels=kernels, backend=be,
@@ -297,7 +322,7 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
                              dead=dead, info_keys=info_keys, code_dtype=xdt)
     recipe = {}  # each chunk's solve as one task tuple: reduce_chunks composes with it
     for j in range(nb):
-        args = [r_key, (Y.name, 0, j)] + [p.block(j) for p in pieces]
+        args = [r_arg, (Y.name, 0, j)] + [p.block(j) for p in pieces]
         args.append(None if co_piece is None else co_piece.block(j))
         args += [p.block(j) for p in rhs_pieces]
         recipe[j] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
@@ -311,15 +336,15 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
     from dask.delayed import Delayed
 
     pairs = [BlockwiseDepDict({(j,): int(starts[j]) for j in range(nb)}), "j",
-             TaskRef(r_key), None, Y.name, "ij"]
+             Rm if r_key is None else TaskRef(r_key), None, Y.name, "ij"]
     numblocks = {Y.name: Y.numblocks}
     for p in pieces + [co_piece] + rhs_pieces:
         pairs += p.pair(nb) if p is not None else [None, None]
         numblocks.update(p.numblocks() if p is not None else {})
     layer = core_blockwise(functools.partial(_solve_chunk, func), name, "j", *pairs,
                            numblocks=numblocks, concatenate=None)
-    r_value = Delayed(r_key, {r_key: Rm})
-    solved = da.Array(HighLevelGraph.from_collections(name, layer, dependencies=deps + [r_value]), name,
+    r_deps = [] if r_key is None else [Delayed(r_key, {r_key: Rm})]
+    solved = da.Array(HighLevelGraph.from_collections(name, layer, dependencies=deps + r_deps), name,
                       chunks=(col_chunks,), dtype=object, meta=np.empty((0,), dtype=object))
     chunks = LazyChunks(solved, n, xdt, solver, n_best, squeeze,
                         recipe=recipe, r_key=r_key, R=Rm, deps=deps)
@@ -386,7 +411,9 @@ class LazyChunks:
         joined here (no getter or concatenation task on the cluster)."""
         import dask
 
-        blocks = dask.compute(*self.solved.to_delayed().ravel().tolist(), **kwargs)
+        # unoptimized: a blockwise ``Y`` (``da.from_array``) fused into the solves would
+        # leave an alias task per chunk under the solve's key, one more task per chunk
+        blocks = dask.compute(*self.solved.to_delayed(optimize_graph=False).ravel().tolist(), **kwargs)
         return _join(blocks, self.squeeze)
 
     def persist(self, **kwargs):
@@ -408,7 +435,7 @@ class LazyChunks:
         part, out = f"bils-reduce-chunk-{token}", f"bils-reduce-{token}"
         nb = len(self.col_chunks)
         if self.recipe is not None:  # solve and reduce in one task per chunk
-            dsk = {self.r_key: self.R}
+            dsk = {} if self.r_key is None else {self.r_key: self.R}
             dsk.update({(part, j): (_reduce_block, chunk, self.squeeze) + self.recipe[j] for j in range(nb)})
             deps = self.deps
         else:  # persisted chunks: reduce each finished tuple

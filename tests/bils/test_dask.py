@@ -173,7 +173,34 @@ def test_klein_seeds_follow_the_global_column_and_the_generator():
     np.testing.assert_array_equal(lazy.compute(scheduler="sync").x, got.x)
 
 
-def test_R_is_one_graph_key_for_every_chunk():
+@pytest.fixture
+def r_as_key(monkeypatch):
+    """R as one graph key whatever its size (the path of a large R)."""
+    import bils._dask as bd
+
+    monkeypatch.setattr(bd, "INLINE_R_BYTES", 0)
+
+
+def test_small_R_goes_inside_every_solve_task():
+    R, Y, lo, hi, S, O = _case(3)
+    res = bils.kbest(R, da.from_array(Y, chunks=(9, 5)), lo, hi, scale=S, offset=O, backend="numpy")
+    graph = dict(res.x.__dask_graph__())
+    assert not any(isinstance(key, str) and key.startswith("bils-R-") for key in graph)
+    solves = [key for key in graph if isinstance(key, tuple) and re.fullmatch(r"bils-kbest-[0-9a-f]+", key[0])]
+    assert len(solves) == 8
+    # a solve depends on its Y block (and the per-RHS grid blocks) only: nothing to wait for
+    assert all(not any(isinstance(d, str) for d in dask.core.get_dependencies(graph, key)) for key in solves)
+    # the same in the graph that runs: no R task among the fused solve-and-sum tasks
+    from dask.base import collections_to_expr
+
+    opt = dict(collections_to_expr([res.cost.sum()]).optimize().__dask_graph__())
+    assert "bils-R" not in _prefixes(opt)
+    assert not bils._dask.inline_R(np.eye(512), 8)  # 2 MiB: one key
+    ref = bils.kbest(R, Y, lo, hi, scale=S, offset=O, backend="numpy")
+    _same(ref, res.compute(scheduler="sync"), exact_cost=False)
+
+
+def test_R_is_one_graph_key_for_every_chunk(r_as_key):
     R, Y, lo, hi, S, O = _case(3)
     res = bils.kbest(R, da.from_array(Y, chunks=(9, 5)), lo, hi, scale=S, offset=O, backend="numpy")
     graph = {}
@@ -217,7 +244,7 @@ def test_dask_bounds_keep_int64_codes():
     np.testing.assert_array_equal(lazy.compute(scheduler="sync").x, bils.babai(R, Y, lo, hi, backend="numpy").x)
 
 
-def test_one_layer_of_solves_under_every_output():
+def test_one_layer_of_solves_under_every_output(r_as_key):
     R, Y, lo, hi, S, O = _case(17)
     res = bils.klein(R, da.from_array(Y, chunks=(9, 10)), lo, hi, n_samples=3, rng=1, backend="numpy")
     graph = res.x.__dask_graph__()
@@ -428,7 +455,7 @@ def _incoming_transfers(dask_worker, key):
 
 
 @pytest.mark.slow
-def test_R_travels_at_most_once_to_each_worker(client):
+def test_R_travels_at_most_once_to_each_worker(client, r_as_key):
     R, Y, lo, hi, S, O = _case(14, k=400)
     res = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, scale=S, backend="numpy")
     r_key = next(k for k in dict(res.x.__dask_graph__()) if isinstance(k, str) and k.startswith("bils-R-"))
@@ -529,7 +556,7 @@ def test_reduce_chunks_equals_in_memory(name, cols):
     assert not any(re.fullmatch(rf"bils-{name}-[0-9a-f]+", p) for p in _prefixes(log.keys))
 
 
-def test_reduce_chunks_runs_one_task_per_chunk_and_one_aggregation():
+def test_reduce_chunks_runs_one_task_per_chunk_and_one_aggregation(r_as_key):
     R, Y, lo, hi, S, O = _case(21)
     lazy = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, scale=S, backend="numba")
     log = _TaskLog()
