@@ -90,7 +90,7 @@ SMOLLM2_BLOCK = {  # name: (out, in) of one SmolLM2-135M decoder block
     "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536),
 }
 N_BLOCKS = 30
-MODES = ("reduce", "fused", "gather", "shipped", "scattered")
+MODES = ("reduce", "fused", "gather", "shipped", "scattered", "throughput")
 GEN = 5000  # columns per random stream of the targets (chunk sizes are multiples of it)
 
 
@@ -129,20 +129,21 @@ def chunk_starts(k, chunk):
     return list(range(0, k, chunk))
 
 
-def targets_in_memory(R, k, chunk):
+def targets_in_memory(R, k, chunk, seed=1):
     """The same targets as :func:`targets_on_workers`, made in this process."""
-    return np.concatenate([make_chunk(R, j0, min(chunk, k - j0)) for j0 in chunk_starts(k, chunk)], axis=1)
+    return np.concatenate([make_chunk(R, j0, min(chunk, k - j0), seed) for j0 in chunk_starts(k, chunk)], axis=1)
 
 
-def targets_on_workers(client, R, k, chunk):
+def targets_on_workers(client, R, k, chunk, seed=1):
     """The targets made on the workers, chunk ``j`` on worker ``j mod W`` (round robin), as
     a persisted dask array: the case of data loaded or generated where it lives, evenly
-    spread (as a parallel read spreads it). Returns (Y, chunks per worker)."""
+    spread (as a parallel read spreads it). ``seed``: another batch of targets (the
+    throughput runs). Returns (Y, chunks per worker)."""
     import dask.array as da
     from distributed import wait
 
     addrs = sorted(client.scheduler_info()["workers"])
-    futs = [client.submit(make_chunk, R, j0, min(chunk, k - j0), workers=[addrs[j % len(addrs)]],
+    futs = [client.submit(make_chunk, R, j0, min(chunk, k - j0), seed, workers=[addrs[j % len(addrs)]],
                           allow_other_workers=False, pure=False)
             for j, j0 in enumerate(chunk_starts(k, chunk))]
     blocks = [da.from_delayed(f, (R.shape[0], min(chunk, k - j0)), dtype=np.float64)
@@ -186,6 +187,18 @@ def reduce_fused(res):
     return float(total), int(rows @ np.arange(1, N + 1, dtype=np.int64))
 
 
+def batches_fused(client, R, batches):
+    """Several independent batches in flight at once: each batch's ``reduce_chunks`` graph
+    (as in ``fused``), all submitted in one ``client.compute`` and gathered together.
+    Returns each batch's (total cost, checksum), in order."""
+    import bils
+
+    w = np.arange(1, N + 1, dtype=np.int64)
+    futs = client.compute([bils.babai(R, Yb, 0, HI, backend="numba").reduce_chunks(_partial_sums)
+                           for Yb in batches])
+    return [(float(total), int(rows @ w)) for total, rows in client.gather(futs)]
+
+
 def reduce_mem(res):
     w = np.arange(1, N + 1, dtype=np.int64)
     return float(res.cost.sum()), int(res.x.sum(axis=1, dtype=np.int64) @ w)
@@ -216,6 +229,47 @@ def task_stream_summary(data, wall, workers):
     out.update(tasks=len(data), transfer_s=transfer_s, transfer_bytes=transfer_bytes,
                idle_s=max(0.0, workers * wall - sum(busy.values()) - transfer_s))
     return out
+
+
+def timeline(client, fn):
+    """One more (untimed-for-best) run of ``fn`` taken apart with the task stream: where
+    its wall time goes. ``wall_s`` = ``start_s`` (the call until the first task starts on
+    any worker: building and sending the graph, the scheduler's ``update_graph``) + ``span_s``
+    (first task start to last task stop) + ``end_s`` (last task stop until ``fn`` returns:
+    the scheduler hearing of it, the client fetching and joining the result). Per worker,
+    in the order of the workers' addresses: ``busy_s`` (tasks computing), ``transfer_s``
+    (fetching task inputs from the other worker; ``transfer_bytes`` their size), ``gaps_s`` (between one task's end and the
+    next one's start: the worker's own task transitions and messages), ``idle_start_s``
+    (the first task start after the earliest one on any worker), ``idle_end_s`` (the last
+    task stop before the latest one on any worker: uneven shares). Clocks: ``time.time()``
+    of each process (one machine)."""
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as ts:
+        t0 = time.time()
+        fn()
+        t1 = time.time()
+    per, moved = {}, {}
+    for rec in ts.data:
+        for ss in rec["startstops"]:
+            per.setdefault(rec["worker"], []).append((ss["start"], ss["stop"], ss["action"]))
+            if ss["action"] == "transfer":
+                moved[rec["worker"]] = moved.get(rec["worker"], 0) + int(rec.get("nbytes", 0) or 0)
+    if not per:
+        return {"wall_s": t1 - t0}
+    first = min(a for ev in per.values() for a, _, _ in ev)
+    last = max(b for ev in per.values() for _, b, _ in ev)
+    workers = []
+    for addr, ev in sorted(per.items()):
+        ev.sort()
+        workers.append({"transfer_bytes": moved.get(addr, 0),
+            "tasks": sum(act == "compute" for _, _, act in ev),
+            "busy_s": sum(b - a for a, b, act in ev if act == "compute"),
+            "transfer_s": sum(b - a for a, b, act in ev if act == "transfer"),
+            "gaps_s": sum(max(0.0, ev[i + 1][0] - ev[i][1]) for i in range(len(ev) - 1)),
+            "idle_start_s": ev[0][0] - first, "idle_end_s": last - max(b for _, b, _ in ev)})
+    return {"wall_s": t1 - t0, "start_s": first - t0, "span_s": last - first, "end_s": t1 - last,
+            "workers": workers}
 
 
 def shipped(run, Y, chunk):
@@ -377,6 +431,10 @@ def bench_rhs(args, out):
                          "per-chunk solve tuples, joined in the client)",
                "shipped": "Y (256 MB float64) in the client: da.from_array(Y) -> solve -> reduce (the upload timed)",
                "scattered": "Y in the client: client.scatter of its column chunks -> solve -> reduce (the upload timed)",
+               "throughput": "--batches independent batches of k RHS (targets of seeds 1, 2, ...; each placed like "
+                             "'reduce') in flight at once: their reduce_chunks graphs (as 'fused') in one "
+                             "client.compute; the time is the wall time of all of them / batches (time per "
+                             "batch), CPU and tasks per batch",
                "in_memory": "one call on the whole numpy Y in this process, 1 numba thread, + the same reductions",
                "in_memory_chunked": "the same chunks solved one after another in this process (the per-task work without dask)",
                "overhead_per_chunk_s": "(1 worker reduce - in-memory chunked) / chunks",
@@ -401,6 +459,13 @@ def bench_rhs(args, out):
             e["chunkings"][str(chunk)] = {"chunks": len(parts), "in_memory_chunked_s": t}
             del parts
     ref_x = bils.babai(R, Ymem, 0, HI, backend="numba").x
+    batch_refs = []  # (total cost, checksum) of each throughput batch: targets of seeds 1, 2, ...
+    if "babai" in solvers and args.batches > 1:
+        batch_refs.append((res["solvers"]["babai"]["total_cost"], res["solvers"]["babai"]["checksum"]))
+        for b in range(1, args.batches):
+            Yb = targets_in_memory(R, k, chunkings[0], seed=1 + b)
+            batch_refs.append(reduce_mem(bils.babai(R, Yb, 0, HI, backend="numba")))
+            del Yb
     for workers in (1, 2):
         c, client = cluster(workers)
         try:
@@ -443,9 +508,35 @@ def bench_rhs(args, out):
                         assert abs(total - res["solvers"][name]["total_cost"]) <= 1e-9 * abs(total)
                         e[f"{mode}_workers{workers}_s"] = t
                         e[f"{mode}_tasks_per_run_workers{workers}"] = len(ts.data) / args.repeats
+                        if mode in ("fused", "gather"):  # one more run, taken apart
+                            settle()
+                            e[f"{mode}_timeline_workers{workers}"] = timeline(client, fn)
                         if mode in ("reduce", "fused"):  # where the worker time goes (all repeats together)
                             e[f"{'' if mode == 'reduce' else mode + '_'}task_stream_workers{workers}"] = \
                                 task_stream_summary(ts.data, t * args.repeats, workers)
+                if "babai" in solvers and args.batches > 1:  # several batches in flight at once
+                    e = res["solvers"]["babai"]["chunkings"][str(chunk)]
+                    batches = [Y] + [targets_on_workers(client, R, k, chunk, seed=1 + b)[0]
+                                     for b in range(1, args.batches)]
+                    settle_b = settled(client, client.run_on_scheduler(_scheduler_tasks))
+                    cpu0 = cpu_seconds(client)
+                    with get_task_stream(client) as ts:
+                        t, values = best_of(args.repeats, lambda: batches_fused(client, R, batches), before=settle_b)
+                    cpu1 = cpu_seconds(client)
+                    for (total, check), (ref_total, ref_check) in zip(values, batch_refs):
+                        assert check == ref_check, "babai throughput: codes differ"
+                        assert abs(total - ref_total) <= 1e-9 * abs(total)
+                    runs_done = args.repeats * len(batches)  # per batch, like the single-batch modes
+                    e[f"throughput_workers{workers}_s"] = t / len(batches)
+                    e[f"throughput_wall_workers{workers}_s"] = t
+                    e[f"throughput_cpu_workers{workers}_s"] = {
+                        who: (cpu1[who] - cpu0.get(who, 0.0)) / runs_done for who in cpu1}
+                    e[f"throughput_tasks_per_run_workers{workers}"] = len(ts.data) / runs_done
+                    e["throughput_batches"] = len(batches)
+                    settle_b()
+                    e[f"throughput_timeline_workers{workers}"] = timeline(
+                        client, lambda: batches_fused(client, R, batches))
+                    del batches
                 del Y
             if workers == 1:  # per-task cost: many tiny chunks of a trivial solve
                 tiny_chunks = 400
@@ -512,11 +603,30 @@ def bench_rhs(args, out):
     print(markdown_table(["solver", "chunks", "timed", "workers", "tasks/run", "worker CPU s", "of which event loops",
                           "of which tasks", "client+scheduler CPU s", "of which scheduler IO loop"], cpu_rows))
     print(f"tiny-task cost (1 worker, 400 one-column chunks): {1e3 * res['tiny_task_s']:.2f} ms/task")
+    tl_rows = []  # one run of each single-batch path taken apart (timeline())
+    for name, s_ in res["solvers"].items():
+        for chunk, e in s_["chunkings"].items():
+            for mode in ("fused", "gather", "throughput"):
+                for w in (1, 2):
+                    tl = e.get(f"{mode}_timeline_workers{w}")
+                    if not tl or "workers" not in tl:
+                        continue
+                    ms = lambda v: f"{1e3 * v:.1f}"  # noqa: E731
+                    ws = tl["workers"]
+                    tl_rows.append([name, f"{e['chunks']} x {chunk}", mode, w, ms(tl["wall_s"]), ms(tl["start_s"]),
+                                    ms(tl["span_s"]), ms(tl["end_s"]),
+                                    " / ".join(ms(x["busy_s"]) for x in ws), " / ".join(ms(x["gaps_s"]) for x in ws),
+                                    " / ".join(ms(x["transfer_s"]) for x in ws),
+                                    " / ".join(ms(x["idle_start_s"] + x["idle_end_s"]) for x in ws)])
+    if tl_rows:
+        print("\nOne run taken apart (ms): wall = start + span + end; per worker busy / gaps / transfers / idle at the ends")
+        print(markdown_table(["solver", "chunks", "timed", "workers", "wall", "start", "span", "end", "busy",
+                              "gaps", "transfers", "idle at ends"], tl_rows))
     if "babai" in res["solvers"]:  # the issue's target, per chunking, with the CPU split beside it
         head = {}
         for chunk, e in res["solvers"]["babai"]["chunkings"].items():
             head[chunk] = {}
-            for mode in ("reduce", "fused"):
+            for mode in ("reduce", "fused", "throughput"):
                 if f"{mode}_workers2_s" not in e:
                     continue
                 c1, c2 = e[f"{mode}_cpu_workers1_s"], e[f"{mode}_cpu_workers2_s"]
@@ -630,6 +740,8 @@ def main(argv=None):
                    help="columns per chunk, comma-separated (multiples of %d); K-best uses the first" % GEN)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--solvers", default="babai,kbest8", help="subset of babai,kbest8 (the rhs part)")
+    p.add_argument("--batches", type=int, default=4,
+                   help="Babai batches of --k RHS in flight at once in the throughput runs (1: none)")
     p.add_argument("--parts", default="rhs,layers",
                    help="comma-separated subset of rhs,layers; parts not run keep their entry "
                         "from an existing JSON")
