@@ -48,12 +48,14 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
+import sys
 import time
 import uuid
 
 import numpy as np
 
-__all__ = ["is_dask_array", "uses_dask", "run_solver_dask", "code_dtype"]
+__all__ = ["is_dask_array", "uses_dask", "run_solver_dask", "code_dtype", "worker_numba_threads"]
 
 #: Per-RHS entries of ``info`` (shape (k,) or (m, k)) returned lazily, by solver.
 _RHS_INFO = {
@@ -159,9 +161,57 @@ class _ChunkOptions:
         return self.options(can, glob, self.k_total, **extra)
 
 
+def worker_numba_threads():
+    """The numba thread count of a solve running inside a ``distributed`` worker, or None.
+
+    A worker process gets ``OMP_NUM_THREADS`` (1 by default: distributed's nanny sets it,
+    and ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, so that ``threads_per_worker``
+    worker threads do not each start a pool of every core) but not ``NUMBA_NUM_THREADS``:
+    numba's ``prange`` would use every core in every worker thread — on a 2-core machine
+    with 2 single-threaded workers, 4 threads on 2 cores. Inside a worker, a numba solve
+    therefore uses ``OMP_NUM_THREADS`` threads (1 when unset), at most numba's own count.
+    None (numba's setting applies) outside a worker, and when ``NUMBA_NUM_THREADS`` is set
+    in the worker's environment: set it to give a single-threaded worker on 8 cores 8
+    numba threads.
+    """
+    if "distributed" not in sys.modules or "NUMBA_NUM_THREADS" in os.environ:
+        return None
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):  # not in a worker's task
+        return None
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
 def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
                  options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
     """Solve one column chunk in memory; returns (x, cost, status, per-RHS info)."""
+    threads = worker_numba_threads() if backend == "numba" else None
+    if threads is None:
+        return _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver=solver,
+                                 kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
+                                 j0=j0, k_total=k_total, perm=perm, dead=dead, info_keys=info_keys,
+                                 code_dtype=code_dtype)
+    import numba
+
+    before = numba.get_num_threads()  # numba's thread count is per calling thread
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver=solver,
+                                 kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
+                                 j0=j0, k_total=k_total, perm=perm, dead=dead, info_keys=info_keys,
+                                 code_dtype=code_dtype)
+    finally:
+        numba.set_num_threads(before)
+
+
+def _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
+                      options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
     from ._driver import run_solver
     from .problem import BILSProblem
 

@@ -601,6 +601,40 @@ def test_reduce_chunks_needs_a_solver_result():
 
 
 @pytest.mark.slow
+def _numba_threads_in_a_solve():
+    """In a worker's task: the numba thread count inside each chunk's solve, before and after."""
+    import numba
+
+    import bils._dask as bd
+
+    R, Y, lo, hi, S, O = _case(25)
+    seen, real = [], bd._solve_block_here
+
+    def spy(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return real(*args, **kwargs)
+
+    bd._solve_block_here = spy
+    try:
+        before = numba.get_num_threads()
+        got = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, backend="numba").compute(scheduler="sync")
+        after = numba.get_num_threads()
+    finally:
+        bd._solve_block_here = real
+    np.testing.assert_array_equal(got.x, bils.babai(R, Y, lo, hi, backend="numba").x)
+    return bd.worker_numba_threads(), seen, before, after, "NUMBA_NUM_THREADS" in os.environ
+
+
+def test_numba_threads_follow_the_worker(client):
+    assert bils._dask.worker_numba_threads() is None  # not in a worker
+    pinned, seen, before, after, numba_env = client.submit(_numba_threads_in_a_solve, pure=False).result(TIMEOUT)
+    assert len(seen) == 4 and after == before
+    if numba_env:  # the worker's environment says how many: numba's own setting applies
+        assert pinned is None and set(seen) == {before}
+    else:  # the nanny's OMP_NUM_THREADS=1: one numba thread per worker thread
+        assert pinned == 1 and set(seen) == {1}
+
+
 def test_local_cluster_reduce_chunks_and_gather(client):
     R, Y, lo, hi, S, O = _case(24, k=120)
     ref = bils.klein(R, Y, lo, hi, scale=S, offset=O, n_samples=5, rng=11, backend="numba")
