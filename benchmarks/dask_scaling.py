@@ -241,7 +241,8 @@ def timeline(client, fn):
     (fetching task inputs from the other worker; ``transfer_bytes`` their size), ``gaps_s`` (between one task's end and the
     next one's start: the worker's own task transitions and messages), ``idle_start_s``
     (the first task start after the earliest one on any worker), ``idle_end_s`` (the last
-    task stop before the latest one on any worker: uneven shares). Clocks: ``time.time()``
+    task stop before the latest one on any worker: uneven shares), ``first_work_s`` (from
+    the call to the worker's first task that is not ``R``'s). Clocks: ``time.time()``
     of each process (one machine)."""
     from distributed import get_task_stream
 
@@ -249,10 +250,13 @@ def timeline(client, fn):
         t0 = time.time()
         fn()
         t1 = time.time()
-    per, moved = {}, {}
+    per, moved, work = {}, {}, {}
     for rec in ts.data:
         for ss in rec["startstops"]:
             per.setdefault(rec["worker"], []).append((ss["start"], ss["stop"], ss["action"]))
+            key = rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
+            if ss["action"] == "compute" and not str(key).startswith("bils-R-"):
+                work[rec["worker"]] = min(work.get(rec["worker"], ss["start"]), ss["start"])
             if ss["action"] == "transfer":
                 moved[rec["worker"]] = moved.get(rec["worker"], 0) + int(rec.get("nbytes", 0) or 0)
     if not per:
@@ -262,7 +266,7 @@ def timeline(client, fn):
     workers = []
     for addr, ev in sorted(per.items()):
         ev.sort()
-        workers.append({"transfer_bytes": moved.get(addr, 0),
+        workers.append({"transfer_bytes": moved.get(addr, 0), "first_work_s": work.get(addr, t1) - t0,
             "tasks": sum(act == "compute" for _, _, act in ev),
             "busy_s": sum(b - a for a, b, act in ev if act == "compute"),
             "transfer_s": sum(b - a for a, b, act in ev if act == "transfer"),
@@ -658,6 +662,68 @@ def warm_layer(W, H, spec):
     quantize_weight(W[:8], H, None, spec, backend="numba", rng=0)
 
 
+def bench_latency(args, out):
+    """Part ``latency``: the fixed cost of one compute, ``R`` as one graph key (how every
+    solve was built before) against ``R`` inside each solve task (a small ``R`` now),
+    interleaved round by round so that both see the same load. Babai, ``fused``
+    (``reduce_chunks``), the first chunking, 1 and 2 workers; each run taken apart with
+    :func:`timeline`; medians over ``--rounds``."""
+    import statistics
+
+    import bils
+    import bils._dask as bd
+
+    R = make_factor()
+    k, chunk = args.k, int(str(args.chunk).split(",")[0])
+    res = {"loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "k": k, "chunk": chunk,
+           "rounds": args.rounds, "variants": {}}
+    variants = {"R key": 0, "R inline": bd.INLINE_R_BYTES}
+    for workers in (1, 2):
+        c, client = cluster(workers)
+        try:
+            client.wait_for_workers(workers, timeout=120)
+            client.run(warm_up, R, ["babai"])
+            Y, _ = targets_on_workers(client, R, k, chunk)
+            settle = settled(client, client.run_on_scheduler(_scheduler_tasks))
+            reduce_fused(bils.babai(R, Y[:, :chunk * workers], 0, HI, backend="numba"))
+            runs = {v: [] for v in variants}
+            for _ in range(args.rounds):
+                for v, limit in variants.items():
+                    bd.INLINE_R_BYTES = limit
+                    try:
+                        settle()
+                        runs[v].append(timeline(client, lambda: reduce_fused(
+                            bils.babai(R, Y, 0, HI, backend="numba"))))
+                    finally:
+                        bd.INLINE_R_BYTES = variants["R inline"]
+            for v, tls in runs.items():
+                med = lambda f: statistics.median(f(t) for t in tls)  # noqa: E731
+                res["variants"].setdefault(v, {})[f"workers{workers}"] = {
+                    "wall_s": med(lambda t: t["wall_s"]), "start_s": med(lambda t: t["start_s"]),
+                    "end_s": med(lambda t: t["end_s"]),
+                    # the last worker to start its first solve: R's task, its round trip, R's transfer
+                    "last_first_solve_s": med(lambda t: max(w["first_work_s"] for w in t["workers"])),
+                    "transfer_s": med(lambda t: sum(w["transfer_s"] for w in t["workers"])),
+                    "gaps_s": med(lambda t: max(w["gaps_s"] for w in t["workers"])),
+                    "tasks": med(lambda t: sum(w["tasks"] for w in t["workers"]))}
+            del Y
+        finally:
+            client.close()
+            c.close()
+    res["loadavg_end"] = _loadavg()
+    out["latency"] = res
+    rows = []
+    for v, e in res["variants"].items():
+        for w in (1, 2):
+            x = e[f"workers{w}"]
+            rows.append([v, w, f"{x['tasks']:.0f}", *(f"{1e3 * x[f]:.1f}" for f in
+                         ("wall_s", "start_s", "last_first_solve_s", "gaps_s", "transfer_s", "end_s"))])
+    print(f"\nFixed latency of one compute (Babai fused, {k} RHS in chunks of {chunk}), medians of {args.rounds} "
+          f"interleaved rounds, ms; load {res['loadavg_start']} -> {res['loadavg_end']}")
+    print(markdown_table(["R", "workers", "tasks", "wall", "start (first task)", "last worker's first solve",
+                          "gaps (busiest)", "transfers", "end"], rows))
+
+
 def bench_layers(args, out):
     from llm_adapter import QuantSpec, quantize_weight
     from llm_adapter.distributed import LayerSolveExecutor
@@ -743,14 +809,15 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=4,
                    help="Babai batches of --k RHS in flight at once in the throughput runs (1: none)")
     p.add_argument("--parts", default="rhs,layers",
-                   help="comma-separated subset of rhs,layers; parts not run keep their entry "
+                   help="comma-separated subset of rhs,layers,latency; parts not run keep their entry "
                         "from an existing JSON")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the latency part")
     p.add_argument("--out", default=None,
                    help="file name under benchmarks/results/ (default dask_scaling.json; --quick: dask_scaling_quick.json)")
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
-    if not parts <= {"rhs", "layers"}:
-        p.error(f"--parts must name rhs and/or layers, got {args.parts!r}")
+    if not parts <= {"rhs", "layers", "latency"}:
+        p.error(f"--parts must name some of rhs, layers, latency, got {args.parts!r}")
     if args.quick:
         args.k, args.chunk, args.repeats = 100_000, "10000,25000", 1
     try:
@@ -773,11 +840,13 @@ def main(argv=None):
     if os.path.exists(previous):
         with open(previous) as f:
             old = json.load(f)
-        out.update({part: old[part] for part in ("rhs", "layers") if part in old and part not in parts})
+        out.update({part: old[part] for part in ("rhs", "layers", "latency") if part in old and part not in parts})
     if "rhs" in parts:
         bench_rhs(args, out)
     if "layers" in parts:
         bench_layers(args, out)
+    if "latency" in parts:
+        bench_latency(args, out)
     out["loadavg_end"] = _loadavg()
     print("wrote", write_json(name, out))
 
