@@ -458,12 +458,29 @@ class LazyChunks:
 
     def compute(self, **kwargs):
         """``(x, cost, status, info)`` in memory: one task per chunk, gathered as tuples and
-        joined here (no getter or concatenation task on the cluster)."""
+        joined here (no getter or concatenation task on the cluster).
+
+        On a (synchronous) ``distributed.Client`` each chunk's tuple is fetched as soon as
+        its task finishes, while the others still run (``dask.compute`` would wait for the
+        last task and then fetch every chunk): only the last chunk's transfer is left
+        after the last solve."""
         import dask
 
         # unoptimized: a blockwise ``Y`` (``da.from_array``) fused into the solves would
         # leave an alias task per chunk under the solve's key, one more task per chunk
-        blocks = dask.compute(*self.solved.to_delayed(optimize_graph=False).ravel().tolist(), **kwargs)
+        parts = self.solved.to_delayed(optimize_graph=False).ravel().tolist()
+        client = _sync_client(kwargs)
+        if client is None:
+            blocks = dask.compute(*parts, **kwargs)
+        else:
+            from distributed import as_completed
+
+            futures = client.compute(parts)
+            where = {f.key: j for j, f in enumerate(futures)}
+            blocks = [None] * len(futures)
+            for future, block in as_completed(futures, with_results=True):
+                blocks[where[future.key]] = block
+            del futures
         return _join(blocks, self.squeeze)
 
     def persist(self, **kwargs):
@@ -493,6 +510,20 @@ class LazyChunks:
             deps = [self.solved]
         dsk[out] = (_aggregate, aggregate, [(part, j) for j in range(nb)])
         return Delayed(out, HighLevelGraph.from_collections(out, dsk, dependencies=deps))
+
+
+def _sync_client(kwargs):
+    """The synchronous ``distributed.Client`` that ``dask.compute(**kwargs)`` would use, or
+    None (another scheduler, an asynchronous client, or options other than ``scheduler``)."""
+    if "distributed" not in sys.modules or set(kwargs) - {"scheduler"}:
+        return None
+    from dask.base import get_scheduler
+    from distributed import Client
+
+    client = getattr(get_scheduler(scheduler=kwargs.get("scheduler")), "__self__", None)
+    if isinstance(client, Client) and not client.asynchronous:
+        return client
+    return None
 
 
 def _squeezed(out, squeeze):

@@ -635,6 +635,19 @@ def test_numba_threads_follow_the_worker(client):
         assert pinned == 1 and set(seen) == {1}
 
 
+def test_gather_on_a_client_fetches_chunks_as_they_finish(client):
+    from bils._dask import _sync_client
+
+    assert _sync_client({}) is client and _sync_client({"scheduler": client}) is client
+    assert _sync_client({"scheduler": "threads"}) is None and _sync_client({"optimize_graph": False}) is None
+    # 29 uneven chunks over 2 workers finish out of order: the join keeps column order
+    R, Y, lo, hi, S, O = _case(26, k=200)
+    ref = bils.kbest(R, Y, lo, hi, scale=S, offset=O, beam_width=3, backend="numba")
+    lazy = _lazy(bils.kbest, R, Y, lo, hi, S, O, 7, beam_width=3, backend="numba")
+    _same(ref, lazy.compute(), exact_cost=True)
+    _same(ref, lazy.compute(scheduler="sync"), exact_cost=True)
+
+
 def test_local_cluster_reduce_chunks_and_gather(client):
     R, Y, lo, hi, S, O = _case(24, k=120)
     ref = bils.klein(R, Y, lo, hi, scale=S, offset=O, n_samples=5, rng=11, backend="numba")
