@@ -27,8 +27,28 @@ Questions:
    * ``shipped`` — ``Y`` (256 MB float64) in the client, ``da.from_array(Y)``: the chunks
      travel inside the graph, through the scheduler; the upload is timed with the solve;
    * ``scattered`` — ``Y`` in the client, its column chunks sent straight to the workers
-     with ``client.scatter`` (timed with the solve); ``fused``, ``gather``, ``shipped``
-     and ``scattered``: Babai only.
+     with ``client.scatter`` (timed with the solve);
+   * ``throughput`` — ``--batches`` (4) independent batches of 10⁶ RHS (targets of seeds
+     1, 2, ..., each placed like ``reduce``'s) in flight at once: their ``reduce_chunks``
+     graphs (as ``fused``) in one ``client.compute``; the figure is the wall time of all
+     of them divided by the batches — the time per batch that a stream of 10⁶-RHS
+     batches sees, where one batch's start and end overlap the others' solves. Every
+     batch is checked against its in-memory solve. ``fused``, ``gather``, ``shipped``,
+     ``scattered`` and ``throughput``: Babai only.
+
+   Both figures stay in the table: the single-batch latency (``fused``, ``gather``,
+   ``reduce``) and the throughput. **The ≥ 1.7× target is checked on the single-batch
+   latency** — the issue asks for one 10⁶-RHS solve on 1 vs 2 workers — and the
+   throughput is reported beside it, not instead of it: it shows what the work itself
+   splits to once the fixed cost of a compute (building and sending the graph, the
+   scheduler's round trips, the tail until the client has the result: 20–40 ms against
+   ~0.15 s of solving per worker) is overlapped.
+
+   One more run of ``fused``, ``gather`` and ``throughput`` per chunking and cluster is
+   taken apart from the task stream (:func:`timeline`): wall = start (the call until
+   the first task starts) + span + end (the last task's stop until the result is in the
+   client); per worker the busy time, the gaps between its tasks, transfers, and idle
+   time at the two ends (uneven shares).
 
    Babai runs with 20 chunks of 50 000 and with 8 chunks of 125 000 (few large tasks per
    worker); K-best with the first chunking. Reported beside them: the in-memory solve in
@@ -45,6 +65,12 @@ Questions:
    (correlated activations, 2048 tokens) with SmolLM2's exact shapes, not real calibration
    statistics: the solve time depends on the shapes, not on the values. Codes are checked
    equal to the local call.
+3. ``--parts latency`` (not in the default run): the fixed cost of one compute with
+   ``R`` as one graph key (how every solve was built before) against ``R`` inside each
+   solve task (what a small ``R`` gets now), interleaved round by round (``--rounds``,
+   7) so that both see the same load; Babai ``fused``, first chunking, 1 and 2 workers,
+   medians of the runs taken apart: the start, each worker's first solve, the gaps,
+   transfers and the end.
 
 The machine may be shared: the load average at start and end of each part goes into the
 JSON, and the 2-worker speed-up is understated when other processes compete for the 2
@@ -54,7 +80,8 @@ machine — the run of 2026-12-01 01:03, before the ``fused`` mode, which adds
 a few seconds, took about that; the Babai part alone took 2 min 45 s at load 11).
 
 Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
-       [--repeats 2] [--parts rhs,layers] [--solvers babai,kbest8] [--out NAME.json]
+       [--repeats 2] [--parts rhs,layers[,latency]] [--solvers babai,kbest8] [--batches 4]
+       [--rounds 7] [--out NAME.json]
 Writes benchmarks/results/dask_scaling.json (atomically; ``--quick``: dask_scaling_quick.json;
 ``--out``: another name) and prints tables.
 """
