@@ -487,7 +487,7 @@ class LazyChunks:
         """The same chunks with every solve finished (kept where it ran)."""
         import dask
 
-        (kept,) = dask.persist(self.solved, **kwargs)
+        (kept,) = dask.persist(self.solved, **{"optimize_graph": False, **kwargs})  # as in compute()
         return LazyChunks(kept, self.n, self.xdt, self.solver, self.n_best, self.squeeze)
 
     def reduce(self, chunk, aggregate):
