@@ -75,9 +75,11 @@ Questions:
 The machine may be shared: the load average at start and end of each part goes into the
 JSON, and the 2-worker speed-up is understated when other processes compete for the 2
 cores (the CPU seconds per process are not). Re-run on a quiet machine with
-``make bench-distributed`` (the command below, every figure in one run: ~2.5 minutes on the quiet
-machine — the run of 2026-12-01 01:03, before the ``fused`` mode, which adds
-a few seconds, took about that; the Babai part alone took 2 min 45 s at load 11).
+``make bench-distributed`` (the command below, every figure but ``--parts latency`` in one
+run: ~2.5 minutes on the quiet machine before the ``throughput`` mode and the runs taken
+apart, an estimated 3–3.5 minutes with them — they add 3 more batches of targets per
+chunking and cluster, 4-batch runs and one run per mode; ``--parts rhs,latency --solvers
+babai --repeats 2`` took 3 min 21 s at load 8.5–10.5).
 
 Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
        [--repeats 2] [--parts rhs,layers[,latency]] [--solvers babai,kbest8] [--batches 4]
