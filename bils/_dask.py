@@ -494,12 +494,48 @@ class LazyChunks:
         """A ``Delayed`` of ``aggregate([chunk(x_j, cost_j, status_j) for every chunk j])``:
         ``chunk`` runs inside chunk ``j``'s solve task (or on its persisted tuple), then
         one task aggregates the partial results."""
-        from dask.base import tokenize
         from dask.delayed import Delayed
         from dask.highlevelgraph import HighLevelGraph
 
+        dsk, deps, keys, token = self._partials(chunk, aggregate)
+        out = f"bils-reduce-{token}"
+        dsk[out] = (_aggregate, aggregate, keys)
+        return Delayed(out, HighLevelGraph.from_collections(out, dsk, dependencies=deps))
+
+    def reduce_now(self, chunk, aggregate, **kwargs):
+        """``aggregate([chunk(x_j, cost_j, status_j) for every chunk j])`` computed now: the
+        partial results come to this process and are aggregated here (no aggregation task).
+
+        On a synchronous ``distributed.Client`` each partial result is fetched as soon as
+        its task finishes; otherwise ``dask.compute(**kwargs)`` of the partial results."""
+        import dask
+        from dask.delayed import Delayed
+        from dask.highlevelgraph import HighLevelGraph
+
+        dsk, deps, keys, token = self._partials(chunk, aggregate)
+        layer = f"bils-reduce-chunk-{token}"
+        graph = HighLevelGraph.from_collections(layer, dsk, dependencies=deps)
+        parts = [Delayed(key, graph, layer=layer) for key in keys]
+        client = _sync_client(kwargs)
+        if client is None:
+            values = list(dask.compute(*parts, **kwargs))
+        else:
+            from distributed import as_completed
+
+            futures = client.compute(parts)
+            where = {f.key: j for j, f in enumerate(futures)}
+            values = [None] * len(futures)
+            for future, value in as_completed(futures, with_results=True):
+                values[where[future.key]] = value
+            del futures
+        return aggregate(values)
+
+    def _partials(self, chunk, aggregate):
+        """The per-chunk tasks of :meth:`reduce`: (graph dict, dependencies, keys, token)."""
+        from dask.base import tokenize
+
         token = tokenize(self.solved.name, chunk, aggregate)
-        part, out = f"bils-reduce-chunk-{token}", f"bils-reduce-{token}"
+        part = f"bils-reduce-chunk-{token}"
         nb = len(self.col_chunks)
         if self.recipe is not None:  # solve and reduce in one task per chunk
             dsk = {} if self.r_key is None else {self.r_key: self.R}
@@ -508,8 +544,7 @@ class LazyChunks:
         else:  # persisted chunks: reduce each finished tuple
             dsk = {(part, j): (_reduce_kept, chunk, self.squeeze, (self.solved.name, j)) for j in range(nb)}
             deps = [self.solved]
-        dsk[out] = (_aggregate, aggregate, [(part, j) for j in range(nb)])
-        return Delayed(out, HighLevelGraph.from_collections(out, dsk, dependencies=deps))
+        return dsk, deps, [(part, j) for j in range(nb)], token
 
 
 def _sync_client(kwargs):

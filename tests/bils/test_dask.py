@@ -575,6 +575,30 @@ def test_reduce_chunks_runs_one_task_per_chunk_and_one_aggregation(r_as_key):
     assert got == ((9,), (), ())
 
 
+@pytest.mark.parametrize("kept", (False, True))
+def test_reduce_chunks_computed_here_runs_no_aggregation_task(kept):
+    R, Y, lo, hi, S, O = _case(27)
+    lazy = bils.klein(R, da.from_array(Y, chunks=(9, 7)), lo, hi, scale=S, offset=O, n_samples=4, rng=5,
+                      backend="numba")
+    if kept:
+        lazy = lazy.persist(scheduler="sync")
+    ref = bils.klein(R, Y, lo, hi, scale=S, offset=O, n_samples=4, rng=5, backend="numba")
+    log = _TaskLog()
+    with log:
+        got = lazy.reduce_chunks(_summary, compute=True, scheduler="sync")
+    kinds = _prefixes(log.keys)
+    kinds.pop("array", None)
+    assert kinds == {"bils-reduce-chunk": 6}, kinds  # 40 columns in 6 chunks, no "bils-reduce"
+    _same_summary(got, _summary(ref.x, ref.cost, ref.status))
+    # the aggregation gets the partial results in column order
+    cols = lazy.reduce_chunks(lambda x, c, s: c, aggregate=np.concatenate, compute=True, scheduler="sync")
+    np.testing.assert_array_equal(cols, ref.cost)
+    # in memory: the value, whatever `compute` says
+    assert ref.reduce_chunks(lambda x, c, s: c.size, compute=True) == 40
+    with pytest.raises(TypeError, match="compute=True"):
+        lazy.reduce_chunks(_summary, scheduler="sync")
+
+
 def test_compute_runs_the_solves_and_nothing_else():
     R, Y, lo, hi, S, O = _case(22)
     ref = bils.enumerate(R, Y, lo, hi, scale=S, max_nodes=500, n_best=2, backend="numba")
@@ -654,6 +678,10 @@ def test_local_cluster_reduce_chunks_and_gather(client):
     lazy = _lazy(bils.klein, R, Y, lo, hi, S, O, 13, backend="numba", n_samples=5, rng=11)
     _same_summary(client.compute(lazy.reduce_chunks(_summary)).result(timeout=TIMEOUT),
                   _summary(ref.x, ref.cost, ref.status))
+    # computed here: partial results fetched as the chunks finish, in column order
+    _same_summary(lazy.reduce_chunks(_summary, compute=True), _summary(ref.x, ref.cost, ref.status))
+    np.testing.assert_array_equal(lazy.reduce_chunks(lambda x, c, s: c, aggregate=np.concatenate, compute=True),
+                                  ref.cost)
     _same(ref, lazy.compute(), exact_cost=True)  # gathered through the per-chunk tuples
     kept = lazy.persist()
     distributed.wait([kept.x, kept.cost], timeout=TIMEOUT)
