@@ -70,8 +70,9 @@ Questions:
    equal to the local call.
 3. ``--parts latency`` (not in the default run): the fixed cost of one compute with
    ``R`` as one graph key (how every solve was built before) against ``R`` inside each
-   solve task (what a small ``R`` gets now), interleaved round by round (``--rounds``,
-   7) so that both see the same load; Babai ``fused``, first chunking, 1 and 2 workers,
+   solve task (what a small ``R`` gets now), and the latter through
+   ``reduce_chunks(compute=True)``, interleaved round by round (``--rounds``, 7) so that
+   all see the same load; Babai ``fused`` (and ``here``), first chunking, 1 and 2 workers,
    medians of the runs taken apart: the start, each worker's first solve, the gaps,
    transfers and the end.
 
@@ -706,8 +707,9 @@ def warm_layer(W, H, spec):
 
 def bench_latency(args, out):
     """Part ``latency``: the fixed cost of one compute, ``R`` as one graph key (how every
-    solve was built before) against ``R`` inside each solve task (a small ``R`` now),
-    interleaved round by round so that both see the same load. Babai, ``fused``
+    solve was built before) against ``R`` inside each solve task (a small ``R`` now), and
+    the latter through ``reduce_chunks(compute=True)`` (``here``: no aggregation task),
+    interleaved round by round so that all see the same load. Babai, ``fused``
     (``reduce_chunks``), the first chunking, 1 and 2 workers; each run taken apart with
     :func:`timeline`; medians over ``--rounds``."""
     import statistics
@@ -719,7 +721,8 @@ def bench_latency(args, out):
     k, chunk = args.k, int(str(args.chunk).split(",")[0])
     res = {"loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "k": k, "chunk": chunk,
            "rounds": args.rounds, "variants": {}}
-    variants = {"R key": 0, "R inline": bd.INLINE_R_BYTES}
+    variants = {"R key": 0, "R inline": bd.INLINE_R_BYTES, "R inline, compute=True": bd.INLINE_R_BYTES}
+    how = {"R key": reduce_fused, "R inline": reduce_fused, "R inline, compute=True": reduce_here}
     for workers in (1, 2):
         c, client = cluster(workers)
         try:
@@ -734,7 +737,7 @@ def bench_latency(args, out):
                     bd.INLINE_R_BYTES = limit
                     try:
                         settle()
-                        runs[v].append(timeline(client, lambda: reduce_fused(
+                        runs[v].append(timeline(client, lambda: how[v](
                             bils.babai(R, Y, 0, HI, backend="numba"))))
                     finally:
                         bd.INLINE_R_BYTES = variants["R inline"]
@@ -762,7 +765,7 @@ def bench_latency(args, out):
                          ("wall_s", "start_s", "last_first_solve_s", "gaps_s", "transfer_s", "end_s"))])
     print(f"\nFixed latency of one compute (Babai fused, {k} RHS in chunks of {chunk}), medians of {args.rounds} "
           f"interleaved rounds, ms; load {res['loadavg_start']} -> {res['loadavg_end']}")
-    print(markdown_table(["R", "workers", "tasks", "wall", "start (first task)", "last worker's first solve",
+    print(markdown_table(["variant", "workers", "tasks", "wall", "start (first task)", "last worker's first solve",
                           "gaps (busiest)", "transfers", "end"], rows))
 
 
