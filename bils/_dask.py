@@ -46,6 +46,7 @@ a dask array has been seen (:func:`is_dask_array` looks at the type's module nam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import os
@@ -188,26 +189,32 @@ def worker_numba_threads():
         return 1
 
 
-def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
-                 options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
-    """Solve one column chunk in memory; returns (x, cost, status, per-RHS info)."""
+@contextlib.contextmanager
+def _numba_threads(backend):
+    """Within: numba's thread count of this thread set to :func:`worker_numba_threads`
+    for a numba solve in a ``distributed`` worker (restored after); else nothing changes."""
     threads = worker_numba_threads() if backend == "numba" else None
     if threads is None:
-        return _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver=solver,
-                                 kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
-                                 j0=j0, k_total=k_total, perm=perm, dead=dead, info_keys=info_keys,
-                                 code_dtype=code_dtype)
+        yield
+        return
     import numba
 
     before = numba.get_num_threads()  # numba's thread count is per calling thread
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
+                 options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
+    """Solve one column chunk in memory; returns (x, cost, status, per-RHS info)."""
+    with _numba_threads(backend):
         return _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver=solver,
                                  kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
                                  j0=j0, k_total=k_total, perm=perm, dead=dead, info_keys=info_keys,
                                  code_dtype=code_dtype)
-    finally:
-        numba.set_num_threads(before)
 
 
 def _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
@@ -464,24 +471,10 @@ class LazyChunks:
         its task finishes, while the others still run (``dask.compute`` would wait for the
         last task and then fetch every chunk): only the last chunk's transfer is left
         after the last solve."""
-        import dask
-
         # unoptimized: a blockwise ``Y`` (``da.from_array``) fused into the solves would
         # leave an alias task per chunk under the solve's key, one more task per chunk
         parts = self.solved.to_delayed(optimize_graph=False).ravel().tolist()
-        client = _sync_client(kwargs)
-        if client is None:
-            blocks = dask.compute(*parts, **kwargs)
-        else:
-            from distributed import as_completed
-
-            futures = client.compute(parts)
-            where = {f.key: j for j, f in enumerate(futures)}
-            blocks = [None] * len(futures)
-            for future, block in as_completed(futures, with_results=True):
-                blocks[where[future.key]] = block
-            del futures
-        return _join(blocks, self.squeeze)
+        return _join(_compute_each(parts, kwargs), self.squeeze)
 
     def persist(self, **kwargs):
         """The same chunks with every solve finished (kept where it ran)."""
@@ -508,7 +501,6 @@ class LazyChunks:
 
         On a synchronous ``distributed.Client`` each partial result is fetched as soon as
         its task finishes; otherwise ``dask.compute(**kwargs)`` of the partial results."""
-        import dask
         from dask.delayed import Delayed
         from dask.highlevelgraph import HighLevelGraph
 
@@ -516,19 +508,7 @@ class LazyChunks:
         layer = f"bils-reduce-chunk-{token}"
         graph = HighLevelGraph.from_collections(layer, dsk, dependencies=deps)
         parts = [Delayed(key, graph, layer=layer) for key in keys]
-        client = _sync_client(kwargs)
-        if client is None:
-            values = list(dask.compute(*parts, **kwargs))
-        else:
-            from distributed import as_completed
-
-            futures = client.compute(parts)
-            where = {f.key: j for j, f in enumerate(futures)}
-            values = [None] * len(futures)
-            for future, value in as_completed(futures, with_results=True):
-                values[where[future.key]] = value
-            del futures
-        return aggregate(values)
+        return aggregate(_compute_each(parts, kwargs))
 
     def _partials(self, chunk, aggregate):
         """The per-chunk tasks of :meth:`reduce`: (graph dict, dependencies, keys, token)."""
@@ -545,6 +525,25 @@ class LazyChunks:
             dsk = {(part, j): (_reduce_kept, chunk, self.squeeze, (self.solved.name, j)) for j in range(nb)}
             deps = [self.solved]
         return dsk, deps, [(part, j) for j in range(nb)], token
+
+
+def _compute_each(parts, kwargs):
+    """The values of the ``Delayed`` objects ``parts``, in order: on a synchronous
+    ``distributed.Client`` each fetched as soon as its task finishes (the others still
+    running), else one ``dask.compute(*parts, **kwargs)``."""
+    client = _sync_client(kwargs)
+    if client is None:
+        import dask
+
+        return list(dask.compute(*parts, **kwargs))
+    from distributed import as_completed
+
+    futures = client.compute(parts)
+    where = {f.key: j for j, f in enumerate(futures)}
+    values = [None] * len(futures)
+    for future, value in as_completed(futures, with_results=True):
+        values[where[future.key]] = value
+    return values
 
 
 def _sync_client(kwargs):

@@ -630,21 +630,22 @@ def _numba_threads_in_a_solve():
     import numba
 
     import bils._dask as bd
+    import bils._driver as driver
 
     R, Y, lo, hi, S, O = _case(25)
-    seen, real = [], bd._solve_block_here
+    seen, real = [], driver.run_solver
 
     def spy(*args, **kwargs):
         seen.append(numba.get_num_threads())
         return real(*args, **kwargs)
 
-    bd._solve_block_here = spy
+    driver.run_solver = spy  # what each chunk's solve task calls
     try:
         before = numba.get_num_threads()
         got = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, backend="numba").compute(scheduler="sync")
         after = numba.get_num_threads()
     finally:
-        bd._solve_block_here = real
+        driver.run_solver = real
     np.testing.assert_array_equal(got.x, bils.babai(R, Y, lo, hi, backend="numba").x)
     return bd.worker_numba_threads(), seen, before, after, "NUMBA_NUM_THREADS" in os.environ
 
