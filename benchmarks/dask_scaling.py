@@ -82,8 +82,9 @@ cores (the CPU seconds per process are not). Re-run on a quiet machine with
 ``make bench-distributed`` (the command below, every figure but ``--parts latency`` in one
 run: ~2.5 minutes on the quiet machine before the ``throughput`` mode and the runs taken
 apart, an estimated 3–3.5 minutes with them — they add 3 more batches of targets per
-chunking and cluster, 4-batch runs and one run per mode; ``--parts rhs,latency --solvers
-babai --repeats 2`` took 3 min 21 s at load 8.5–10.5).
+chunking and cluster, 4-batch runs and one run per mode; the whole default command took
+8 min 54 s at load 9.3–10.5, ``--parts rhs,latency --solvers babai --repeats 2`` 3 min
+21 s at load 8.5–10.5).
 
 Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
        [--repeats 2] [--parts rhs,layers[,latency]] [--solvers babai,kbest8] [--batches 4]
