@@ -4,8 +4,11 @@ Every solver's :func:`bils._driver.run_solver` hands over to :func:`run_solver_d
 ``Y`` (or a grid array, or the targets of a :class:`~bils.BILSProblem`) is a dask array.
 The graph holds
 
-* one key for ``R`` (the shared factor, in memory): every chunk task depends on it, so a
-  distributed scheduler ships it once per worker, not once per chunk;
+* ``R`` (the shared factor, in memory) inside every chunk task when it is small
+  (``R.nbytes`` times the number of chunks at most :data:`INLINE_R_BYTES`, 1 MiB: n = 32
+  up to 128 chunks), so that no solve waits for an ``R`` task or an ``R`` transfer; a
+  larger ``R`` is one key every chunk task depends on, so a distributed scheduler ships it
+  once per worker, not once per chunk (:func:`inline_R`);
 * one solve task per column chunk of ``Y`` (rechunked to a single chunk along ``n``),
   which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks: one
   blockwise layer (``Y``'s and the grids' single row block is a contracted index, numpy
@@ -43,14 +46,17 @@ a dask array has been seen (:func:`is_dask_array` looks at the type's module nam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
+import os
+import sys
 import time
 import uuid
 
 import numpy as np
 
-__all__ = ["is_dask_array", "uses_dask", "run_solver_dask", "code_dtype"]
+__all__ = ["is_dask_array", "uses_dask", "run_solver_dask", "code_dtype", "worker_numba_threads"]
 
 #: Per-RHS entries of ``info`` (shape (k,) or (m, k)) returned lazily, by solver.
 _RHS_INFO = {
@@ -156,9 +162,63 @@ class _ChunkOptions:
         return self.options(can, glob, self.k_total, **extra)
 
 
+def worker_numba_threads():
+    """The numba thread count of a solve running inside a ``distributed`` worker, or None.
+
+    A worker process gets ``OMP_NUM_THREADS`` (1 by default: distributed's nanny sets it,
+    and ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, so that ``threads_per_worker``
+    worker threads do not each start a pool of every core) but not ``NUMBA_NUM_THREADS``:
+    numba's ``prange`` would use every core in every worker thread — on a 2-core machine
+    with 2 single-threaded workers, 4 threads on 2 cores. Inside a worker, a numba solve
+    therefore uses ``OMP_NUM_THREADS`` threads (1 when unset), at most numba's own count.
+    None (numba's setting applies) outside a worker, and when ``NUMBA_NUM_THREADS`` is set
+    in the worker's environment: set it to give a single-threaded worker on 8 cores 8
+    numba threads.
+    """
+    if "distributed" not in sys.modules or "NUMBA_NUM_THREADS" in os.environ:
+        return None
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):  # not in a worker's task
+        return None
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def _numba_threads(backend):
+    """Within: numba's thread count of this thread set to :func:`worker_numba_threads`
+    for a numba solve in a ``distributed`` worker (restored after); else nothing changes."""
+    threads = worker_numba_threads() if backend == "numba" else None
+    if threads is None:
+        yield
+        return
+    import numba
+
+    before = numba.get_num_threads()  # numba's thread count is per calling thread
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
                  options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
     """Solve one column chunk in memory; returns (x, cost, status, per-RHS info)."""
+    with _numba_threads(backend):
+        return _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver=solver,
+                                 kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
+                                 j0=j0, k_total=k_total, perm=perm, dead=dead, info_keys=info_keys,
+                                 code_dtype=code_dtype)
+
+
+def _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
+                      options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
     from ._driver import run_solver
     from .problem import BILSProblem
 
@@ -204,6 +264,25 @@ def code_dtype(lo, hi):
 
 
 # ---------------------------------------------------------------------- driver
+#: ``R`` goes inside every chunk's task while ``R.nbytes * chunks`` is at most this many
+#: bytes (n = 32: 8 KiB, up to 128 chunks); above it, ``R`` is one graph key.
+INLINE_R_BYTES = 1 << 20
+
+
+def inline_R(R, n_chunks) -> bool:
+    """Whether ``R`` travels inside each of the ``n_chunks`` solve tasks instead of as one key.
+
+    A key costs every solve a dependency: on a ``distributed`` cluster the scheduler first
+    runs the key's task on one worker, hears back, then releases the solves, and every
+    other worker fetches ``R`` from the first before its first solve — two message round
+    trips (about 10 ms on loopback) before any work, and the key's task and transfers in
+    the task stream. A small ``R`` embedded in every task costs a few kilobytes per task
+    instead. A large ``R`` (``R.nbytes * n_chunks`` above :data:`INLINE_R_BYTES`) stays one
+    key, so that it is sent once per worker, not once per chunk.
+    """
+    return R.nbytes * n_chunks <= INLINE_R_BYTES
+
+
 def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, options):
     """Build the lazy result of ``solver`` for dask right-hand sides (see module docstring)."""
     import dask.array as da
@@ -289,7 +368,10 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
                      None if co is None else (co if not is_dask_array(co) else co.name), be,
                      options if isinstance(options, dict) else uuid.uuid4().hex,
                      [np.asarray(v) for v in rhs.values()])
-    r_key = f"bils-R-{tokenize(Rm)}"
+    # a small R goes into every chunk's task (no R task to run before the solves, no R
+    # transfer between workers); a large one is one graph key shared by every chunk task
+    r_key = None if inline_R(Rm, nb) else f"bils-R-{tokenize(Rm)}"
+    r_arg = Rm if r_key is None else r_key
     name = f"bils-{solver}-{token}"
     xdt = code_dtype(grids[0], grids[1])
     func = functools.partial(_solve_block, solver=solver, kernels=kernels, backend=be,
@@ -297,7 +379,7 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
                              dead=dead, info_keys=info_keys, code_dtype=xdt)
     recipe = {}  # each chunk's solve as one task tuple: reduce_chunks composes with it
     for j in range(nb):
-        args = [r_key, (Y.name, 0, j)] + [p.block(j) for p in pieces]
+        args = [r_arg, (Y.name, 0, j)] + [p.block(j) for p in pieces]
         args.append(None if co_piece is None else co_piece.block(j))
         args += [p.block(j) for p in rhs_pieces]
         recipe[j] = (functools.partial(func, j0=int(starts[j])),) + tuple(args)
@@ -311,15 +393,15 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
     from dask.delayed import Delayed
 
     pairs = [BlockwiseDepDict({(j,): int(starts[j]) for j in range(nb)}), "j",
-             TaskRef(r_key), None, Y.name, "ij"]
+             Rm if r_key is None else TaskRef(r_key), None, Y.name, "ij"]
     numblocks = {Y.name: Y.numblocks}
     for p in pieces + [co_piece] + rhs_pieces:
         pairs += p.pair(nb) if p is not None else [None, None]
         numblocks.update(p.numblocks() if p is not None else {})
     layer = core_blockwise(functools.partial(_solve_chunk, func), name, "j", *pairs,
                            numblocks=numblocks, concatenate=None)
-    r_value = Delayed(r_key, {r_key: Rm})
-    solved = da.Array(HighLevelGraph.from_collections(name, layer, dependencies=deps + [r_value]), name,
+    r_deps = [] if r_key is None else [Delayed(r_key, {r_key: Rm})]
+    solved = da.Array(HighLevelGraph.from_collections(name, layer, dependencies=deps + r_deps), name,
                       chunks=(col_chunks,), dtype=object, meta=np.empty((0,), dtype=object))
     chunks = LazyChunks(solved, n, xdt, solver, n_best, squeeze,
                         recipe=recipe, r_key=r_key, R=Rm, deps=deps)
@@ -383,39 +465,99 @@ class LazyChunks:
 
     def compute(self, **kwargs):
         """``(x, cost, status, info)`` in memory: one task per chunk, gathered as tuples and
-        joined here (no getter or concatenation task on the cluster)."""
-        import dask
+        joined here (no getter or concatenation task on the cluster).
 
-        blocks = dask.compute(*self.solved.to_delayed().ravel().tolist(), **kwargs)
-        return _join(blocks, self.squeeze)
+        On a (synchronous) ``distributed.Client`` each chunk's tuple is fetched as soon as
+        its task finishes, while the others still run (``dask.compute`` would wait for the
+        last task and then fetch every chunk): only the last chunk's transfer is left
+        after the last solve."""
+        # unoptimized: a blockwise ``Y`` (``da.from_array``) fused into the solves would
+        # leave an alias task per chunk under the solve's key, one more task per chunk
+        parts = self.solved.to_delayed(optimize_graph=False).ravel().tolist()
+        return _join(_compute_each(parts, kwargs), self.squeeze)
 
     def persist(self, **kwargs):
         """The same chunks with every solve finished (kept where it ran)."""
         import dask
 
-        (kept,) = dask.persist(self.solved, **kwargs)
+        (kept,) = dask.persist(self.solved, **{"optimize_graph": False, **kwargs})  # as in compute()
         return LazyChunks(kept, self.n, self.xdt, self.solver, self.n_best, self.squeeze)
 
     def reduce(self, chunk, aggregate):
         """A ``Delayed`` of ``aggregate([chunk(x_j, cost_j, status_j) for every chunk j])``:
         ``chunk`` runs inside chunk ``j``'s solve task (or on its persisted tuple), then
         one task aggregates the partial results."""
-        from dask.base import tokenize
         from dask.delayed import Delayed
         from dask.highlevelgraph import HighLevelGraph
 
+        dsk, deps, keys, token = self._partials(chunk, aggregate)
+        out = f"bils-reduce-{token}"
+        dsk[out] = (_aggregate, aggregate, keys)
+        return Delayed(out, HighLevelGraph.from_collections(out, dsk, dependencies=deps))
+
+    def reduce_now(self, chunk, aggregate, **kwargs):
+        """``aggregate([chunk(x_j, cost_j, status_j) for every chunk j])`` computed now: the
+        partial results come to this process and are aggregated here (no aggregation task).
+
+        On a synchronous ``distributed.Client`` each partial result is fetched as soon as
+        its task finishes; otherwise ``dask.compute(**kwargs)`` of the partial results."""
+        from dask.delayed import Delayed
+        from dask.highlevelgraph import HighLevelGraph
+
+        dsk, deps, keys, token = self._partials(chunk, aggregate)
+        layer = f"bils-reduce-chunk-{token}"
+        graph = HighLevelGraph.from_collections(layer, dsk, dependencies=deps)
+        parts = [Delayed(key, graph, layer=layer) for key in keys]
+        return aggregate(_compute_each(parts, kwargs))
+
+    def _partials(self, chunk, aggregate):
+        """The per-chunk tasks of :meth:`reduce`: (graph dict, dependencies, keys, token)."""
+        from dask.base import tokenize
+
         token = tokenize(self.solved.name, chunk, aggregate)
-        part, out = f"bils-reduce-chunk-{token}", f"bils-reduce-{token}"
+        part = f"bils-reduce-chunk-{token}"
         nb = len(self.col_chunks)
         if self.recipe is not None:  # solve and reduce in one task per chunk
-            dsk = {self.r_key: self.R}
+            dsk = {} if self.r_key is None else {self.r_key: self.R}
             dsk.update({(part, j): (_reduce_block, chunk, self.squeeze) + self.recipe[j] for j in range(nb)})
             deps = self.deps
         else:  # persisted chunks: reduce each finished tuple
             dsk = {(part, j): (_reduce_kept, chunk, self.squeeze, (self.solved.name, j)) for j in range(nb)}
             deps = [self.solved]
-        dsk[out] = (_aggregate, aggregate, [(part, j) for j in range(nb)])
-        return Delayed(out, HighLevelGraph.from_collections(out, dsk, dependencies=deps))
+        return dsk, deps, [(part, j) for j in range(nb)], token
+
+
+def _compute_each(parts, kwargs):
+    """The values of the ``Delayed`` objects ``parts``, in order: on a synchronous
+    ``distributed.Client`` each fetched as soon as its task finishes (the others still
+    running), else one ``dask.compute(*parts, **kwargs)``."""
+    client = _sync_client(kwargs)
+    if client is None:
+        import dask
+
+        return list(dask.compute(*parts, **kwargs))
+    from distributed import as_completed
+
+    futures = client.compute(parts)
+    where = {f.key: j for j, f in enumerate(futures)}
+    values = [None] * len(futures)
+    for future, value in as_completed(futures, with_results=True):
+        values[where[future.key]] = value
+    return values
+
+
+def _sync_client(kwargs):
+    """The synchronous ``distributed.Client`` that ``dask.compute(**kwargs)`` would use, or
+    None (another scheduler, an asynchronous client, or options other than ``scheduler``)."""
+    if "distributed" not in sys.modules or set(kwargs) - {"scheduler"}:
+        return None
+    from dask.base import get_scheduler
+    from distributed import Client
+
+    client = getattr(get_scheduler(scheduler=kwargs.get("scheduler")), "__self__", None)
+    if isinstance(client, Client) and not client.asynchronous:
+        return client
+    return None
 
 
 def _squeezed(out, squeeze):

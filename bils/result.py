@@ -185,7 +185,7 @@ class BILSResult:
         return BILSResult(x=x, cost=cost, status=status, backend=self.backend, solver=self.solver,
                           info=dict(self.info, **values), _chunks=chunks if name == "persist" else None)
 
-    def reduce_chunks(self, chunk, aggregate=None):
+    def reduce_chunks(self, chunk, aggregate=None, *, compute=False, **kwargs):
         """Reduce the result chunk by chunk, where each chunk is solved.
 
         .. math::
@@ -205,13 +205,21 @@ class BILSResult:
         aggregate : callable ``aggregate(parts) -> value``, optional
             Combines the list of partial results, in column order. Default: their sum
             (``+``), field by field when they are tuples.
+        compute : bool, default False
+            Compute now and return the value: the partial results come to the caller and
+            ``aggregate`` runs here, not in a task. On a ``distributed.Client`` each
+            partial result is fetched as soon as its chunk is done, so after the last
+            solve only its partial result travels (no aggregation task to schedule, no
+            partial results to move between workers). ``kwargs`` go to
+            :func:`dask.compute` (e.g. ``scheduler="threads"``).
 
         Returns
         -------
         dask.delayed.Delayed or object
             With dask right-hand sides a ``Delayed`` whose graph has one task per chunk —
             the solve and ``chunk`` together, so only the partial result leaves the task —
-            and one aggregation task; for an in-memory result the value itself.
+            and one aggregation task; with ``compute=True`` or for an in-memory result
+            the value itself.
 
         Notes
         -----
@@ -234,14 +242,20 @@ class BILSResult:
         >>> cost, rows = total.compute(scheduler="sync")
         >>> round(float(cost), 6), rows.tolist()
         (1.07, [2, 1])
+        >>> lazy.reduce_chunks(lambda x, cost, status: cost.size, compute=True, scheduler="sync")  # RHS count
+        3
         """
         if aggregate is None:
             from ._dask import sum_partials as aggregate
+        if kwargs and not compute:
+            raise TypeError(f"`reduce_chunks` takes dask.compute options only with compute=True, got {sorted(kwargs)}")
         if not self.is_lazy:
             return aggregate([chunk(self.x, self.cost, self.status)])
         chunks = self._chunks
         if chunks is None:
             raise TypeError("`reduce_chunks` needs a lazy result made by a solver (or its `persist()`)")
+        if compute:
+            return chunks.reduce_now(chunk, aggregate, **kwargs)
         return chunks.reduce(chunk, aggregate)
 
     def __repr__(self) -> str:  # compact: arrays can be huge

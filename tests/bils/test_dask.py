@@ -173,7 +173,34 @@ def test_klein_seeds_follow_the_global_column_and_the_generator():
     np.testing.assert_array_equal(lazy.compute(scheduler="sync").x, got.x)
 
 
-def test_R_is_one_graph_key_for_every_chunk():
+@pytest.fixture
+def r_as_key(monkeypatch):
+    """R as one graph key whatever its size (the path of a large R)."""
+    import bils._dask as bd
+
+    monkeypatch.setattr(bd, "INLINE_R_BYTES", 0)
+
+
+def test_small_R_goes_inside_every_solve_task():
+    R, Y, lo, hi, S, O = _case(3)
+    res = bils.kbest(R, da.from_array(Y, chunks=(9, 5)), lo, hi, scale=S, offset=O, backend="numpy")
+    graph = dict(res.x.__dask_graph__())
+    assert not any(isinstance(key, str) and key.startswith("bils-R-") for key in graph)
+    solves = [key for key in graph if isinstance(key, tuple) and re.fullmatch(r"bils-kbest-[0-9a-f]+", key[0])]
+    assert len(solves) == 8
+    # a solve depends on its Y block (and the per-RHS grid blocks) only: nothing to wait for
+    assert all(not any(isinstance(d, str) for d in dask.core.get_dependencies(graph, key)) for key in solves)
+    # the same in the graph that runs: no R task among the fused solve-and-sum tasks
+    from dask.base import collections_to_expr
+
+    opt = dict(collections_to_expr([res.cost.sum()]).optimize().__dask_graph__())
+    assert "bils-R" not in _prefixes(opt)
+    assert not bils._dask.inline_R(np.eye(512), 8)  # 2 MiB: one key
+    ref = bils.kbest(R, Y, lo, hi, scale=S, offset=O, backend="numpy")
+    _same(ref, res.compute(scheduler="sync"), exact_cost=False)
+
+
+def test_R_is_one_graph_key_for_every_chunk(r_as_key):
     R, Y, lo, hi, S, O = _case(3)
     res = bils.kbest(R, da.from_array(Y, chunks=(9, 5)), lo, hi, scale=S, offset=O, backend="numpy")
     graph = {}
@@ -217,7 +244,7 @@ def test_dask_bounds_keep_int64_codes():
     np.testing.assert_array_equal(lazy.compute(scheduler="sync").x, bils.babai(R, Y, lo, hi, backend="numpy").x)
 
 
-def test_one_layer_of_solves_under_every_output():
+def test_one_layer_of_solves_under_every_output(r_as_key):
     R, Y, lo, hi, S, O = _case(17)
     res = bils.klein(R, da.from_array(Y, chunks=(9, 10)), lo, hi, n_samples=3, rng=1, backend="numpy")
     graph = res.x.__dask_graph__()
@@ -428,7 +455,7 @@ def _incoming_transfers(dask_worker, key):
 
 
 @pytest.mark.slow
-def test_R_travels_at_most_once_to_each_worker(client):
+def test_R_travels_at_most_once_to_each_worker(client, r_as_key):
     R, Y, lo, hi, S, O = _case(14, k=400)
     res = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, scale=S, backend="numpy")
     r_key = next(k for k in dict(res.x.__dask_graph__()) if isinstance(k, str) and k.startswith("bils-R-"))
@@ -529,7 +556,7 @@ def test_reduce_chunks_equals_in_memory(name, cols):
     assert not any(re.fullmatch(rf"bils-{name}-[0-9a-f]+", p) for p in _prefixes(log.keys))
 
 
-def test_reduce_chunks_runs_one_task_per_chunk_and_one_aggregation():
+def test_reduce_chunks_runs_one_task_per_chunk_and_one_aggregation(r_as_key):
     R, Y, lo, hi, S, O = _case(21)
     lazy = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, scale=S, backend="numba")
     log = _TaskLog()
@@ -546,6 +573,30 @@ def test_reduce_chunks_runs_one_task_per_chunk_and_one_aggregation():
     one = bils.babai(R, da.from_array(Y[:, 3], chunks=4), lo[:, 0], hi[:, 3], backend="numba")
     got = one.reduce_chunks(lambda x, c, s: (x.shape, c.shape, s.shape)).compute(scheduler="sync")
     assert got == ((9,), (), ())
+
+
+@pytest.mark.parametrize("kept", (False, True))
+def test_reduce_chunks_computed_here_runs_no_aggregation_task(kept):
+    R, Y, lo, hi, S, O = _case(27)
+    lazy = bils.klein(R, da.from_array(Y, chunks=(9, 7)), lo, hi, scale=S, offset=O, n_samples=4, rng=5,
+                      backend="numba")
+    if kept:
+        lazy = lazy.persist(scheduler="sync")
+    ref = bils.klein(R, Y, lo, hi, scale=S, offset=O, n_samples=4, rng=5, backend="numba")
+    log = _TaskLog()
+    with log:
+        got = lazy.reduce_chunks(_summary, compute=True, scheduler="sync")
+    kinds = _prefixes(log.keys)
+    kinds.pop("array", None)
+    assert kinds == {"bils-reduce-chunk": 6}, kinds  # 40 columns in 6 chunks, no "bils-reduce"
+    _same_summary(got, _summary(ref.x, ref.cost, ref.status))
+    # the aggregation gets the partial results in column order
+    cols = lazy.reduce_chunks(lambda x, c, s: c, aggregate=np.concatenate, compute=True, scheduler="sync")
+    np.testing.assert_array_equal(cols, ref.cost)
+    # in memory: the value, whatever `compute` says
+    assert ref.reduce_chunks(lambda x, c, s: c.size, compute=True) == 40
+    with pytest.raises(TypeError, match="compute=True"):
+        lazy.reduce_chunks(_summary, scheduler="sync")
 
 
 def test_compute_runs_the_solves_and_nothing_else():
@@ -574,12 +625,64 @@ def test_reduce_chunks_needs_a_solver_result():
 
 
 @pytest.mark.slow
+def _numba_threads_in_a_solve():
+    """In a worker's task: the numba thread count inside each chunk's solve, before and after."""
+    import numba
+
+    import bils._dask as bd
+    import bils._driver as driver
+
+    R, Y, lo, hi, S, O = _case(25)
+    seen, real = [], driver.run_solver
+
+    def spy(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return real(*args, **kwargs)
+
+    driver.run_solver = spy  # what each chunk's solve task calls
+    try:
+        before = numba.get_num_threads()
+        got = bils.babai(R, da.from_array(Y, chunks=(9, 10)), lo, hi, backend="numba").compute(scheduler="sync")
+        after = numba.get_num_threads()
+    finally:
+        driver.run_solver = real
+    np.testing.assert_array_equal(got.x, bils.babai(R, Y, lo, hi, backend="numba").x)
+    return bd.worker_numba_threads(), seen, before, after, "NUMBA_NUM_THREADS" in os.environ
+
+
+def test_numba_threads_follow_the_worker(client):
+    assert bils._dask.worker_numba_threads() is None  # not in a worker
+    pinned, seen, before, after, numba_env = client.submit(_numba_threads_in_a_solve, pure=False).result(TIMEOUT)
+    assert len(seen) == 4 and after == before
+    if numba_env:  # the worker's environment says how many: numba's own setting applies
+        assert pinned is None and set(seen) == {before}
+    else:  # the nanny's OMP_NUM_THREADS=1: one numba thread per worker thread
+        assert pinned == 1 and set(seen) == {1}
+
+
+def test_gather_on_a_client_fetches_chunks_as_they_finish(client):
+    from bils._dask import _sync_client
+
+    assert _sync_client({}) is client and _sync_client({"scheduler": client}) is client
+    assert _sync_client({"scheduler": "threads"}) is None and _sync_client({"optimize_graph": False}) is None
+    # 29 uneven chunks over 2 workers finish out of order: the join keeps column order
+    R, Y, lo, hi, S, O = _case(26, k=200)
+    ref = bils.kbest(R, Y, lo, hi, scale=S, offset=O, beam_width=3, backend="numba")
+    lazy = _lazy(bils.kbest, R, Y, lo, hi, S, O, 7, beam_width=3, backend="numba")
+    _same(ref, lazy.compute(), exact_cost=True)
+    _same(ref, lazy.compute(scheduler="sync"), exact_cost=True)
+
+
 def test_local_cluster_reduce_chunks_and_gather(client):
     R, Y, lo, hi, S, O = _case(24, k=120)
     ref = bils.klein(R, Y, lo, hi, scale=S, offset=O, n_samples=5, rng=11, backend="numba")
     lazy = _lazy(bils.klein, R, Y, lo, hi, S, O, 13, backend="numba", n_samples=5, rng=11)
     _same_summary(client.compute(lazy.reduce_chunks(_summary)).result(timeout=TIMEOUT),
                   _summary(ref.x, ref.cost, ref.status))
+    # computed here: partial results fetched as the chunks finish, in column order
+    _same_summary(lazy.reduce_chunks(_summary, compute=True), _summary(ref.x, ref.cost, ref.status))
+    np.testing.assert_array_equal(lazy.reduce_chunks(lambda x, c, s: c, aggregate=np.concatenate, compute=True),
+                                  ref.cost)
     _same(ref, lazy.compute(), exact_cost=True)  # gathered through the per-chunk tuples
     kept = lazy.persist()
     distributed.wait([kept.x, kept.cost], timeout=TIMEOUT)
