@@ -35,6 +35,7 @@ panel's product, and behind ``babai_kernel(..., panels=True)`` for comparison.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -180,10 +181,12 @@ def _whole(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
         _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _whole_one(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
-    """``_whole`` for a single tile, without a parallel launch."""
-    _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, 0, Y.shape[1])
+    """``_whole`` in the calling thread (the same tiles, one after another), without the GIL."""
+    k = Y.shape[1]
+    for j0 in range(0, k, width):
+        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width))
 
 
 def tile_width(k, dtype):
@@ -210,7 +213,11 @@ def whole_sweep(can, X, cost, dtype, *, timings=None):
     cost[:] = 0.0
     clock.lap("grid")
     width = tile_width(k, dtype)
-    fn = _whole if k > width else _whole_one
+    # one tile, or one numba thread (a dask worker's default): no parallel launch, and the
+    # single-threaded kernel releases the GIL (a worker's event loop keeps answering the
+    # scheduler while a chunk solves; the parallel kernels keep the GIL, as numba's
+    # workqueue threading layer must not be entered by two threads at once)
+    fn = _whole if k > width and numba.get_num_threads() > 1 else _whole_one
     fn(Y, readonly(can.R), np.empty(0, dtype=dtype), S, Sg, O, Og, LO, HI, X, cost, width)
     clock.lap("sweep")
 
@@ -223,10 +230,12 @@ def _sweep_panel(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width):
         _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, min(k, j0 + width))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sweep_panel_one(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width):
-    """``_sweep_panel`` for a single tile, without a parallel launch."""
-    _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, 0, Y.shape[1])
+    """``_sweep_panel`` in the calling thread (the same tiles, one after another), without the GIL."""
+    k = Y.shape[1]
+    for j0 in range(0, k, width):
+        _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, min(k, j0 + width))
 
 
 def panels(n, block_size):
@@ -257,7 +266,7 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
     G = np.empty((min(panel, n), k), dtype=dtype) if G_out is None else None
     Rbuf = None if dtype == R.dtype else np.empty((min(panel, n), n), dtype=dtype)
     width = tile_width(k, dtype)
-    panel_fn = _sweep_panel if k > width else _sweep_panel_one
+    panel_fn = _sweep_panel if k > width and numba.get_num_threads() > 1 else _sweep_panel_one
     for a, e in panels(n, panel):
         Gp = G[: e - a] if G_out is None else G_out[a:e]
         has_g = e < n

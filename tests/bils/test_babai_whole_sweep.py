@@ -84,3 +84,29 @@ def test_aligned_empty_starts_on_a_cache_line(dtype, rows, cols):
     a = aligned_empty.py_func(rows, cols, np.empty(0, dtype))  # the NUMBA_DISABLE_JIT path
     assert a.shape == (rows, cols) and a.dtype == dtype and a.flags.c_contiguous
     assert a.ctypes.data % ALIGN == 0
+
+
+@pytest.mark.parametrize("panels", [False, True])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_one_numba_thread_runs_the_tiles_in_the_calling_thread(precision, panels, monkeypatch):
+    """With one numba thread (a dask worker's default) the tiles run one after another in
+    the GIL-free serial kernel: bitwise the parallel launch's result."""
+    import numba
+
+    can = _case(90, 700, seed=5, grouped=True)
+    if panels:
+        monkeypatch.setattr(nbb, "MIN_PANEL", 16)
+    x1, c1, _, _ = nbb.babai_kernel(can, block_size=32, precision=precision, panels=panels)
+    calls = []
+    for name in ("_whole_one", "_sweep_panel_one"):
+        real = getattr(nbb, name)
+        monkeypatch.setattr(nbb, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        x2, c2, _, _ = nbb.babai_kernel(can, block_size=32, precision=precision, panels=panels)
+    finally:
+        numba.set_num_threads(before)
+    assert calls and set(calls) == {"_sweep_panel_one" if panels else "_whole_one"}
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(c1, c2)
