@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, Clock, at, box_round, gat, grids, readonly, uniform
-from ._tiles import STEP, rank1, update_below
+from ._tiles import STEP, bound_row, grid_row, rank1, update_below
 from .babai import panels, sweep, whole_sweep
 
 __all__ = ["klein_kernel", "klein_panel", "klein_pick"]
@@ -242,6 +242,31 @@ def _klein_row(trow_in, rii, srow, orow, lorow, hirow, taur, seedr, sample, leve
 
 
 @njit(cache=True, error_model="numpy")
+def _record_row(xrow, srow, orow, trow, drow, zq, cl, xout, xbrow, djj, dval):
+    """Store one level's draws of a tile of RHS and list where they leave the Babai point.
+
+    Writes the codes to ``xout``, ``z = s x + o`` to ``zq`` and adds the squared residual
+    to ``cl`` (a vectorised pass); then lists the differences from the Babai codes
+    ``xbrow`` without branches: ``djj[:nd]`` the tile columns, ``dval[:nd]`` the scaled
+    differences ``s (x - x_b)`` in column order. Returns ``nd``.
+    """
+    w = xrow.shape[0]
+    for jj in range(w):
+        xi = xrow[jj]
+        xout[jj] = np.int64(xi)
+        zq[jj] = srow[jj] * xi + orow[jj]
+        ee = trow[jj] - drow[jj] * xi
+        cl[jj] += ee * ee
+    nd = 0
+    for jj in range(w):
+        dx = xout[jj] - xbrow[jj]
+        djj[nd] = jj
+        dval[nd] = srow[jj] * np.float64(dx)
+        nd += np.int64(dx != 0)
+    return nd
+
+
+@njit(cache=True, error_model="numpy")
 def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, j0, j1,
                  dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev):
     """One panel of one sampled sweep for right-hand sides ``[j0, j1)`` (tile ``t``)."""
@@ -286,6 +311,13 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
     crow = np.empty(w)
     xrow = np.empty(w)
     simple = np.empty(w, dtype=np.bool_)
+    # grid and bound rows are refilled only when the level's group (row) changes
+    sg_last = -1
+    og_last = -1
+    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
+    if not per_level_bounds:
+        bound_row(LO, 0, j0, w, lorow)
+        bound_row(HI, 0, j0, w, hirow)
     top = m
     while top > 0:
         bot = max(0, top - STEP)
@@ -293,11 +325,15 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
             i = a + q
             rii = RT[q, q]
             zq = zb[top - 1 - q]
-            for jj in range(w):
-                srow[jj] = gat(S, Sg, i, j0 + jj)
-                orow[jj] = gat(O, Og, i, j0 + jj)
-                lorow[jj] = np.float64(at(LO, i, j0 + jj))
-                hirow[jj] = np.float64(at(HI, i, j0 + jj))
+            if Sg[i] != sg_last:
+                sg_last = Sg[i]
+                grid_row(S, Sg, i, j0, w, srow)
+            if Og[i] != og_last:
+                og_last = Og[i]
+                grid_row(O, Og, i, j0, w, orow)
+            if per_level_bounds:
+                bound_row(LO, i, j0, w, lorow)
+                bound_row(HI, i, j0, w, hirow)
             _klein_row(T[q], rii, srow, orow, lorow, hirow, taur, seedr, sample, i, nlev,
                        trow, drow, crow, xrow, simple)
             for jj in range(w):
@@ -305,21 +341,8 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
                     xrow[jj] = klein_pick(crow[jj], drow[jj], at(LO, i, j0 + jj),
                                           at(HI, i, j0 + jj), taur[jj], sqr[jj], seedr[jj],
                                           sample, i, nlev, lbuf, ubuf)
-            nd = 0
-            for jj in range(w):
-                j = j0 + jj
-                xi = xrow[jj]
-                xs = np.int64(xi)
-                X[i, j] = xs
-                xb = Xb[i, j]
-                if xs != xb:
-                    djj[i, j0 + nd] = jj
-                    dval[i, j0 + nd] = srow[jj] * np.float64(xs - xb)
-                    nd += 1
-                zq[jj] = srow[jj] * xi + orow[jj]
-                ee = trow[jj] - drow[jj] * xi
-                cl[jj] += ee * ee
-            dcnt[i, t] = nd
+            dcnt[i, t] = _record_row(xrow, srow, orow, trow, drow, zq, cl, X[i, j0:j1],
+                                     Xb[i, j0:j1], djj[i, j0:j1], dval[i, j0:j1])
             rank1(T, RT[q], zq, bot, q, w)
         update_below(T, RT, zb, top, bot, w)
         top = bot
