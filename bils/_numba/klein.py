@@ -241,6 +241,83 @@ def _klein_row(trow_in, rii, srow, orow, lorow, hirow, taur, seedr, sample, leve
         crow[jj] = c
 
 
+#: Levels of differences gathered per right-hand side before they are applied (see
+#: :func:`_corrections`): the block's rows of ``R`` (``CORR_LEVELS x panel`` doubles) stay
+#: in the core's L2 cache while each RHS's row of corrections takes them 4 at a time.
+CORR_LEVELS = 64
+
+
+@njit(cache=True, error_model="numpy")
+def _axpy4(ct, r1, r2, r3, r4, d1, d2, d3, d4):
+    """``ct += r1 d1``, then ``+= r2 d2``, ``+= r3 d3``, ``+= r4 d4``, rounded after each
+    product and each sum as four separate updates would be: one pass over ``ct``."""
+    for l in range(ct.shape[0]):
+        ct[l] = (((ct[l] + r1[l] * d1) + r2[l] * d2) + r3[l] * d3) + r4[l] * d4
+
+
+@njit(cache=True, error_model="numpy")
+def _axpy2(ct, r1, r2, d1, d2):
+    """``ct += r1 d1``, then ``+= r2 d2`` (as :func:`_axpy4`)."""
+    for l in range(ct.shape[0]):
+        ct[l] = (ct[l] + r1[l] * d1) + r2[l] * d2
+
+
+@njit(cache=True, error_model="numpy")
+def _axpy1(ct, r1, d1):
+    """``ct += r1 d1``."""
+    for l in range(ct.shape[0]):
+        ct[l] = ct[l] + r1[l] * d1
+
+
+@njit(cache=True)
+def _corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
+    r"""``CT[jj] += \sum_{lv} RS[lv - e] dval`` over the differences of tile ``t`` at levels ``lv >= e``.
+
+    ``dcnt[lv, t]`` differences are listed at level ``lv`` (tile columns
+    ``djj[lv, j0:j0 + cnt]``, values ``dval[lv, j0:j0 + cnt]``). Each element of ``CT``
+    receives its products in ascending level order, one rounded product and one rounded
+    sum each, exactly as the plain loop over levels and differences would; the levels are
+    taken in blocks of :data:`CORR_LEVELS`, whose differences are regrouped per column
+    and applied four at a time (:func:`_axpy4`): one load and store of the column's
+    corrections per four differences instead of per difference.
+    """
+    w = CT.shape[0]
+    cntj = np.zeros(w + 1, dtype=np.int64)
+    pos = np.empty(w, dtype=np.int64)
+    rows = np.empty(CORR_LEVELS * w, dtype=np.int64)
+    vals = np.empty(CORR_LEVELS * w)
+    for b0 in range(e, nlev, CORR_LEVELS):
+        b1 = min(nlev, b0 + CORR_LEVELS)
+        for jj in range(w + 1):
+            cntj[jj] = 0
+        for lv in range(b0, b1):
+            for q in range(dcnt[lv, t]):
+                cntj[djj[lv, j0 + q] + 1] += 1
+        for jj in range(w):
+            cntj[jj + 1] += cntj[jj]
+            pos[jj] = cntj[jj]
+        for lv in range(b0, b1):  # ascending levels: each column's list stays in level order
+            for q in range(dcnt[lv, t]):
+                jj = djj[lv, j0 + q]
+                p = pos[jj]
+                rows[p] = lv - e
+                vals[p] = dval[lv, j0 + q]
+                pos[jj] = p + 1
+        for jj in range(w):
+            p = cntj[jj]
+            p1 = cntj[jj + 1]
+            ct = CT[jj]
+            while p + 4 <= p1:
+                _axpy4(ct, RS[rows[p]], RS[rows[p + 1]], RS[rows[p + 2]], RS[rows[p + 3]],
+                       vals[p], vals[p + 1], vals[p + 2], vals[p + 3])
+                p += 4
+            if p + 2 <= p1:
+                _axpy2(ct, RS[rows[p]], RS[rows[p + 1]], vals[p], vals[p + 1])
+                p += 2
+            if p < p1:
+                _axpy1(ct, RS[rows[p]], vals[p])
+
+
 @njit(cache=True, error_model="numpy")
 def _record_row(xrow, srow, orow, trow, drow, zq, cl, xout, xbrow, djj, dval):
     """Store one level's draws of a tile of RHS and list where they leave the Babai point.
@@ -275,14 +352,7 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
     w = j1 - j0
     # R[a:e, e:] @ (Z_sample - Z_babai)[e:] from the recorded differences, per RHS
     CT = np.zeros((w, m))
-    for lv in range(e, nlev):
-        cnt = dcnt[lv, t]
-        r0 = lv - e
-        for q in range(cnt):
-            jj = djj[lv, j0 + q]
-            dv = dval[lv, j0 + q]
-            for l in range(m):
-                CT[jj, l] += RS[r0, l] * dv
+    _corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
     T = np.empty((m, w))
     for l in range(m):
         if has_g:

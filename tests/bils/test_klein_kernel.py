@@ -37,3 +37,37 @@ def test_record_row_equals_loop(w, p_diff):
         e = trow[jj] - drow[jj] * xrow[jj]
         cl_ref[jj] += e * e
     np.testing.assert_array_equal(cl, cl_ref)
+
+
+def _corrections_loop(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
+    """The plain loop that ``_corrections`` regroups: levels ascending, one update per difference."""
+    for lv in range(e, nlev):
+        for q in range(dcnt[lv, t]):
+            jj, dv = djj[lv, j0 + q], dval[lv, j0 + q]
+            CT[jj] = CT[jj] + RS[lv - e] * dv
+
+
+@pytest.mark.parametrize("m, nlev_above, w, p_diff", [(5, 0, 3, 0.5), (16, 70, 9, 0.15),
+                                                     (33, 200, 40, 0.6), (8, 130, 64, 1.0)])
+def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff):
+    """Bitwise: every element gets its products in ascending level order (blocks of
+    CORR_LEVELS levels, 4/2/1 differences per pass, columns with 0 to many differences)."""
+    rng = np.random.default_rng(m + nlev_above + w)
+    e = 10 + m  # the panel [10, e) sits below the levels [e, nlev)
+    nlev = e + nlev_above
+    ntiles, t, j0 = 3, 1, w  # the middle tile of three
+    k = ntiles * w
+    RS = rng.normal(0, 1, (nlev - e, m))
+    dcnt = np.zeros((nlev, ntiles), dtype=np.int32)
+    djj = np.full((nlev, k), -1, dtype=np.int32)
+    dval = np.full((nlev, k), np.nan)
+    for lv in range(e, nlev):
+        cols = np.flatnonzero(rng.random(w) < p_diff)
+        dcnt[lv, t] = len(cols)
+        djj[lv, j0:j0 + len(cols)] = cols
+        dval[lv, j0:j0 + len(cols)] = rng.normal(0, 3, len(cols)) * 10.0 ** rng.integers(-8, 8, len(cols))
+    CT = np.zeros((w, m))
+    ref = np.zeros((w, m))
+    nbk._corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
+    _corrections_loop(ref, RS, e, nlev, t, j0, dcnt, djj, dval)
+    np.testing.assert_array_equal(CT, ref)
