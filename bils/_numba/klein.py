@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, Clock, at, box_round, gat, grids, readonly, uniform
+from ._common import TILE, Clock, aligned_empty, at, box_round, grids, readonly, uniform
 from ._tiles import STEP, bound_row, grid_row, rank1, update_below
 from .babai import panels, sweep, whole_sweep
 
@@ -354,9 +354,12 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
     e = a + m
     w = j1 - j0
     # R[a:e, e:] @ (Z_sample - Z_babai)[e:] from the recorded differences, per RHS
-    CT = np.zeros((w, m))
+    # scratch tiles start on a cache line (see aligned_empty): rows of 256 doubles then never
+    # straddle one in the vectorised row updates
+    CT = aligned_empty(w, m, RS)
+    CT[...] = 0.0
     _corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
-    T = np.empty((m, w))
+    T = aligned_empty(m, w, RS)
     for l in range(m):
         if has_g:
             for jj in range(w):
@@ -364,7 +367,7 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
         else:
             for jj in range(w):
                 T[l, jj] = Y[a + l, j0 + jj]
-    zb = np.empty((STEP, w))
+    zb = aligned_empty(STEP, w, RS)
     cl = np.zeros(w)
     lbuf = np.empty(_NBUF)
     ubuf = np.empty(_NBUF)
