@@ -18,7 +18,9 @@ for the panel ``[a, e)``
 where the first term is kept from the Babai sweep (``G_out``) and the sum runs over a
 per-tile list of the levels where the sample left the Babai point, recorded as the levels
 are decided. Work per sample is proportional to the number of differences instead of a
-full ``n^2 k`` product.
+full ``n^2 k`` product. The sum is applied per RHS in ascending level order, four
+differences per pass over the panel's rows (:func:`_corrections`), so every element gets
+its products and sums rounded exactly as a loop over the differences would.
 """
 
 from __future__ import annotations
