@@ -71,3 +71,28 @@ def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff):
     nbk._corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
     _corrections_loop(ref, RS, e, nlev, t, j0, dcnt, djj, dval)
     np.testing.assert_array_equal(CT, ref)
+
+
+def test_wide_tiles_equal_narrow_tiles_and_the_reference(monkeypatch):
+    """Many 256-wide sampled-sweep tiles (a ragged last one), several panels with
+    corrections: bitwise equal to 32-wide tiles, and equal to the numpy reference."""
+    import bils
+
+    rng = np.random.default_rng(5)
+    n, k = 40, 2100
+    R = np.triu(rng.normal(0, 0.4, (n, n)), 1) + np.diag(rng.uniform(0.6, 2.0, n))
+    S = rng.uniform(0.3, 1.5, (n, 1))
+    Y = R @ (S * rng.uniform(-1, 8, (n, k))) + rng.normal(0, 0.05, (n, k))
+    monkeypatch.setattr(nbk, "MIN_PANEL", 16)
+    kw = dict(scale=S, n_samples=4, tau=0.5, rng=3, block_size=16)
+    assert nbk._sample_width(k) == nbk.SAMPLE_TILE == 256
+    wide = bils.klein(R, Y, 0, 7, backend="numba", **kw)
+    monkeypatch.setattr(nbk, "SAMPLE_TILE", 32)
+    narrow = bils.klein(R, Y, 0, 7, backend="numba", **kw)
+    np.testing.assert_array_equal(wide.x, narrow.x)
+    np.testing.assert_array_equal(wide.cost, narrow.cost)
+    np.testing.assert_array_equal(wide.info["improved"], narrow.info["improved"])
+    ref = bils.klein(R, Y, 0, 7, backend="numpy", **kw)
+    assert np.mean(ref.x == wide.x) >= 0.999
+    np.testing.assert_allclose(wide.cost, ref.cost, rtol=1e-9)
+    assert wide.info["improved"].any()
