@@ -1,0 +1,98 @@
+"""Helpers of the numba Klein kernel (``bils._numba.klein``) against plain-Python oracles.
+
+The whole kernel is compared with the numpy reference in ``test_numba_backend.py``
+(``test_klein_parity``); here each row helper of the sampled sweep is checked bit for bit
+against an obvious loop, on inputs that reach its branches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+from bils._numba import klein as nbk  # noqa: E402
+
+
+@pytest.mark.parametrize("w", [1, 7, 64, 130])
+@pytest.mark.parametrize("p_diff", [0.0, 0.15, 1.0])
+def test_record_row_equals_loop(w, p_diff):
+    rng = np.random.default_rng(w * 100 + int(p_diff * 10))
+    xb = rng.integers(0, 16, w)
+    xrow = np.where(rng.random(w) < p_diff, (xb + rng.integers(1, 4, w)) % 16, xb).astype(np.float64)
+    srow, orow = rng.uniform(0.1, 2.0, w), rng.normal(0, 1, w)
+    trow, drow = rng.normal(0, 5, w), rng.uniform(0.5, 3.0, w)
+    zq, cl = np.empty(w), rng.uniform(0, 1, w)
+    xout = np.empty(w, dtype=np.int64)
+    djj, dval = np.full(w, -1, dtype=np.int32), np.full(w, np.nan)
+    cl_ref = cl.copy()
+    nd = nbk._record_row(xrow, srow, orow, trow, drow, zq, cl, xout, xb, djj, dval)
+    cols = [jj for jj in range(w) if int(xrow[jj]) != xb[jj]]
+    assert nd == len(cols)
+    np.testing.assert_array_equal(djj[:nd], cols)
+    np.testing.assert_array_equal(dval[:nd], [srow[j] * float(int(xrow[j]) - xb[j]) for j in cols])
+    np.testing.assert_array_equal(xout, xrow.astype(np.int64))
+    np.testing.assert_array_equal(zq, srow * xrow + orow)
+    for jj in range(w):
+        e = trow[jj] - drow[jj] * xrow[jj]
+        cl_ref[jj] += e * e
+    np.testing.assert_array_equal(cl, cl_ref)
+
+
+def _corrections_loop(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
+    """The plain loop that ``_corrections`` regroups: levels ascending, one update per difference."""
+    for lv in range(e, nlev):
+        for q in range(dcnt[lv, t]):
+            jj, dv = djj[lv, j0 + q], dval[lv, j0 + q]
+            CT[jj] = CT[jj] + RS[lv - e] * dv
+
+
+@pytest.mark.parametrize("m, nlev_above, w, p_diff", [(5, 0, 3, 0.5), (16, 70, 9, 0.15),
+                                                     (33, 200, 40, 0.6), (8, 130, 64, 1.0)])
+def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff):
+    """Bitwise: every element gets its products in ascending level order (blocks of
+    CORR_LEVELS levels, 4/2/1 differences per pass, columns with 0 to many differences)."""
+    rng = np.random.default_rng(m + nlev_above + w)
+    e = 10 + m  # the panel [10, e) sits below the levels [e, nlev)
+    nlev = e + nlev_above
+    ntiles, t, j0 = 3, 1, w  # the middle tile of three
+    k = ntiles * w
+    RS = rng.normal(0, 1, (nlev - e, m))
+    dcnt = np.zeros((nlev, ntiles), dtype=np.int32)
+    djj = np.full((nlev, k), -1, dtype=np.int32)
+    dval = np.full((nlev, k), np.nan)
+    for lv in range(e, nlev):
+        cols = np.flatnonzero(rng.random(w) < p_diff)
+        dcnt[lv, t] = len(cols)
+        djj[lv, j0:j0 + len(cols)] = cols
+        dval[lv, j0:j0 + len(cols)] = rng.normal(0, 3, len(cols)) * 10.0 ** rng.integers(-8, 8, len(cols))
+    CT = np.zeros((w, m))
+    ref = np.zeros((w, m))
+    nbk._corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
+    _corrections_loop(ref, RS, e, nlev, t, j0, dcnt, djj, dval)
+    np.testing.assert_array_equal(CT, ref)
+
+
+def test_wide_tiles_equal_narrow_tiles_and_the_reference(monkeypatch):
+    """Many 256-wide sampled-sweep tiles (a ragged last one), several panels with
+    corrections: bitwise equal to 32-wide tiles, and equal to the numpy reference."""
+    import bils
+
+    rng = np.random.default_rng(5)
+    n, k = 40, 2100
+    R = np.triu(rng.normal(0, 0.4, (n, n)), 1) + np.diag(rng.uniform(0.6, 2.0, n))
+    S = rng.uniform(0.3, 1.5, (n, 1))
+    Y = R @ (S * rng.uniform(-1, 8, (n, k))) + rng.normal(0, 0.05, (n, k))
+    monkeypatch.setattr(nbk, "MIN_PANEL", 16)
+    kw = dict(scale=S, n_samples=4, tau=0.5, rng=3, block_size=16)
+    assert nbk._sample_width(k) == nbk.SAMPLE_TILE == 256
+    wide = bils.klein(R, Y, 0, 7, backend="numba", **kw)
+    monkeypatch.setattr(nbk, "SAMPLE_TILE", 32)
+    narrow = bils.klein(R, Y, 0, 7, backend="numba", **kw)
+    np.testing.assert_array_equal(wide.x, narrow.x)
+    np.testing.assert_array_equal(wide.cost, narrow.cost)
+    np.testing.assert_array_equal(wide.info["improved"], narrow.info["improved"])
+    ref = bils.klein(R, Y, 0, 7, backend="numpy", **kw)
+    assert np.mean(ref.x == wide.x) >= 0.999
+    np.testing.assert_allclose(wide.cost, ref.cost, rtol=1e-9)
+    assert wide.info["improved"].any()
