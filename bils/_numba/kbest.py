@@ -320,11 +320,14 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     B = nbeam[jj]
     Tb = np.empty((K, m))
     Tn = np.empty((K, m))
-    # targets of every member: reference part from the BLAS product, then corrections
-    for b in range(B):
+    # targets of every member: reference part from the BLAS product (read once, strided,
+    # then copied), then corrections
+    for l in range(m):
+        Tb[0, l] = Y[a + l, jg] - Gc[l, jj] if has_g else Y[a + l, jg]
+    for b in range(1, B):
         for l in range(m):
-            Tb[b, l] = Y[a + l, jg] - Gc[l, jj] if has_g else Y[a + l, jg]
-        if b == 0 or not has_g or pcost[jj, b] == np.inf:
+            Tb[b, l] = Tb[0, l]
+        if not has_g or pcost[jj, b] == np.inf:
             continue
         ib = b
         ir = 0
@@ -344,7 +347,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     slot = bslot[jj]
     sel_c = np.empty(K)
     sel_k = np.empty(K, dtype=np.int64)  # candidate key p * C + rank (-1: empty slot)
-    cand_z = np.empty(K * C)  # a level's selected candidates' points, by key
+    sel_p = np.empty(K, dtype=np.int64)  # its parent
+    sel_z = np.empty(K)  # its point
     # per parent: its next child (cost hc, point hz, rank hr), its target t, centre,
     # rounded value, window [hlo, hhi] of hn children and the zig-zag frontier hdn/hup
     hc = np.empty(K)
@@ -431,10 +435,10 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 if best < 0:
                     break  # every parent's children are taken
                 p = best
-                key = p * C + hr[p]
                 sel_c[cnt] = bc
-                sel_k[cnt] = key
-                cand_z[key] = hz[p]
+                sel_k[cnt] = p * C + hr[p]
+                sel_p[cnt] = p
+                sel_z[cnt] = hz[p]
                 cnt += 1
                 r = hr[p] + 1  # the parent's next child in zig-zag order
                 hr[p] = r
@@ -462,7 +466,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 if not present:
                     sel_c[nb - 1] = bab_c
                     sel_k[nb - 1] = bkey
-                    cand_z[bkey] = bab_z
+                    sel_p[nb - 1] = slot
+                    sel_z[nb - 1] = bab_z
             else:
                 for r in range(cnt, nb):  # empty slots (fewer feasible children than nb)
                     sel_c[r] = np.inf
@@ -483,8 +488,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                         zst_n[r, u] = 0.0
                         tst_n[r, u] = 0.0
                     continue
-                p = key // C
-                zr = cand_z[key]
+                p = sel_p[r]
+                zr = sel_z[r]
                 xcode[jj, i, r] = np.int64(zr)
                 par[jj, i, r] = p
                 anc_n[r] = anc[p]
