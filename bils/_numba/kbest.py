@@ -368,7 +368,9 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     # chose at the step's first ns levels (for the rows below the step, :func:`_step_rows`)
     anc = np.empty(K, dtype=np.int64)
     anc_n = np.empty(K, dtype=np.int64)
-    ct = np.empty((STEP, STEP))  # ct[q - bot, r] = RT[top - 1 - r, q]: in-step coefficients
+    # ct[r, q - bot] = RT[top - 1 - r, q]: in-step coefficients, row r (the step's r-th
+    # decided level) contiguous, so a new member's row update reads it in order (no gather)
+    ct = np.empty((STEP, STEP))
     zst = np.empty((K, STEP))
     zst_n = np.empty((K, STEP))
     # tst[b, u]: member b's target at level bot + u of the current step, the step's decided
@@ -381,9 +383,9 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     top = m
     while top > 0:
         bot = max(0, top - STEP)
-        for u in range(top - bot):
-            for r in range(top - 1 - bot - u):
-                ct[u, r] = RT[top - 1 - r, bot + u]
+        for r in range(top - 1 - bot):
+            for u in range(top - 1 - bot - r):
+                ct[r, u] = RT[top - 1 - r, bot + u]
         for b in range(B):  # anc is the identity at a step's start
             for u in range(top - bot):
                 tst[b, u] = Tb[b, bot + u]
@@ -498,7 +500,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 zv = s * zr + o
                 zst_n[r, ns] = zv
                 for u in range(q - bot):
-                    tst_n[r, u] = tst[p, u] - ct[u, ns] * zv
+                    tst_n[r, u] = tst[p, u] - ct[ns, u] * zv
             for r in range(nb):
                 pc[r] = npc[r]
             anc, anc_n = anc_n, anc
