@@ -22,9 +22,10 @@ step a member is its ancestor's row plus the points it chose at the step's level
 its targets at the step's remaining levels are kept in a 16-wide row (a new member's is
 its parent's minus its new point's term, one per level), so scoring a parent is one load.
 After the step one pass gives every member its new row for the levels below (16 updates
-per element, coefficients in a contiguous (16, m) block, four members per pass so each
-coefficient is loaded once for four: :func:`_step_rows`), instead of a copy-and-update of
-every member's row per level. Each target receives the same operations in the same order as
+per element, the coefficients read in place from the step's 16 contiguous rows of the
+panel's transposed diagonal block, four members per pass so each coefficient is loaded
+once for four: :func:`_step_rows`), instead of a copy-and-update of every member's row per
+level. Each target receives the same operations in the same order as
 with one update per level, so codes and costs are bitwise those of the per-level
 kernel.
 
@@ -72,9 +73,10 @@ def _lower_first(c, dn, up, mm):
 
 @njit(cache=True, inline="always")
 def _rows16(Tn, b, Tb, a, cf, zst, nrows):
-    """``Tn[b, l] = Tb[a, l] - sum_r cf[r, l] zst[b, r]``, r = 0..15 in order, for
-    ``0 <= l < nrows``. Arrays are indexed directly with constant rows of ``cf`` (one base
-    pointer for the 16 coefficient streams) and ``l`` counts from 0 (provably
+    """``Tn[b, l] = Tb[a, l] - sum_r cf[15 - r, l] zst[b, r]``, r = 0..15 in order, for
+    ``0 <= l < nrows`` (``cf`` is the step's rows ``RT[bot:top]``, in place: row ``15 - r``
+    is level ``top - 1 - r``). Arrays are indexed directly with constant rows of ``cf``
+    (one base pointer for the 16 coefficient streams) and ``l`` counts from 0 (provably
     non-negative: no wraparound selects), so the loop vectorises; a loop from a variable
     start runs ~7x slower."""
     z0 = zst[b, 0]
@@ -95,22 +97,22 @@ def _rows16(Tn, b, Tb, a, cf, zst, nrows):
     z15 = zst[b, 15]
     for l in range(nrows):
         t = Tb[a, l]
-        t = t - cf[0, l] * z0
-        t = t - cf[1, l] * z1
-        t = t - cf[2, l] * z2
-        t = t - cf[3, l] * z3
-        t = t - cf[4, l] * z4
-        t = t - cf[5, l] * z5
-        t = t - cf[6, l] * z6
-        t = t - cf[7, l] * z7
-        t = t - cf[8, l] * z8
-        t = t - cf[9, l] * z9
-        t = t - cf[10, l] * z10
-        t = t - cf[11, l] * z11
-        t = t - cf[12, l] * z12
-        t = t - cf[13, l] * z13
-        t = t - cf[14, l] * z14
-        t = t - cf[15, l] * z15
+        t = t - cf[15, l] * z0
+        t = t - cf[14, l] * z1
+        t = t - cf[13, l] * z2
+        t = t - cf[12, l] * z3
+        t = t - cf[11, l] * z4
+        t = t - cf[10, l] * z5
+        t = t - cf[9, l] * z6
+        t = t - cf[8, l] * z7
+        t = t - cf[7, l] * z8
+        t = t - cf[6, l] * z9
+        t = t - cf[5, l] * z10
+        t = t - cf[4, l] * z11
+        t = t - cf[3, l] * z12
+        t = t - cf[2, l] * z13
+        t = t - cf[1, l] * z14
+        t = t - cf[0, l] * z15
         Tn[b, l] = t
 
 
@@ -188,82 +190,82 @@ def _rows16x4(Tn, b, Tb, a0, a1, a2, a3, cf, zst, nrows):
         t1 = Tb[a1, l]
         t2 = Tb[a2, l]
         t3 = Tb[a3, l]
-        c = cf[0, l]
+        c = cf[15, l]
         t0 = t0 - c * z0_0
         t1 = t1 - c * z1_0
         t2 = t2 - c * z2_0
         t3 = t3 - c * z3_0
-        c = cf[1, l]
+        c = cf[14, l]
         t0 = t0 - c * z0_1
         t1 = t1 - c * z1_1
         t2 = t2 - c * z2_1
         t3 = t3 - c * z3_1
-        c = cf[2, l]
+        c = cf[13, l]
         t0 = t0 - c * z0_2
         t1 = t1 - c * z1_2
         t2 = t2 - c * z2_2
         t3 = t3 - c * z3_2
-        c = cf[3, l]
+        c = cf[12, l]
         t0 = t0 - c * z0_3
         t1 = t1 - c * z1_3
         t2 = t2 - c * z2_3
         t3 = t3 - c * z3_3
-        c = cf[4, l]
+        c = cf[11, l]
         t0 = t0 - c * z0_4
         t1 = t1 - c * z1_4
         t2 = t2 - c * z2_4
         t3 = t3 - c * z3_4
-        c = cf[5, l]
+        c = cf[10, l]
         t0 = t0 - c * z0_5
         t1 = t1 - c * z1_5
         t2 = t2 - c * z2_5
         t3 = t3 - c * z3_5
-        c = cf[6, l]
+        c = cf[9, l]
         t0 = t0 - c * z0_6
         t1 = t1 - c * z1_6
         t2 = t2 - c * z2_6
         t3 = t3 - c * z3_6
-        c = cf[7, l]
+        c = cf[8, l]
         t0 = t0 - c * z0_7
         t1 = t1 - c * z1_7
         t2 = t2 - c * z2_7
         t3 = t3 - c * z3_7
-        c = cf[8, l]
+        c = cf[7, l]
         t0 = t0 - c * z0_8
         t1 = t1 - c * z1_8
         t2 = t2 - c * z2_8
         t3 = t3 - c * z3_8
-        c = cf[9, l]
+        c = cf[6, l]
         t0 = t0 - c * z0_9
         t1 = t1 - c * z1_9
         t2 = t2 - c * z2_9
         t3 = t3 - c * z3_9
-        c = cf[10, l]
+        c = cf[5, l]
         t0 = t0 - c * z0_10
         t1 = t1 - c * z1_10
         t2 = t2 - c * z2_10
         t3 = t3 - c * z3_10
-        c = cf[11, l]
+        c = cf[4, l]
         t0 = t0 - c * z0_11
         t1 = t1 - c * z1_11
         t2 = t2 - c * z2_11
         t3 = t3 - c * z3_11
-        c = cf[12, l]
+        c = cf[3, l]
         t0 = t0 - c * z0_12
         t1 = t1 - c * z1_12
         t2 = t2 - c * z2_12
         t3 = t3 - c * z3_12
-        c = cf[13, l]
+        c = cf[2, l]
         t0 = t0 - c * z0_13
         t1 = t1 - c * z1_13
         t2 = t2 - c * z2_13
         t3 = t3 - c * z3_13
-        c = cf[14, l]
+        c = cf[1, l]
         t0 = t0 - c * z0_14
         t1 = t1 - c * z1_14
         t2 = t2 - c * z2_14
         t3 = t3 - c * z3_14
-        c = cf[15, l]
+        c = cf[0, l]
         t0 = t0 - c * z0_15
         t1 = t1 - c * z1_15
         t2 = t2 - c * z2_15
@@ -275,22 +277,22 @@ def _rows16x4(Tn, b, Tb, a0, a1, a2, a3, cf, zst, nrows):
 
 
 @njit(cache=True)
-def _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot, cf):
+def _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot):
     """Targets of rows ``[0, bot)`` after the step of levels ``[bot, top)`` for every member.
 
     Member ``b``'s new row is its ancestor's row ``Tb[anc[b]]`` minus the step's updates
     ``RT[lv, l] z_b(lv)`` in level order (``zst[b, r]`` is level ``top - 1 - r``), the same
     operations in the same order as one rank-1 update per level, so the results do not
-    depend on the step. The step's coefficient rows are copied to ``cf`` (STEP, m) first.
+    depend on the step. The coefficients are read in place from the step's rows
+    ``RT[bot:top]`` (a copy to a scratch block first cost ~20 % more: one more pass over
+    16 rows of ``RT`` per step).
     Empty members (cost ``inf``) get rows too when they fall in a block of four (their step
     points are zeros; their costs keep them out of every selection), otherwise skipped.
     """
     ns = top - bot
-    for r in range(ns):
-        for l in range(bot):
-            cf[r, l] = RT[top - 1 - r, l]
     b0 = 0
     if ns == STEP:  # members four at a time (empty ones too: their zst rows are zeros)
+        cf = RT[bot:top]  # in place: row STEP - 1 - r is level top - 1 - r
         while b0 + 4 <= B:
             _rows16x4(Tn, b0, Tb, anc[b0], anc[b0 + 1], anc[b0 + 2], anc[b0 + 3], cf, zst, bot)
             b0 += 4
@@ -299,12 +301,12 @@ def _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot, cf):
             continue
         ab = anc[b]
         if ns == STEP:
-            _rows16(Tn, b, Tb, ab, cf, zst, bot)
+            _rows16(Tn, b, Tb, ab, RT[bot:top], zst, bot)
         else:
             for l in range(bot):
                 t = Tb[ab, l]
                 for r in range(ns):
-                    t = t - cf[r, l] * zst[b, r]
+                    t = t - RT[top - 1 - r, l] * zst[b, r]
                 Tn[b, l] = t
 
 
@@ -318,11 +320,14 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     B = nbeam[jj]
     Tb = np.empty((K, m))
     Tn = np.empty((K, m))
-    # targets of every member: reference part from the BLAS product, then corrections
-    for b in range(B):
+    # targets of every member: reference part from the BLAS product (read once, strided,
+    # then copied), then corrections
+    for l in range(m):
+        Tb[0, l] = Y[a + l, jg] - Gc[l, jj] if has_g else Y[a + l, jg]
+    for b in range(1, B):
         for l in range(m):
-            Tb[b, l] = Y[a + l, jg] - Gc[l, jj] if has_g else Y[a + l, jg]
-        if b == 0 or not has_g or pcost[jj, b] == np.inf:
+            Tb[b, l] = Tb[0, l]
+        if not has_g or pcost[jj, b] == np.inf:
             continue
         ib = b
         ir = 0
@@ -342,7 +347,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     slot = bslot[jj]
     sel_c = np.empty(K)
     sel_k = np.empty(K, dtype=np.int64)  # candidate key p * C + rank (-1: empty slot)
-    cand_z = np.empty(K * C)  # a level's selected candidates' points, by key
+    sel_p = np.empty(K, dtype=np.int64)  # its parent
+    sel_z = np.empty(K)  # its point
     # per parent: its next child (cost hc, point hz, rank hr), its target t, centre,
     # rounded value, window [hlo, hhi] of hn children and the zig-zag frontier hdn/hup
     hc = np.empty(K)
@@ -362,8 +368,9 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     # chose at the step's first ns levels (for the rows below the step, :func:`_step_rows`)
     anc = np.empty(K, dtype=np.int64)
     anc_n = np.empty(K, dtype=np.int64)
-    cf = np.empty((STEP, m))
-    ct = np.empty((STEP, STEP))  # ct[q - bot, r] = RT[top - 1 - r, q]: in-step coefficients
+    # ct[r, q - bot] = RT[top - 1 - r, q]: in-step coefficients, row r (the step's r-th
+    # decided level) contiguous, so a new member's row update reads it in order (no gather)
+    ct = np.empty((STEP, STEP))
     zst = np.empty((K, STEP))
     zst_n = np.empty((K, STEP))
     # tst[b, u]: member b's target at level bot + u of the current step, the step's decided
@@ -376,9 +383,9 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
     top = m
     while top > 0:
         bot = max(0, top - STEP)
-        for u in range(top - bot):
-            for r in range(top - 1 - bot - u):
-                ct[u, r] = RT[top - 1 - r, bot + u]
+        for r in range(top - 1 - bot):
+            for u in range(top - 1 - bot - r):
+                ct[r, u] = RT[top - 1 - r, bot + u]
         for b in range(B):  # anc is the identity at a step's start
             for u in range(top - bot):
                 tst[b, u] = Tb[b, bot + u]
@@ -430,10 +437,10 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 if best < 0:
                     break  # every parent's children are taken
                 p = best
-                key = p * C + hr[p]
                 sel_c[cnt] = bc
-                sel_k[cnt] = key
-                cand_z[key] = hz[p]
+                sel_k[cnt] = p * C + hr[p]
+                sel_p[cnt] = p
+                sel_z[cnt] = hz[p]
                 cnt += 1
                 r = hr[p] + 1  # the parent's next child in zig-zag order
                 hr[p] = r
@@ -461,7 +468,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 if not present:
                     sel_c[nb - 1] = bab_c
                     sel_k[nb - 1] = bkey
-                    cand_z[bkey] = bab_z
+                    sel_p[nb - 1] = slot
+                    sel_z[nb - 1] = bab_z
             else:
                 for r in range(cnt, nb):  # empty slots (fewer feasible children than nb)
                     sel_c[r] = np.inf
@@ -482,8 +490,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                         zst_n[r, u] = 0.0
                         tst_n[r, u] = 0.0
                     continue
-                p = key // C
-                zr = cand_z[key]
+                p = sel_p[r]
+                zr = sel_z[r]
                 xcode[jj, i, r] = np.int64(zr)
                 par[jj, i, r] = p
                 anc_n[r] = anc[p]
@@ -492,7 +500,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
                 zv = s * zr + o
                 zst_n[r, ns] = zv
                 for u in range(q - bot):
-                    tst_n[r, u] = tst[p, u] - ct[u, ns] * zv
+                    tst_n[r, u] = tst[p, u] - ct[ns, u] * zv
             for r in range(nb):
                 pc[r] = npc[r]
             anc, anc_n = anc_n, anc
@@ -500,7 +508,7 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
             tst, tst_n = tst_n, tst
             B = nb
         if bot > 0:  # rows below the step: each member's STEP updates in one pass
-            _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot, cf)
+            _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot)
             Tb, Tn = Tn, Tb
             for b in range(B):
                 anc[b] = b

@@ -310,3 +310,36 @@ def test_kbest_empty_slots_across_steps(monkeypatch):
     for panel in (40, 512):
         monkeypatch.setattr(nkb, "PANEL", panel)
         _assert_parity(ref, _solve(bils.kbest, prob, "numba", beam_width=8), f"panel={panel}")
+
+
+@pytest.mark.parametrize("B", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("ns", [16, 5])
+def test_kbest_step_rows_against_rank1_updates(B, ns):
+    """``_step_rows`` (coefficients read in place from ``RT[bot:top]``) equals one rank-1
+    update per decided level, bitwise: member b's row is its ancestor's minus
+    ``RT[top - 1 - r] * zst[b, r]`` for r = 0, 1, ... in that order. Empty members (cost
+    inf) outside a block of four keep their rows untouched."""
+    from bils._numba.kbest import _step_rows
+
+    rng = np.random.default_rng(B * 100 + ns)
+    m, top = 70, 60
+    bot = top - ns
+    RT = rng.standard_normal((m, m))
+    Tb = rng.standard_normal((8, m))
+    anc = rng.integers(0, B, 8).astype(np.int64)
+    zst = rng.standard_normal((8, 16))
+    pc = rng.uniform(0, 1, 8)
+    pc[B - 1] = np.inf  # an empty member (in a block of four only when B % 4 == 0)
+    zst[B - 1] = 0.0
+    Tn = np.full((8, m), 7.0)
+    _step_rows(Tn, Tb, anc, zst, pc, B, RT, top, bot)
+    blocks = B // 4 * 4 if ns == 16 else 0
+    for b in range(B):
+        if pc[b] == np.inf and b >= blocks:
+            np.testing.assert_array_equal(Tn[b], 7.0)
+            continue
+        t = Tb[anc[b], :bot].copy()
+        for r in range(ns):
+            t = t - RT[top - 1 - r, :bot] * zst[b, r]
+        np.testing.assert_array_equal(Tn[b, :bot], t)
+        np.testing.assert_array_equal(Tn[b, bot:], 7.0)
