@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from _common import machine_info, write_json_file  # noqa: E402
 from llm_quality import CONFIGS, make_spec  # noqa: E402  (the protocol's configs and method fields)
 from llm_adapter.calibration import quantize_model  # noqa: E402
-from llm_adapter.calibration.memory import limit_arenas  # noqa: E402
+from llm_adapter.calibration.memory import fix_mmap_threshold, limit_arenas  # noqa: E402
 from llm_adapter.calibration.blocks import find_blocks, first_block_inputs, run_block  # noqa: E402
 from llm_adapter.calibration.profile import format_profile  # noqa: E402
 from llm_adapter.data import calibration_windows, evaluation_windows, load_text  # noqa: E402
@@ -168,9 +168,13 @@ def main(argv=None):
     ap.add_argument("-v", "--verbose", action="store_true", help="per-block profile lines")
     ap.add_argument("--malloc-arenas", type=int, default=2,
                     help="cap glibc's malloc arenas (as `llm-adapter` does; 0: leave the C library's default)")
+    ap.add_argument("--mmap-threshold-mib", type=int, default=4,
+                    help="fix glibc's mmap threshold (as `llm-adapter` does; 0: leave the dynamic threshold)")
     args = ap.parse_args(argv)
     if args.malloc_arenas:
         limit_arenas(args.malloc_arenas)
+    if args.mmap_threshold_mib:
+        fix_mmap_threshold(args.mmap_threshold_mib * 2 ** 20)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("llm_adapter").setLevel(logging.WARNING)
     if args.threads:
@@ -201,7 +205,7 @@ def main(argv=None):
     protocol = {"model": args.model, "config": args.config, "calib_windows": args.calib_windows,
                 "seqlen": args.seqlen, "seed": args.seed, "batch_size": args.batch_size,
                 "threads": torch.get_num_threads(), "corpus": "shakespeare", "true_sequential": True,
-                "malloc_arenas": args.malloc_arenas}
+                "malloc_arenas": args.malloc_arenas, "mmap_threshold_mib": args.mmap_threshold_mib}
     try:
         data = json.loads(args.out.read_text())
     except (OSError, ValueError):

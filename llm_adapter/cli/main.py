@@ -62,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
 
     Run as the program (`argv` None: ``llm-adapter``, ``python -m llm_adapter``), it first caps
     glibc's malloc arenas at 2 for the process (:func:`llm_adapter.calibration.memory.limit_arenas`:
-    the calibration's batch threads then reuse each other's freed memory); called with an
+    the calibration's batch threads then reuse each other's freed memory) and fixes its mmap
+    threshold at 4 MiB (:func:`~llm_adapter.calibration.memory.fix_mmap_threshold`: large
+    activations are given back when freed instead of fragmenting the heap); called with an
     `argv` list (from Python, tests) it changes nothing process-wide."""
     if argv is None:
-        from ..calibration.memory import limit_arenas
+        from ..calibration.memory import fix_mmap_threshold, limit_arenas
 
         limit_arenas(2)
+        fix_mmap_threshold()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -34,7 +34,8 @@ from bils import BILSProblem, GroupedGrid
 
 from ..errors import ParameterError, QuantizedFormatError
 from ..formats.packing import SUPPORTED_BITS, pack, packed_length, unpack
-from ._shared import as_float64, damped_hessian, is_device_array, is_int, is_real, namespace, to_host, with_fallback
+from ._shared import (as_float64, damped_hessian, is_device_array, is_int, is_real, namespace, to_host, upper_times,
+                      with_fallback)
 from .registry import LayerFormat, Method, get, names, register
 
 __all__ = ["CLIPS", "D_SHRINKS", "ORDERINGS", "QuantSpec", "QuantizedLayer", "Solution", "UniformProblem",
@@ -668,7 +669,7 @@ def _quantize_uniform(solve, W, H, D, spec, *, backend, rng, bias) -> QuantizedL
         perm = to_host(p).astype(np.int64)
         xs = xp.asarray(res.x)[p].astype(np.float64)
         Rd = xp.diag(problem.R)[:, None] * S[p]  # (n, m): R_ii S_ij
-        E = problem.Y - problem.R @ (S[p] * xs + prob.O[p])
+        E = problem.Y - upper_times(problem.R, S[p] * xs + prob.O[p])  # R triangular: trmm on the host
         c = xs + E / Rd
         stats["clipped_frac"] = float(xp.mean((c < -0.5) | (c > spec.maxq + 0.5)))
         stats["babai_bound"] = float(0.25 * xp.sum(Rd * Rd))

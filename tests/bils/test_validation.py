@@ -355,6 +355,27 @@ class TestProblemMessages:
                                              r"increase `damp`$"):
             P.from_gram(-H3, T3, 0, 3)
 
+    @pytest.mark.parametrize("i, j", [(3, 598), (598, 3), (300, 301), (255, 256), (599, 0)])
+    def test_from_gram_symmetry_across_tiles(self, i, j):
+        """The symmetry check compares tiles of 256 with their mirrors: an asymmetric entry in
+        any tile (inside one, on a tile edge, far from the diagonal) is found; within the
+        tolerance it is not."""
+        from bils.problem import _is_symmetric
+
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((600, 700))
+        H = X @ X.T / 700
+        H = (H + H.T) / 2
+        assert _is_symmetric(H)
+        bad = H.copy()
+        bad[i, j] += 1e-6
+        assert not _is_symmetric(bad)
+        with pytest.raises(ValueError, match=r"^`H` must be symmetric$"):
+            bils.BILSProblem.from_gram(bad, np.zeros(600), 0, 3)
+        near = H.copy()
+        near[i, j] *= 1 + 1e-12  # inside the tolerance
+        assert _is_symmetric(near)
+
     def test_orderings(self):
         P = bils.BILSProblem
         with pytest.raises(ValueError, match=r"^`ordering` must be one of \('natural', 'reverse', 'diag', "

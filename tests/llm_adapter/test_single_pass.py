@@ -202,6 +202,11 @@ def test_single_pass_trims_the_heap_once_per_group_and_frees_the_float_inputs(mo
     assert isinstance(trim(), bool)
     with pytest.raises(ValueError, match="`n` must be a positive int"):
         limit_arenas(0)
+    from llm_adapter.calibration.memory import fix_mmap_threshold
+
+    for bad in (0, 4095, 32 * 2 ** 20 + 1, True, 4.0e6):
+        with pytest.raises(ValueError, match=r"`nbytes` must be an int in \[4096, 33554432\]"):
+            fix_mmap_threshold(bad)
     calls = []
     monkeypatch.setattr(driver, "trim_memory", lambda: calls.append(1) or True)
     kept = []
@@ -215,3 +220,19 @@ def test_single_pass_trims_the_heap_once_per_group_and_frees_the_float_inputs(mo
     _run("llama", SPECS["ojbkq"], single_pass=True)
     assert len(calls) == 2 * 4  # 2 blocks x (q/k/v, o, gate/up, down)
     assert kept and all(x is None for finputs in kept for xs in finputs.values() for x in xs)
+
+
+def test_fix_mmap_threshold_in_a_process_of_its_own():
+    """glibc's ``mallopt`` takes the fixed threshold (process-wide, so in a child process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, ctypes.util, sys\n"
+        "from llm_adapter.calibration.memory import fix_mmap_threshold\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')\n"
+        "if not hasattr(libc, 'mallopt'): print('skip'); sys.exit(0)\n"
+        "print(fix_mmap_threshold(4 * 2**20))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2])).stdout.split()
+    assert out[-1] in ("True", "skip")
