@@ -53,6 +53,12 @@ def _libc_function(name: str, argtypes: tuple, restype):
     return fn
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``: whether it took it (False on other C libraries)."""
+    fn = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    return fn is not None and bool(fn(param, value))
+
+
 def trim() -> bool:
     """Return the free pages of every malloc arena to the system (glibc ``malloc_trim(0)``).
 
@@ -107,11 +113,8 @@ def limit_arenas(n: int = 2) -> bool:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"`n` must be a positive int, got {n!r}")
-    fn = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
-    if fn is None:
-        return False
     M_ARENA_MAX = -8  # glibc's malloc.h
-    ok = bool(fn(M_ARENA_MAX, n))
+    ok = _mallopt(M_ARENA_MAX, n)
     if ok and not _CAPPED:
         _CAPPED.append(n)
     return ok
@@ -152,8 +155,5 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     """
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 4096 <= nbytes <= 32 * 2 ** 20:
         raise ValueError(f"`nbytes` must be an int in [4096, {32 * 2 ** 20}], got {nbytes!r}")
-    fn = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
-    if fn is None:
-        return False
     M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-    return bool(fn(M_MMAP_THRESHOLD, nbytes))
+    return _mallopt(M_MMAP_THRESHOLD, nbytes)

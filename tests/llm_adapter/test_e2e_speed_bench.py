@@ -1,4 +1,5 @@
-"""benchmarks/e2e_speed.py builds the same spec as benchmarks/llm_quality.py for every method it times."""
+"""benchmarks/e2e_speed.py builds the same spec as benchmarks/llm_quality.py for every method it times;
+benchmarks/e2e_floor.py counts a block's flops and the floor ratios (tiny test model)."""
 
 import importlib.util
 import sys
@@ -35,3 +36,29 @@ def test_spec_for_matches_llm_quality(method):
         assert isinstance(spec, GLVQSpec)
     else:
         assert spec.method == method
+
+
+def test_floor_counts_and_ratios():
+    from tests.llm_fixtures import tiny_llama
+
+    floor = _load("e2e_floor")
+    model = tiny_llama(hidden=64, heads=4, kv_heads=2, intermediate=128)
+    data = floor.measure(model, batch_windows=2, seqlen=16, rounds=1, settle=0.0)
+    short = [[n.rsplit(".", 1)[-1] for n in g] for g in data["groups"]]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    T = 32
+    f = data["flops_per_batch"]
+    # q 64x64, k/v 32x64 (2 kv heads x 16), o 64x64, gate/up 128x64, down 64x128
+    assert f["linear"] == 2 * T * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 2 * 128 * 64 + 64 * 128)
+    assert f["attention"] == 2 * 2 * 4 * 16 * (16 * 17 // 2) * 2
+    assert f["group_widths"] == [64, 64, 64, 128]
+    assert f["H"] == sum(T * w * (w + 1) for w in (64, 64, 64, 128))
+    assert f["D"] == sum(2 * T * w * w for w in (64, 64, 64, 128))
+    fl = data["floors"]
+    for m, streams in (("gptq", 1), ("ojbkq", 2), ("regcal", 2), ("glvq", 1)):
+        assert fl[m]["streams"] == streams
+        assert fl[m]["floor_ratio"] == pytest.approx(streams + fl[m]["statistics_over_forward"])
+        assert fl[m]["floor_ratio"] > streams
+    # the joint methods pay for D on top of H
+    assert fl["ojbkq"]["statistics_over_forward"] > fl["gptq"]["statistics_over_forward"]
+    assert fl["ojbkq"]["flop_floor_ratio"] == pytest.approx(2 + (f["H"] + f["D"]) / f["forward"])
