@@ -61,6 +61,23 @@ def bound_row(B, i, j0, w, out):
 
 
 @njit(cache=True, inline="always")
+def level_rows(S, Sg, O, Og, LO, HI, i, j0, w, srow, orow, lorow, hirow, sg_last, og_last, per_level):
+    """Refresh level ``i``'s grid rows (only when its scale/offset group changed from
+    ``sg_last``/``og_last``) and, with per-level bounds, its bound rows, for RHS
+    ``[j0, j0 + w)``. Returns the new ``(sg_last, og_last)``."""
+    if Sg[i] != sg_last:
+        sg_last = Sg[i]
+        grid_row(S, Sg, i, j0, w, srow)
+    if Og[i] != og_last:
+        og_last = Og[i]
+        grid_row(O, Og, i, j0, w, orow)
+    if per_level:
+        bound_row(LO, i, j0, w, lorow)
+        bound_row(HI, i, j0, w, hirow)
+    return sg_last, og_last
+
+
+@njit(cache=True, inline="always")
 def rank1(T, rrow, z, lo_row, hi_row, w):
     """``T[l] -= rrow[l] * z`` for ``lo_row <= l < hi_row``."""
     for l in range(lo_row, hi_row):

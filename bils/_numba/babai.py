@@ -41,7 +41,7 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, Clock, aligned_empty, grids, readonly
-from ._tiles import (STEP, bound_row, grid_row, load_tile, rank1, rank1_col, rank16_rows,
+from ._tiles import (STEP, bound_row, level_rows, load_tile, rank1, rank1_col, rank16_rows,
                      update_below)
 
 __all__ = ["babai_kernel", "sweep", "whole_sweep", "panels", "gemm_panel", "tile_width"]
@@ -98,15 +98,8 @@ def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
             i = a + q
             rii = RT[q, q]
             zq = zb[top - 1 - q]
-            if Sg[i] != sg_last:
-                sg_last = Sg[i]
-                grid_row(S, Sg, i, j0, w, srow)
-            if Og[i] != og_last:
-                og_last = Og[i]
-                grid_row(O, Og, i, j0, w, orow)
-            if per_level_bounds:
-                bound_row(LO, i, j0, w, lorow)
-                bound_row(HI, i, j0, w, hirow)
+            sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, i, j0, w, srow, orow, lorow, hirow,
+                                          sg_last, og_last, per_level_bounds)
             _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, Z[i, j0:j1], X[i, j0:j1], cl)
             rank1(T, RT[q], zq, bot, q, w)
         update_below(T, RT, zb, top, bot, w)
@@ -152,15 +145,8 @@ def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
             coef[0] = R[q, q]
             rii = coef[0]
             zq = zb[top - 1 - q]
-            if Sg[q] != sg_last:
-                sg_last = Sg[q]
-                grid_row(S, Sg, q, j0, w, srow)
-            if Og[q] != og_last:
-                og_last = Og[q]
-                grid_row(O, Og, q, j0, w, orow)
-            if per_level_bounds:
-                bound_row(LO, q, j0, w, lorow)
-                bound_row(HI, q, j0, w, hirow)
+            sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, q, j0, w, srow, orow, lorow, hirow,
+                                          sg_last, og_last, per_level_bounds)
             _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
             rank1_col(T, R, q, zq, bot, q, w, coef)
         if top - bot == STEP:

@@ -32,7 +32,7 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, Clock, aligned_empty, at, box_round, grids, readonly, uniform
-from ._tiles import STEP, bound_row, grid_row, rank1, update_below
+from ._tiles import STEP, bound_row, level_rows, rank1, update_below
 from .babai import panels, sweep, whole_sweep
 
 __all__ = ["klein_kernel", "klein_panel", "klein_pick"]
@@ -403,15 +403,8 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
             i = a + q
             rii = RT[q, q]
             zq = zb[top - 1 - q]
-            if Sg[i] != sg_last:
-                sg_last = Sg[i]
-                grid_row(S, Sg, i, j0, w, srow)
-            if Og[i] != og_last:
-                og_last = Og[i]
-                grid_row(O, Og, i, j0, w, orow)
-            if per_level_bounds:
-                bound_row(LO, i, j0, w, lorow)
-                bound_row(HI, i, j0, w, hirow)
+            sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, i, j0, w, srow, orow, lorow, hirow,
+                                          sg_last, og_last, per_level_bounds)
             _klein_row(T[q], rii, srow, orow, lorow, hirow, taur, seedr, sample, i, nlev,
                        trow, drow, crow, xrow, simple)
             for jj in range(w):
