@@ -360,7 +360,12 @@ def _thread_cpu():
     in a worker its event loop — messages, the task state machine; in the client process
     the client's own calls), ``tasks`` (dask's executor threads: the tasks' code),
     ``io_loop`` (distributed's IO-loop thread: in the client process of a LocalCluster the
-    scheduler and the client's comms), ``other``. Read from /proc; {} where it is absent."""
+    scheduler and the client's comms), ``profile`` (distributed's ``Profile`` thread,
+    which samples the event loop), ``other``; and per role ``<role>.wait``, the seconds its
+    threads were runnable but waited for a core (the kernel's run-queue delay: time a
+    thread lost to other threads and processes, not to a lock or the GIL, which it sleeps
+    on). Read from ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; where it is missing,
+    ``stat``'s clock ticks of 10 ms and no waits); {} where /proc is absent."""
     import threading
 
     names = {t.native_id: t.name for t in threading.enumerate()}
@@ -372,15 +377,23 @@ def _thread_cpu():
         return out
     tick = os.sysconf("SC_CLK_TCK")
     for tid in tids:
+        wait = None
         try:
-            with open(f"{base}/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+            with open(f"{base}/{tid}/schedstat") as f:
+                on_cpu, wait = (int(v) / 1e9 for v in f.read().split()[:2])
+        except (OSError, ValueError):
+            try:
+                with open(f"{base}/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            on_cpu = (int(fields[11]) + int(fields[12])) / tick
         name = names.get(int(tid), "")
         role = ("loop" if name == "MainThread" else "tasks" if "Dask-Default-Threads" in name
-                else "io_loop" if name == "IO loop" else "other")
-        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+                else "io_loop" if name == "IO loop" else "profile" if name == "Profile" else "other")
+        out[role] = out.get(role, 0.0) + on_cpu
+        if wait is not None:
+            out[role + ".wait"] = out.get(role + ".wait", 0.0) + wait
     return out
 
 
@@ -429,6 +442,87 @@ def settled(client, baseline, timeout=10.0):
     return wait
 
 
+#: Babai modes timed ``--rounds`` times (a single batch: cheap runs, the target's modes);
+#: the others (K-best, the uploads, throughput) ``--repeats`` times.
+ROUND_MODES = ("reduce", "fused", "here", "gather")
+TARGET_STATISTIC = (
+    "min over the interleaved runs of each cluster: the speed-up is min(1 worker) / min(2 workers). "
+    "The minimum of N runs is the standard estimate of a fixed job's cost under background noise (other "
+    "processes only ever add time); the median, the quartiles, the paired per-round ratios and the "
+    "1-minute load average of every round are reported beside it.")
+
+
+def gathered(value, ref_x):
+    """A gathered result checked against the in-memory codes, reduced to (total, checksum)
+    (so the runs do not keep 32 MB of codes each)."""
+    assert value.x.dtype == np.int8 and np.array_equal(value.x, ref_x), "codes differ"
+    return reduce_mem(value)
+
+
+def summary(times):
+    """The distribution of a list of run times (s): ``n``, ``min_s``, ``q1_s``,
+    ``median_s``, ``q3_s``, ``max_s`` and the spread ``iqr_over_median`` = (q3 - q1) / median."""
+    t = np.sort(np.asarray(times, dtype=float))
+    q1, med, q3 = (float(v) for v in np.percentile(t, [25, 50, 75]))
+    return {"n": int(t.size), "min_s": float(t[0]), "q1_s": q1, "median_s": med, "q3_s": q3,
+            "max_s": float(t[-1]), "iqr_over_median": (q3 - q1) / med}
+
+
+def interleaved(clusters, fn, rounds, settles, keep=None):
+    """``fn(workers, client)`` run ``rounds`` times on every cluster, the clusters
+    alternating: in each round one run per cluster, in the order 1, 2 workers in even
+    rounds and 2, 1 in odd ones, so that drift and background load hit both alike (they
+    are alive together; the one not running is idle). Each run is timed alone (wall
+    clock, ``perf_counter``), with that cluster's client current and after its
+    ``settles[workers]()`` (untimed); the CPU seconds of its processes (:func:`cpu_seconds`)
+    are read before and after it (untimed).
+
+    Returns ``{"clusters": {workers: {"times", "values", "cpu", "stream"}},
+    "loadavg_rounds": [1-minute load average at the start of each round],
+    "paired_speedups": [per round: the 1-worker time / the 2-worker time]}``; ``values``
+    are ``keep(value)`` (the value itself without ``keep``), ``cpu`` the per-process CPU
+    seconds of each run, ``stream`` the task-stream records of all runs."""
+    from distributed import get_task_stream
+
+    order = sorted(clusters)
+    got = {w: {"times": [], "values": [], "cpu": [], "stream": []} for w in order}
+    loads = []
+    for r in range(rounds):
+        loads.append((_loadavg() or [float("nan")])[0])
+        for w in (order if r % 2 == 0 else order[::-1]):
+            client = clusters[w][1]
+            settles[w]()
+            cpu0 = cpu_seconds(client)
+            with client.as_current(), get_task_stream(client) as ts:
+                t0 = time.perf_counter()
+                value = fn(w, client)
+                t = time.perf_counter() - t0
+            cpu1 = cpu_seconds(client)
+            g = got[w]
+            g["times"].append(t)
+            g["values"].append(value if keep is None else keep(value))
+            g["cpu"].append({who: cpu1[who] - cpu0.get(who, 0.0) for who in cpu1})
+            g["stream"].extend(ts.data)
+    paired = [a / b for a, b in zip(got[order[0]]["times"], got[order[-1]]["times"])] if len(order) > 1 else []
+    return {"clusters": got, "loadavg_rounds": loads, "paired_speedups": paired}
+
+
+def record_runs(e, mode, workers, g, per=1):
+    """Store one cluster's runs of ``mode`` in the entry ``e`` (times, CPU and tasks ``/ per``:
+    per batch): ``{mode}_workers{W}_s`` the minimum (the statistic the target is checked
+    on), ``{mode}_runs_workers{W}_s`` every run in round order, ``{mode}_stats_workers{W}``
+    their :func:`summary`, ``{mode}_cpu_workers{W}_s`` the mean CPU seconds per run of each
+    process (and thread role), ``{mode}_tasks_per_run_workers{W}``."""
+    times = [t / per for t in g["times"]]
+    e[f"{mode}_workers{workers}_s"] = min(times)
+    e[f"{mode}_runs_workers{workers}_s"] = times
+    e[f"{mode}_stats_workers{workers}"] = summary(times)
+    keys = sorted({k for c in g["cpu"] for k in c})
+    e[f"{mode}_cpu_workers{workers}_s"] = {k: sum(c.get(k, 0.0) for c in g["cpu"]) / (len(g["cpu"]) * per)
+                                           for k in keys}
+    e[f"{mode}_tasks_per_run_workers{workers}"] = len(g["stream"]) / (len(g["times"]) * per)
+
+
 def best_of(repeats, fn, before=None):
     best = None
     for _ in range(repeats):
@@ -465,7 +559,8 @@ def bench_rhs(args, out):
     chunkings = [int(c) for c in str(args.chunk).split(",")]
     solvers = {"babai": (bils.babai, {}, chunkings, True), "kbest8": (bils.kbest, {"beam_width": 8}, chunkings[:1], False)}
     solvers = {name: v for name, v in solvers.items() if name in args.solvers.split(",")}
-    res = {"k": k, "n": N, "box": [0, HI], "chunkings": chunkings, "repeats": args.repeats, "solvers": {},
+    res = {"k": k, "n": N, "box": [0, HI], "chunkings": chunkings, "repeats": args.repeats, "rounds": args.rounds,
+           "target_statistic": TARGET_STATISTIC, "solvers": {},
            "loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "placement": "targets made on the workers, chunk j on worker j mod W (round robin), persisted before timing",
            "definitions": {
@@ -513,86 +608,96 @@ def bench_rhs(args, out):
             Yb = targets_in_memory(R, k, chunkings[0], seed=1 + b)
             batch_refs.append(reduce_mem(bils.babai(R, Yb, 0, HI, backend="numba")))
             del Yb
-    for workers in (1, 2):
-        c, client = cluster(workers)
-        try:
+    clusters = {}  # both alive throughout: every mode's runs alternate between them
+    try:
+        for workers in (1, 2):
+            clusters[workers] = cluster(workers)
+        for workers, (_, client) in clusters.items():
             client.wait_for_workers(workers, timeout=120)
             assert set(client.run(lambda: __import__("numba").get_num_threads()).values()) == {1}
             client.run(warm_up, R, list(solvers))  # every worker: imports, numba caches loaded
-            for chunk in chunkings:
-                Y, placement = targets_on_workers(client, R, k, chunk)
-                settle = settled(client, client.run_on_scheduler(_scheduler_tasks))
-                for name, (solver, kw, chunks_for, extra) in solvers.items():
-                    if chunk not in chunks_for:
-                        continue
-                    e = res["solvers"][name]["chunkings"][str(chunk)]
-                    e[f"placement_workers{workers}"] = placement
-                    # one chunk per worker through the same graph path (first graph, task imports)
-                    reduce_lazy(solver(R, Y[:, :chunk * workers], 0, HI, backend="numba", **kw))
+        for chunk in chunkings:
+            Ys, settles = {}, {}
+            for workers, (_, client) in clusters.items():
+                with client.as_current():
+                    Ys[workers], placement = targets_on_workers(client, R, k, chunk)
+                settles[workers] = settled(client, client.run_on_scheduler(_scheduler_tasks))
+                for name, (_, _, chunks_for, _) in solvers.items():
+                    if chunk in chunks_for:
+                        res["solvers"][name]["chunkings"][str(chunk)][f"placement_workers{workers}"] = placement
+            for name, (solver, kw, chunks_for, extra) in solvers.items():
+                if chunk not in chunks_for:
+                    continue
+                e = res["solvers"][name]["chunkings"][str(chunk)]
+                for workers, (_, client) in clusters.items():
+                    with client.as_current():  # one chunk per worker through the same graph path
+                        reduce_lazy(solver(R, Ys[workers][:, :chunk * workers], 0, HI, backend="numba", **kw))
                     if workers == 1 and extra:  # the same chunk loop inside the worker process (Babai)
                         e["in_worker_chunked_s"] = client.submit(
                             chunk_loop, R, k, chunk, name, args.repeats, pure=False).result()
-                    runs = {"reduce": lambda: reduce_lazy(solver(R, Y, 0, HI, backend="numba", **kw))}
-                    if extra:
-                        runs["fused"] = lambda: reduce_fused(solver(R, Y, 0, HI, backend="numba", **kw))
-                        runs["here"] = lambda: reduce_here(solver(R, Y, 0, HI, backend="numba", **kw))
-                        runs["gather"] = lambda: solver(R, Y, 0, HI, backend="numba", **kw).compute()
-                        runs["shipped"] = lambda: shipped(lambda Ys: reduce_lazy(solver(
-                            R, Ys, 0, HI, backend="numba", **kw)), Ymem, chunk)
-                        runs["scattered"] = lambda: reduce_lazy(solver(
-                            R, scattered(client, Ymem, chunk), 0, HI, backend="numba", **kw))
-                    for mode, fn in runs.items():
-                        cpu0 = cpu_seconds(client)
-                        with get_task_stream(client) as ts:
-                            t, value = best_of(args.repeats, fn, before=settle)
-                        cpu1 = cpu_seconds(client)
-                        e[f"{mode}_cpu_workers{workers}_s"] = {
-                            who: (cpu1[who] - cpu0.get(who, 0.0)) / args.repeats for who in cpu1}
-                        if mode == "gather":
-                            assert value.x.dtype == np.int8 and np.array_equal(value.x, ref_x), "codes differ"
-                            value = reduce_mem(value)
-                        total, check = value
-                        assert check == res["solvers"][name]["checksum"], f"{name} {mode}: codes differ"
-                        assert abs(total - res["solvers"][name]["total_cost"]) <= 1e-9 * abs(total)
-                        e[f"{mode}_workers{workers}_s"] = t
-                        e[f"{mode}_tasks_per_run_workers{workers}"] = len(ts.data) / args.repeats
-                        if mode in ("fused", "here", "gather"):  # one more run, taken apart
-                            settle()
-                            e[f"{mode}_timeline_workers{workers}"] = timeline(client, fn)
-                        if mode in ("reduce", "fused"):  # where the worker time goes (all repeats together)
+                # each mode: fn(workers, client) -> value, run with that cluster's client current
+                runs = {"reduce": lambda w, cl: reduce_lazy(solver(R, Ys[w], 0, HI, backend="numba", **kw))}
+                if extra:
+                    runs["fused"] = lambda w, cl: reduce_fused(solver(R, Ys[w], 0, HI, backend="numba", **kw))
+                    runs["here"] = lambda w, cl: reduce_here(solver(R, Ys[w], 0, HI, backend="numba", **kw))
+                    runs["gather"] = lambda w, cl: solver(R, Ys[w], 0, HI, backend="numba", **kw).compute()
+                    runs["shipped"] = lambda w, cl: shipped(lambda Ys_: reduce_lazy(solver(
+                        R, Ys_, 0, HI, backend="numba", **kw)), Ymem, chunk)
+                    runs["scattered"] = lambda w, cl: reduce_lazy(solver(
+                        R, scattered(cl, Ymem, chunk), 0, HI, backend="numba", **kw))
+                for mode, fn in runs.items():
+                    n_runs = args.rounds if extra and mode in ROUND_MODES else args.repeats
+                    got = interleaved(clusters, fn, n_runs, settles,
+                                      keep=(lambda v: gathered(v, ref_x)) if mode == "gather" else None)
+                    for workers, g in got["clusters"].items():
+                        for total, check in g["values"]:
+                            assert check == res["solvers"][name]["checksum"], f"{name} {mode}: codes differ"
+                            assert abs(total - res["solvers"][name]["total_cost"]) <= 1e-9 * abs(total)
+                        record_runs(e, mode, workers, g)
+                        if mode in ("reduce", "fused"):  # where the worker time goes (all runs together)
                             e[f"{'' if mode == 'reduce' else mode + '_'}task_stream_workers{workers}"] = \
-                                task_stream_summary(ts.data, t * args.repeats, workers)
-                if "babai" in solvers and args.batches > 1:  # several batches in flight at once
-                    e = res["solvers"]["babai"]["chunkings"][str(chunk)]
-                    batches = [Y] + [targets_on_workers(client, R, k, chunk, seed=1 + b)[0]
-                                     for b in range(1, args.batches)]
-                    settle_b = settled(client, client.run_on_scheduler(_scheduler_tasks))
-                    cpu0 = cpu_seconds(client)
-                    with get_task_stream(client) as ts:
-                        t, values = best_of(args.repeats, lambda: batches_fused(client, R, batches), before=settle_b)
-                    cpu1 = cpu_seconds(client)
-                    for (total, check), (ref_total, ref_check) in zip(values, batch_refs):
-                        assert check == ref_check, "babai throughput: codes differ"
-                        assert abs(total - ref_total) <= 1e-9 * abs(total)
-                    runs_done = args.repeats * len(batches)  # per batch, like the single-batch modes
-                    e[f"throughput_workers{workers}_s"] = t / len(batches)
-                    e[f"throughput_wall_workers{workers}_s"] = t
-                    e[f"throughput_cpu_workers{workers}_s"] = {
-                        who: (cpu1[who] - cpu0.get(who, 0.0)) / runs_done for who in cpu1}
-                    e[f"throughput_tasks_per_run_workers{workers}"] = len(ts.data) / runs_done
-                    e["throughput_batches"] = len(batches)
-                    settle_b()
-                    e[f"throughput_timeline_workers{workers}"] = timeline(
-                        client, lambda: batches_fused(client, R, batches))
-                    del batches
-                del Y
-            if workers == 1:  # per-task cost: many tiny chunks of a trivial solve
-                tiny_chunks = 400
-                Yt = da.from_array(np.zeros((N, tiny_chunks)), chunks=(N, 1))
-                t0 = time.perf_counter()
-                dask.compute(bils.babai(R, Yt, 0, HI, backend="numba").cost.sum())
-                res["tiny_task_s"] = (time.perf_counter() - t0) / tiny_chunks
-        finally:
+                                task_stream_summary(g["stream"], sum(g["times"]), workers)
+                    e[f"{mode}_loadavg_rounds"] = got["loadavg_rounds"]
+                    e[f"{mode}_paired_speedups"] = got["paired_speedups"]
+                    if mode in ("fused", "here", "gather"):  # one more run per cluster, taken apart
+                        for workers, (_, client) in clusters.items():
+                            settles[workers]()
+                            with client.as_current():
+                                e[f"{mode}_timeline_workers{workers}"] = timeline(
+                                    client, lambda: fn(workers, client))
+            if "babai" in solvers and args.batches > 1:  # several batches in flight at once
+                e = res["solvers"]["babai"]["chunkings"][str(chunk)]
+                batches = {w: [Ys[w]] + [targets_on_workers(cl, R, k, chunk, seed=1 + b)[0]
+                                         for b in range(1, args.batches)]
+                           for w, (_, cl) in clusters.items()}
+                settles_b = {w: settled(cl, cl.run_on_scheduler(_scheduler_tasks)) for w, (_, cl) in clusters.items()}
+                got = interleaved(clusters, lambda w, cl: batches_fused(cl, R, batches[w]), args.repeats, settles_b)
+                for workers, g in got["clusters"].items():
+                    for values in g["values"]:
+                        for (total, check), (ref_total, ref_check) in zip(values, batch_refs):
+                            assert check == ref_check, "babai throughput: codes differ"
+                            assert abs(total - ref_total) <= 1e-9 * abs(total)
+                    e[f"throughput_wall_workers{workers}_s"] = min(g["times"])
+                    # per batch, like the single-batch modes: times, CPU and tasks / batches
+                    record_runs(e, "throughput", workers, g, per=args.batches)
+                    e["throughput_batches"] = args.batches
+                    settles_b[workers]()
+                    with clusters[workers][1].as_current():
+                        e[f"throughput_timeline_workers{workers}"] = timeline(
+                            clusters[workers][1], lambda: batches_fused(clusters[workers][1], R, batches[workers]))
+                e["throughput_loadavg_rounds"] = got["loadavg_rounds"]
+                e["throughput_paired_speedups"] = got["paired_speedups"]
+                del batches
+            del Ys
+        client = clusters[1][1]
+        with client.as_current():  # per-task cost: many tiny chunks of a trivial solve, 1 worker
+            tiny_chunks = 400
+            Yt = da.from_array(np.zeros((N, tiny_chunks)), chunks=(N, 1))
+            t0 = time.perf_counter()
+            dask.compute(bils.babai(R, Yt, 0, HI, backend="numba").cost.sum())
+            res["tiny_task_s"] = (time.perf_counter() - t0) / tiny_chunks
+    finally:
+        for c, client in clusters.values():
             client.close()
             c.close()
     rows = []
@@ -601,7 +706,11 @@ def bench_rhs(args, out):
             for mode in MODES:
                 if f"{mode}_workers1_s" not in e:
                     continue
-                e[f"{mode}_speedup_2_vs_1"] = e[f"{mode}_workers1_s"] / e[f"{mode}_workers2_s"]
+                e[f"{mode}_speedup_2_vs_1"] = e[f"{mode}_workers1_s"] / e[f"{mode}_workers2_s"]  # min / min
+                st1, st2 = e[f"{mode}_stats_workers1"], e[f"{mode}_stats_workers2"]
+                e[f"{mode}_speedup_median_2_vs_1"] = st1["median_s"] / st2["median_s"]
+                if e.get(f"{mode}_paired_speedups"):
+                    e[f"{mode}_paired_speedup_median"] = float(np.median(e[f"{mode}_paired_speedups"]))
             e["overhead_per_chunk_s"] = (e["reduce_workers1_s"] - e["in_memory_chunked_s"]) / e["chunks"]
             if "fused_workers1_s" in e:
                 e["fused_overhead_per_chunk_s"] = (e["fused_workers1_s"] - e["in_memory_chunked_s"]) / e["chunks"]
@@ -615,8 +724,12 @@ def bench_rhs(args, out):
                     rows.append([name, f"{e['chunks']} x {chunk}", mode, f"{s_['in_memory_s']:.2f}" if first else "",
                                  f"{e['in_memory_chunked_s']:.2f}" if first else "",
                                  f"{e['in_worker_chunked_s']:.2f}" if first and "in_worker_chunked_s" in e else "",
-                                 f"{e[f'{mode}_workers1_s']:.2f}", f"{e[f'{mode}_workers2_s']:.2f}",
-                                 f"{e[f'{mode}_speedup_2_vs_1']:.2f}x",
+                                 f"{e[f'{mode}_workers1_s']:.3f} / {e[f'{mode}_stats_workers1']['median_s']:.3f}",
+                                 f"{e[f'{mode}_workers2_s']:.3f} / {e[f'{mode}_stats_workers2']['median_s']:.3f}",
+                                 f"{e[f'{mode}_speedup_2_vs_1']:.2f}x / {e[f'{mode}_speedup_median_2_vs_1']:.2f}x",
+                                 f"{e[f'{mode}_stats_workers1']['n']}; "
+                                 f"{100 * e[f'{mode}_stats_workers1']['iqr_over_median']:.0f} / "
+                                 f"{100 * e[f'{mode}_stats_workers2']['iqr_over_median']:.0f} %",
                                  tasks_cell(e, mode),
                                  overhead_cell(e) if first else (
                                      f"{1e3 * e['fused_overhead_per_chunk_s']:.1f}" if mode == "fused" else "")])
@@ -624,7 +737,8 @@ def bench_rhs(args, out):
     out["rhs"] = res
     print(f"\n{k} RHS, n={N}, box [0, {HI}] (numba, 1 thread per worker); load {res['loadavg_start']} -> {res['loadavg_end']}")
     print(markdown_table(["solver", "chunks", "timed", "in-memory s", "in-memory chunked s", "in-worker chunked s",
-                          "1 worker s", "2 workers s", "speed-up", "tasks/run (per chunk)",
+                          "1 worker s min / median", "2 workers s min / median", "speed-up min / median",
+                          "runs each; IQR / median 1 / 2", "tasks/run (per chunk)",
                           "overhead/chunk ms = worker env + dask"], rows))
     for name, s_ in res["solvers"].items():
         for chunk, e in s_["chunkings"].items():
@@ -671,21 +785,36 @@ def bench_rhs(args, out):
         print(markdown_table(["solver", "chunks", "timed", "workers", "wall", "start", "span", "end", "busy",
                               "gaps", "transfers", "idle at ends"], tl_rows))
     if "babai" in res["solvers"]:  # the issue's target, per chunking, with the CPU split beside it
-        head = {}
+        head = {"statistic": TARGET_STATISTIC}
         for chunk, e in res["solvers"]["babai"]["chunkings"].items():
             head[chunk] = {}
-            for mode in ("reduce", "fused", "here", "throughput"):
+            for mode in ("reduce", "fused", "here", "gather", "throughput"):
                 if f"{mode}_workers2_s" not in e:
                     continue
                 c1, c2 = e[f"{mode}_cpu_workers1_s"], e[f"{mode}_cpu_workers2_s"]
-                head[chunk][mode] = {"speedup": e[f"{mode}_speedup_2_vs_1"],
-                                     "worker_cpu_ratio": c1["worker0"] / max(c2["worker0"], c2["worker1"]),
-                                     "client_scheduler_cpu_2_workers_s": c2["client+scheduler"]}
-                print(f"TARGET babai 2 vs 1 worker (>= 1.7x on a quiet machine), {e['chunks']} x {chunk}, {mode}: "
-                      f"{e[f'{mode}_speedup_2_vs_1']:.2f}x wall; work split "
-                      f"{head[chunk][mode]['worker_cpu_ratio']:.2f}x (1-worker CPU / busiest of 2); "
-                      f"client+scheduler CPU {c2['client+scheduler']:.3f} s per run; "
-                      f"load {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f}")
+                st1, st2 = e[f"{mode}_stats_workers1"], e[f"{mode}_stats_workers2"]
+                loads = e.get(f"{mode}_loadavg_rounds") or [float("nan")]
+                h = head[chunk][mode] = {
+                    "speedup": e[f"{mode}_speedup_2_vs_1"], "speedup_median": e[f"{mode}_speedup_median_2_vs_1"],
+                    "paired_speedup_median": e.get(f"{mode}_paired_speedup_median"),
+                    "runs": st1["n"], "workers1": st1, "workers2": st2,
+                    "loadavg_rounds_min_max": [min(loads), max(loads)],
+                    "worker_cpu_ratio": c1["worker0"] / max(c2["worker0"], c2["worker1"]),
+                    "client_scheduler_cpu_2_workers_s": c2["client+scheduler"],
+                    # task threads' run-queue wait per run: time a solve lost to other threads
+                    "task_wait_workers1_s": c1.get("worker0.tasks.wait"),
+                    "task_wait_workers2_s": [c2.get("worker0.tasks.wait"), c2.get("worker1.tasks.wait")]}
+                wait2 = h["task_wait_workers2_s"]
+                print(f"TARGET babai 2 vs 1 worker (>= 1.7x, on the min of {st1['n']} interleaved runs), "
+                      f"{e['chunks']} x {chunk}, {mode}: {h['speedup']:.2f}x min "
+                      f"({1e3 * st1['min_s']:.0f} / {1e3 * st2['min_s']:.0f} ms), {h['speedup_median']:.2f}x median "
+                      f"({1e3 * st1['median_s']:.0f} / {1e3 * st2['median_s']:.0f} ms, IQR/median "
+                      f"{100 * st1['iqr_over_median']:.0f} / {100 * st2['iqr_over_median']:.0f} %), paired "
+                      f"{h['paired_speedup_median'] or float('nan'):.2f}x; work split {h['worker_cpu_ratio']:.2f}x "
+                      f"(1-worker CPU / busiest of 2); client+scheduler CPU {c2['client+scheduler']:.3f} s per run; "
+                      f"task threads' run-queue wait {1e3 * (h['task_wait_workers1_s'] or 0):.1f} / "
+                      f"{' + '.join(f'{1e3 * (x or 0):.1f}' for x in wait2)} ms per run; "
+                      f"load {min(loads):.1f}-{max(loads):.1f}")
         res["target_babai"] = head
 
 
@@ -857,7 +986,9 @@ def main(argv=None):
     p.add_argument("--parts", default="rhs,layers",
                    help="comma-separated subset of rhs,layers,latency; parts not run keep their entry "
                         "from an existing JSON")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the latency part")
+    p.add_argument("--rounds", type=int, default=11,
+                   help="interleaved runs per cluster of the Babai single-batch modes (reduce, fused, here, "
+                        "gather) and rounds of the latency part")
     p.add_argument("--out", default=None,
                    help="file name under benchmarks/results/ (default dask_scaling.json; --quick: dask_scaling_quick.json)")
     args = p.parse_args(argv)
@@ -865,7 +996,7 @@ def main(argv=None):
     if not parts <= {"rhs", "layers", "latency"}:
         p.error(f"--parts must name some of rhs, layers, latency, got {args.parts!r}")
     if args.quick:
-        args.k, args.chunk, args.repeats = 100_000, "10000,25000", 1
+        args.k, args.chunk, args.repeats, args.rounds = 100_000, "10000,25000", 1, 3
     try:
         chunks = [int(c) for c in str(args.chunk).split(",")]
     except ValueError:
