@@ -1,0 +1,115 @@
+"""benchmarks/dask_scaling.py: the interleaved measurement behind the 1 vs 2 worker target.
+
+The statistics helpers are checked on known numbers; the interleaving on two in-process
+clusters (threads: no worker processes to start); and one tiny run of the whole ``rhs``
+part on two process clusters, which checks every cluster result against the in-memory
+solve as it goes and must record min, median, spread and the load of every round.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+pytest.importorskip("dask.array")
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def ds():
+    spec = importlib.util.spec_from_file_location("dask_scaling_under_test", BENCH / "dask_scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = path  # the script edits sys.path for itself
+    return mod
+
+
+def test_summary_of_known_times(ds):
+    s = ds.summary([0.5, 0.1, 0.4, 0.2, 0.3])
+    assert s["n"] == 5
+    assert (s["min_s"], s["q1_s"], s["median_s"], s["q3_s"], s["max_s"]) == pytest.approx((0.1, 0.2, 0.3, 0.4, 0.5))
+    assert s["iqr_over_median"] == pytest.approx(0.2 / 0.3)
+    assert ds.summary([0.25])["iqr_over_median"] == 0.0
+
+
+def test_record_runs_keeps_min_stats_cpu_and_tasks(ds):
+    e = {}
+    g = {"times": [0.4, 0.2, 0.6], "cpu": [{"worker0": 0.3}, {"worker0": 0.1, "client+scheduler": 0.03},
+                                       {"worker0": 0.2}],
+         "stream": [object()] * 12}
+    ds.record_runs(e, "fused", 1, g, per=2)
+    assert e["fused_workers1_s"] == pytest.approx(0.1)  # the minimum, per batch
+    assert e["fused_runs_workers1_s"] == pytest.approx([0.2, 0.1, 0.3])
+    assert e["fused_stats_workers1"]["median_s"] == pytest.approx(0.2)
+    assert e["fused_cpu_workers1_s"] == pytest.approx({"worker0": 0.1, "client+scheduler": 0.005})
+    assert e["fused_tasks_per_run_workers1"] == 2.0
+
+
+@pytest.fixture(scope="module")
+def thread_clusters():
+    out = {}
+    try:
+        for w in (1, 2):
+            c = distributed.LocalCluster(processes=False, n_workers=w, threads_per_worker=1,
+                                         dashboard_address=None)
+            out[w] = (c, distributed.Client(c, set_as_default=False))
+            out[w][1].wait_for_workers(w, timeout=TIMEOUT)
+        yield out
+    finally:
+        for c, client in out.values():
+            client.close()
+            c.close()
+
+
+def test_interleaved_alternates_the_clusters_and_records_every_run(ds, thread_clusters):
+    calls = []
+
+    def fn(w, client):
+        calls.append(w)
+        assert distributed.get_client() is client  # that cluster's client is current
+        return client.submit(lambda x: x + 1, w, pure=False).result(timeout=TIMEOUT)
+
+    settles = {w: (lambda: None) for w in thread_clusters}
+    got = ds.interleaved(thread_clusters, fn, 4, settles, keep=lambda v: 10 * v)
+    assert calls == [1, 2, 2, 1, 1, 2, 2, 1]  # 1, 2 in even rounds, 2, 1 in odd ones
+    assert len(got["loadavg_rounds"]) == 4 and len(got["paired_speedups"]) == 4
+    for w, g in got["clusters"].items():
+        assert g["values"] == [10 * (w + 1)] * 4
+        assert len(g["times"]) == len(g["cpu"]) == 4 and min(g["times"]) > 0
+        assert len(g["stream"]) == 4  # one task per run, from that cluster's task stream only
+        assert all(f"worker{i}" in c and "client+scheduler" in c for c in g["cpu"] for i in range(w))
+    t1, t2 = got["clusters"][1]["times"], got["clusters"][2]["times"]
+    assert got["paired_speedups"] == pytest.approx([a / b for a, b in zip(t1, t2)])
+
+
+@pytest.mark.slow
+def test_tiny_rhs_part_records_the_target_statistics(ds):
+    """The whole ``rhs`` part, Babai, 2 x 10 000 RHS chunks: results checked inside."""
+    args = type("Args", (), {"k": 20_000, "chunk": "10000", "repeats": 1, "rounds": 3, "batches": 2,
+                             "solvers": "babai"})()
+    out = {}
+    ds.bench_rhs(args, out)
+    e = out["rhs"]["solvers"]["babai"]["chunkings"]["10000"]
+    for mode in ds.ROUND_MODES:
+        for w in (1, 2):
+            assert len(e[f"{mode}_runs_workers{w}_s"]) == 3
+            assert e[f"{mode}_workers{w}_s"] == min(e[f"{mode}_runs_workers{w}_s"])
+            assert e[f"{mode}_stats_workers{w}"]["n"] == 3
+        assert len(e[f"{mode}_loadavg_rounds"]) == 3
+        assert e[f"{mode}_speedup_2_vs_1"] == pytest.approx(e[f"{mode}_workers1_s"] / e[f"{mode}_workers2_s"])
+    assert len(e["shipped_runs_workers1_s"]) == 1  # the expensive modes: --repeats runs
+    for w in (1, 2):  # the workers' malloc setting (see WORKER_MMAP_THRESHOLD) took effect
+        assert out["rhs"][f"malloc_env_workers{w}"]["MALLOC_MMAP_THRESHOLD_"] == str(ds.WORKER_MMAP_THRESHOLD)
+    head = out["rhs"]["target_babai"]
+    assert head["statistic"].startswith("min over the interleaved runs")
+    t = head["10000"]["fused"]
+    assert np.isfinite(t["speedup"]) and np.isfinite(t["speedup_median"]) and t["runs"] == 3
+    assert len(t["task_wait_workers2_s"]) == 2
