@@ -91,16 +91,16 @@ Questions:
 The machine may be shared: the load average at start and end of each part goes into the
 JSON, and the 2-worker speed-up is understated when other processes compete for the 2
 cores (the CPU seconds per process are not). Re-run on a quiet machine with
-``make bench-distributed`` (the command below, every figure but ``--parts latency`` in one
-run: ~2.5 minutes on the quiet machine before the ``throughput`` mode and the runs taken
-apart, an estimated 3–3.5 minutes with them — they add 3 more batches of targets per
-chunking and cluster, 4-batch runs and one run per mode; the whole default command took
-8 min 54 s at load 9.3–10.5, ``--parts rhs,latency --solvers babai --repeats 2`` 3 min
-21 s at load 8.5–10.5).
+``make bench-distributed`` (``python benchmarks/dask_scaling.py``: every figure but
+``--parts latency`` in one run; 194 s on the quiet machine with the former best-of-2
+walls, an estimated ≈ 4 minutes with the 11 interleaved rounds — about 144 more runs of
+0.2–0.4 s; at load 5–6 ``--parts rhs --solvers babai`` took 3 min 25 s). The workers get
+``MALLOC_MMAP_THRESHOLD_`` (:data:`WORKER_MMAP_THRESHOLD`, ``--mmap-threshold``; the JSON
+records the workers' ``MALLOC_*`` environment).
 
 Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
        [--repeats 2] [--parts rhs,layers[,latency]] [--solvers babai,kbest8] [--batches 4]
-       [--rounds 11] [--out NAME.json]
+       [--rounds 11] [--mmap-threshold 33554432] [--out NAME.json]
 Writes benchmarks/results/dask_scaling.json (atomically; ``--quick``: dask_scaling_quick.json;
 ``--out``: another name) and prints tables.
 """
