@@ -343,8 +343,35 @@ def timeline(client, fn):
             "transfer_s": sum(b - a for a, b, act in ev if act == "transfer"),
             "gaps_s": sum(max(0.0, ev[i + 1][0] - ev[i][1]) for i in range(len(ev) - 1)),
             "idle_start_s": ev[0][0] - first, "idle_end_s": last - max(b for _, b, _ in ev)})
+    first_key = min((ss["start"], rec["key"]) for rec in ts.data for ss in rec["startstops"]
+                    if ss["action"] == "compute")[1]
     return {"wall_s": t1 - t0, "start_s": first - t0, "span_s": last - first, "end_s": t1 - last,
-            "workers": workers}
+            "workers": workers, "start_story": start_story(client, first_key, t0)}
+
+
+def start_story(client, key, t0):
+    """Where the start of a run goes, from the scheduler's and the worker's logs of its first
+    task ``key`` (``client.story``), in seconds after ``t0`` (the call): ``client_sent_s``
+    (the client's ``update-graph`` message made: the graph built and packed),
+    ``scheduler_processing_s`` (the scheduler has taken the graph in and assigned the task
+    to a worker), ``worker_received_s`` (the worker's ``compute-task`` handled),
+    ``worker_executing_s`` (its state machine starts the task; the task stream's start, a
+    little later, is the executor thread running it). {} where the logs do not say."""
+    try:
+        story = [e for e in client.story(key) if isinstance(e[-1], float) and e[-1] >= t0]
+        out = {}
+        for e in story:
+            if e[0] == "scheduler" and e[2:4] == ("released", "waiting") and str(e[-2]).startswith("update-graph-"):
+                out["client_sent_s"] = float(str(e[-2]).rsplit("-", 1)[1]) - t0
+            elif e[0] == "scheduler" and e[3] == "processing":
+                out.setdefault("scheduler_processing_s", e[-1] - t0)
+            elif e[0] != "scheduler" and e[2] == "compute-task":
+                out.setdefault("worker_received_s", e[-1] - t0)
+            elif e[0] != "scheduler" and e[2:4] == ("ready", "executing"):
+                out.setdefault("worker_executing_s", e[-1] - t0)
+        return out
+    except Exception:  # noqa: BLE001 - a log format this script does not know: no story
+        return {}
 
 
 def shipped(run, Y, chunk):
@@ -811,14 +838,19 @@ def bench_rhs(args, out):
                         continue
                     ms = lambda v: f"{1e3 * v:.1f}"  # noqa: E731
                     ws = tl["workers"]
-                    tl_rows.append([name, f"{e['chunks']} x {chunk}", mode, w, ms(tl["wall_s"]), ms(tl["start_s"]),
+                    sst = tl.get("start_story", {})
+                    story = " / ".join(ms(sst[f]) if f in sst else "-" for f in
+                                       ("client_sent_s", "scheduler_processing_s", "worker_received_s",
+                                        "worker_executing_s"))
+                    tl_rows.append([name, f"{e['chunks']} x {chunk}", mode, w, ms(tl["wall_s"]), ms(tl["start_s"]), story,
                                     ms(tl["span_s"]), ms(tl["end_s"]),
                                     " / ".join(ms(x["busy_s"]) for x in ws), " / ".join(ms(x["gaps_s"]) for x in ws),
                                     " / ".join(ms(x["transfer_s"]) for x in ws),
                                     " / ".join(ms(x["idle_start_s"] + x["idle_end_s"]) for x in ws)])
     if tl_rows:
         print("\nOne run taken apart (ms): wall = start + span + end; per worker busy / gaps / transfers / idle at the ends")
-        print(markdown_table(["solver", "chunks", "timed", "workers", "wall", "start", "span", "end", "busy",
+        print(markdown_table(["solver", "chunks", "timed", "workers", "wall", "start",
+                              "first task: sent / scheduled / at worker / executing", "span", "end", "busy",
                               "gaps", "transfers", "idle at ends"], tl_rows))
     if "babai" in res["solvers"]:  # the issue's target, per chunking, with the CPU split beside it
         head = {"statistic": TARGET_STATISTIC}
@@ -917,6 +949,10 @@ def bench_latency(args, out):
                     "transfer_s": med(lambda t: sum(w["transfer_s"] for w in t["workers"])),
                     "gaps_s": med(lambda t: max(w["gaps_s"] for w in t["workers"])),
                     "tasks": med(lambda t: sum(w["tasks"] for w in t["workers"]))}
+                for f in ("client_sent_s", "scheduler_processing_s", "worker_received_s", "worker_executing_s"):
+                    got = [t["start_story"][f] for t in tls if f in t.get("start_story", {})]
+                    if got:  # the first task's start, from the scheduler's and the worker's logs
+                        res["variants"][v][f"workers{workers}"][f] = statistics.median(got)
             del Y
         finally:
             client.close()
@@ -928,10 +964,15 @@ def bench_latency(args, out):
         for w in (1, 2):
             x = e[f"workers{w}"]
             rows.append([v, w, f"{x['tasks']:.0f}", *(f"{1e3 * x[f]:.1f}" for f in
-                         ("wall_s", "start_s", "last_first_solve_s", "gaps_s", "transfer_s", "end_s"))])
+                         ("wall_s", "start_s")),
+                         " / ".join(f"{1e3 * x[f]:.1f}" if f in x else "-" for f in
+                                    ("client_sent_s", "scheduler_processing_s", "worker_received_s",
+                                     "worker_executing_s")),
+                         *(f"{1e3 * x[f]:.1f}" for f in ("last_first_solve_s", "gaps_s", "transfer_s", "end_s"))])
     print(f"\nFixed latency of one compute (Babai fused, {k} RHS in chunks of {chunk}), medians of {args.rounds} "
           f"interleaved rounds, ms; load {res['loadavg_start']} -> {res['loadavg_end']}")
-    print(markdown_table(["variant", "workers", "tasks", "wall", "start (first task)", "last worker's first solve",
+    print(markdown_table(["variant", "workers", "tasks", "wall", "start (first task)",
+                          "first task: sent / scheduled / at worker / executing", "last worker's first solve",
                           "gaps (busiest)", "transfers", "end"], rows))
 
 

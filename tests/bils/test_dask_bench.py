@@ -108,6 +108,11 @@ def test_tiny_rhs_part_records_the_target_statistics(ds):
     assert len(e["shipped_runs_workers1_s"]) == 1  # the expensive modes: --repeats runs
     for w in (1, 2):  # the workers' malloc setting (see WORKER_MMAP_THRESHOLD) took effect
         assert out["rhs"][f"malloc_env_workers{w}"]["MALLOC_MMAP_THRESHOLD_"] == str(ds.WORKER_MMAP_THRESHOLD)
+    for w in (1, 2):  # the start of one run taken apart from the scheduler's and the worker's logs
+        tl = e[f"fused_timeline_workers{w}"]
+        st = tl["start_story"]
+        order = [st["client_sent_s"], st["scheduler_processing_s"], st["worker_received_s"], st["worker_executing_s"]]
+        assert 0 < order[0] and order == sorted(order) and order[-1] <= tl["start_s"] + 0.005
     head = out["rhs"]["target_babai"]
     assert head["statistic"].startswith("min over the interleaved runs")
     t = head["10000"]["fused"]
