@@ -66,7 +66,11 @@ Questions:
    time at the two ends (uneven shares).
 
    Babai runs with 20 chunks of 50 000 and with 8 chunks of 125 000 (few large tasks per
-   worker); K-best with the first chunking. Reported beside them: the in-memory solve in
+   worker); K-best with the first chunking. The ceiling comes first, per Babai chunking
+   (:func:`plain_split`, JSON ``plain``, the ``CEILING`` lines): the same chunks and
+   partial sums in 1 plain process against 2 plain processes at once (even / odd
+   chunks), no dask, the workers' environment, ``--rounds`` interleaved rounds. Reported
+   beside them: the in-memory solve in
    this process (one numba thread; one call, and the same chunks one after another), the
    overhead per chunk ``(T_reduce,1 worker − T_in-memory chunked) / chunks``, the worker
    time split from ``client.get_task_stream()`` (solve tasks, other tasks, transfers, idle),
@@ -609,6 +613,103 @@ def tasks_cell(e, mode):
     return "" if tasks is None else f"{tasks:.0f} ({tasks / e['chunks']:.1f})"
 
 
+def _plain_child(chunk, k, which):
+    """``--plain-child``: a plain process (no dask) that makes the targets' chunks ``which``
+    (comma-separated indices), then solves them with Babai and their partial sums, one
+    after another, on every ``go`` line of stdin, answering one JSON line: wall, thread CPU
+    and run-queue wait (schedstat), minor page faults, and the sums."""
+    import resource
+    import threading
+
+    import bils
+
+    R = make_factor()
+    starts = chunk_starts(k, chunk)
+    parts = [make_chunk(R, starts[j], min(chunk, k - starts[j])) for j in map(int, which.split(","))]
+    bils.babai(R, parts[0][:, :1000], 0, HI, backend="numba")  # load the numba cache
+    stat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+
+    def sched():
+        try:
+            with open(stat) as f:
+                return [int(v) / 1e9 for v in f.read().split()[:2]]
+        except OSError:  # pragma: no cover - not Linux
+            return [time.thread_time(), 0.0]
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        (c0, w0), f0, t0 = sched(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        sums = [_partial_sums(*(lambda r: (r.x.astype(np.int8), r.cost, r.status))(
+            bils.babai(R, p, 0, HI, backend="numba"))) for p in parts]
+        t = time.perf_counter() - t0
+        (c1, w1), f1 = sched(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        total = float(sum(c for c, _ in sums))
+        rows = [int(v) for v in sum(r for _, r in sums)]
+        print(json.dumps({"wall_s": t, "cpu_s": c1 - c0, "wait_s": w1 - w0, "minflt": f1 - f0,
+                          "total": total, "rows": rows}), flush=True)
+
+
+def plain_split(k, chunk, rounds, checksum):
+    """The work alone, without dask: 1 plain process solving every chunk one after another
+    against 2 plain processes solving the even and the odd chunks at once (the targets'
+    placement on 2 workers), interleaved round by round like the clusters; the processes
+    get the workers' environment (one numba thread, the nanny's ``MALLOC_TRIM_THRESHOLD_``
+    and :data:`WORKER_MMAP_THRESHOLD`). The ceiling of the 2 vs 1 worker speed-up on this
+    machine: min(1 process) / min(2 processes). Each run is checked against ``checksum``."""
+    import subprocess
+
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", MALLOC_TRIM_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if WORKER_MMAP_THRESHOLD:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(WORKER_MMAP_THRESHOLD)
+    nb = len(chunk_starts(k, chunk))
+    groups = {1: [list(range(nb))], 2: [list(range(0, nb, 2)), list(range(1, nb, 2))]}
+    procs = {w: [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--plain-child",
+                                   f"{chunk},{k},{','.join(map(str, g))}"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                 for g in gs] for w, gs in groups.items()}
+    w_ = np.arange(1, N + 1, dtype=np.int64)
+    try:
+        for ps in procs.values():
+            for pr in ps:
+                assert pr.stdout.readline().strip() == "ready", "plain process failed to start"
+        got = {w: {"times": [], "procs": []} for w in procs}
+        loads = []
+        for r in range(rounds):
+            loads.append((_loadavg() or [float("nan")])[0])
+            for w in ((1, 2) if r % 2 == 0 else (2, 1)):
+                t0 = time.perf_counter()
+                for pr in procs[w]:
+                    pr.stdin.write("go\n")
+                    pr.stdin.flush()
+                answers = [json.loads(pr.stdout.readline()) for pr in procs[w]]
+                got[w]["times"].append(time.perf_counter() - t0)
+                got[w]["procs"].append(answers)
+                rows = sum(np.array(a["rows"], dtype=np.int64) for a in answers)
+                assert int(rows @ w_) == checksum, "plain processes: codes differ"
+    finally:
+        for ps in procs.values():
+            for pr in ps:
+                pr.stdin.close()
+                pr.wait(timeout=60)
+    out = {"rounds": rounds, "loadavg_rounds": loads, "definition": plain_split.__doc__.split("\n\n")[0]}
+    for w, g in got.items():
+        out[f"processes{w}"] = {
+            **summary(g["times"]), "runs_s": g["times"],
+            "cpu_s": [float(np.median([a[i]["cpu_s"] for a in g["procs"]])) for i in range(w)],
+            "cpu_min_s": [min(a[i]["cpu_s"] for a in g["procs"]) for i in range(w)],
+            "wait_s": [float(np.median([a[i]["wait_s"] for a in g["procs"]])) for i in range(w)],
+            "minflt": [float(np.median([a[i]["minflt"] for a in g["procs"]])) for i in range(w)]}
+    out["speedup_2_vs_1"] = out["processes1"]["min_s"] / out["processes2"]["min_s"]
+    out["speedup_median_2_vs_1"] = out["processes1"]["median_s"] / out["processes2"]["median_s"]
+    out["cpu_ratio"] = out["processes1"]["cpu_min_s"][0] / max(out["processes2"]["cpu_min_s"])
+    return out
+
+
 def bench_rhs(args, out):
     import dask
     import dask.array as da
@@ -663,6 +764,10 @@ def bench_rhs(args, out):
             e["chunkings"][str(chunk)] = {"chunks": len(parts), "in_memory_chunked_s": t}
             del parts
     ref_x = bils.babai(R, Ymem, 0, HI, backend="numba").x
+    if "babai" in solvers:  # the ceiling: the same work in plain processes, 1 vs 2
+        for chunk in chunkings:
+            res["solvers"]["babai"]["chunkings"][str(chunk)]["plain"] = plain_split(
+                k, chunk, args.rounds, res["solvers"]["babai"]["checksum"])
     batch_refs = []  # (total cost, checksum) of each throughput batch: targets of seeds 1, 2, ...
     if "babai" in solvers and args.batches > 1:
         batch_refs.append((res["solvers"]["babai"]["total_cost"], res["solvers"]["babai"]["checksum"]))
@@ -856,6 +961,18 @@ def bench_rhs(args, out):
         head = {"statistic": TARGET_STATISTIC}
         for chunk, e in res["solvers"]["babai"]["chunkings"].items():
             head[chunk] = {}
+            pl = e.get("plain")
+            if pl:  # the ceiling: the same work in plain processes
+                head[chunk]["plain"] = {"speedup": pl["speedup_2_vs_1"], "speedup_median": pl["speedup_median_2_vs_1"],
+                                        "cpu_ratio": pl["cpu_ratio"]}
+                p1, p2 = pl["processes1"], pl["processes2"]
+                print(f"CEILING babai, no dask: 1 vs 2 plain processes, {e['chunks']} x {chunk}: "
+                      f"{pl['speedup_2_vs_1']:.2f}x min ({1e3 * p1['min_s']:.0f} / {1e3 * p2['min_s']:.0f} ms), "
+                      f"{pl['speedup_median_2_vs_1']:.2f}x median; thread CPU {p1['cpu_min_s'][0]:.3f} / "
+                      f"{' + '.join(f'{x:.3f}' for x in p2['cpu_min_s'])} s; run-queue wait "
+                      f"{1e3 * p1['wait_s'][0]:.1f} / {' + '.join(f'{1e3 * x:.1f}' for x in p2['wait_s'])} ms; "
+                      f"minor faults {p1['minflt'][0]:.0f} / {' + '.join(f'{x:.0f}' for x in p2['minflt'])}; "
+                      f"load {min(pl['loadavg_rounds']):.1f}-{max(pl['loadavg_rounds']):.1f}")
             for mode in ("reduce", "fused", "here", "gather", "throughput"):
                 if f"{mode}_workers2_s" not in e:
                     continue
@@ -1052,6 +1169,10 @@ def bench_layers(args, out):
 
 def main(argv=None):
     global WORKER_MMAP_THRESHOLD
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--plain-child"]:  # one of plain_split's processes
+        chunk, k, which = argv[1].split(",", 2)
+        return _plain_child(int(chunk), int(k), which)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="10⁵ RHS, one repeat (a smoke run)")
     p.add_argument("--k", type=int, default=1_000_000)

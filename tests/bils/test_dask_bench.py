@@ -113,6 +113,9 @@ def test_tiny_rhs_part_records_the_target_statistics(ds):
         st = tl["start_story"]
         order = [st["client_sent_s"], st["scheduler_processing_s"], st["worker_received_s"], st["worker_executing_s"]]
         assert 0 < order[0] and order == sorted(order) and order[-1] <= tl["start_s"] + 0.005
+    pl = e["plain"]  # the same work in plain processes, checked against the in-memory codes inside
+    assert pl["processes1"]["n"] == pl["processes2"]["n"] == 3 and len(pl["processes2"]["cpu_s"]) == 2
+    assert pl["speedup_2_vs_1"] == pytest.approx(pl["processes1"]["min_s"] / pl["processes2"]["min_s"])
     head = out["rhs"]["target_babai"]
     assert head["statistic"].startswith("min over the interleaved runs")
     t = head["10000"]["fused"]
