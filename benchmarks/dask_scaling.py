@@ -97,8 +97,9 @@ JSON, and the 2-worker speed-up is understated when other processes compete for 
 cores (the CPU seconds per process are not). Re-run on a quiet machine with
 ``make bench-distributed`` (``python benchmarks/dask_scaling.py``: every figure but
 ``--parts latency`` in one run; 194 s on the quiet machine with the former best-of-2
-walls, an estimated ≈ 4 minutes with the 11 interleaved rounds — about 144 more runs of
-0.2–0.4 s; at load 5–6 ``--parts rhs --solvers babai`` took 3 min 25 s). The workers get
+walls, an estimated 4–4.5 minutes with the 11 interleaved rounds — about 144 more runs
+of 0.2–0.4 s — and the plain-process ceiling, ≈ 15 s; at load 5–7 ``--parts rhs --solvers
+babai`` took 3 min 25 s – 4 min 18 s). The workers get
 ``MALLOC_MMAP_THRESHOLD_`` (:data:`WORKER_MMAP_THRESHOLD`, ``--mmap-threshold``; the JSON
 records the workers' ``MALLOC_*`` environment).
 
