@@ -866,7 +866,9 @@ def bench_rhs(args, out):
             dask.compute(bils.babai(R, Yt, 0, HI, backend="numba").cost.sum())
             res["tiny_task_s"] = (time.perf_counter() - t0) / tiny_chunks
     finally:
-        for c, client in clusters.values():
+        # the last client made is the default: close in reverse order, so that each client
+        # restores the dask configuration it found (else "scheduler": "dask.distributed" stays)
+        for c, client in reversed(list(clusters.values())):
             client.close()
             c.close()
     rows = []

@@ -7,6 +7,7 @@ solve as it goes and must record min, median, spread and the load of every round
 """
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
 pytest.importorskip("dask.array")
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -24,11 +26,17 @@ TIMEOUT = 120
 def ds():
     spec = importlib.util.spec_from_file_location("dask_scaling_under_test", BENCH / "dask_scaling.py")
     mod = importlib.util.module_from_spec(spec)
-    path = list(sys.path)
+    path, threads = list(sys.path), os.environ.get("NUMBA_NUM_THREADS")
     try:
         spec.loader.exec_module(mod)
     finally:
         sys.path[:] = path  # the script edits sys.path for itself
+        # and sets NUMBA_NUM_THREADS=1 for its own process: numba rereads it when it
+        # compiles, so it must not leak into the other tests' process
+        if threads is None:
+            os.environ.pop("NUMBA_NUM_THREADS", None)
+        else:
+            os.environ["NUMBA_NUM_THREADS"] = threads
     return mod
 
 
@@ -64,7 +72,7 @@ def thread_clusters():
             out[w][1].wait_for_workers(w, timeout=TIMEOUT)
         yield out
     finally:
-        for c, client in out.values():
+        for c, client in reversed(list(out.values())):
             client.close()
             c.close()
 
@@ -96,7 +104,9 @@ def test_tiny_rhs_part_records_the_target_statistics(ds):
     args = type("Args", (), {"k": 20_000, "chunk": "10000", "repeats": 1, "rounds": 3, "batches": 2,
                              "solvers": "babai"})()
     out = {}
+    before = dask.config.get("scheduler", None)
     ds.bench_rhs(args, out)
+    assert dask.config.get("scheduler", None) == before  # the clients restored the configuration
     e = out["rhs"]["solvers"]["babai"]["chunkings"]["10000"]
     for mode in ds.ROUND_MODES:
         for w in (1, 2):
