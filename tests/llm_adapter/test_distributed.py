@@ -280,3 +280,24 @@ def test_cli_cluster_lost_exits_1_and_points_at_the_checkpoint(tmp_path, capsys,
     code, _, err = run_cli(capsys, *argv)
     assert code == 1 and "give --checkpoint DIR" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_local_workers_get_the_mmap_threshold(monkeypatch):
+    """``--workers`` processes start with glibc's ``MALLOC_MMAP_THRESHOLD_`` (the nanny's
+    pre-spawn environment: glibc reads it once), unless the user set their own."""
+    import os
+
+    import dask
+
+    from llm_adapter.cli import quantize
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    config = quantize._worker_malloc_config()
+    assert config == {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": quantize.WORKER_MMAP_THRESHOLD}
+    with dask.config.set(config):
+        with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=1, dashboard_address=None,
+                                      host="127.0.0.1") as cluster, distributed.Client(cluster) as client:
+            seen = client.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    assert list(seen.values()) == [str(quantize.WORKER_MMAP_THRESHOLD)]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert quantize._worker_malloc_config() == {}
