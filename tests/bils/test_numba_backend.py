@@ -343,3 +343,31 @@ def test_kbest_step_rows_against_rank1_updates(B, ns):
             t = t - RT[top - 1 - r, :bot] * zst[b, r]
         np.testing.assert_array_equal(Tn[b, :bot], t)
         np.testing.assert_array_equal(Tn[b, bot:], 7.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("w", [1, 255, 256, 700])
+def test_kbest_products_split_over_threads(threads, w):
+    """The panels' products (``_Products.matmul``: OpenBLAS held at one thread, column
+    blocks of ``_PRODUCT_COLS`` over Python threads) are bitwise the same for any thread
+    count, into a column-sliced ``out`` too, and equal ``np.matmul`` to rounding; OpenBLAS's
+    thread count is back to its value after the block, also on an exception."""
+    from bils._numba.kbest import _openblas_thread_apis, _Products
+
+    rng = np.random.default_rng(w)
+    A = rng.standard_normal((37, 300))
+    B = rng.standard_normal((300, w + 5))[:, 2: 2 + w]  # strided columns, as Zref[e:]
+    before = [get() for get, _ in _openblas_thread_apis()]
+    outs = []
+    for t in (1, threads):
+        out = np.full((40, w), np.nan)[:37]
+        with _Products(t) as prod:
+            assert all(get() == 1 for get, _ in prod.apis)
+            prod.matmul(A, B, out)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_allclose(outs[1], np.matmul(A, B), rtol=1e-12, atol=1e-12)
+    assert [get() for get, _ in _openblas_thread_apis()] == before
+    with pytest.raises(RuntimeError), _Products(threads):
+        raise RuntimeError("boom")
+    assert [get() for get, _ in _openblas_thread_apis()] == before
