@@ -371,3 +371,28 @@ def test_kbest_products_split_over_threads(threads, w):
     with pytest.raises(RuntimeError), _Products(threads):
         raise RuntimeError("boom")
     assert [get() for get, _ in _openblas_thread_apis()] == before
+
+
+def test_kbest_path_storage_widths(monkeypatch):
+    """Paths stored as int16 codes and parents (box and beam fit) or int64/int32: the same
+    codes and costs bitwise; a box beyond int16 takes the wide storage and matches numpy."""
+    import types
+
+    import bils._numba.kbest as nkb
+
+    R, Y, lo, hi, scale, offset = _problem(70, 20, "full", seed=31)
+    prob = (R, Y, 0, 7, scale, offset)
+    monkeypatch.setattr(nkb, "PANEL", 24)
+    narrow = _solve(bils.kbest, prob, "numba", beam_width=5)
+    monkeypatch.setattr(nkb, "_I16", types.SimpleNamespace(min=0, max=0))  # never fits
+    wide = _solve(bils.kbest, prob, "numba", beam_width=5)
+    np.testing.assert_array_equal(wide.x, narrow.x)
+    np.testing.assert_array_equal(wide.cost, narrow.cost)
+    monkeypatch.undo()
+    R, Y, lo, hi, scale, offset = _problem(40, 6, "none", seed=37, box=(-40000, 40000))
+    Y = Y * 3000.0  # codes beyond int16
+    prob = (R, Y, -40000, 40000, None, None)
+    ref = _solve(bils.kbest, prob, "numpy", beam_width=4)
+    assert np.abs(ref.x).max() > np.iinfo(np.int16).max
+    monkeypatch.setattr(nkb, "PANEL", 16)
+    _assert_parity(ref, _solve(bils.kbest, prob, "numba", beam_width=4), "int64 paths")
