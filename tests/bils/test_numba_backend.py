@@ -396,3 +396,30 @@ def test_kbest_path_storage_widths(monkeypatch):
     assert np.abs(ref.x).max() > np.iinfo(np.int16).max
     monkeypatch.setattr(nkb, "PANEL", 16)
     _assert_parity(ref, _solve(bils.kbest, prob, "numba", beam_width=4), "int64 paths")
+
+
+@pytest.mark.parametrize("beam, children, box", [(1, None, (0, 7)), (3, None, (0, 7)), (8, 8, (0, 7)),
+                                                 (8, 8, (0, 2)), (5, 3, (-2, 2)), (6, 2, (0, 1))])
+@pytest.mark.parametrize("panel", [7, 512])
+def test_kbest_crafted_ties(beam, children, box, panel, monkeypatch):
+    """Exact ties everywhere: small integers in ``R`` (diagonal 2) and ``Y`` make every centre
+    an integer or a half-integer (two children at equal distance) and many children's costs
+    equal across parents, all in exact arithmetic, so the numba kernel's blocked targets
+    equal the reference's and its selection must resolve every tie as the reference does:
+    cost, then parent slot, then zig-zag rank (the rounded value first, the lower of two
+    equidistant values first), the Babai child of the Babai parent kept. Also K = 1, K not
+    a power of two, more slots than children (a 3-value box), 45 levels (a partial step of
+    16) and 37 RHS (a ragged last scheduling chunk)."""
+    import bils._numba.kbest as nkb
+
+    rng = np.random.default_rng(beam * 10 + box[1])
+    n, k = 45, 37
+    R = np.triu(rng.integers(-1, 2, (n, n)).astype(float), 1) + 2 * np.eye(n)
+    Y = rng.integers(-3, 12, (n, k)).astype(float)
+    prob = (R, Y, box[0], box[1], None, None)
+    kw = dict(beam_width=beam, n_children=children)
+    ref = _solve(bils.kbest, prob, "numpy", **kw)
+    monkeypatch.setattr(nkb, "PANEL", panel)
+    got = _solve(bils.kbest, prob, "numba", **kw)
+    np.testing.assert_array_equal(got.x, ref.x)
+    np.testing.assert_array_equal(got.cost, ref.cost)
