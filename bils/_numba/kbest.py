@@ -7,13 +7,16 @@ Babai parent always kept; slots without a feasible child stay empty with cost ``
 
 Blocking. Levels are processed in panels ``[a, e)`` of ``block`` levels. Each RHS keeps
 one *reference* path (beam member 0 at the last panel boundary) densely in ``Zref``
-(``S * x + O``); all members' paths are stored as codes with parent pointers. At a panel
+(``S * x + O``); all members' paths are stored as codes with parent pointers (int16 when
+the box and the beam fit, else int64 and int32). At a panel
 start one BLAS product gives ``Y - R_{a:e, e:} Zref_{e:}`` for every RHS; a member's own
 targets differ from it only at the levels where its path differs from the reference path,
 found by walking both parent chains up to their common ancestor (beam members share long
 prefixes, so the walk and the correction are short). Each RHS is handled by one thread
 with its own scratch (``prange`` over RHS): no shared mutable state, and results do not
-depend on the thread count.
+depend on the thread count. The products run with OpenBLAS held at one thread, in fixed
+column blocks over Python threads (:class:`_Products`): no OpenBLAS worker spins beside
+the numba threads after a product.
 
 Steps. Inside a panel, levels are decided in steps of 16
 (:data:`~bils._numba._tiles.STEP`), as in the whole-sweep Babai. At a step's start every
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -117,13 +121,22 @@ class _Products:
     def __init__(self, threads):
         self.threads = max(1, int(threads))
         self.apis = _openblas_thread_apis()
-        self.saved = []
         self.pool = None
 
+    #: Calls inside a ``with`` block now (any thread) and OpenBLAS's thread counts before
+    #: the first of them: the last one out restores them (concurrent calls, e.g. from
+    #: dask's threads, must not restore each other's 1).
+    _lock = threading.Lock()
+    _active = 0
+    _saved = []
+
     def __enter__(self):
-        self.saved = [(set_, get()) for get, set_ in self.apis]
-        for set_, _ in self.saved:
-            set_(1)
+        with _Products._lock:
+            if _Products._active == 0:
+                _Products._saved = [(set_, get()) for get, set_ in self.apis]
+                for set_, _ in _Products._saved:
+                    set_(1)
+            _Products._active += 1
         if self.threads > 1:
             self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="bils-kbest")
         return self
@@ -132,9 +145,12 @@ class _Products:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
-        for set_, n in self.saved:
-            set_(n)
-        self.saved = []
+        with _Products._lock:
+            _Products._active -= 1
+            if _Products._active == 0:
+                for set_, n in _Products._saved:
+                    set_(n)
+                _Products._saved = []
 
     def matmul(self, A, B, out):
         """``out[:] = A @ B`` in column blocks of :data:`_PRODUCT_COLS`, over the threads."""

@@ -371,6 +371,12 @@ def test_kbest_products_split_over_threads(threads, w):
     with pytest.raises(RuntimeError), _Products(threads):
         raise RuntimeError("boom")
     assert [get() for get, _ in _openblas_thread_apis()] == before
+    outer = _Products(threads).__enter__()  # overlapping calls (e.g. two dask threads)
+    with _Products(threads):
+        pass
+    assert all(get() == 1 for get, _ in outer.apis)  # the inner exit keeps the outer's 1
+    outer.__exit__(None, None, None)
+    assert [get() for get, _ in _openblas_thread_apis()] == before
 
 
 def test_kbest_path_storage_widths(monkeypatch):
