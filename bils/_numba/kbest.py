@@ -137,7 +137,7 @@ class _Products:
                 for set_, _ in _Products._saved:
                     set_(1)
             _Products._active += 1
-        if self.threads > 1:
+        if self.apis and self.threads > 1:  # (no OpenBLAS found: its own threads, if any)
             self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="bils-kbest")
         return self
 
