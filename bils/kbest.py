@@ -17,6 +17,12 @@ __all__ = ["kbest"]
 _PANEL_LEVELS = 512
 #: RHS processed together by the numpy reference (bounds its scratch memory).
 _CHUNK_ELEMS = 1 << 22
+#: Estimated operations per call of a backend's kernel (``chunked``'s ``target``). The numba
+#: kernel returns to Python between panels anyway (so Ctrl-C is honoured within a panel's
+#: share) and bounds its path storage itself; each call copies ``R``'s panels and pays its
+#: products' and page faults' overhead again: 4096 x 4096 3-bit K = 8 took ~1 CPU s more in
+#: 8 calls (1e10) than in one.
+_CHUNK_OPS = {"numba": 4e10}
 
 
 def _kbest_numpy(can, *, beam_width, n_children):
@@ -162,7 +168,8 @@ def kbest(R, Y=None, lo=None, hi=None, /, *, scale=None, offset=None, beam_width
     beam_width = int_iv("beam_width", beam_width, minimum=1)
     n_children = int_iv("n_children", n_children, minimum=1, allow_none=True)
     C = beam_width if n_children is None else n_children
-    kernels = {be: (lambda f=f: chunked(f(), _kbest_ops, target=1e10)) for be, f in KERNELS.items()}
+    kernels = {be: (lambda f=f, t=_CHUNK_OPS.get(be, 1e10): chunked(f(), _kbest_ops, target=t))
+               for be, f in KERNELS.items()}
     return run_solver("kbest", kernels, R, Y, lo, hi, scale, offset, backend,
                       {"beam_width": beam_width, "n_children": C})
 

@@ -7,13 +7,16 @@ Babai parent always kept; slots without a feasible child stay empty with cost ``
 
 Blocking. Levels are processed in panels ``[a, e)`` of ``block`` levels. Each RHS keeps
 one *reference* path (beam member 0 at the last panel boundary) densely in ``Zref``
-(``S * x + O``); all members' paths are stored as codes with parent pointers. At a panel
+(``S * x + O``); all members' paths are stored as codes with parent pointers (int16 when
+the box and the beam fit, else int64 and int32). At a panel
 start one BLAS product gives ``Y - R_{a:e, e:} Zref_{e:}`` for every RHS; a member's own
 targets differ from it only at the levels where its path differs from the reference path,
 found by walking both parent chains up to their common ancestor (beam members share long
 prefixes, so the walk and the correction are short). Each RHS is handled by one thread
 with its own scratch (``prange`` over RHS): no shared mutable state, and results do not
-depend on the thread count.
+depend on the thread count. The products run with OpenBLAS held at one thread, in fixed
+column blocks over Python threads (:class:`_Products`): no OpenBLAS worker spins beside
+the numba threads after a product.
 
 Steps. Inside a panel, levels are decided in steps of 16
 (:data:`~bils._numba._tiles.STEP`), as in the whole-sweep Babai. At a step's start every
@@ -40,6 +43,11 @@ per level for K = 8 on a 3-bit box).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -57,8 +65,112 @@ PANEL = 512
 #: Bytes of path storage (codes + parent pointers) per chunk of right-hand sides (fewer,
 #: wider chunks mean fewer, larger products).
 _PATH_BYTES = 1 << 29
+_I16 = np.iinfo(np.int16)
 #: Right-hand sides per scheduling chunk of a panel (dynamic scheduling).
 _CHUNK = 16
+#: Columns per block of the panels' products (:class:`_Products`): fixed, so that the
+#: products' rounding does not depend on the thread count.
+_PRODUCT_COLS = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_thread_apis():
+    """``(get, set)`` thread-count functions of every OpenBLAS loaded in this process.
+
+    Found through ``/proc/self/maps`` (numpy's wheel bundles ``libscipy_openblas64_``;
+    a system numpy links ``libopenblas``); empty where there is none or no ``/proc``.
+    """
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ".so" in ln})
+    except OSError:
+        return ()
+    names = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+             ("openblas_get_num_threads", "openblas_set_num_threads"))
+    apis = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for gname, sname in names:
+            get, set_ = getattr(lib, gname, None), getattr(lib, sname, None)
+            if get is not None and set_ is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                apis.append((get, set_))
+                break
+    return tuple(apis)
+
+
+class _Products:
+    """The panels' BLAS products without OpenBLAS's worker pool.
+
+    After a multi-threaded OpenBLAS call its workers spin (about 2^28 cycles) before they
+    sleep, on the cores where the next panel's numba threads run: on 2 cores that cost
+    K-best ~25 % more CPU time (4096 x 2048, 3-bit, K = 8: 5.1-5.6 against 4.0-4.4 CPU s
+    with OpenBLAS held at one thread). Inside the ``with`` block OpenBLAS runs in its
+    callers' threads (its thread count is restored on exit), and a product is computed in
+    blocks of :data:`_PRODUCT_COLS` columns spread over ``threads`` Python threads (numpy
+    releases the GIL): a parallel product, with no spinning pool after it. The blocks do
+    not depend on the thread count, so neither do the results (OpenBLAS's single-threaded
+    kernels for small shapes round differently from its threaded ones: within 1e-13 here).
+    """
+
+    def __init__(self, threads):
+        self.threads = max(1, int(threads))
+        self.apis = _openblas_thread_apis()
+        self.pool = None
+
+    #: Calls inside a ``with`` block now (any thread) and OpenBLAS's thread counts before
+    #: the first of them: the last one out restores them (concurrent calls, e.g. from
+    #: dask's threads, must not restore each other's 1).
+    _lock = threading.Lock()
+    _active = 0
+    _saved = []
+
+    def __enter__(self):
+        with _Products._lock:
+            if _Products._active == 0:
+                _Products._saved = [(set_, get()) for get, set_ in self.apis]
+                for set_, _ in _Products._saved:
+                    set_(1)
+            _Products._active += 1
+        if self.apis and self.threads > 1:  # (no OpenBLAS found: its own threads, if any)
+            self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="bils-kbest")
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        with _Products._lock:
+            _Products._active -= 1
+            if _Products._active == 0:
+                for set_, n in _Products._saved:
+                    set_(n)
+                _Products._saved = []
+
+    def matmul(self, A, B, out):
+        """``out[:] = A @ B`` in column blocks of :data:`_PRODUCT_COLS`, over the threads."""
+        w = B.shape[1]
+        cuts = list(range(0, w, _PRODUCT_COLS)) + [w]
+        blocks = list(zip(cuts[:-1], cuts[1:]))
+        if self.pool is None or len(blocks) == 1:
+            for c0, c1 in blocks:
+                np.matmul(A, B[:, c0:c1], out=out[:, c0:c1])
+            return
+        nt = min(self.threads, len(blocks))
+
+        def part(t):  # thread t: blocks t, t + nt, ...
+            for c0, c1 in blocks[t::nt]:
+                np.matmul(A, B[:, c0:c1], out=out[:, c0:c1])
+
+        futs = [self.pool.submit(part, t) for t in range(1, nt)]
+        part(0)
+        for f in futs:
+            f.result()
 
 
 @njit(cache=True, inline="always")
@@ -333,8 +445,8 @@ def _panel_rhs(Y, Gc, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, jg, jj,
         ir = 0
         lv = e
         while lv < n and ib != ir:
-            xb = xcode[jj, lv, ib]
-            xr = xcode[jj, lv, ir]
+            xb = np.int64(xcode[jj, lv, ib])
+            xr = np.int64(xcode[jj, lv, ir])
             if xb != xr:
                 dz = gat(S, Sg, lv, jg) * np.float64(xb - xr)
                 row = RS[lv - e]
@@ -577,36 +689,49 @@ def kbest_kernel(can, *, beam_width, n_children, timings=None):
     S, Sg, O, Og, LO, HI = grids(can)
     x = np.empty((n, k), dtype=np.int64)
     cost = np.empty(k)
-    kc = int(max(1, min(k, _PATH_BYTES // (12 * n * K))))
+    # path storage: int16 codes and parent pointers when the box and the beam fit (4 bytes
+    # per member and level instead of 12: a third of the memory written and faulted in)
+    narrow = K <= _I16.max and (LO.size == 0 or (LO.min() >= _I16.min and HI.max() <= _I16.max))
+    cdt, pdt = (np.int16, np.int16) if narrow else (np.int64, np.int32)
+    per = (np.dtype(cdt).itemsize + np.dtype(pdt).itemsize) * n * K
+    kc = int(max(1, min(k, _PATH_BYTES // per)))
     panels = [(max(0, e - PANEL), e) for e in range(n, 0, -PANEL)]
     slabs = [readonly(np.ascontiguousarray(R[a:e, e:].T)) for a, e in panels]
     diags = [readonly(np.ascontiguousarray(R[a:e, a:e].T)) for a, e in panels]
-    for j0 in range(0, k, kc):
-        j1 = min(k, j0 + kc)
-        w = j1 - j0
-        xcode = np.empty((w, n, K), dtype=np.int64)
-        par = np.empty((w, n, K), dtype=np.int32)
-        nbeam = np.ones(w, dtype=np.int64)
-        pcost = np.zeros((w, K))
-        bslot = np.zeros(w, dtype=np.int64)
-        Zref = np.empty((n, w))
-        Gc = np.empty((min(PANEL, n), w))
-        clock.lap("convert")
-        for (a, e), RS, RT in zip(panels, slabs, diags):
-            Gp = Gc[: e - a]
-            has_g = e < n
-            if has_g:
-                np.matmul(R[a:e, e:], Zref[e:], out=Gp)
-            clock.lap("product")
-            if w > 1:
-                with numba.parallel_chunksize(_CHUNK):  # work per RHS varies (corrections)
-                    _panel(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode,
-                           par, nbeam, pcost, bslot, Zref)
-            else:
-                _panel_one(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode, par,
-                           nbeam, pcost, bslot, Zref)
-            clock.lap("panel")
-        _backtrack(xcode, par, nbeam, pcost, j0, x, cost)
-        clock.lap("backtrack")
+    with _Products(numba.get_num_threads()) as prod:
+        for j0 in range(0, k, kc):
+            _chunk(Y, R, K, C, S, Sg, O, Og, LO, HI, j0, min(k, j0 + kc), panels, slabs, diags,
+                   x, cost, clock, prod, cdt, pdt)
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
     return x, cost, status, {"beam_width": beam_width, "n_children": n_children}
+
+
+def _chunk(Y, R, K, C, S, Sg, O, Og, LO, HI, j0, j1, panels, slabs, diags, x, cost, clock, prod, cdt,
+           pdt):
+    """Right-hand sides ``[j0, j1)``: every panel's product and beam sweep, then the backtrack."""
+    n = Y.shape[0]
+    w = j1 - j0
+    xcode = np.empty((w, n, K), dtype=cdt)
+    par = np.empty((w, n, K), dtype=pdt)
+    nbeam = np.ones(w, dtype=np.int64)
+    pcost = np.zeros((w, K))
+    bslot = np.zeros(w, dtype=np.int64)
+    Zref = np.empty((n, w))
+    Gc = np.empty((min(PANEL, n), w))
+    clock.lap("convert")
+    for (a, e), RS, RT in zip(panels, slabs, diags):
+        Gp = Gc[: e - a]
+        has_g = e < n
+        if has_g:
+            prod.matmul(R[a:e, e:], Zref[e:], Gp)
+        clock.lap("product")
+        if w > 1:
+            with numba.parallel_chunksize(_CHUNK):  # work per RHS varies (corrections)
+                _panel(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode,
+                       par, nbeam, pcost, bslot, Zref)
+        else:
+            _panel_one(Y, readonly(Gp), has_g, RT, RS, a, S, Sg, O, Og, LO, HI, K, C, j0, xcode, par,
+                       nbeam, pcost, bslot, Zref)
+        clock.lap("panel")
+    _backtrack(xcode, par, nbeam, pcost, j0, x, cost)
+    clock.lap("backtrack")

@@ -343,3 +343,89 @@ def test_kbest_step_rows_against_rank1_updates(B, ns):
             t = t - RT[top - 1 - r, :bot] * zst[b, r]
         np.testing.assert_array_equal(Tn[b, :bot], t)
         np.testing.assert_array_equal(Tn[b, bot:], 7.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("w", [1, 255, 256, 700])
+def test_kbest_products_split_over_threads(threads, w):
+    """The panels' products (``_Products.matmul``: OpenBLAS held at one thread, column
+    blocks of ``_PRODUCT_COLS`` over Python threads) are bitwise the same for any thread
+    count, into a column-sliced ``out`` too, and equal ``np.matmul`` to rounding; OpenBLAS's
+    thread count is back to its value after the block, also on an exception."""
+    from bils._numba.kbest import _openblas_thread_apis, _Products
+
+    rng = np.random.default_rng(w)
+    A = rng.standard_normal((37, 300))
+    B = rng.standard_normal((300, w + 5))[:, 2: 2 + w]  # strided columns, as Zref[e:]
+    before = [get() for get, _ in _openblas_thread_apis()]
+    outs = []
+    for t in (1, threads):
+        out = np.full((40, w), np.nan)[:37]
+        with _Products(t) as prod:
+            assert all(get() == 1 for get, _ in prod.apis)
+            prod.matmul(A, B, out)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_allclose(outs[1], np.matmul(A, B), rtol=1e-12, atol=1e-12)
+    assert [get() for get, _ in _openblas_thread_apis()] == before
+    with pytest.raises(RuntimeError), _Products(threads):
+        raise RuntimeError("boom")
+    assert [get() for get, _ in _openblas_thread_apis()] == before
+    outer = _Products(threads).__enter__()  # overlapping calls (e.g. two dask threads)
+    with _Products(threads):
+        pass
+    assert all(get() == 1 for get, _ in outer.apis)  # the inner exit keeps the outer's 1
+    outer.__exit__(None, None, None)
+    assert [get() for get, _ in _openblas_thread_apis()] == before
+
+
+def test_kbest_path_storage_widths(monkeypatch):
+    """Paths stored as int16 codes and parents (box and beam fit) or int64/int32: the same
+    codes and costs bitwise; a box beyond int16 takes the wide storage and matches numpy."""
+    import types
+
+    import bils._numba.kbest as nkb
+
+    R, Y, lo, hi, scale, offset = _problem(70, 20, "full", seed=31)
+    prob = (R, Y, 0, 7, scale, offset)
+    monkeypatch.setattr(nkb, "PANEL", 24)
+    narrow = _solve(bils.kbest, prob, "numba", beam_width=5)
+    monkeypatch.setattr(nkb, "_I16", types.SimpleNamespace(min=0, max=0))  # never fits
+    wide = _solve(bils.kbest, prob, "numba", beam_width=5)
+    np.testing.assert_array_equal(wide.x, narrow.x)
+    np.testing.assert_array_equal(wide.cost, narrow.cost)
+    monkeypatch.undo()
+    R, Y, lo, hi, scale, offset = _problem(40, 6, "none", seed=37, box=(-40000, 40000))
+    Y = Y * 3000.0  # codes beyond int16
+    prob = (R, Y, -40000, 40000, None, None)
+    ref = _solve(bils.kbest, prob, "numpy", beam_width=4)
+    assert np.abs(ref.x).max() > np.iinfo(np.int16).max
+    monkeypatch.setattr(nkb, "PANEL", 16)
+    _assert_parity(ref, _solve(bils.kbest, prob, "numba", beam_width=4), "int64 paths")
+
+
+@pytest.mark.parametrize("beam, children, box", [(1, None, (0, 7)), (3, None, (0, 7)), (8, 8, (0, 7)),
+                                                 (8, 8, (0, 2)), (5, 3, (-2, 2)), (6, 2, (0, 1))])
+@pytest.mark.parametrize("panel", [7, 512])
+def test_kbest_crafted_ties(beam, children, box, panel, monkeypatch):
+    """Exact ties everywhere: small integers in ``R`` (diagonal 2) and ``Y`` make every centre
+    an integer or a half-integer (two children at equal distance) and many children's costs
+    equal across parents, all in exact arithmetic, so the numba kernel's blocked targets
+    equal the reference's and its selection must resolve every tie as the reference does:
+    cost, then parent slot, then zig-zag rank (the rounded value first, the lower of two
+    equidistant values first), the Babai child of the Babai parent kept. Also K = 1, K not
+    a power of two, more slots than children (a 3-value box), 45 levels (a partial step of
+    16) and 37 RHS (a ragged last scheduling chunk)."""
+    import bils._numba.kbest as nkb
+
+    rng = np.random.default_rng(beam * 10 + box[1])
+    n, k = 45, 37
+    R = np.triu(rng.integers(-1, 2, (n, n)).astype(float), 1) + 2 * np.eye(n)
+    Y = rng.integers(-3, 12, (n, k)).astype(float)
+    prob = (R, Y, box[0], box[1], None, None)
+    kw = dict(beam_width=beam, n_children=children)
+    ref = _solve(bils.kbest, prob, "numpy", **kw)
+    monkeypatch.setattr(nkb, "PANEL", panel)
+    got = _solve(bils.kbest, prob, "numba", **kw)
+    np.testing.assert_array_equal(got.x, ref.x)
+    np.testing.assert_array_equal(got.cost, ref.cost)
