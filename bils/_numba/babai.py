@@ -229,7 +229,7 @@ def panels(n, block_size):
     return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
 
 
-def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, timings=None):
+def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, timings=None):
     """One left-looking nearest-plane (Babai) sweep in panels of ``panel`` levels.
 
     Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) and ``cost`` (k,, float64) in place.
@@ -242,7 +242,8 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, timings=None):
     in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
     ``RTs``, one per panel of :func:`panels` (float64 sweeps only), are the panels'
     transposed diagonal blocks ``R[a:e, a:e].T`` (C-contiguous, read-only) when the caller
-    has them already (Klein shares them with its sampled sweeps).
+    has them already (Klein shares them with its sampled sweeps). ``width``: right-hand
+    sides per in-panel task (default :func:`tile_width`); it does not change the result.
     """
     clock = Clock(timings)
     R = can.R
@@ -254,7 +255,7 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, timings=None):
     cost[:] = 0.0
     G = np.empty((min(panel, n), k), dtype=dtype) if G_out is None else None
     Rbuf = None if dtype == R.dtype else np.empty((min(panel, n), n), dtype=dtype)
-    width = tile_width(k, dtype)
+    width = tile_width(k, dtype) if width is None else width
     panel_fn = _sweep_panel if k > width and numba.get_num_threads() > 1 else _sweep_panel_one
     for p, (a, e) in enumerate(panels(n, panel)):
         Gp = G[: e - a] if G_out is None else G_out[a:e]

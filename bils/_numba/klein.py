@@ -59,6 +59,11 @@ MIN_PANEL = 1024
 #: CPU seconds side by side: 0.35-0.40 with 256, 0.44-0.54 with 128; 4096 x 1024: 0.21
 #: against 0.23; 512 was slower than 128. The width does not change the result.
 SAMPLE_TILE = 256
+#: Right-hand sides per task of Klein's Babai sweep between its products (in-panel tiles
+#: of 1024 levels x 128 RHS, 1 MB in float64, the core's L2). One thread, 4096 x 1024,
+#: CPU seconds of the four panels side by side: 0.13 with 32, 0.10 with 64 (the plain
+#: Babai's width), 0.08 with 128, 0.10 with 256. The width does not change the result.
+BABAI_TILE = 128
 
 
 @njit(cache=True)
@@ -515,6 +520,15 @@ def _sample_width(k):
     return w
 
 
+def _babai_width(k):
+    """Tile width of Klein's Babai sweep: :data:`BABAI_TILE`, halved down to ``TILE``
+    while there would be fewer than 8 tasks."""
+    w = BABAI_TILE
+    while w > TILE and (k + w - 1) // w < 8:
+        w //= 2
+    return w
+
+
 def klein_panel(block_size):
     """Levels per panel of the numba Klein: the smallest multiple of ``block_size`` that is
     at least :data:`MIN_PANEL`. The result does not depend on it beyond rounding."""
@@ -568,7 +582,8 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
                for (a, e), off in zip(bounds, poff)]
         clock.lap("convert")
         Yg = np.empty((n, k))
-        sweep(can, panel, xb, np.empty((n, k)), cost_b, G_out=Yg, RTs=RTs)
+        sweep(can, panel, xb, np.empty((n, k)), cost_b, G_out=Yg, RTs=RTs,
+              width=_babai_width(k))
         clock.lap("babai")
         Y = readonly(can.Y)
         S, Sg, O, Og, LO, HI = grids(can)
