@@ -47,11 +47,13 @@ def _corrections_loop(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
             CT[jj] = CT[jj] + RS[lv - e] * dv
 
 
+@pytest.mark.parametrize("pad", [0, nbk.CT_PAD])
 @pytest.mark.parametrize("m, nlev_above, w, p_diff", [(5, 0, 3, 0.5), (16, 70, 9, 0.15),
                                                      (33, 200, 40, 0.6), (8, 130, 64, 1.0)])
-def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff):
+def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff, pad):
     """Bitwise: every element gets its products in ascending level order (blocks of
-    CORR_LEVELS levels, 4/2/1 differences per pass, columns with 0 to many differences)."""
+    CORR_LEVELS levels, 4/2/1 differences per pass, columns with 0 to many differences);
+    with padded rows (``pad``) only the first ``m`` elements of a row are touched."""
     rng = np.random.default_rng(m + nlev_above + w)
     e = 10 + m  # the panel [10, e) sits below the levels [e, nlev)
     nlev = e + nlev_above
@@ -66,11 +68,13 @@ def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff):
         dcnt[lv, t] = len(cols)
         djj[lv, j0:j0 + len(cols)] = cols
         dval[lv, j0:j0 + len(cols)] = rng.normal(0, 3, len(cols)) * 10.0 ** rng.integers(-8, 8, len(cols))
-    CT = np.zeros((w, m))
+    CT = np.zeros((w, m + pad))
+    CT[:, m:] = np.nan
     ref = np.zeros((w, m))
     nbk._corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
     _corrections_loop(ref, RS, e, nlev, t, j0, dcnt, djj, dval)
-    np.testing.assert_array_equal(CT, ref)
+    np.testing.assert_array_equal(CT[:, :m], ref)
+    assert np.isnan(CT[:, m:]).all()
 
 
 def test_wide_tiles_equal_narrow_tiles_and_the_reference(monkeypatch):
