@@ -21,6 +21,12 @@ are decided. Work per sample is proportional to the number of differences instea
 full ``n^2 k`` product. The sum is applied per RHS in ascending level order, four
 differences per pass over the panel's rows (:func:`_corrections`), so every element gets
 its products and sums rounded exactly as a loop over the differences would.
+
+Right-hand sides are independent, so the sampled sweeps need no barrier between panels:
+one parallel launch gives each task a tile of RHS and takes it through every sample and
+panel, keeping the better point per RHS after each sample (:func:`_tile_samples`). The
+tile's codes and difference lists live in per-thread scratch; the first sample of a tile
+turns the kept products into ``Y - G`` in place, which the later samples read.
 """
 
 from __future__ import annotations
