@@ -549,17 +549,45 @@ def klein_panel(block_size):
     return block_size * max(1, -(-MIN_PANEL // block_size))
 
 
+#: Rows of ``R.T`` per task of :func:`_pack` (blocks of ``_PACK_ROWS x 32`` are transposed
+#: through the cache).
+_PACK_ROWS = 64
+
+
+@njit(cache=True, parallel=True)
+def _pack(R, RP, poff, pa, pe, tp, tq):
+    """``RP[poff[p]:].reshape(n - a, m)[q, l] = R[a + l, a + q]`` for the row blocks
+    ``q in [tq[i], tq[i] + _PACK_ROWS)`` of panel ``tp[i]``, one task each."""
+    n = R.shape[0]
+    for i in prange(tp.shape[0]):
+        p = tp[i]
+        a = pa[p]
+        m = pe[p] - a
+        blk = RP[poff[p]:poff[p] + (n - a) * m].reshape((n - a, m))
+        q0 = tq[i]
+        q1 = min(n - a, q0 + _PACK_ROWS)
+        for l0 in range(0, m, 32):
+            l1 = min(m, l0 + 32)
+            for q in range(q0, q1):
+                for l in range(l0, l1):
+                    blk[q, l] = R[a + l, a + q]
+
+
 def _packed_panels(R, bounds):
     """``R[a:e, a:].T`` of every panel, C-contiguous, one after another in one read-only
     buffer, and their offsets: rows ``[0, m)`` of a block are the panel's transposed
     diagonal block (the in-panel sweep), rows ``[m, n - a)`` the columns of ``R`` below
-    it that the corrections read."""
+    it that the corrections read. Copied in parallel blocks (:func:`_pack`); a plain copy."""
     n = R.shape[0]
     sizes = [(n - a) * (e - a) for a, e in bounds]
     poff = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
     RP = np.empty(int(sum(sizes)))
-    for (a, e), off, size in zip(bounds, poff, sizes):
-        RP[off:off + size].reshape(n - a, e - a)[...] = R[a:e, a:].T
+    pa = np.array([a for a, _ in bounds], dtype=np.int64)
+    pe = np.array([e for _, e in bounds], dtype=np.int64)
+    tasks = [(p, q0) for p, (a, _) in enumerate(bounds) for q0 in range(0, n - a, _PACK_ROWS)]
+    tp = np.array([t[0] for t in tasks], dtype=np.int64)
+    tq = np.array([t[1] for t in tasks], dtype=np.int64)
+    _pack(readonly(np.ascontiguousarray(R)), RP, poff, pa, pe, tp, tq)
     return readonly(RP), readonly(poff)
 
 
