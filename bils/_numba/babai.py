@@ -229,7 +229,7 @@ def panels(n, block_size):
     return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
 
 
-def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
+def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, timings=None):
     """One left-looking nearest-plane (Babai) sweep in panels of ``panel`` levels.
 
     Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) and ``cost`` (k,, float64) in place.
@@ -240,6 +240,10 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
     precision from single-precision residuals.
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
     in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
+    ``RTs``, one per panel of :func:`panels` (float64 sweeps only), are the panels'
+    transposed diagonal blocks ``R[a:e, a:e].T`` (C-contiguous, read-only) when the caller
+    has them already (Klein shares them with its sampled sweeps). ``width``: right-hand
+    sides per in-panel task (default :func:`tile_width`); it does not change the result.
     """
     clock = Clock(timings)
     R = can.R
@@ -251,9 +255,9 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
     cost[:] = 0.0
     G = np.empty((min(panel, n), k), dtype=dtype) if G_out is None else None
     Rbuf = None if dtype == R.dtype else np.empty((min(panel, n), n), dtype=dtype)
-    width = tile_width(k, dtype)
+    width = tile_width(k, dtype) if width is None else width
     panel_fn = _sweep_panel if k > width and numba.get_num_threads() > 1 else _sweep_panel_one
-    for a, e in panels(n, panel):
+    for p, (a, e) in enumerate(panels(n, panel)):
         Gp = G[: e - a] if G_out is None else G_out[a:e]
         has_g = e < n
         if Rbuf is None:
@@ -267,7 +271,7 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, timings=None):
         elif G_out is not None:
             Gp[...] = 0.0
         clock.lap("product")
-        RT = readonly(np.ascontiguousarray(Rp[:, : e - a].T))
+        RT = readonly(np.ascontiguousarray(Rp[:, : e - a].T)) if RTs is None else RTs[p]
         clock.lap("convert")
         panel_fn(Y, readonly(Gp), has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, width)
         clock.lap("panel")

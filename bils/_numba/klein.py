@@ -21,17 +21,24 @@ are decided. Work per sample is proportional to the number of differences instea
 full ``n^2 k`` product. The sum is applied per RHS in ascending level order, four
 differences per pass over the panel's rows (:func:`_corrections`), so every element gets
 its products and sums rounded exactly as a loop over the differences would.
+
+Right-hand sides are independent, so the sampled sweeps need no barrier between panels:
+one parallel launch gives each task a tile of RHS and takes it through every sample and
+panel, keeping the better point per RHS after each sample (:func:`_tile_samples`). The
+tile's codes and difference lists live in per-thread scratch; the first sample of a tile
+turns the kept products into ``Y - G`` in place, which the later samples read.
 """
 
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._common import TILE, Clock, aligned_empty, at, box_round, grids, readonly, uniform
+from ._common import ALIGN, TILE, Clock, at, box_round, grids, readonly, uniform
 from ._tiles import STEP, bound_row, level_rows, rank1, update_below
 from .babai import panels, sweep, whole_sweep
 
@@ -58,6 +65,11 @@ MIN_PANEL = 1024
 #: CPU seconds side by side: 0.35-0.40 with 256, 0.44-0.54 with 128; 4096 x 1024: 0.21
 #: against 0.23; 512 was slower than 128. The width does not change the result.
 SAMPLE_TILE = 256
+#: Right-hand sides per task of Klein's Babai sweep between its products (in-panel tiles
+#: of 1024 levels x 128 RHS, 1 MB in float64, the core's L2). One thread, 4096 x 1024,
+#: CPU seconds of the four panels side by side: 0.13 with 32, 0.10 with 64 (the plain
+#: Babai's width), 0.08 with 128, 0.10 with 256. The width does not change the result.
+BABAI_TILE = 128
 
 
 @njit(cache=True)
@@ -246,6 +258,11 @@ def _klein_row(trow_in, rii, srow, orow, lorow, hirow, taur, seedr, sample, leve
         crow[jj] = c
 
 
+#: Padding (elements) of the rows of the corrections ``CT`` (w, m): the target tile reads
+#: ``CT`` down its columns, and rows 1024 doubles apart (8 KB, a power of two) all fall
+#: in the same L1 and few L2 sets. One 1024 x 256 tile: 0.5 ms with unpadded rows, 0.12 ms
+#: with 8 more elements (one thread, microbenchmark).
+CT_PAD = 8
 #: Levels of differences gathered per right-hand side before they are applied (see
 #: :func:`_corrections`): the block's rows of ``R`` (``CORR_LEVELS x panel`` doubles) stay
 #: in the core's L2 cache while each RHS's row of corrections takes them 4 at a time.
@@ -276,7 +293,9 @@ def _axpy1(ct, r1, d1):
 
 @njit(cache=True)
 def _corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
-    r"""``CT[jj] += \sum_{lv} RS[lv - e] dval`` over the differences of tile ``t`` at levels ``lv >= e``.
+    r"""``CT[jj, :m] += \sum_{lv} RS[lv - e] dval`` over the differences of tile ``t`` at levels ``lv >= e``.
+
+    ``m = RS.shape[1]``; ``CT`` may have longer rows (padding, see :data:`CT_PAD`).
 
     ``dcnt[lv, t]`` differences are listed at level ``lv`` (tile columns
     ``djj[lv, j0:j0 + cnt]``, values ``dval[lv, j0:j0 + cnt]``). Each element of ``CT``
@@ -287,6 +306,7 @@ def _corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
     corrections per four differences instead of per difference.
     """
     w = CT.shape[0]
+    m = RS.shape[1]
     cntj = np.zeros(w + 1, dtype=np.int64)
     pos = np.empty(w, dtype=np.int64)
     rows = np.empty(CORR_LEVELS * w, dtype=np.int64)
@@ -311,7 +331,7 @@ def _corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
         for jj in range(w):
             p = cntj[jj]
             p1 = cntj[jj + 1]
-            ct = CT[jj]
+            ct = CT[jj, :m]
             while p + 4 <= p1:
                 _axpy4(ct, RS[rows[p]], RS[rows[p + 1]], RS[rows[p + 2]], RS[rows[p + 3]],
                        vals[p], vals[p + 1], vals[p + 2], vals[p + 3])
@@ -348,38 +368,52 @@ def _record_row(xrow, srow, orow, trow, drow, zq, cl, xout, xbrow, djj, dval):
     return nd
 
 
+@njit(cache=True, inline="always")
+def _aligned(buf, rows, cols):
+    """(rows, cols) C-contiguous view of the flat scratch ``buf``, its first element on a
+    cache line (``buf`` holds at least ``rows * cols + ALIGN // itemsize`` elements; see
+    :func:`~bils._numba._common.aligned_empty`)."""
+    off = ((ALIGN - buf.ctypes.data % ALIGN) % ALIGN) // buf.itemsize
+    return buf[off:off + rows * cols].reshape((rows, cols))
+
+
 @njit(cache=True, error_model="numpy")
-def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, j0, j1,
-                 dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev):
-    """One panel of one sampled sweep for right-hand sides ``[j0, j1)`` (tile ``t``)."""
+def _sample_tile(Y, Yg, first, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cost, j0, w,
+                 dcnt, djj, dval, sample, taur, sqr, seedr, nlev, Tbuf, CTbuf, zbuf):
+    """One panel ``[a, a + m)`` of one sampled sweep for right-hand sides ``[j0, j0 + w)``.
+
+    ``Yg`` holds ``G = R[a:e, e:] Z_babai[e:]`` of the Babai sweep; the first sample of the
+    tile (``first``) replaces it with ``Y - G`` in place (the tile's columns only), which
+    the later samples read. ``xb``/``xs`` (n, >= w) are the tile's Babai and sample codes,
+    ``dcnt`` (n, 1), ``djj``/``dval`` (n, >= w) its per-level difference lists; ``cost``
+    (w,) receives the panel's squared residuals.
+    """
     m = RT.shape[0]
     e = a + m
-    w = j1 - j0
-    # R[a:e, e:] @ (Z_sample - Z_babai)[e:] from the recorded differences, per RHS
-    # scratch tiles start on a cache line (see aligned_empty): rows of 256 doubles then never
-    # straddle one in the vectorised row updates
-    CT = aligned_empty(w, m, RS)
-    CT[...] = 0.0
-    _corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
-    T = aligned_empty(m, w, RS)
-    for l in range(m):
-        if has_g:
-            for jj in range(w):
-                T[l, jj] = (Y[a + l, j0 + jj] - Gb[l, j0 + jj]) - CT[jj, l]
+    T = _aligned(Tbuf, m, w)
+    if e < nlev:
+        # R[a:e, e:] @ (Z_sample - Z_babai)[e:] from the recorded differences, per RHS
+        CT = _aligned(CTbuf, w, m + CT_PAD)
+        CT[...] = 0.0
+        _corrections(CT, RS, e, nlev, 0, 0, dcnt, djj, dval)
+        if first:
+            for l in range(m):
+                for jj in range(w):
+                    v = Y[a + l, j0 + jj] - Yg[a + l, j0 + jj]
+                    Yg[a + l, j0 + jj] = v
+                    T[l, jj] = v - CT[jj, l]
         else:
+            for l in range(m):
+                for jj in range(w):
+                    T[l, jj] = Yg[a + l, j0 + jj] - CT[jj, l]
+    else:
+        for l in range(m):
             for jj in range(w):
                 T[l, jj] = Y[a + l, j0 + jj]
-    zb = aligned_empty(STEP, w, RS)
+    zb = _aligned(zbuf, STEP, w)
     cl = np.zeros(w)
     lbuf = np.empty(_NBUF)
     ubuf = np.empty(_NBUF)
-    taur = np.empty(w)
-    sqr = np.empty(w)
-    seedr = np.empty(w, dtype=np.uint64)
-    for jj in range(w):
-        taur[jj] = tau[j0 + jj]
-        sqr[jj] = sqrt_tau[j0 + jj]
-        seedr[jj] = seeds[j0 + jj]
     srow = np.empty(w)
     orow = np.empty(w)
     lorow = np.empty(w)
@@ -412,62 +446,98 @@ def _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, t, 
                     xrow[jj] = klein_pick(crow[jj], drow[jj], at(LO, i, j0 + jj),
                                           at(HI, i, j0 + jj), taur[jj], sqr[jj], seedr[jj],
                                           sample, i, nlev, lbuf, ubuf)
-            dcnt[i, t] = _record_row(xrow, srow, orow, trow, drow, zq, cl, X[i, j0:j1],
-                                     Xb[i, j0:j1], djj[i, j0:j1], dval[i, j0:j1])
+            dcnt[i, 0] = _record_row(xrow, srow, orow, trow, drow, zq, cl, xs[i, :w],
+                                     xb[i, :w], djj[i, :w], dval[i, :w])
             rank1(T, RT[q], zq, bot, q, w)
         update_below(T, RT, zb, top, bot, w)
         top = bot
     for jj in range(w):
-        cost[j0 + jj] += cl[jj]
-
-
-@njit(cache=True, parallel=True)
-def _sample_panel(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
-                  sample, tau, sqrt_tau, seeds, nlev):
-    k = Y.shape[1]
-    for t in prange((k + width - 1) // width):
-        tt = np.int64(t)
-        j0 = tt * width
-        _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, tt, j0,
-                     min(k, j0 + width), dcnt, djj, dval, sample, tau, sqrt_tau, seeds, nlev)
+        cost[jj] += cl[jj]
 
 
 @njit(cache=True)
-def _sample_panel_one(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, dcnt, djj, dval, width,
-                      sample, tau, sqrt_tau, seeds, nlev):
-    """``_sample_panel`` for a single tile, without a parallel launch."""
-    _sample_tile(Y, Gb, has_g, RT, RS, a, S, Sg, O, Og, LO, HI, Xb, X, cost, 0, 0, Y.shape[1], dcnt,
-                 djj, dval, sample, tau, sqrt_tau, seeds, nlev)
+def _tile_samples(Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, X, cost, improved, t, width,
+                  n_samples, tau, sqrt_tau, seeds, XB, XS, DCNT, DJJ, DVAL, TB, CTB, ZB, tid):
+    """Every sampled sweep of tile ``t`` (RHS ``[t width, (t + 1) width)``), each followed
+    by the selection: where a sample's cost is below ``cost`` (strictly), its column
+    replaces ``X``'s and its cost ``cost``'s (samples in order, as a serial loop would).
+
+    ``X`` holds the Babai codes on entry (copied to the thread's scratch ``XB[tid]``, the
+    reference of the difference lists); ``XS``, ``DCNT``, ``DJJ``, ``DVAL``, ``TB``,
+    ``CTB``, ``ZB`` are per-thread scratch (row ``tid``). Panel ``p`` is levels
+    ``[pa[p], pe[p])``; its block ``R[a:e, a:].T`` sits in ``RP[poff[p]:]``.
+    """
+    n, k = Y.shape
+    j0 = t * width
+    j1 = min(k, j0 + width)
+    w = j1 - j0
+    xb = XB[tid]
+    xs = XS[tid]
+    dcnt = DCNT[tid]
+    djj = DJJ[tid]
+    dval = DVAL[tid]
+    for i in range(n):
+        for jj in range(w):
+            xb[i, jj] = X[i, j0 + jj]
+    taur = tau[j0:j1]
+    sqr = sqrt_tau[j0:j1]
+    seedr = seeds[j0:j1]
+    cs = np.empty(w)
+    cols = np.empty(w, dtype=np.int64)
+    for s in range(n_samples):
+        cs[:] = 0.0
+        for p in range(pa.shape[0]):
+            a = pa[p]
+            m = pe[p] - a
+            blk = RP[poff[p]:poff[p] + (n - a) * m].reshape((n - a, m))
+            _sample_tile(Y, Yg, s == 0, blk[:m], blk[m:], a, S, Sg, O, Og, LO, HI, xb, xs, cs,
+                         j0, w, dcnt, djj, dval, s, taur, sqr, seedr, n, TB[tid], CTB[tid], ZB[tid])
+        nc = 0
+        for jj in range(w):
+            if cs[jj] < cost[j0 + jj]:
+                cost[j0 + jj] = cs[jj]
+                improved[j0 + jj] = True
+                cols[nc] = jj
+                nc += 1
+        if nc > 0:
+            for i in range(n):
+                for c in range(nc):
+                    X[i, j0 + cols[c]] = xs[i, cols[c]]
 
 
 @njit(cache=True, parallel=True)
-def _keep_better(xbest, cbest, xs, cs, improved):
-    """Where ``cs < cbest`` (strictly), take the sample's column and cost.
+def _samples(Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, X, cost, improved, width,
+             n_samples, tau, sqrt_tau, seeds, XB, XS, DCNT, DJJ, DVAL, TB, CTB, ZB):
+    k = Y.shape[1]
+    for t in prange((k + width - 1) // width):
+        _tile_samples(Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, X, cost, improved,
+                      np.int64(t), width, n_samples, tau, sqrt_tau, seeds, XB, XS, DCNT, DJJ,
+                      DVAL, TB, CTB, ZB, numba.get_thread_id())
 
-    The improved columns are listed first (serially, in column order); the copy then
-    runs over rows in parallel, touching only those columns (after the first samples
-    few columns improve, so most of the former full ``n x k`` scan was wasted).
-    """
-    n, k = xbest.shape
-    cols = np.empty(k, dtype=np.int64)
-    nc = 0
-    for j in range(k):
-        if cs[j] < cbest[j]:
-            cbest[j] = cs[j]
-            improved[j] = True
-            cols[nc] = j
-            nc += 1
-    if nc == 0:
-        return
-    for i in prange(n):
-        for c in range(nc):
-            j = cols[c]
-            xbest[i, j] = xs[i, j]
+
+@njit(cache=True, nogil=True)
+def _samples_one(Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, X, cost, improved, width,
+                 n_samples, tau, sqrt_tau, seeds, XB, XS, DCNT, DJJ, DVAL, TB, CTB, ZB):
+    """``_samples`` in the calling thread (the tiles one after another), without the GIL."""
+    k = Y.shape[1]
+    for t in range((k + width - 1) // width):
+        _tile_samples(Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, X, cost, improved, t,
+                      width, n_samples, tau, sqrt_tau, seeds, XB, XS, DCNT, DJJ, DVAL, TB, CTB,
+                      ZB, 0)
 
 
 def _sample_width(k):
     """Tile width of the sampled sweeps: wide, but at least ~4 tasks per 2 threads."""
     w = SAMPLE_TILE
+    while w > TILE and (k + w - 1) // w < 8:
+        w //= 2
+    return w
+
+
+def _babai_width(k):
+    """Tile width of Klein's Babai sweep: :data:`BABAI_TILE`, halved down to ``TILE``
+    while there would be fewer than 8 tasks."""
+    w = BABAI_TILE
     while w > TILE and (k + w - 1) // w < 8:
         w //= 2
     return w
@@ -479,6 +549,48 @@ def klein_panel(block_size):
     return block_size * max(1, -(-MIN_PANEL // block_size))
 
 
+#: Rows of ``R.T`` per task of :func:`_pack` (blocks of ``_PACK_ROWS x 32`` are transposed
+#: through the cache).
+_PACK_ROWS = 64
+
+
+@njit(cache=True, parallel=True)
+def _pack(R, RP, poff, pa, pe, tp, tq):
+    """``RP[poff[p]:].reshape(n - a, m)[q, l] = R[a + l, a + q]`` for the row blocks
+    ``q in [tq[i], tq[i] + _PACK_ROWS)`` of panel ``tp[i]``, one task each."""
+    n = R.shape[0]
+    for i in prange(tp.shape[0]):
+        p = tp[i]
+        a = pa[p]
+        m = pe[p] - a
+        blk = RP[poff[p]:poff[p] + (n - a) * m].reshape((n - a, m))
+        q0 = tq[i]
+        q1 = min(n - a, q0 + _PACK_ROWS)
+        for l0 in range(0, m, 32):
+            l1 = min(m, l0 + 32)
+            for q in range(q0, q1):
+                for l in range(l0, l1):
+                    blk[q, l] = R[a + l, a + q]
+
+
+def _packed_panels(R, bounds):
+    """``R[a:e, a:].T`` of every panel, C-contiguous, one after another in one read-only
+    buffer, and their offsets: rows ``[0, m)`` of a block are the panel's transposed
+    diagonal block (the in-panel sweep), rows ``[m, n - a)`` the columns of ``R`` below
+    it that the corrections read. Copied in parallel blocks (:func:`_pack`); a plain copy."""
+    n = R.shape[0]
+    sizes = [(n - a) * (e - a) for a, e in bounds]
+    poff = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    RP = np.empty(int(sum(sizes)))
+    pa = np.array([a for a, _ in bounds], dtype=np.int64)
+    pe = np.array([e for _, e in bounds], dtype=np.int64)
+    tasks = [(p, q0) for p, (a, _) in enumerate(bounds) for q0 in range(0, n - a, _PACK_ROWS)]
+    tp = np.array([t[0] for t in tasks], dtype=np.int64)
+    tq = np.array([t[1] for t in tasks], dtype=np.int64)
+    _pack(readonly(np.ascontiguousarray(R)), RP, poff, pa, pe, tp, tq)
+    return readonly(RP), readonly(poff)
+
+
 def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
     """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``).
 
@@ -486,9 +598,15 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
     multiple of at least :data:`MIN_PANEL`); like the numba Babai, the panels change
     the result only through rounding.
 
-    ``timings``, a dict, receives seconds per phase: ``babai`` (the Babai sweep keeping
-    every panel's product), ``convert`` (transposed panel copies of ``R``), ``samples``
-    (the sampled sweeps), ``select`` (keeping the better point per RHS).
+    The sampled sweeps run in one parallel launch over tiles of right-hand sides: a task
+    takes its tile through every sample and panel, and keeps the better point per RHS
+    after each sample (in sample order), with per-thread scratch for the tile's codes and
+    difference lists.
+
+    ``timings``, a dict, receives seconds per phase: ``convert`` (the transposed panel
+    blocks of ``R``, shared by the Babai sweep and the samples), ``babai`` (the Babai
+    sweep keeping every panel's product), ``samples`` (the sampled sweeps and the
+    selection).
     """
     clock = Clock(timings)
     n, k = can.Y.shape
@@ -497,14 +615,18 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
     improved = np.zeros(k, dtype=bool)
     if n_samples == 0:
         whole_sweep(can, xb, cost_b, np.dtype(np.float64))
+        clock.lap("babai")
     else:
-        Gb = np.empty((n, k))
-        sweep(can, klein_panel(block_size), xb, np.empty((n, k)), cost_b, G_out=Gb)
-    x, cost = xb, cost_b
-    clock.lap("babai")
-    if n_samples > 0:
-        x, cost = xb.copy(), cost_b.copy()
-        R = can.R
+        panel = klein_panel(block_size)
+        bounds = panels(n, panel)
+        RP, poff = _packed_panels(can.R, bounds)
+        RTs = [RP[off:off + (n - a) * (e - a)].reshape(n - a, e - a)[: e - a]
+               for (a, e), off in zip(bounds, poff)]
+        clock.lap("convert")
+        Yg = np.empty((n, k))
+        sweep(can, panel, xb, np.empty((n, k)), cost_b, G_out=Yg, RTs=RTs,
+              width=_babai_width(k))
+        clock.lap("babai")
         Y = readonly(can.Y)
         S, Sg, O, Og, LO, HI = grids(can)
         tau = np.ascontiguousarray(tau, dtype=np.float64)
@@ -512,28 +634,29 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
         tau_r = readonly(tau)
         seeds = readonly(np.ascontiguousarray(seeds, dtype=np.uint64))
         width = _sample_width(k)
-        panel_fn = _sample_panel if k > width else _sample_panel_one
         ntiles = (k + width - 1) // width
-        bounds = panels(n, klein_panel(block_size))
-        RTs = [readonly(np.ascontiguousarray(R[a:e, a:e].T)) for a, e in bounds]
-        RSs = [readonly(np.ascontiguousarray(R[a:e, e:].T)) for a, e in bounds]
-        Gb = readonly(Gb)
-        xb = readonly(xb)
-        xs = np.empty((n, k), dtype=np.int64)
-        cs = np.empty(k)
-        dcnt = np.zeros((n, ntiles), dtype=np.int32)
-        djj = np.empty((n, k), dtype=np.int32)
-        dval = np.empty((n, k))
-        clock.lap("convert")
+        parallel = ntiles > 1 and numba.get_num_threads() > 1
+        nthr = numba.get_num_threads() if parallel else 1
+        pa = readonly(np.array([a for a, _ in bounds], dtype=np.int64))
+        pe = readonly(np.array([e for _, e in bounds], dtype=np.int64))
+        pad = ALIGN // 8
+        scratch = (np.empty((nthr, n, width), dtype=np.int64),  # Babai codes of the tile
+                   np.empty((nthr, n, width), dtype=np.int64),  # sample codes
+                   np.zeros((nthr, n, 1), dtype=np.int32),  # differences per level
+                   np.empty((nthr, n, width), dtype=np.int32),  # their columns
+                   np.empty((nthr, n, width)),  # their scaled values
+                   np.empty((nthr, panel * width + pad)),  # target tile
+                   np.empty((nthr, width * (panel + CT_PAD) + pad)),  # corrections
+                   np.empty((nthr, STEP * width + pad)))  # a step's points
+        args = (Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, xb, cost_b, improved, width,
+                n_samples, tau_r, sqrt_t, seeds, *scratch)
         with np.errstate(over="ignore"):  # uint64 hashing wraps (NUMBA_DISABLE_JIT)
-            for s in range(n_samples):
-                cs[:] = 0.0
-                for (a, e), RT, RS in zip(bounds, RTs, RSs):
-                    panel_fn(Y, Gb[a:e], e < n, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cs,
-                             dcnt, djj, dval, width, s, tau_r, sqrt_t, seeds, n)
-                clock.lap("samples")
-                _keep_better(x, cost, xs, cs, improved)
-                clock.lap("select")
+            if parallel:
+                with numba.parallel_chunksize(1):  # dynamic: tiles' work differs
+                    _samples(*args)
+            else:
+                _samples_one(*args)
+        clock.lap("samples")
     status = np.full(k, Status.HEURISTIC, dtype=np.int8)
-    return x, cost, status, {"n_samples": n_samples, "tau": tau, "improved": improved,
-                             "block_size": block_size}
+    return xb, cost_b, status, {"n_samples": n_samples, "tau": tau, "improved": improved,
+                                "block_size": block_size}

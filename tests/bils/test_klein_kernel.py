@@ -47,11 +47,13 @@ def _corrections_loop(CT, RS, e, nlev, t, j0, dcnt, djj, dval):
             CT[jj] = CT[jj] + RS[lv - e] * dv
 
 
+@pytest.mark.parametrize("pad", [0, nbk.CT_PAD])
 @pytest.mark.parametrize("m, nlev_above, w, p_diff", [(5, 0, 3, 0.5), (16, 70, 9, 0.15),
                                                      (33, 200, 40, 0.6), (8, 130, 64, 1.0)])
-def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff):
+def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff, pad):
     """Bitwise: every element gets its products in ascending level order (blocks of
-    CORR_LEVELS levels, 4/2/1 differences per pass, columns with 0 to many differences)."""
+    CORR_LEVELS levels, 4/2/1 differences per pass, columns with 0 to many differences);
+    with padded rows (``pad``) only the first ``m`` elements of a row are touched."""
     rng = np.random.default_rng(m + nlev_above + w)
     e = 10 + m  # the panel [10, e) sits below the levels [e, nlev)
     nlev = e + nlev_above
@@ -66,11 +68,13 @@ def test_corrections_equal_the_plain_loop(m, nlev_above, w, p_diff):
         dcnt[lv, t] = len(cols)
         djj[lv, j0:j0 + len(cols)] = cols
         dval[lv, j0:j0 + len(cols)] = rng.normal(0, 3, len(cols)) * 10.0 ** rng.integers(-8, 8, len(cols))
-    CT = np.zeros((w, m))
+    CT = np.zeros((w, m + pad))
+    CT[:, m:] = np.nan
     ref = np.zeros((w, m))
     nbk._corrections(CT, RS, e, nlev, t, j0, dcnt, djj, dval)
     _corrections_loop(ref, RS, e, nlev, t, j0, dcnt, djj, dval)
-    np.testing.assert_array_equal(CT, ref)
+    np.testing.assert_array_equal(CT[:, :m], ref)
+    assert np.isnan(CT[:, m:]).all()
 
 
 def test_wide_tiles_equal_narrow_tiles_and_the_reference(monkeypatch):
@@ -96,3 +100,78 @@ def test_wide_tiles_equal_narrow_tiles_and_the_reference(monkeypatch):
     assert np.mean(ref.x == wide.x) >= 0.999
     np.testing.assert_allclose(wide.cost, ref.cost, rtol=1e-9)
     assert wide.info["improved"].any()
+
+
+def test_packed_panels_are_the_transposed_blocks():
+    """Panel ``p``'s block in the packed buffer is ``R[a:e, a:].T`` (ragged last panel too)."""
+    from bils._numba.babai import panels
+
+    rng = np.random.default_rng(2)
+    n = 37
+    R = np.triu(rng.normal(0, 1, (n, n)))
+    bounds = panels(n, 16)
+    RP, poff = nbk._packed_panels(R, bounds)
+    assert not RP.flags.writeable
+    for (a, e), off in zip(bounds, poff):
+        blk = RP[off:off + (n - a) * (e - a)].reshape(n - a, e - a)
+        np.testing.assert_array_equal(blk, R[a:e, a:].T)
+    assert RP.size == poff[-1] + n * (bounds[-1][1] - bounds[-1][0])
+
+
+def test_babai_sweep_with_shared_blocks_and_wide_tiles_is_unchanged():
+    """``sweep(RTs=, width=)`` (Klein's Babai sweep) equals the sweep that makes its own
+    transposed blocks with the default tile width: codes, points, costs and kept products."""
+    import bils
+    from bils._numba.babai import panels, sweep
+
+    rng = np.random.default_rng(3)
+    n, k = 45, 300
+    R = np.triu(rng.normal(0, 0.4, (n, n)), 1) + np.diag(rng.uniform(0.6, 2.0, n))
+    Y = R @ rng.uniform(-1, 8, (n, k))
+    can = bils.BILSProblem.from_triangular(R, Y, 0, 7).canonical()
+    bounds = panels(n, 16)
+    RP, poff = nbk._packed_panels(can.R, bounds)
+    RTs = [RP[off:off + (n - a) * (e - a)].reshape(n - a, e - a)[: e - a]
+           for (a, e), off in zip(bounds, poff)]
+    outs = []
+    for kw in ({}, {"RTs": RTs, "width": 128}, {"RTs": RTs, "width": 7}):
+        x, Z, c, G = np.empty((n, k), dtype=np.int64), np.empty((n, k)), np.empty(k), np.empty((n, k))
+        sweep(can, 16, x, Z, c, G_out=G, **kw)
+        outs.append((x, Z, c, G))
+    for other in outs[1:]:
+        for u, v in zip(outs[0], other):
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("bounds", ["scalar", "per_level"])
+def test_one_launch_over_tiles_equals_the_serial_tiles(monkeypatch, bounds):
+    """The sampled sweeps in one parallel launch (dynamic tiles, per-thread scratch, the
+    selection fused per tile) equal the serial loop over tiles bit for bit, on many
+    tiles (a ragged last one) and panels (a ragged last one); and the numpy reference."""
+    import bils
+
+    rng = np.random.default_rng(11)
+    n, k = 50, 700
+    R = np.triu(rng.normal(0, 0.4, (n, n)), 1) + np.diag(rng.uniform(0.4, 2.0, n))
+    S = rng.uniform(0.3, 1.5, (n, 1))
+    Y = R @ (S * rng.uniform(-1, 8, (n, k))) + rng.normal(0, 0.3, (n, k))
+    lo, hi = (0, 7) if bounds == "scalar" else (rng.integers(-2, 1, (n, 1)), rng.integers(3, 9, (1, k)))
+    monkeypatch.setattr(nbk, "MIN_PANEL", 16)
+    kw = dict(scale=S, n_samples=5, tau=0.7, rng=4, block_size=16)
+    assert (k + nbk._sample_width(k) - 1) // nbk._sample_width(k) >= 8
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        par = bils.klein(R, Y, lo, hi, backend="numba", **kw)
+        numba.set_num_threads(1)
+        one = bils.klein(R, Y, lo, hi, backend="numba", **kw)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(par.x, one.x)
+    np.testing.assert_array_equal(par.cost, one.cost)
+    np.testing.assert_array_equal(par.info["improved"], one.info["improved"])
+    assert par.info["improved"].any() and not par.info["improved"].all()
+    ref = bils.klein(R, Y, lo, hi, backend="numpy", **kw)
+    assert np.mean(ref.x == par.x) >= 0.999
+    np.testing.assert_allclose(par.cost, ref.cost, rtol=1e-9)
+    np.testing.assert_array_equal(par.info["improved"], ref.info["improved"])
