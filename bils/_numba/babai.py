@@ -229,7 +229,7 @@ def panels(n, block_size):
     return [(max(0, e - block_size), e) for e in range(n, 0, -block_size)]
 
 
-def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, timings=None):
+def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, products=None, timings=None):
     """One left-looking nearest-plane (Babai) sweep in panels of ``panel`` levels.
 
     Fills ``X`` (n, k) int64, ``Z = S * X + O`` (n, k) and ``cost`` (k,, float64) in place.
@@ -244,6 +244,8 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, timings=N
     transposed diagonal blocks ``R[a:e, a:e].T`` (C-contiguous, read-only) when the caller
     has them already (Klein shares them with its sampled sweeps). ``width``: right-hand
     sides per in-panel task (default :func:`tile_width`); it does not change the result.
+    ``products``, a :class:`~bils._numba._blas.Products` inside its ``with`` block, runs
+    the panels' products (no spinning OpenBLAS pool beside the in-panel kernels).
     """
     clock = Clock(timings)
     R = can.R
@@ -267,7 +269,10 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, timings=N
             np.copyto(Rp, R[a:e, a:])
         clock.lap("convert")
         if has_g:
-            np.matmul(Rp[:, e - a:], Z[e:], out=Gp)
+            if products is None:
+                np.matmul(Rp[:, e - a:], Z[e:], out=Gp)
+            else:
+                products.matmul(Rp[:, e - a:], Z[e:], Gp)
         elif G_out is not None:
             Gp[...] = 0.0
         clock.lap("product")

@@ -15,7 +15,7 @@ found by walking both parent chains up to their common ancestor (beam members sh
 prefixes, so the walk and the correction are short). Each RHS is handled by one thread
 with its own scratch (``prange`` over RHS): no shared mutable state, and results do not
 depend on the thread count. The products run with OpenBLAS held at one thread, in fixed
-column blocks over Python threads (:class:`_Products`): no OpenBLAS worker spins beside
+column blocks over Python threads (:class:`~bils._numba._blas.Products`): no OpenBLAS worker spins beside
 the numba threads after a product.
 
 Steps. Inside a panel, levels are decided in steps of 16
@@ -43,16 +43,12 @@ per level for K = 8 on a 3-bit box).
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
 from numba import njit, prange
 
 from ..result import Status
+from ._blas import Products as _Products
 from ._common import Clock, at, box_round, gat, grids, readonly
 from ._tiles import STEP
 
@@ -68,111 +64,6 @@ _PATH_BYTES = 1 << 29
 _I16 = np.iinfo(np.int16)
 #: Right-hand sides per scheduling chunk of a panel (dynamic scheduling).
 _CHUNK = 16
-#: Columns per block of the panels' products (:class:`_Products`): fixed, so that the
-#: products' rounding does not depend on the thread count.
-_PRODUCT_COLS = 256
-
-
-@functools.lru_cache(maxsize=1)
-def _openblas_thread_apis():
-    """``(get, set)`` thread-count functions of every OpenBLAS loaded in this process.
-
-    Found through ``/proc/self/maps`` (numpy's wheel bundles ``libscipy_openblas64_``;
-    a system numpy links ``libopenblas``); empty where there is none or no ``/proc``.
-    """
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ".so" in ln})
-    except OSError:
-        return ()
-    names = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-             ("openblas_get_num_threads", "openblas_set_num_threads"))
-    apis = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for gname, sname in names:
-            get, set_ = getattr(lib, gname, None), getattr(lib, sname, None)
-            if get is not None and set_ is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                apis.append((get, set_))
-                break
-    return tuple(apis)
-
-
-class _Products:
-    """The panels' BLAS products without OpenBLAS's worker pool.
-
-    After a multi-threaded OpenBLAS call its workers spin (about 2^28 cycles) before they
-    sleep, on the cores where the next panel's numba threads run: on 2 cores that cost
-    K-best ~25 % more CPU time (4096 x 2048, 3-bit, K = 8: 5.1-5.6 against 4.0-4.4 CPU s
-    with OpenBLAS held at one thread). Inside the ``with`` block OpenBLAS runs in its
-    callers' threads (its thread count is restored on exit), and a product is computed in
-    blocks of :data:`_PRODUCT_COLS` columns spread over ``threads`` Python threads (numpy
-    releases the GIL): a parallel product, with no spinning pool after it. The blocks do
-    not depend on the thread count, so neither do the results (OpenBLAS's single-threaded
-    kernels for small shapes round differently from its threaded ones: within 1e-13 here).
-    """
-
-    def __init__(self, threads):
-        self.threads = max(1, int(threads))
-        self.apis = _openblas_thread_apis()
-        self.pool = None
-
-    #: Calls inside a ``with`` block now (any thread) and OpenBLAS's thread counts before
-    #: the first of them: the last one out restores them (concurrent calls, e.g. from
-    #: dask's threads, must not restore each other's 1).
-    _lock = threading.Lock()
-    _active = 0
-    _saved = []
-
-    def __enter__(self):
-        with _Products._lock:
-            if _Products._active == 0:
-                _Products._saved = [(set_, get()) for get, set_ in self.apis]
-                for set_, _ in _Products._saved:
-                    set_(1)
-            _Products._active += 1
-        if self.apis and self.threads > 1:  # (no OpenBLAS found: its own threads, if any)
-            self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="bils-kbest")
-        return self
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
-        with _Products._lock:
-            _Products._active -= 1
-            if _Products._active == 0:
-                for set_, n in _Products._saved:
-                    set_(n)
-                _Products._saved = []
-
-    def matmul(self, A, B, out):
-        """``out[:] = A @ B`` in column blocks of :data:`_PRODUCT_COLS`, over the threads."""
-        w = B.shape[1]
-        cuts = list(range(0, w, _PRODUCT_COLS)) + [w]
-        blocks = list(zip(cuts[:-1], cuts[1:]))
-        if self.pool is None or len(blocks) == 1:
-            for c0, c1 in blocks:
-                np.matmul(A, B[:, c0:c1], out=out[:, c0:c1])
-            return
-        nt = min(self.threads, len(blocks))
-
-        def part(t):  # thread t: blocks t, t + nt, ...
-            for c0, c1 in blocks[t::nt]:
-                np.matmul(A, B[:, c0:c1], out=out[:, c0:c1])
-
-        futs = [self.pool.submit(part, t) for t in range(1, nt)]
-        part(0)
-        for f in futs:
-            f.result()
-
-
 @njit(cache=True, inline="always")
 def _lower_first(c, dn, up, mm):
     """Whether candidate ``dn < mm`` precedes ``up >= mm`` in the children's order."""

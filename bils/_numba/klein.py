@@ -38,6 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
+from ._blas import Products
 from ._common import ALIGN, TILE, Clock, at, box_round, grids, readonly, uniform
 from ._tiles import STEP, bound_row, level_rows, rank1, update_below
 from .babai import panels, sweep, whole_sweep
@@ -59,6 +60,12 @@ _NBUF = 32
 #: The corrections of a sample cost the same for any panel size (a sum over the levels
 #: below each panel where the sample left the Babai point), the in-panel sweep grows with it.
 MIN_PANEL = 1024
+#: Columns per block of the Babai sweep's panel products (:class:`~bils._numba._blas.Products`:
+#: OpenBLAS held at one thread, blocks over Python threads, so no spinning OpenBLAS pool
+#: runs beside the in-panel kernels and the samples; 35-50 ms of CPU after each product
+#: before). A (1024 x 3072) @ (3072 x 4096) product: 0.220 s wall with blocks of 256
+#: columns, 0.204 with 512, 0.195 with 1024 or threaded OpenBLAS; results bitwise equal.
+PRODUCT_COLS = 512
 #: Right-hand sides per parallel task of a sampled sweep (wide tiles: each task streams
 #: the panel's rows of ``R`` once, and each row of ``R`` and of ``zb`` loaded in the
 #: in-panel updates serves more right-hand sides). One sample on 4096 x 2048, one thread,
@@ -624,8 +631,9 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
                for (a, e), off in zip(bounds, poff)]
         clock.lap("convert")
         Yg = np.empty((n, k))
-        sweep(can, panel, xb, np.empty((n, k)), cost_b, G_out=Yg, RTs=RTs,
-              width=_babai_width(k))
+        with Products(numba.get_num_threads(), cols=PRODUCT_COLS) as prod:
+            sweep(can, panel, xb, np.empty((n, k)), cost_b, G_out=Yg, RTs=RTs,
+                  width=_babai_width(k), products=prod)
         clock.lap("babai")
         Y = readonly(can.Y)
         S, Sg, O, Og, LO, HI = grids(can)

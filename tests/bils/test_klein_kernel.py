@@ -120,7 +120,9 @@ def test_packed_panels_are_the_transposed_blocks():
 
 def test_babai_sweep_with_shared_blocks_and_wide_tiles_is_unchanged():
     """``sweep(RTs=, width=)`` (Klein's Babai sweep) equals the sweep that makes its own
-    transposed blocks with the default tile width: codes, points, costs and kept products."""
+    transposed blocks with the default tile width, and ``sweep(products=)`` (the products
+    in column blocks, OpenBLAS held at one thread) the threaded products: codes, points,
+    costs and kept products."""
     import bils
     from bils._numba.babai import panels, sweep
 
@@ -133,10 +135,16 @@ def test_babai_sweep_with_shared_blocks_and_wide_tiles_is_unchanged():
     RP, poff = nbk._packed_panels(can.R, bounds)
     RTs = [RP[off:off + (n - a) * (e - a)].reshape(n - a, e - a)[: e - a]
            for (a, e), off in zip(bounds, poff)]
+    from bils._numba._blas import Products
+
     outs = []
-    for kw in ({}, {"RTs": RTs, "width": 128}, {"RTs": RTs, "width": 7}):
+    for kw in ({}, {"RTs": RTs, "width": 128}, {"RTs": RTs, "width": 7}, {"products": 2}, {"products": 1}):
         x, Z, c, G = np.empty((n, k), dtype=np.int64), np.empty((n, k)), np.empty(k), np.empty((n, k))
-        sweep(can, 16, x, Z, c, G_out=G, **kw)
+        if "products" in kw:  # the panels' products in column blocks over 2 / 1 Python threads
+            with Products(kw["products"], cols=128) as prod:
+                sweep(can, 16, x, Z, c, G_out=G, products=prod)
+        else:
+            sweep(can, 16, x, Z, c, G_out=G, **kw)
         outs.append((x, Z, c, G))
     for other in outs[1:]:
         for u, v in zip(outs[0], other):

@@ -352,7 +352,8 @@ def test_kbest_products_split_over_threads(threads, w):
     blocks of ``_PRODUCT_COLS`` over Python threads) are bitwise the same for any thread
     count, into a column-sliced ``out`` too, and equal ``np.matmul`` to rounding; OpenBLAS's
     thread count is back to its value after the block, also on an exception."""
-    from bils._numba.kbest import _openblas_thread_apis, _Products
+    from bils._numba._blas import Products as _Products
+    from bils._numba._blas import openblas_thread_apis as _openblas_thread_apis
 
     rng = np.random.default_rng(w)
     A = rng.standard_normal((37, 300))
