@@ -429,6 +429,9 @@ def main(argv=None):
     ap.add_argument("--checkpoint-root", type=Path, default=None,
                     help="per-layer checkpoints under this folder (resume a killed run)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--save-quantized", type=Path, default=None, metavar="DIR",
+                    help="save each run's quantized layers (native format, float32 scales) under "
+                         "DIR/<run key>, e.g. to tune them later with --from-quantized")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     ap.add_argument("--no-doc", action="store_true")
@@ -483,6 +486,8 @@ def main(argv=None):
                                    progress=False, layer_specs=layer_specs)
         if layers is None:
             continue
+        if args.save_quantized is not None:
+            _save_layers(args.save_quantized, key, layers, spec, args.model)
         t1 = time.perf_counter()
         ppl = ppls()
         te = time.perf_counter() - t1
@@ -522,6 +527,21 @@ def _quantize_run(model, float_state, calib, spec, key, data, out, args, **kw):
                             batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
                             backend=args.backend, **kw)
     return layers, time.perf_counter() - t0
+
+
+def _run_dir(root: Path, key: str) -> Path:
+    """The folder of one run's saved layers under `root` (the run key, ``/`` and ``:`` as ``_``)."""
+    return root / key.replace("/", "_").replace(":", "_")
+
+
+def _save_layers(root: Path, key: str, layers, spec, model_name):
+    """Save one run's layers (float32 scales, lossless) atomically under ``root/<key>``."""
+    from llm_adapter.formats import save_quantized
+
+    path = save_quantized(_run_dir(root, key), layers, spec.to_dict(), {"source": model_name, "run": key},
+                          overwrite=True)
+    logger.info("saved the quantized layers of %s to %s", key, path)
+    return path
 
 
 def _print_table(data, args, markers):
