@@ -194,3 +194,20 @@ def test_spec_fields(field, value, match):
     with pytest.raises(ParameterError, match=match):
         QuantSpec(**{field: value})
     assert QuantSpec(tune_steps=5).tune_steps == 5
+
+
+def test_cli_quantize_with_tune_steps(tmp_path, capsys, tiny_dir, text_file):
+    from tests.llm_fixtures import run_cli
+
+    common = ["quantize", "--model", tiny_dir, "--method", "rtn", "--bits", "2", "--group-size", "32",
+              "--calib", text_file, "--calib-windows", "4", "--seqlen", "32", "--backend", "numpy"]
+    code, _, err = run_cli(capsys, *common, "--tune-steps", "4", "--tune-lr", "0.01", "--out", tmp_path / "q")
+    assert code == 0, err
+    layers, meta = load_quantized(tmp_path / "q")
+    assert meta["spec"]["tune_steps"] == 4 and meta["spec"]["tune_lr"] == 0.01
+    assert all(q.stats["tune"]["steps"] == 4 for q in layers.values())
+    assert all(np.array_equal(q.scales.astype(np.float16).astype(np.float32), q.scales) for q in layers.values())
+    code, _, err = run_cli(capsys, *common, "--tune-steps", "2", "--tune-norms", "--out", tmp_path / "q2")
+    assert code == 2 and "--tune-norms" in err and not (tmp_path / "q2").exists()
+    code, _, err = run_cli(capsys, *common, "--tune-steps", "-1", "--out", tmp_path / "q3")
+    assert code == 2 and "--tune-steps" in err
