@@ -316,7 +316,8 @@ def tune_scales(model, layers, windows, *, steps=200, lr=1e-3, norms=False, top_
         best = (kl0, 0, [t.detach().clone() for t in tuned])
         history = [{"step": 0, "train_kl": None, "holdout_kl": kl0, "seconds": time.perf_counter() - t0}]
         log("tune: step 0 held-out KL %.5f", kl0)
-        order, pos, since, run_kl, bad, step = [], 0, 0, [], 0, 0
+        order, pos, run_kl, bad, step = [], 0, [], 0, 0
+        t_steps = time.perf_counter()
         for step in range(1, steps + 1):
             if pos + batch_size > len(order):
                 order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
@@ -330,6 +331,9 @@ def tune_scales(model, layers, windows, *, steps=200, lr=1e-3, norms=False, top_
             loss.backward()
             opt.step()
             run_kl.append(loss.item())
+            if step % 10 == 0:
+                log("tune: step %d/%d train KL %.5f (last 10 steps), %.1f s a step so far", step, steps,
+                    np.mean(run_kl[-10:]), (time.perf_counter() - t_steps) / step)
             if step % eval_every == 0 or step == steps:
                 kl = holdout_kl()
                 history.append({"step": step, "train_kl": float(np.mean(run_kl)), "holdout_kl": kl,
