@@ -211,3 +211,42 @@ def test_cli_quantize_with_tune_steps(tmp_path, capsys, tiny_dir, text_file):
     assert code == 2 and "--tune-norms" in err and not (tmp_path / "q2").exists()
     code, _, err = run_cli(capsys, *common, "--tune-steps", "-1", "--out", tmp_path / "q3")
     assert code == 2 and "--tune-steps" in err
+
+
+def test_benchmark_from_quantized_and_table(quantized, tmp_path):
+    from types import SimpleNamespace
+
+    from tests.llm_adapter.test_quality_options import _llm_quality
+
+    lq = _llm_quality()
+    model, float_state, windows, layers = quantized
+    path = lq._save_layers(tmp_path / "saved", "shakespeare:w2g128/gptq/clip=mse", layers,
+                           QuantSpec(bits=2, group_size=32, method="gptq", clip="mse"), "tiny", quant_time_s=3.0)
+    args = SimpleNamespace(calib_corpus="shakespeare", seed=0, save_quantized=tmp_path / "tuned", model="tiny")
+    seen = []
+
+    def ppls():  # a stand-in evaluation: the first weight's mean, so before != after
+        seen.append(float(model.get_submodule("model.layers.0.mlp.up_proj").weight.detach().abs().mean()))
+        return {"shakespeare": 50.0 + seen[-1], "sotu": 30.0 + seen[-1]}
+
+    run = lq._tune_saved(path, model, float_state, windows, {"tune_steps": 10, "tune_lr": 0.01}, ppls, args)
+    assert run["key"] == "shakespeare:w2g128/gptq/clip=mse/tune_lr=0.01/tune_steps=10"
+    assert run["spec"]["clip"] == "mse" and run["spec"]["tune_steps"] == 10
+    assert run["base_quant_time_s"] == 3.0 and run["quant_time_s"] == pytest.approx(3.0 + run["tune_time_s"])
+    assert run["ppl_before_tune"]["shakespeare"] == 50.0 + seen[0] and len(seen) == 2
+    assert run["tune"]["holdout_kl"]["after"] < run["tune"]["holdout_kl"]["before"]
+    back, meta = load_quantized(lq._run_dir(tmp_path / "tuned", run["key"]))
+    assert meta["spec"]["tune_steps"] == 10 and meta["model"]["run"] == run["key"]
+    q = back["model.layers.0.mlp.up_proj"]
+    assert np.array_equal(q.scales, q.scales.astype(np.float16).astype(np.float32))
+    with pytest.raises(SystemExit, match="would change the codes"):
+        lq._tune_saved(path, model, float_state, windows, {"bits": 3}, ppls, args)
+    with pytest.raises(SystemExit, match="not of --calib-corpus"):
+        lq._tune_saved(path, model, float_state, windows, {}, ppls, SimpleNamespace(**{**vars(args),
+                                                                                     "calib_corpus": "mixed"}))
+    key = run["key"]
+    data = {"protocol": {"texts": ["shakespeare", "sotu"], "calib_windows": 32, "eval_windows": 8},
+            "float": {"shakespeare": 40.0, "sotu": 20.0}, "runs": {key: run}}
+    table = lq.markdown(data)
+    assert "Scale tuning" in table and f"| `{key}` |" in table and " → " in table
+    model.load_state_dict(float_state)
