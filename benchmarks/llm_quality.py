@@ -27,6 +27,9 @@ ratio to gptq per text and the issue's targets, in ``docs/results.md`` between m
 after the results file. ``--set KEY=VALUE`` overrides spec fields (a variant run),
 ``--budget B --high CONFIG`` quantizes with mixed precision at ``B`` bits per weight.
 ``--plays-only`` keeps the original single-text protocol (``llm_quality.json``).
+``--save-quantized DIR`` keeps each run's layers; ``--from-quantized DIR`` loads them and tunes
+their scales (``--set tune_steps=N [tune_lr=…]``, :mod:`llm_adapter.calibration.tuning`) instead
+of quantizing again, recording the perplexities before and after.
 
 Usage::
 
@@ -34,6 +37,8 @@ Usage::
     python benchmarks/llm_quality.py --runs w3g128/ojbkq --set refine=true clip=mse
     python benchmarks/llm_quality.py --runs w2g128/ojbkq --budget 2.25 --high w3g128
     python benchmarks/llm_quality.py --calib-corpus mixed --runs w3g128/gptq w3g128/ojbkq
+    python benchmarks/llm_quality.py --runs w3g128/regcal --save-quantized runs/   # then tune the saved layers:
+    python benchmarks/llm_quality.py --from-quantized runs/shakespeare_w3g128_regcal --set tune_steps=150
     python benchmarks/llm_quality.py --plays-only --configs w3g128 w3pc --methods rtn gptq ojbkq regcal
 """
 
@@ -354,6 +359,21 @@ def markdown_ood(data: dict) -> str:
                               f"at {CONFIG_LABELS.get(r['mixed']['high'], r['mixed']['high'])} "
                               f"({100 * r['mixed']['high_fraction']:.1f} % of the weights)"
                               for key, r in mixed) + "."]
+    tuned = [(key, r) for key, r in runs.items() if r.get("ppl_before_tune")]
+    if tuned:
+        lines += ["", "Scale tuning (`--from-quantized`, `llm_adapter.calibration.tuning.tune_scales`: group scales "
+                  "distilled to the float model's next-token distributions, codes fixed): perplexity before → "
+                  "after tuning, held-out KL (a slice of the calibration windows) before → after, steps kept / "
+                  "taken, tuning time (the table's time adds the base run's quantization when it was saved "
+                  "with it).", "",
+                  "| run | " + " | ".join(TEXT_LABELS.get(t, t) for t in texts)
+                  + " | held-out KL | steps | tuning (s) |", "|---|" + "---|" * (len(texts) + 3)]
+        for key, r in tuned:
+            tune = r["tune"]
+            cells = [f"{_fmt(r['ppl_before_tune'][t])} → {_fmt(r['ppl'][t])}" for t in texts]
+            lines.append(f"| `{key}` | " + " | ".join(cells)
+                         + f" | {tune['holdout_kl']['before']:.4f} → {tune['holdout_kl']['after']:.4f}"
+                         + f" | {tune['best_step']} / {tune['steps']} | {r['tune_time_s']:.0f} |")
     return "\n".join(lines + ["", *ood_target_lines(data)]) + "\n"
 
 
@@ -429,6 +449,14 @@ def main(argv=None):
     ap.add_argument("--checkpoint-root", type=Path, default=None,
                     help="per-layer checkpoints under this folder (resume a killed run)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--save-quantized", type=Path, default=None, metavar="DIR",
+                    help="save each run's quantized layers (native format, float32 scales) under "
+                         "DIR/<run key>, e.g. to tune them later with --from-quantized")
+    ap.add_argument("--from-quantized", type=Path, nargs="+", default=None, metavar="DIR",
+                    help="instead of quantizing, load saved layers (--save-quantized) and apply the --set "
+                         "overrides that act after the codes (tune_steps, tune_lr, tune_norms): the run key is "
+                         "the saved run's plus those overrides, and the run records the perplexities before "
+                         "tuning too")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     ap.add_argument("--no-doc", action="store_true")
@@ -467,6 +495,11 @@ def main(argv=None):
     logger.info("float perplexity %s", data["float"])
 
     overrides = _parse_set(args.set)
+    if args.from_quantized:
+        for path in args.from_quantized:
+            run = _tune_saved(path, model, float_state, calib, overrides, ppls, args)
+            data = _merge_run(out, protocol, data["float"], run.pop("key"), run)
+        return _print_table(data, args, _markers(out))
     pairs = _pairs(args, ap)
     for cfg, meth in pairs:
         spec = make_spec(cfg, meth, overrides)
@@ -483,6 +516,8 @@ def main(argv=None):
                                    progress=False, layer_specs=layer_specs)
         if layers is None:
             continue
+        if args.save_quantized is not None:
+            _save_layers(args.save_quantized, key, layers, spec, args.model, quant_time_s=tq)
         t1 = time.perf_counter()
         ppl = ppls()
         te = time.perf_counter() - t1
@@ -522,6 +557,79 @@ def _quantize_run(model, float_state, calib, spec, key, data, out, args, **kw):
                             batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
                             backend=args.backend, **kw)
     return layers, time.perf_counter() - t0
+
+
+#: --set keys that act after the codes are fixed (allowed with --from-quantized).
+AFTER_CODES = ("tune_steps", "tune_lr", "tune_norms")
+
+
+def _tune_saved(path, model, float_state, calib, overrides, ppls, args) -> dict:
+    """One ``--from-quantized`` run: load the saved layers of a run, measure them, tune their
+    scales (``tune_*`` overrides) from the float model and measure again; the run's record
+    (with ``"key"``)."""
+    import dataclasses
+
+    from llm_adapter.calibration.blocks import set_linear_weight
+    from llm_adapter.calibration.tuning import tune_scales
+    from llm_adapter.formats import load_quantized
+
+    bad = sorted(set(overrides) - set(AFTER_CODES))
+    if bad:
+        raise SystemExit(f"--from-quantized: --set {bad} would change the codes; only {list(AFTER_CODES)} apply")
+    layers, meta = load_quantized(path)
+    base_key = meta.get("model", {}).get("run")
+    if base_key is None or not base_key.startswith(f"{args.calib_corpus}:"):
+        raise SystemExit(f"--from-quantized {path}: saved run {base_key!r} is not of --calib-corpus "
+                         f"{args.calib_corpus} (save it with --save-quantized)")
+    head, meth, *rest = base_key.split("/")
+    cfg = head.split(":", 1)[1]
+    key = f"{head}/{meth}" + "".join("/" + x for x in sorted(rest + [f"{k}={v}" for k, v in overrides.items()]))
+    spec = dataclasses.replace(QuantSpec.from_dict(meta["spec"]), **overrides)
+    model.load_state_dict(float_state)
+    for name, q in layers.items():
+        set_linear_weight(model.get_submodule(name), torch.from_numpy(q.dequantize()))
+    before = ppls()
+    logger.info("=== %s: from %s; before tuning %s", key, path, {t: round(v, 2) for t, v in before.items()})
+    model.load_state_dict(float_state)
+    t0 = time.perf_counter()
+    res = tune_scales(model, layers, calib, steps=spec.tune_steps, lr=spec.tune_lr, norms=spec.tune_norms,
+                      seed=args.seed)
+    tt = time.perf_counter() - t0
+    if args.save_quantized is not None:
+        _save_layers(args.save_quantized, key, res.layers, spec, args.model, quant_time_s=None)
+    t1 = time.perf_counter()
+    ppl = ppls()
+    te = time.perf_counter() - t1
+    base_t = meta.get("model", {}).get("quant_time_s")
+    logger.info("%s: ppl %s (before %s)  tuning %.0f s", key, {t: round(v, 2) for t, v in ppl.items()},
+                {t: round(v, 2) for t, v in before.items()}, tt)
+    return {
+        "key": key, "calib": args.calib_corpus, "config": cfg, "method": meth,
+        "overrides": {**{x.split("=", 1)[0]: x.split("=", 1)[1] for x in rest}, **overrides},
+        "spec": spec.to_dict(), "ppl": ppl, "ppl_before_tune": before,
+        "bits_per_weight": bits_per_weight(res.layers),
+        "quant_time_s": tt + (base_t or 0.0), "base_quant_time_s": base_t, "tune_time_s": tt,
+        "tune": {"holdout_kl": res.holdout_kl, "best_step": res.best_step, "steps": res.steps,
+                 "history": res.history},
+        "from_quantized": str(path), "eval_time_s": te, "n_layers": len(layers),
+        "command": " ".join(sys.argv),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _run_dir(root: Path, key: str) -> Path:
+    """The folder of one run's saved layers under `root` (the run key, ``/`` and ``:`` as ``_``)."""
+    return root / key.replace("/", "_").replace(":", "_")
+
+
+def _save_layers(root: Path, key: str, layers, spec, model_name, quant_time_s=None):
+    """Save one run's layers (float32 scales, lossless) atomically under ``root/<key>``."""
+    from llm_adapter.formats import save_quantized
+
+    info = {"source": model_name, "run": key, "quant_time_s": quant_time_s}
+    path = save_quantized(_run_dir(root, key), layers, spec.to_dict(), info, overwrite=True)
+    logger.info("saved the quantized layers of %s to %s", key, path)
+    return path
 
 
 def _print_table(data, args, markers):

@@ -170,6 +170,9 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
         Calibration token windows (:func:`llm_adapter.data.calibration_windows`).
     spec : QuantSpec, GLVQSpec, ...
         The spec of a registered method (:mod:`llm_adapter.methods`); ``spec.method`` picks it.
+        A :class:`QuantSpec` with ``tune_steps > 0`` tunes the group scales of all layers
+        after the last block (:func:`llm_adapter.calibration.tuning.tune_scales`, on these
+        `windows`, seeded by `seed`); the returned layers and the model carry the tuned scales.
     targets, exclude : str or sequence of str
         :func:`fnmatch` patterns selecting linear layers (``nn.Linear``, ``Conv1D``) and
         fused expert weights inside the blocks (see :func:`select_linears`). A fused
@@ -220,7 +223,8 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
         :meth:`~llm_adapter.calibration.profile.StageProfile.as_dict`: ``"totals"``
         ``{stage: seconds}`` with ``"wall"`` the whole call, and ``"blocks"``, one dict per
         block; stages in :mod:`llm_adapter.calibration.profile`) and, on CUDA,
-        ``"peak_device_bytes"`` (:func:`torch.cuda.max_memory_allocated` over the run).
+        ``"peak_device_bytes"`` (:func:`torch.cuda.max_memory_allocated` over the run); with
+        scale tuning ``"tune"`` (held-out KL before/after, steps, seconds, history).
     client : distributed.Client, optional
         Solve the layers on this dask cluster: shorthand for
         ``solver=llm_adapter.distributed.ClusterSolver(client)`` (each layer of a
@@ -298,6 +302,7 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
     layer_specs = _layer_specs_iv(layer_specs, spec)
     solver = InlineSolver() if solver is None else solver
     selected = select_linears(model, targets, exclude)
+    float_weights = _tune_iv(spec, selected)
     _, blocks = find_blocks(model)
     home = next(blocks[0].parameters()).device
     report = {} if report is None else report
@@ -323,10 +328,11 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
             if not method.needs_calibration and not rtn_calibrate:
                 run.finish_all([(slot, None, None, {}) for sel in selected.values() for name, layer in sel.items()
                                 for slot in _slots(layer, sel, name)])
-                return run.results
-            bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
-            _calibrate(model, blocks, selected, windows, run, bar=bar, true_sequential=true_sequential,
-                       batch_size=batch_size, home=home, target=target, report=report, single_pass=single_pass)
+            else:
+                bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
+                _calibrate(model, blocks, selected, windows, run, bar=bar, true_sequential=true_sequential,
+                           batch_size=batch_size, home=home, target=target, report=report,
+                           single_pass=single_pass)
     finally:
         model.train(was_training)
         report["profile"] = run.profile.as_dict()
@@ -336,7 +342,40 @@ def quantize_model(model, windows, spec, *, targets=("*",), exclude=DEFAULT_EXCL
             logger.info("peak device memory on %s: %.2f GiB", target, report["peak_device_bytes"] / 2**30)
         if ckpt_lock is not None:
             ckpt_lock.release()
-    return run.results
+    if float_weights is None:
+        return run.results
+    return _tune(model, run.results, float_weights, windows, spec, seed=seed, progress=progress, report=report)
+
+
+def _tune_iv(spec, selected):
+    """The float weights of the selected layers when ``spec.tune_steps`` asks for scale tuning
+    (checked before any work: tuning needs plain ``torch.nn.Linear`` layers), else None."""
+    if not getattr(spec, "tune_steps", 0):
+        return None
+    weights = {}
+    for sel in selected.values():
+        for name, layer in sel.items():
+            if not isinstance(layer, torch.nn.Linear):
+                raise ParameterError("tune_steps", f"`tune_steps` > 0 needs torch.nn.Linear layers; {name!r} is a "
+                                                   f"{type(layer).__name__}")
+            weights[name] = layer.weight.detach().clone()
+    return weights
+
+
+def _tune(model, layers, float_weights, windows, spec, *, seed, progress, report):
+    """Scale tuning after quantization (``spec.tune_steps > 0``): the float weights go back in
+    as the teacher, :func:`~llm_adapter.calibration.tuning.tune_scales` leaves the tuned
+    dequantized weights in the model; returns the tuned layers."""
+    from .tuning import tune_scales
+
+    with torch.no_grad():
+        for name, W in float_weights.items():
+            model.get_submodule(name).weight.copy_(W)
+    res = tune_scales(model, layers, windows, steps=spec.tune_steps, lr=spec.tune_lr, norms=spec.tune_norms,
+                      seed=seed, progress=progress)
+    report["tune"] = {"holdout_kl": res.holdout_kl, "best_step": res.best_step, "steps": res.steps,
+                      "seconds": res.seconds, "history": res.history}
+    return res.layers
 
 
 _DEVICE_RULE = "`device` must be None, 'cpu', 'cuda', 'cuda:N' or a torch.device of type cpu or cuda"

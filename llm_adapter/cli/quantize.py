@@ -193,6 +193,9 @@ def _run(args) -> int:
     check_new_dir(ct_dir, "--export-compressed-tensors", args.overwrite)
     spec = spec_from_args(args)
     method = methods.get(args.method)
+    if getattr(spec, "tune_norms", False) and args.export_gptq is None and ct_dir is None:
+        raise CLIError("--tune-norms", "the tuned norm weights are written only by --export-gptq or "
+                                       "--export-compressed-tensors (the native --out stores the quantized layers)")
     if method.format.kind != "uniform" and args.export_gptq is not None:
         raise CLIError("--export-gptq", f"{args.method} layers have no GPTQ layout; use --out (the native format)")
     if args.device is not None and args.device.startswith("cuda"):

@@ -151,6 +151,19 @@ class QuantSpec:
         H-weighted least squares against the method's target
         (:func:`llm_adapter.methods.refine.refine_grid`); a row keeps its grid unless the
         objective decreases.
+
+    Scale tuning (after the whole model is quantized; :func:`llm_adapter.calibration.quantize_model`)
+    ------------------------------------------------------------------------------------------------
+    tune_steps : int >= 0
+        Adam steps of :func:`llm_adapter.calibration.tuning.tune_scales`: every group's scale
+        (codes and zero points fixed) is tuned to match the float model's next-token
+        distributions on the calibration windows (KL divergence, a held-out slice of the
+        windows for early stopping), then rounded to float16. 0 (default): no tuning.
+    tune_lr : float > 0
+        Adam's learning rate, relative to each scale (default 1e-3).
+    tune_norms : bool
+        Also tune the model's RMSNorm weights (kept in the model only: the native format
+        stores the quantized layers, so save the model's state to keep them).
     """
 
     bits: int = 4
@@ -175,6 +188,10 @@ class QuantSpec:
     # generalisation / refinement
     d_shrink: str | None = None
     refine: bool = False
+    # scale tuning (whole model, after quantization)
+    tune_steps: int = 0
+    tune_lr: float = 1e-3
+    tune_norms: bool = False
 
     def __post_init__(self):
         if not is_int(self.bits) or not 2 <= self.bits <= 8:
@@ -217,6 +234,12 @@ class QuantSpec:
             raise ParameterError("d_shrink", f"`d_shrink` must be one of {D_SHRINKS}, got {self.d_shrink!r}")
         if not isinstance(self.refine, bool):
             raise ParameterError("refine", f"`refine` must be a bool, got {self.refine!r}")
+        if not is_int(self.tune_steps) or self.tune_steps < 0:
+            raise ParameterError("tune_steps", f"`tune_steps` must be an int >= 0, got {self.tune_steps!r}")
+        if not is_real(self.tune_lr) or self.tune_lr <= 0:
+            raise ParameterError("tune_lr", f"`tune_lr` must be a finite float > 0, got {self.tune_lr!r}")
+        if not isinstance(self.tune_norms, bool):
+            raise ParameterError("tune_norms", f"`tune_norms` must be a bool, got {self.tune_norms!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -549,12 +572,22 @@ def cli_options(parser) -> None:
     """The ``quantize`` options of the uniform-grid methods (besides the shared ones)."""
     parser.add_argument("--sym", action="store_true", help="symmetric grid (zero point 2**(bits-1))")
     parser.add_argument("--clip", choices=CLIPS, default="minmax", help="grid search (default minmax)")
+    parser.add_argument("--tune-steps", type=int, default=0, metavar="N",
+                        help="after quantizing, tune every group's scale (codes fixed) for N Adam steps to match "
+                             "the float model's next-token distributions on the calibration windows "
+                             "(default 0: off)")
+    parser.add_argument("--tune-lr", type=float, default=1e-3, help="scale tuning's learning rate, relative "
+                                                                    "(default 1e-3)")
+    parser.add_argument("--tune-norms", action="store_true",
+                        help="tune the RMSNorm weights too (written by --export-gptq / "
+                             "--export-compressed-tensors, which carry the model's float tensors; not by --out)")
 
 
 def spec_from_cli(args) -> QuantSpec:
     """:class:`QuantSpec` from the parsed ``quantize`` arguments."""
     return QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym, clip=args.clip,
-                     method=args.method, damp=args.damp)
+                     method=args.method, damp=args.damp, tune_steps=getattr(args, "tune_steps", 0),
+                     tune_lr=getattr(args, "tune_lr", 1e-3), tune_norms=getattr(args, "tune_norms", False))
 
 
 def quantize_weight(W, H=None, D=None, spec: QuantSpec | None = None, *, backend="auto", rng=None,
