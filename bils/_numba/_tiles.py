@@ -61,6 +61,17 @@ def bound_row(B, i, j0, w, out):
 
 
 @njit(cache=True, inline="always")
+def fixed_bounds(LO, HI, j0, w, lorow, hirow):
+    """Whether the bounds vary per level; if not, fill the bound rows once for RHS
+    ``[j0, j0 + w)`` (:func:`level_rows` refreshes them per level otherwise)."""
+    per_level = LO.shape[0] > 1 or HI.shape[0] > 1
+    if not per_level:
+        bound_row(LO, 0, j0, w, lorow)
+        bound_row(HI, 0, j0, w, hirow)
+    return per_level
+
+
+@njit(cache=True, inline="always")
 def level_rows(S, Sg, O, Og, LO, HI, i, j0, w, srow, orow, lorow, hirow, sg_last, og_last, per_level):
     """Refresh level ``i``'s grid rows (only when its scale/offset group changed from
     ``sg_last``/``og_last``) and, with per-level bounds, its bound rows, for RHS

@@ -41,7 +41,7 @@ from numba import njit, prange
 
 from ..result import Status
 from ._common import TILE, Clock, aligned_empty, grids, readonly
-from ._tiles import (STEP, bound_row, level_rows, load_tile, rank1, rank1_col, rank16_rows,
+from ._tiles import (STEP, fixed_bounds, level_rows, load_tile, rank1, rank1_col, rank16_rows,
                      update_below)
 
 __all__ = ["babai_kernel", "sweep", "whole_sweep", "panels", "gemm_panel", "tile_width"]
@@ -87,10 +87,7 @@ def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
     # grid and bound rows are refilled only when the level's group (row) changes
     sg_last = -1
     og_last = -1
-    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
-    if not per_level_bounds:
-        bound_row(LO, 0, j0, w, lorow)
-        bound_row(HI, 0, j0, w, hirow)
+    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
     top = m
     while top > 0:
         bot = max(0, top - STEP)
@@ -134,10 +131,7 @@ def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
     hirow = np.empty(w)
     sg_last = -1
     og_last = -1
-    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
-    if not per_level_bounds:
-        bound_row(LO, 0, j0, w, lorow)
-        bound_row(HI, 0, j0, w, hirow)
+    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
     top = n
     while top > 0:
         bot = max(0, top - STEP)

@@ -40,7 +40,7 @@ from numba import njit, prange
 from ..result import Status
 from ._blas import Products
 from ._common import ALIGN, TILE, Clock, at, box_round, grids, readonly, uniform
-from ._tiles import STEP, bound_row, level_rows, rank1, update_below
+from ._tiles import STEP, fixed_bounds, level_rows, rank1, update_below
 from .babai import panels, sweep, whole_sweep
 
 __all__ = ["klein_kernel", "klein_panel", "klein_pick"]
@@ -433,10 +433,7 @@ def _sample_tile(Y, Yg, first, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cost, j0
     # grid and bound rows are refilled only when the level's group (row) changes
     sg_last = -1
     og_last = -1
-    per_level_bounds = LO.shape[0] > 1 or HI.shape[0] > 1
-    if not per_level_bounds:
-        bound_row(LO, 0, j0, w, lorow)
-        bound_row(HI, 0, j0, w, hirow)
+    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
     top = m
     while top > 0:
         bot = max(0, top - STEP)

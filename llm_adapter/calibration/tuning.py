@@ -45,7 +45,6 @@ __all__ = ["TuneResult", "tune_scales"]
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TuneResult:
     """What :func:`tune_scales` returns.
@@ -375,7 +374,7 @@ def tune_scales(model, layers, windows, *, steps=200, lr=1e-3, norms=False, top_
         model.train(was_training)
 
     seconds = time.perf_counter() - t0
-    info = {"steps": step if steps else 0, "best_step": best[1], "lr": float(lr), "norms": bool(norms),
+    info = {"steps": step, "best_step": best[1], "lr": float(lr), "norms": bool(norms),
             "holdout_kl_before": kl0, "holdout_kl_after": kl_after, "seconds": seconds}
     out = {}
     with torch.no_grad():
