@@ -216,16 +216,51 @@ def targets_on_workers(client, R, k, chunk, seed=1):
 WORKER_MMAP_THRESHOLD = 32 * 2 ** 20
 
 
-def cluster(n_workers, mmap_threshold=None):
+#: The small-machine configuration that docs/scaling_out.md recommends when the client,
+#: the scheduler and the workers share a few cores ("A small machine: the cluster's idle
+#: costs"): the periodic work every distributed server does while it waits — the worker's
+#: statistical profiler (every 10 ms while a task runs), the event-loop health tick of
+#: every server (20 ms), the system monitor (psutil, 500 ms) and the workers' and nannies'
+#: memory monitors (100 ms) — made rarer or switched off. Measured idle (3 s per cluster
+#: after start; ``--parts idle`` has each key alone): a 1- and a 2-worker cluster together
+#: 37 + 3 × 18 ≈ 90 ms of CPU per second by default, 9 + 3 × 2.5 ≈ 17 ms/s with all four.
+#: ``--cluster-config default`` runs distributed's defaults. Must be set before the
+#: ``LocalCluster`` is made (the scheduler and the nannies read it when they start, and the
+#: nannies pass it to their workers), and after ``distributed`` is imported (a
+#: ``dask.config.set`` of ``distributed.*`` keys before the import drops distributed's
+#: defaults when it exits).
+SMALL_MACHINE_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+#: The configuration of every cluster this script makes: ``"small"``
+#: (:data:`SMALL_MACHINE_CONFIG`) or ``"default"`` (distributed's own); ``--cluster-config``.
+CLUSTER_CONFIG = "small"
+
+
+def cluster_config(name=None):
+    """The dask configuration (a flat dict) of the clusters for ``name`` (default
+    :data:`CLUSTER_CONFIG`)."""
+    name = CLUSTER_CONFIG if name is None else name
+    return {"small": SMALL_MACHINE_CONFIG, "default": {}}[name]
+
+
+def cluster(n_workers, mmap_threshold=None, config=None):
     """A ``LocalCluster`` of ``n_workers`` single-threaded worker processes (one numba
     thread each) and its client; the workers get ``MALLOC_MMAP_THRESHOLD_`` =
     ``mmap_threshold`` (default :data:`WORKER_MMAP_THRESHOLD`; 0: not set) through
-    ``distributed.nanny.pre-spawn-environ`` (glibc reads it when the process starts)."""
+    ``distributed.nanny.pre-spawn-environ`` (glibc reads it when the process starts), and
+    the scheduler, nannies and workers the configuration ``config`` (``"small"`` or
+    ``"default"``; default :data:`CLUSTER_CONFIG`, see :data:`SMALL_MACHINE_CONFIG`)."""
     import dask
     from distributed import Client, LocalCluster
 
     mmap_threshold = WORKER_MMAP_THRESHOLD if mmap_threshold is None else mmap_threshold
-    config = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": mmap_threshold} if mmap_threshold else {}
+    config = dict(cluster_config(config))
+    if mmap_threshold:
+        config["distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_"] = mmap_threshold
     with dask.config.set(config):
         c = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                          dashboard_address=None, host="127.0.0.1",
@@ -486,6 +521,69 @@ def scattered(client, Y, chunk):
     futs = client.scatter([Y[:, j0:j0 + chunk] for j0 in starts], hash=False)
     return da.concatenate([da.from_delayed(f, (Y.shape[0], min(chunk, Y.shape[1] - j0)), dtype=Y.dtype)
                            for f, j0 in zip(futs, starts)], axis=1)
+
+
+def idle_cpu(clusters, seconds=3.0):
+    """CPU milliseconds per second that the clusters spend while nothing runs: each
+    worker process (``c{W}.worker{i}``, by address) and this process (``client+scheduler``:
+    the client, every ``LocalCluster``'s scheduler and its nannies), over ``seconds`` of
+    wall clock (``clusters``: {workers: (cluster, client)}, all alive). What a run on one
+    cluster competes with besides its own work, on a machine without a spare core."""
+    before = {"client+scheduler": time.process_time()}
+    for w, (_, client) in clusters.items():
+        for i, (_, v) in enumerate(sorted(client.run(_process_time).items())):
+            before[f"c{w}.worker{i}"] = v
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    after = {}
+    for w, (_, client) in clusters.items():
+        for i, (_, v) in enumerate(sorted(client.run(_process_time).items())):
+            after[f"c{w}.worker{i}"] = v
+    after["client+scheduler"] = time.process_time()
+    dt = time.perf_counter() - t0
+    return {who: 1e3 * (after[who] - before[who]) / dt for who in before}
+
+
+def bench_idle(args, out):
+    """Part ``idle``: the idle cost of a 1- and a 2-worker cluster (alive together, as in
+    the ``rhs`` part) with distributed's defaults, with each key of
+    :data:`SMALL_MACHINE_CONFIG` alone, and with all of them (:func:`idle_cpu`, ms of CPU
+    per second; configurations alternated over ``--repeats`` passes)."""
+    variants = {"default": {}, **{key: {key: v} for key, v in SMALL_MACHINE_CONFIG.items()},
+                "small (all)": SMALL_MACHINE_CONFIG}
+    res = {"loadavg_start": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": args.idle_seconds,
+           "definition": idle_cpu.__doc__.split("\n\n")[0], "variants": {}}
+    import dask
+
+    for rep in range(args.repeats):
+        for name, config in (variants.items() if rep % 2 == 0 else list(variants.items())[::-1]):
+            clusters = {}
+            try:
+                with dask.config.set(config):
+                    for w in (1, 2):
+                        clusters[w] = cluster(w, config="default")
+                for w, (_, client) in clusters.items():
+                    client.wait_for_workers(w, timeout=120)
+                time.sleep(1.0)  # past the start
+                got = idle_cpu(clusters, args.idle_seconds)
+            finally:
+                for c, client in reversed(list(clusters.values())):
+                    client.close()
+                    c.close()
+            e = res["variants"].setdefault(name, {"config": config, "passes": []})
+            e["passes"].append(got)
+    for e in res["variants"].values():
+        e["ms_per_s"] = {who: float(np.median([p[who] for p in e["passes"]])) for who in e["passes"][0]}
+        e["total_ms_per_s"] = sum(e["ms_per_s"].values())
+    res["loadavg_end"] = _loadavg()
+    out["idle"] = res
+    rows = [[name, f"{e['ms_per_s']['client+scheduler']:.1f}",
+             " / ".join(f"{v:.1f}" for who, v in e["ms_per_s"].items() if who != "client+scheduler"),
+             f"{e['total_ms_per_s']:.1f}"] for name, e in res["variants"].items()]
+    print(f"\nIdle cost of a 1- and a 2-worker cluster together, ms of CPU per second (median of {args.repeats} "
+          f"passes of {args.idle_seconds} s); load {res['loadavg_start']} -> {res['loadavg_end']}")
+    print(markdown_table(["configuration", "client + schedulers + nannies", "workers (1-worker cluster, then 2)",
+                          "total"], rows))
 
 
 def _scheduler_tasks(dask_scheduler):
@@ -785,6 +883,10 @@ def bench_rhs(args, out):
             assert set(client.run(lambda: __import__("numba").get_num_threads()).values()) == {1}
             client.run(warm_up, R, list(solvers))  # every worker: imports, numba caches loaded
             res[f"malloc_env_workers{workers}"] = next(iter(client.run(_malloc_env).values()))
+        # what the two clusters cost while nothing runs (the configuration's effect; see
+        # SMALL_MACHINE_CONFIG): the one that is not timed costs this beside every run
+        res["cluster_config"] = {"name": CLUSTER_CONFIG, "keys": cluster_config()}
+        res["idle_ms_per_s"] = idle_cpu(clusters, 2.0)
         for chunk in chunkings:
             Ys, settles = {}, {}
             for workers, (_, client) in clusters.items():
@@ -936,6 +1038,8 @@ def bench_rhs(args, out):
     print(markdown_table(["solver", "chunks", "timed", "workers", "tasks/run", "worker CPU s", "of which event loops",
                           "of which tasks", "client+scheduler CPU s", "of which scheduler IO loop"], cpu_rows))
     print(f"tiny-task cost (1 worker, 400 one-column chunks): {1e3 * res['tiny_task_s']:.2f} ms/task")
+    print(f"cluster configuration {res['cluster_config']['name']!r}; idle CPU of both clusters, ms/s:",
+          {who: round(v, 1) for who, v in res["idle_ms_per_s"].items()})
     tl_rows = []  # one run of each single-batch path taken apart (timeline())
     for name, s_ in res["solvers"].items():
         for chunk, e in s_["chunkings"].items():
@@ -1171,7 +1275,7 @@ def bench_layers(args, out):
 
 
 def main(argv=None):
-    global WORKER_MMAP_THRESHOLD
+    global WORKER_MMAP_THRESHOLD, CLUSTER_CONFIG
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--plain-child"]:  # one of plain_split's processes
         chunk, k, which = argv[1].split(",", 2)
@@ -1186,8 +1290,13 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=4,
                    help="Babai batches of --k RHS in flight at once in the throughput runs (1: none)")
     p.add_argument("--parts", default="rhs,layers",
-                   help="comma-separated subset of rhs,layers,latency; parts not run keep their entry "
-                        "from an existing JSON")
+                   help="comma-separated subset of rhs,layers,latency,idle; parts not run keep their "
+                        "entry from an existing JSON")
+    p.add_argument("--cluster-config", choices=("small", "default"), default=CLUSTER_CONFIG,
+                   help="dask configuration of the clusters: 'small' (SMALL_MACHINE_CONFIG, the small-machine "
+                        "settings of docs/scaling_out.md) or 'default' (distributed's); default %(default)s")
+    p.add_argument("--idle-seconds", type=float, default=3.0,
+                   help="seconds of each idle-cost measurement (--parts idle: per configuration and pass)")
     p.add_argument("--mmap-threshold", type=int, default=WORKER_MMAP_THRESHOLD,
                    help="MALLOC_MMAP_THRESHOLD_ of the worker processes in bytes (0: distributed's default "
                         "environment, every array above 128 KiB a fresh mapping); default %(default)s")
@@ -1198,8 +1307,10 @@ def main(argv=None):
                    help="file name under benchmarks/results/ (default dask_scaling.json; --quick: dask_scaling_quick.json)")
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
-    if not parts <= {"rhs", "layers", "latency"}:
-        p.error(f"--parts must name some of rhs, layers, latency, got {args.parts!r}")
+    if not parts <= {"rhs", "layers", "latency", "idle"}:
+        p.error(f"--parts must name some of rhs, layers, latency, idle, got {args.parts!r}")
+    if not args.idle_seconds > 0:
+        p.error(f"--idle-seconds must be positive, got {args.idle_seconds}")
     if args.quick:
         args.k, args.chunk, args.repeats, args.rounds = 100_000, "10000,25000", 1, 3
     try:
@@ -1211,6 +1322,7 @@ def main(argv=None):
     if args.mmap_threshold and not 4096 <= args.mmap_threshold <= 32 * 2 ** 20:
         p.error(f"--mmap-threshold must be 0 or in [4096, {32 * 2 ** 20}] (glibc's range), got {args.mmap_threshold}")
     WORKER_MMAP_THRESHOLD = args.mmap_threshold
+    CLUSTER_CONFIG = args.cluster_config
     import dask
     import distributed
     import numba
@@ -1220,19 +1332,23 @@ def main(argv=None):
            "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + list(sys.argv[1:] if argv is None else argv)),
            "note": "2-core machine possibly shared with other jobs: see loadavg_*; a busy machine "
                    "understates the 2-worker speed-up",
-           "worker_malloc_mmap_threshold": WORKER_MMAP_THRESHOLD or None}
+           "worker_malloc_mmap_threshold": WORKER_MMAP_THRESHOLD or None,
+           "cluster_config": {"name": CLUSTER_CONFIG, "keys": cluster_config()}}
     name = args.out or ("dask_scaling_quick.json" if args.quick else "dask_scaling.json")
     previous = os.path.join(_common.RESULTS, name)
     if os.path.exists(previous):
         with open(previous) as f:
             old = json.load(f)
-        out.update({part: old[part] for part in ("rhs", "layers", "latency") if part in old and part not in parts})
+        out.update({part: old[part] for part in ("rhs", "layers", "latency", "idle")
+                    if part in old and part not in parts})
     if "rhs" in parts:
         bench_rhs(args, out)
     if "layers" in parts:
         bench_layers(args, out)
     if "latency" in parts:
         bench_latency(args, out)
+    if "idle" in parts:
+        bench_idle(args, out)
     out["loadavg_end"] = _loadavg()
     print("wrote", write_json(name, out))
 

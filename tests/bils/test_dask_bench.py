@@ -9,6 +9,7 @@ solve as it goes and must record min, median, spread and the load of every round
 import importlib.util
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,10 @@ def test_tiny_rhs_part_records_the_target_statistics(ds):
         st = tl["start_story"]
         order = [st["client_sent_s"], st["scheduler_processing_s"], st["worker_received_s"], st["worker_executing_s"]]
         assert 0 < order[0] and order == sorted(order) and order[-1] <= tl["start_s"] + 0.005
+    assert out["rhs"]["cluster_config"] == {"name": "small", "keys": ds.SMALL_MACHINE_CONFIG}
+    idle = out["rhs"]["idle_ms_per_s"]  # both clusters' idle cost, per process
+    assert set(idle) == {"client+scheduler", "c1.worker0", "c2.worker0", "c2.worker1"}
+    assert all(v >= 0 for v in idle.values())
     pl = e["plain"]  # the same work in plain processes, checked against the in-memory codes inside
     assert pl["processes1"]["n"] == pl["processes2"]["n"] == 3 and len(pl["processes2"]["cpu_s"]) == 2
     assert pl["speedup_2_vs_1"] == pytest.approx(pl["processes1"]["min_s"] / pl["processes2"]["min_s"])
@@ -131,3 +136,64 @@ def test_tiny_rhs_part_records_the_target_statistics(ds):
     t = head["10000"]["fused"]
     assert np.isfinite(t["speedup"]) and np.isfinite(t["speedup_median"]) and t["runs"] == 3
     assert len(t["task_wait_workers2_s"]) == 2
+
+
+def _flat(tree, prefix=""):
+    """A nested YAML mapping as {"a.b.c": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_docs_small_machine_config_is_the_benchmarks(ds):
+    """The configuration docs/scaling_out.md recommends on a small machine is the one the
+    benchmark runs its clusters with (and parses to what dask reads)."""
+    import yaml
+
+    page = (BENCH.parent / "docs" / "scaling_out.md").read_text()
+    section = page[page.index("**A small machine: cut the cluster's idle costs.**"):]
+    block = section[section.index("```yaml\n") + len("```yaml\n"):section.index("```\n", section.index("```yaml\n") + 8)]
+    documented = _flat(yaml.safe_load(textwrap.dedent(block)))
+    assert documented == ds.SMALL_MACHINE_CONFIG
+    assert ds.cluster_config("small") == ds.SMALL_MACHINE_CONFIG and ds.cluster_config("default") == {}
+    assert ds.CLUSTER_CONFIG == "small"  # the benchmark's default follows the docs' advice
+
+
+def _periodic_ms(server, names):
+    return {name: (server.periodic_callbacks[name].callback_time if name in server.periodic_callbacks else None)
+            for name in names}
+
+
+def _worker_periodic(dask_worker):
+    import dask as dask_
+
+    return {"profile": "profile" in dask_worker.periodic_callbacks,
+            "profile_enabled": dask_.config.get("distributed.worker.profile.enabled"),
+            **_periodic_ms(dask_worker, ("tick", "monitor", "memory_monitor"))}
+
+
+def test_small_machine_config_reaches_scheduler_nannies_and_workers(ds):
+    """``cluster()`` with the small-machine configuration: the scheduler, the nanny (in this
+    process) and the worker process all run their periodic jobs at the configured
+    intervals, the worker without the profiler."""
+    c, client = ds.cluster(1, config="small")
+    try:
+        client.wait_for_workers(1, timeout=TIMEOUT)
+        sched = client.run_on_scheduler(lambda dask_scheduler: _periodic_ms(dask_scheduler, ("tick", "monitor")))
+        assert sched == {"tick": 1000, "monitor": 2000}
+        (nanny,) = c.workers.values()
+        assert _periodic_ms(nanny, ("tick", "monitor", "memory_monitor")) == {
+            "tick": 1000, "monitor": 2000, "memory_monitor": 1000}
+        (w,) = client.run(_worker_periodic).values()
+        assert w == {"profile": False, "profile_enabled": False, "tick": 1000, "monitor": 2000,
+                     "memory_monitor": 1000}
+    finally:
+        client.close()
+        c.close()
+    # distributed's defaults are back once the cluster is made
+    assert dask.config.get("distributed.admin.tick.interval") == "20ms"
+    assert dask.config.get("distributed.worker.profile.enabled") is True
