@@ -207,14 +207,43 @@ def _numba_threads(backend):
         numba.set_num_threads(before)
 
 
+#: A chunk task solves its numpy chunk in column slices of at most this many elements
+#: (``n`` times the slice's columns): 32 MB of an (n, columns) float64 or int64 array,
+#: under glibc's largest mmap threshold (32 MiB). With the threshold raised (see
+#: docs/scaling_out.md, ``MALLOC_MMAP_THRESHOLD_``) the solve's own (n, columns) arrays —
+#: the int64 codes, a contiguous float64 copy of a slice — then come from the heap and are
+#: reused from slice to slice, where an array above the threshold is a fresh mapping that
+#: the OS zeroes page by page on every solve (a (32, 500 000) chunk: 128 MB of codes).
+#: n = 32: slices of 125 000 columns; a chunk of up to that many is solved in one call.
+SOLVE_SLICE_ELEMENTS = 4_000_000
+
+
 def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
                  options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
-    """Solve one column chunk in memory; returns (x, cost, status, per-RHS info)."""
+    """Solve one column chunk in memory; returns (x, cost, status, per-RHS info).
+
+    A numpy chunk wider than :data:`SOLVE_SLICE_ELEMENTS` ``// n`` columns is solved in
+    column slices of that width, one after another, and the slices' results are joined:
+    every solver is column-separable and each slice gets its global columns (``j0``), so
+    the result is the one-call result (the same codes, statuses and, with numba, costs).
+    """
+    kw = dict(solver=solver, kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
+              k_total=k_total, perm=perm, dead=dead, info_keys=info_keys, code_dtype=code_dtype)
     with _numba_threads(backend):
-        return _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver=solver,
-                                 kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
-                                 j0=j0, k_total=k_total, perm=perm, dead=dead, info_keys=info_keys,
-                                 code_dtype=code_dtype)
+        kc = np.shape(Y)[-1] if np.ndim(Y) == 2 else 1
+        step = max(1, SOLVE_SLICE_ELEMENTS // max(1, np.shape(Y)[0]))
+        if kc <= step or type(Y) is not np.ndarray:  # device chunks: the array module's pool
+            return _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, j0=j0, **kw)
+        parts = []
+        for a in range(0, kc, step):
+            def cut(v, a=a):  # per-RHS values (last axis of the chunk's width): this slice's columns
+                return v[..., a:a + step] if v is not None and np.ndim(v) >= 1 and np.shape(v)[-1] == kc else v
+
+            parts.append(_solve_block_here(R, Y[:, a:a + step], *(cut(g) for g in (lo, hi, scale, offset)),
+                                           cut(cost_offset), *(cut(v) for v in rhs), j0=j0 + a, **kw))
+        join = functools.partial(np.concatenate, axis=-1)
+        return (join([p[0] for p in parts]), join([p[1] for p in parts]), join([p[2] for p in parts]),
+                {key: join([p[3][key] for p in parts]) for key in parts[0][3]})
 
 
 def _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
