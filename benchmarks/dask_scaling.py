@@ -92,6 +92,17 @@ Questions:
    medians of the runs taken apart: the start, each worker's first solve, the gaps,
    transfers and the end.
 
+4. ``--parts idle`` (not in the default run, ≈ 1 minute): what a 1- and a 2-worker
+   cluster cost while nothing runs (CPU ms per second of each process) with distributed's
+   defaults, with each key of :data:`SMALL_MACHINE_CONFIG` alone and with all of them.
+
+Every cluster runs with the small-machine configuration of docs/scaling_out.md
+(:data:`SMALL_MACHINE_CONFIG`: the worker profiler off, 1 s event-loop tick, 2 s system
+monitor, 1 s memory monitors), as the docs recommend when the client, the scheduler and
+the workers share a few cores; ``--cluster-config default`` runs distributed's defaults.
+The ``rhs`` part records the configuration and the two clusters' idle cost
+(``rhs.cluster_config``, ``rhs.idle_ms_per_s``).
+
 The machine may be shared: the load average at start and end of each part goes into the
 JSON, and the 2-worker speed-up is understated when other processes compete for the 2
 cores (the CPU seconds per process are not). Re-run on a quiet machine with
@@ -104,8 +115,9 @@ babai`` took 3 min 25 s – 4 min 18 s). The workers get
 records the workers' ``MALLOC_*`` environment).
 
 Usage: python benchmarks/dask_scaling.py [--quick] [--k 1000000] [--chunk 50000,125000]
-       [--repeats 2] [--parts rhs,layers[,latency]] [--solvers babai,kbest8] [--batches 4]
-       [--rounds 11] [--mmap-threshold 33554432] [--out NAME.json]
+       [--repeats 2] [--parts rhs,layers[,latency][,idle]] [--solvers babai,kbest8] [--batches 4]
+       [--rounds 11] [--mmap-threshold 33554432] [--cluster-config small|default]
+       [--idle-seconds 3] [--out NAME.json]
 Writes benchmarks/results/dask_scaling.json (atomically; ``--quick``: dask_scaling_quick.json;
 ``--out``: another name) and prints tables.
 """
