@@ -107,10 +107,9 @@ The machine may be shared: the load average at start and end of each part goes i
 JSON, and the 2-worker speed-up is understated when other processes compete for the 2
 cores (the CPU seconds per process are not). Re-run on a quiet machine with
 ``make bench-distributed`` (``python benchmarks/dask_scaling.py``: every figure but
-``--parts latency`` in one run; 194 s on the quiet machine with the former best-of-2
-walls, an estimated 4–4.5 minutes with the 11 interleaved rounds — about 144 more runs
-of 0.2–0.4 s — and the plain-process ceiling, ≈ 15 s; at load 5–7 ``--parts rhs --solvers
-babai`` took 3 min 25 s – 4 min 18 s). The workers get
+``--parts latency`` and ``--parts idle`` in one run: 200 s on the quiet machine of
+2026-12-01 09:14, 7 min 8 s at load 5–6.5 on 2026-12-01 11:04 with the small-machine
+configuration and the 2 s idle measurement, which add no runs). The workers get
 ``MALLOC_MMAP_THRESHOLD_`` (:data:`WORKER_MMAP_THRESHOLD`, ``--mmap-threshold``; the JSON
 records the workers' ``MALLOC_*`` environment).
 
