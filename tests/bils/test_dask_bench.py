@@ -99,6 +99,23 @@ def test_interleaved_alternates_the_clusters_and_records_every_run(ds, thread_cl
     assert got["paired_speedups"] == pytest.approx([a / b for a, b in zip(t1, t2)])
 
 
+def test_idle_cpu_reports_every_process_per_second(ds, thread_clusters):
+    got = ds.idle_cpu(thread_clusters, 0.05)
+    assert set(got) == {"client+scheduler", "c1.worker0", "c2.worker0", "c2.worker1"}
+    assert all(np.isfinite(v) and v >= 0 for v in got.values())
+
+
+def test_cluster_config_and_parts_are_checked(ds):
+    with pytest.raises(SystemExit):
+        ds.main(["--parts", "rhs,bogus"])
+    with pytest.raises(SystemExit):
+        ds.main(["--cluster-config", "tiny"])
+    with pytest.raises(SystemExit):
+        ds.main(["--idle-seconds", "0"])
+    with pytest.raises(KeyError):
+        ds.cluster_config("tiny")
+
+
 @pytest.mark.slow
 def test_tiny_rhs_part_records_the_target_statistics(ds):
     """The whole ``rhs`` part, Babai, 2 x 10 000 RHS chunks: results checked inside."""
