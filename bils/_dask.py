@@ -10,7 +10,9 @@ The graph holds
   larger ``R`` is one key every chunk task depends on, so a distributed scheduler ships it
   once per worker, not once per chunk (:func:`inline_R`);
 * one solve task per column chunk of ``Y`` (rechunked to a single chunk along ``n``),
-  which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks: one
+  which runs the ordinary in-memory :func:`~bils._driver.run_solver` on numpy blocks (a
+  chunk wider than :data:`SOLVE_SLICE_ELEMENTS` ``// n`` columns in column slices, one
+  call each, so that a task's temporaries stay in glibc's heap whatever the chunk size): one
   blockwise layer (``Y``'s and the grids' single row block is a contracted index, numpy
   per-RHS slices and the chunks' first columns are ``BlockwiseDepDict`` arguments), so
   dask's blockwise fusion can merge it with the one consumer of an output computed alone;
