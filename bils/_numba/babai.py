@@ -264,10 +264,11 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, products=
     tiles, products and updates run in single precision and ``cost`` is summed in double
     precision from single-precision residuals.
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
-    in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
+    in ``G_out[a:e]`` (zero for the first panel: what Klein's sampled sweeps started
+    from until its Babai pass became :func:`whole_sweep`).
     ``RTs``, one per panel of :func:`panels` (float64 sweeps only), are the panels'
     transposed diagonal blocks ``R[a:e, a:e].T`` (C-contiguous, read-only) when the caller
-    has them already (Klein shares them with its sampled sweeps). ``width``: right-hand
+    has them already (as Klein's packed panel blocks). ``width``: right-hand
     sides per in-panel task (default :func:`tile_width`); it does not change the result.
     ``products``, a :class:`~bils._numba._blas.Products` inside its ``with`` block, runs
     the panels' products (no spinning OpenBLAS pool beside the in-panel kernels).
