@@ -109,16 +109,57 @@ def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
 
 
 @njit(cache=True)
-def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
+def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
     """All levels of right-hand sides ``[j0, j1)``, right-looking, without BLAS products.
 
     The tile ``T`` (n, w) starts as ``Y``'s columns (in the precision of ``proto``); levels
     are decided in steps of :data:`~bils._numba._tiles.STEP`, each level updating the rows
     of its step below it, then every row below the step gets the step's 16 updates in one
     pass (:func:`~bils._numba._tiles.rank16_rows`, coefficients read from ``R``'s rows).
+    """
+    n = R.shape[0]
+    w = j1 - j0
+    dt = proto.dtype
+    T = aligned_empty(n, w, proto)  # on a cache line: see aligned_empty
+    for l in range(n):
+        for jj in range(w):
+            T[l, jj] = Y[l, j0 + jj]
+    zb = aligned_empty(STEP, w, proto)
+    zdum = np.empty(w, dtype=dt)
+    coef = np.empty(STEP, dtype=dt)
+    cl = np.zeros(w)
+    srow = np.empty(w, dtype=dt)  # grid rows in the working precision (converted as read)
+    orow = np.empty(w, dtype=dt)
+    lorow = np.empty(w)
+    hirow = np.empty(w)
+    sg_last = -1
+    og_last = -1
+    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
+    top = n
+    while top > 0:
+        bot = max(0, top - STEP)
+        for q in range(top - 1, bot - 1, -1):
+            coef[0] = R[q, q]
+            rii = coef[0]
+            zq = zb[top - 1 - q]
+            sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, q, j0, w, srow, orow, lorow, hirow,
+                                          sg_last, og_last, per_level_bounds)
+            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
+            rank1_col(T, R, q, zq, bot, q, w, coef)
+        if top - bot == STEP:
+            rank16_rows(T, R, zb, top, bot, w, coef)
+        else:
+            for q in range(top - 1, bot - 1, -1):
+                rank1_col(T, R, q, zb[top - 1 - q], 0, bot, w, coef)
+        top = bot
+    for jj in range(w):
+        cost[j0 + jj] += cl[jj]
 
-    ``panel < n`` (Klein's Babai pass): steps stop at the panel bounds of
-    :func:`panels` (``e = n - panel, n - 2 panel, ...``); at each bound ``e`` the targets
+
+@njit(cache=True)
+def _panel_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
+    """:func:`_whole_tile` for Klein's Babai pass (``panel < n``): steps stop at the panel
+    bounds of :func:`panels` (``e = n - panel, n - 2 panel, ...``); at each bound ``e`` the targets
     of the panel below it, ``T[a:e]`` (``a = max(0, e - panel)``: ``Y`` minus every update
     of the levels ``>= e``, in level order), are kept in ``Yg[a:e, j0:j1]`` and the
     squared residuals of the panel above are added to ``cost`` (a sum per panel, as the
@@ -173,12 +214,21 @@ def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
         cost[j0 + jj] += cl[jj]
 
 
+@njit(cache=True, inline="always")
+def _tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
+    """One tile of the whole sweep: :func:`_whole_tile`, or :func:`_panel_tile` with panels."""
+    if panel < R.shape[0]:
+        _panel_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg)
+    else:
+        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1)
+
+
 @njit(cache=True, parallel=True)
 def _whole(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width, panel, Yg):
     k = Y.shape[1]
     for t in prange((k + width - 1) // width):
         j0 = t * width
-        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width), panel, Yg)
+        _tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width), panel, Yg)
 
 
 @njit(cache=True, nogil=True)
@@ -186,7 +236,7 @@ def _whole_one(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width, panel, Yg):
     """``_whole`` in the calling thread (the same tiles, one after another), without the GIL."""
     k = Y.shape[1]
     for j0 in range(0, k, width):
-        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width), panel, Yg)
+        _tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width), panel, Yg)
 
 
 def tile_width(k, dtype):
