@@ -1,10 +1,10 @@
 """BLAS products beside numba kernels, without OpenBLAS's spinning worker pool.
 
 A multi-threaded OpenBLAS call leaves its workers spinning (about 2^28 cycles) before
-they sleep, on the cores where the next numba kernel runs. The kernels that alternate
-BLAS products with numba sweeps (K-best's panels, Klein's Babai pass) run their products
-through :class:`Products`: OpenBLAS held at one thread, products split into fixed column
-blocks over Python threads.
+they sleep, on the cores where the next numba kernel runs. Kernels that alternate BLAS
+products with numba sweeps (K-best's panels) run their products through
+:class:`Products`: OpenBLAS held at one thread, products split into fixed column blocks
+over Python threads.
 """
 
 from __future__ import annotations

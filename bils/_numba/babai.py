@@ -28,9 +28,12 @@ offset, refilled only when the group changes; bounds are compact arrays. Grid va
 in float64 (a full per-coordinate (n, k) grid is read in place, never copied or
 converted): the single-precision sweep converts each row as it reads it.
 
+Klein's Babai pass is this sweep too (``whole_sweep(panel=, Yg=)``): it keeps the targets
+at the start of every panel of Klein's sampled sweeps, which start from them.
+
 The panel method (:func:`sweep`: BLAS products ``G = R_{a:e, e:} Z_{e:}`` between panels of
-levels, in-panel tiles as above) is kept for Klein, whose sampled sweeps reuse every
-panel's product, and behind ``babai_kernel(..., panels=True)`` for comparison.
+levels, in-panel tiles as above) is kept behind ``babai_kernel(..., panels=True)`` for
+comparison.
 """
 
 from __future__ import annotations
@@ -153,20 +156,87 @@ def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
         cost[j0 + jj] += cl[jj]
 
 
+@njit(cache=True)
+def _panel_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
+    """:func:`_whole_tile` for Klein's Babai pass (``panel < n``): steps stop at the panel
+    bounds of :func:`panels` (``e = n - panel, n - 2 panel, ...``); at each bound ``e`` the targets
+    of the panel below it, ``T[a:e]`` (``a = max(0, e - panel)``: ``Y`` minus every update
+    of the levels ``>= e``, in level order), are kept in ``Yg[a:e, j0:j1]`` and the
+    squared residuals of the panel above are added to ``cost`` (a sum per panel, as the
+    sampled sweeps sum theirs). Neither changes the codes: each element still receives
+    the same operations in the same order.
+    """
+    n = R.shape[0]
+    w = j1 - j0
+    dt = proto.dtype
+    T = aligned_empty(n, w, proto)  # on a cache line: see aligned_empty
+    for l in range(n):
+        for jj in range(w):
+            T[l, jj] = Y[l, j0 + jj]
+    zb = aligned_empty(STEP, w, proto)
+    zdum = np.empty(w, dtype=dt)
+    coef = np.empty(STEP, dtype=dt)
+    cl = np.zeros(w)
+    srow = np.empty(w, dtype=dt)  # grid rows in the working precision (converted as read)
+    orow = np.empty(w, dtype=dt)
+    lorow = np.empty(w)
+    hirow = np.empty(w)
+    sg_last = -1
+    og_last = -1
+    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
+    edge = n - panel  # the next panel bound below (none when <= 0)
+    top = n
+    while top > 0:
+        if top == edge:
+            for jj in range(w):
+                cost[j0 + jj] += cl[jj]
+                cl[jj] = 0.0
+            for l in range(max(0, edge - panel), edge):
+                for jj in range(w):
+                    Yg[l, j0 + jj] = T[l, jj]
+            edge -= panel
+        bot = max(0, top - STEP, edge)
+        for q in range(top - 1, bot - 1, -1):
+            coef[0] = R[q, q]
+            rii = coef[0]
+            zq = zb[top - 1 - q]
+            sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, q, j0, w, srow, orow, lorow, hirow,
+                                          sg_last, og_last, per_level_bounds)
+            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
+            rank1_col(T, R, q, zq, bot, q, w, coef)
+        if top - bot == STEP:
+            rank16_rows(T, R, zb, top, bot, w, coef)
+        else:
+            for q in range(top - 1, bot - 1, -1):
+                rank1_col(T, R, q, zb[top - 1 - q], 0, bot, w, coef)
+        top = bot
+    for jj in range(w):
+        cost[j0 + jj] += cl[jj]
+
+
+@njit(cache=True, inline="always")
+def _tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
+    """One tile of the whole sweep: :func:`_whole_tile`, or :func:`_panel_tile` with panels."""
+    if panel < R.shape[0]:
+        _panel_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg)
+    else:
+        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1)
+
+
 @njit(cache=True, parallel=True)
-def _whole(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
+def _whole(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width, panel, Yg):
     k = Y.shape[1]
     for t in prange((k + width - 1) // width):
         j0 = t * width
-        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width))
+        _tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width), panel, Yg)
 
 
 @njit(cache=True, nogil=True)
-def _whole_one(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width):
+def _whole_one(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, width, panel, Yg):
     """``_whole`` in the calling thread (the same tiles, one after another), without the GIL."""
     k = Y.shape[1]
     for j0 in range(0, k, width):
-        _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width))
+        _tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, min(k, j0 + width), panel, Yg)
 
 
 def tile_width(k, dtype):
@@ -175,7 +245,7 @@ def tile_width(k, dtype):
     return (2 * TILE if k >= 32 * TILE else TILE) * (8 // np.dtype(dtype).itemsize)
 
 
-def whole_sweep(can, X, cost, dtype, *, timings=None):
+def whole_sweep(can, X, cost, dtype, *, panel=None, Yg=None, timings=None):
     """Babai's sweep over all levels per tile of RHS in one parallel launch (no BLAS products).
 
     Fills ``X`` (n, k) int64 and ``cost`` (k,) in place, working in ``dtype`` (float64 or
@@ -183,6 +253,12 @@ def whole_sweep(can, X, cost, dtype, *, timings=None):
     start to end, so no thread waits for another and no BLAS thread pool takes turns with
     numba's; the in-panel updates run at the speed of a BLAS product (fused rank-16 passes
     over the task's tile).
+
+    With ``panel`` and ``Yg`` (Klein's Babai pass), the targets at the start of every
+    panel of :func:`panels` but the first are kept: ``Yg[a:e]`` (``Yg`` (r, k) in
+    ``dtype``, ``r`` at least the first panel's lower bound ``n - panel``) holds
+    ``Y[a:e]`` minus the updates of every level ``>= e`` in level order, and ``cost`` is
+    summed per panel; the codes are those of the plain sweep.
     """
     clock = Clock(timings)
     Y = readonly(can.Y)
@@ -191,6 +267,10 @@ def whole_sweep(can, X, cost, dtype, *, timings=None):
     # is converted to the working precision as it is read, rounding as ``astype`` does
     S, Sg, O, Og, LO, HI = grids(can)
     cost[:] = 0.0
+    if panel is None:
+        panel, Yg = n, np.empty((0, 0), dtype=dtype)
+    elif Yg is None or Yg.dtype != dtype or Yg.shape[0] < n - panel or Yg.shape[1] != k:
+        raise ValueError(f"`Yg` must be a ({max(0, n - panel)}, {k}) {np.dtype(dtype)} array")
     clock.lap("grid")
     width = tile_width(k, dtype)
     # one tile, or one numba thread (a dask worker's default): no parallel launch, and the
@@ -198,7 +278,8 @@ def whole_sweep(can, X, cost, dtype, *, timings=None):
     # scheduler while a chunk solves; the parallel kernels keep the GIL, as numba's
     # workqueue threading layer must not be entered by two threads at once)
     fn = _whole if k > width and numba.get_num_threads() > 1 else _whole_one
-    fn(Y, readonly(can.R), np.empty(0, dtype=dtype), S, Sg, O, Og, LO, HI, X, cost, width)
+    fn(Y, readonly(can.R), np.empty(0, dtype=dtype), S, Sg, O, Og, LO, HI, X, cost, width,
+       max(1, int(panel)), Yg)
     clock.lap("sweep")
 
 
@@ -233,10 +314,11 @@ def sweep(can, panel, X, Z, cost, *, G_out=None, RTs=None, width=None, products=
     tiles, products and updates run in single precision and ``cost`` is summed in double
     precision from single-precision residuals.
     With ``G_out`` (n, k), the products ``R[a:e, e:] @ Z[e:]`` of every panel are kept
-    in ``G_out[a:e]`` (zero for the first panel) for Klein's sampled sweeps.
+    in ``G_out[a:e]`` (zero for the first panel: what Klein's sampled sweeps started
+    from until its Babai pass became :func:`whole_sweep`).
     ``RTs``, one per panel of :func:`panels` (float64 sweeps only), are the panels'
     transposed diagonal blocks ``R[a:e, a:e].T`` (C-contiguous, read-only) when the caller
-    has them already (Klein shares them with its sampled sweeps). ``width``: right-hand
+    has them already (as Klein's packed panel blocks). ``width``: right-hand
     sides per in-panel task (default :func:`tile_width`); it does not change the result.
     ``products``, a :class:`~bils._numba._blas.Products` inside its ``with`` block, runs
     the panels' products (no spinning OpenBLAS pool beside the in-panel kernels).

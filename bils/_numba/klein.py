@@ -8,25 +8,29 @@ same on every backend and thread count.
 
 Sampled sweeps without matrix products. A sample's decided points differ from the Babai
 point's in few places (of the order of 10% of the levels on layer-shaped problems), so
-for the panel ``[a, e)``
+the targets at the start of the panel ``[a, e)`` are
 
 .. math::
 
-    R_{a:e,\,e:} Z^{(s)}_{e:} = R_{a:e,\,e:} Z^{(b)}_{e:}
-        + \sum_{l \ge e,\; x^{(s)}_l \ne x^{(b)}_l} R_{a:e,\,l}\; s_l (x^{(s)}_l - x^{(b)}_l),
+    Y_{a:e} - R_{a:e,\,e:} Z^{(s)}_{e:} = \big(Y_{a:e} - R_{a:e,\,e:} Z^{(b)}_{e:}\big)
+        - \sum_{l \ge e,\; x^{(s)}_l \ne x^{(b)}_l} R_{a:e,\,l}\; s_l (x^{(s)}_l - x^{(b)}_l),
 
-where the first term is kept from the Babai sweep (``G_out``) and the sum runs over a
+where the first term is kept from the Babai sweep (``Yg``: the plain Babai's whole
+sweep, :func:`~bils._numba.babai.whole_sweep`, keeps its targets at every panel start,
+``Y`` minus the updates of the levels above in level order) and the sum runs over a
 per-tile list of the levels where the sample left the Babai point, recorded as the levels
 are decided. Work per sample is proportional to the number of differences instead of a
 full ``n^2 k`` product. The sum is applied per RHS in ascending level order, four
 differences per pass over the panel's rows (:func:`_corrections`), so every element gets
-its products and sums rounded exactly as a loop over the differences would.
+its products and sums rounded exactly as a loop over the differences would. A sample
+equal to the Babai point thus starts every panel from bitwise the Babai sweep's targets
+and decides its levels with the same operations (the Babai cost is summed per panel, as
+the samples' are), so it has bitwise the Babai cost and ``improved`` is exact.
 
 Right-hand sides are independent, so the sampled sweeps need no barrier between panels:
 one parallel launch gives each task a tile of RHS and takes it through every sample and
 panel, keeping the better point per RHS after each sample (:func:`_tile_samples`). The
-tile's codes and difference lists live in per-thread scratch; the first sample of a tile
-turns the kept products into ``Y - G`` in place, which the later samples read.
+tile's codes and difference lists live in per-thread scratch.
 """
 
 from __future__ import annotations
@@ -38,10 +42,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..result import Status
-from ._blas import Products
 from ._common import ALIGN, TILE, Clock, at, box_round, grids, readonly, uniform
 from ._tiles import STEP, fixed_bounds, level_rows, rank1, update_below
-from .babai import panels, sweep, whole_sweep
+from .babai import panels, whole_sweep
 
 __all__ = ["klein_kernel", "klein_panel", "klein_pick"]
 
@@ -51,32 +54,22 @@ WINDOW_SIGMAS = 6.0
 _SKIP_EXP = 45.0
 #: Candidates per side of the centre whose weights are kept in scratch.
 _NBUF = 32
-#: Fewest levels per panel of the numba Klein (its Babai sweep and every sampled sweep use
-#: the same panels: a sample equal to the Babai point then has bitwise the Babai cost, so
-#: ``improved`` is exact). The panel is the smallest multiple of ``block_size`` at least
-#: this large: on a 4096 x 4096 layer with S = 8, panels of 128 levels cost 2.2x the CPU
-#: time of panels of 1024 (the Babai sweep's BLAS products and thread hand-overs per panel,
-#: a parallel launch per panel and sample); 512: 1.2x, 2048: 1.0x (measured side by side).
-#: The corrections of a sample cost the same for any panel size (a sum over the levels
-#: below each panel where the sample left the Babai point), the in-panel sweep grows with it.
+#: Fewest levels per panel of the numba Klein's sampled sweeps (the Babai sweep keeps its
+#: targets at the same panel starts and sums its cost per panel: a sample equal to the
+#: Babai point then has bitwise the Babai cost, so ``improved`` is exact). The panel is the
+#: smallest multiple of ``block_size`` at least this large: on a 4096 x 4096 layer with
+#: S = 8, panels of 128 levels cost 2.2x the CPU time of panels of 1024 (when the Babai
+#: sweep still made BLAS products per panel; a parallel launch per panel and sample);
+#: 512: 1.2x, 2048: 1.0x (measured side by side). The corrections of a sample cost the
+#: same for any panel size (a sum over the levels below each panel where the sample left
+#: the Babai point), the in-panel sweep grows with it.
 MIN_PANEL = 1024
-#: Columns per block of the Babai sweep's panel products (:class:`~bils._numba._blas.Products`:
-#: OpenBLAS held at one thread, blocks over Python threads, so no spinning OpenBLAS pool
-#: runs beside the in-panel kernels and the samples; 35-50 ms of CPU after each product
-#: before). A (1024 x 3072) @ (3072 x 4096) product: 0.220 s wall with blocks of 256
-#: columns, 0.204 with 512, 0.195 with 1024 or threaded OpenBLAS; results bitwise equal.
-PRODUCT_COLS = 512
 #: Right-hand sides per parallel task of a sampled sweep (wide tiles: each task streams
 #: the panel's rows of ``R`` once, and each row of ``R`` and of ``zb`` loaded in the
 #: in-panel updates serves more right-hand sides). One sample on 4096 x 2048, one thread,
 #: CPU seconds side by side: 0.35-0.40 with 256, 0.44-0.54 with 128; 4096 x 1024: 0.21
 #: against 0.23; 512 was slower than 128. The width does not change the result.
 SAMPLE_TILE = 256
-#: Right-hand sides per task of Klein's Babai sweep between its products (in-panel tiles
-#: of 1024 levels x 128 RHS, 1 MB in float64, the core's L2). One thread, 4096 x 1024,
-#: CPU seconds of the four panels side by side: 0.13 with 32, 0.10 with 64 (the plain
-#: Babai's width), 0.08 with 128, 0.10 with 256. The width does not change the result.
-BABAI_TILE = 128
 
 
 @njit(cache=True)
@@ -385,13 +378,13 @@ def _aligned(buf, rows, cols):
 
 
 @njit(cache=True, error_model="numpy")
-def _sample_tile(Y, Yg, first, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cost, j0, w,
+def _sample_tile(Y, Yg, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cost, j0, w,
                  dcnt, djj, dval, sample, taur, sqr, seedr, nlev, Tbuf, CTbuf, zbuf):
     """One panel ``[a, a + m)`` of one sampled sweep for right-hand sides ``[j0, j0 + w)``.
 
-    ``Yg`` holds ``G = R[a:e, e:] Z_babai[e:]`` of the Babai sweep; the first sample of the
-    tile (``first``) replaces it with ``Y - G`` in place (the tile's columns only), which
-    the later samples read. ``xb``/``xs`` (n, >= w) are the tile's Babai and sample codes,
+    ``Yg`` holds the Babai sweep's targets at the panel's start, ``Y[a:e]`` minus the
+    updates of the levels ``>= e`` (read for ``e < n``; the first panel starts from ``Y``).
+    ``xb``/``xs`` (n, >= w) are the tile's Babai and sample codes,
     ``dcnt`` (n, 1), ``djj``/``dval`` (n, >= w) its per-level difference lists; ``cost``
     (w,) receives the panel's squared residuals.
     """
@@ -403,16 +396,9 @@ def _sample_tile(Y, Yg, first, RT, RS, a, S, Sg, O, Og, LO, HI, xb, xs, cost, j0
         CT = _aligned(CTbuf, w, m + CT_PAD)
         CT[...] = 0.0
         _corrections(CT, RS, e, nlev, 0, 0, dcnt, djj, dval)
-        if first:
-            for l in range(m):
-                for jj in range(w):
-                    v = Y[a + l, j0 + jj] - Yg[a + l, j0 + jj]
-                    Yg[a + l, j0 + jj] = v
-                    T[l, jj] = v - CT[jj, l]
-        else:
-            for l in range(m):
-                for jj in range(w):
-                    T[l, jj] = Yg[a + l, j0 + jj] - CT[jj, l]
+        for l in range(m):
+            for jj in range(w):
+                T[l, jj] = Yg[a + l, j0 + jj] - CT[jj, l]
     else:
         for l in range(m):
             for jj in range(w):
@@ -494,7 +480,7 @@ def _tile_samples(Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, X, cost, improv
             a = pa[p]
             m = pe[p] - a
             blk = RP[poff[p]:poff[p] + (n - a) * m].reshape((n - a, m))
-            _sample_tile(Y, Yg, s == 0, blk[:m], blk[m:], a, S, Sg, O, Og, LO, HI, xb, xs, cs,
+            _sample_tile(Y, Yg, blk[:m], blk[m:], a, S, Sg, O, Og, LO, HI, xb, xs, cs,
                          j0, w, dcnt, djj, dval, s, taur, sqr, seedr, n, TB[tid], CTB[tid], ZB[tid])
         nc = 0
         for jj in range(w):
@@ -533,15 +519,6 @@ def _samples_one(Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, X, cost, improve
 def _sample_width(k):
     """Tile width of the sampled sweeps: wide, but at least ~4 tasks per 2 threads."""
     w = SAMPLE_TILE
-    while w > TILE and (k + w - 1) // w < 8:
-        w //= 2
-    return w
-
-
-def _babai_width(k):
-    """Tile width of Klein's Babai sweep: :data:`BABAI_TILE`, halved down to ``TILE``
-    while there would be fewer than 8 tasks."""
-    w = BABAI_TILE
     while w > TILE and (k + w - 1) // w < 8:
         w //= 2
     return w
@@ -598,9 +575,12 @@ def _packed_panels(R, bounds):
 def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
     """Numba kernel of :func:`bils.klein` (same contract as ``_klein_numpy``).
 
-    Sweeps run in panels of :func:`klein_panel` levels (``block_size`` rounded up to a
-    multiple of at least :data:`MIN_PANEL`); like the numba Babai, the panels change
-    the result only through rounding.
+    The Babai point comes from the plain Babai's whole sweep
+    (:func:`~bils._numba.babai.whole_sweep`, one parallel launch, no BLAS products), which
+    also keeps its targets at the start of every panel of :func:`klein_panel` levels
+    (``block_size`` rounded up to a multiple of at least :data:`MIN_PANEL`) and sums its
+    cost per panel; the sampled sweeps run in those panels. Like the numba Babai, the
+    panels change the result only through rounding.
 
     The sampled sweeps run in one parallel launch over tiles of right-hand sides: a task
     takes its tile through every sample and panel, and keeps the better point per RHS
@@ -608,9 +588,8 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
     difference lists.
 
     ``timings``, a dict, receives seconds per phase: ``convert`` (the transposed panel
-    blocks of ``R``, shared by the Babai sweep and the samples), ``babai`` (the Babai
-    sweep keeping every panel's product), ``samples`` (the sampled sweeps and the
-    selection).
+    blocks of ``R`` for the samples), ``babai`` (the Babai sweep keeping every panel's
+    starting targets), ``samples`` (the sampled sweeps and the selection).
     """
     clock = Clock(timings)
     n, k = can.Y.shape
@@ -624,13 +603,9 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
         panel = klein_panel(block_size)
         bounds = panels(n, panel)
         RP, poff = _packed_panels(can.R, bounds)
-        RTs = [RP[off:off + (n - a) * (e - a)].reshape(n - a, e - a)[: e - a]
-               for (a, e), off in zip(bounds, poff)]
         clock.lap("convert")
-        Yg = np.empty((n, k))
-        with Products(numba.get_num_threads(), cols=PRODUCT_COLS) as prod:
-            sweep(can, panel, xb, np.empty((n, k)), cost_b, G_out=Yg, RTs=RTs,
-                  width=_babai_width(k), products=prod)
+        Yg = np.empty((max(0, n - panel), k))  # targets at every panel start but the first
+        whole_sweep(can, xb, cost_b, np.dtype(np.float64), panel=panel, Yg=Yg)
         clock.lap("babai")
         Y = readonly(can.Y)
         S, Sg, O, Og, LO, HI = grids(can)
@@ -653,7 +628,7 @@ def klein_kernel(can, *, n_samples, tau, seeds, block_size, timings=None):
                    np.empty((nthr, panel * width + pad)),  # target tile
                    np.empty((nthr, width * (panel + CT_PAD) + pad)),  # corrections
                    np.empty((nthr, STEP * width + pad)))  # a step's points
-        args = (Y, Yg, RP, poff, pa, pe, S, Sg, O, Og, LO, HI, xb, cost_b, improved, width,
+        args = (Y, readonly(Yg), RP, poff, pa, pe, S, Sg, O, Og, LO, HI, xb, cost_b, improved, width,
                 n_samples, tau_r, sqrt_t, seeds, *scratch)
         with np.errstate(over="ignore"):  # uint64 hashing wraps (NUMBA_DISABLE_JIT)
             if parallel:

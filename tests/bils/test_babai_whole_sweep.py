@@ -110,3 +110,57 @@ def test_one_numba_thread_runs_the_tiles_in_the_calling_thread(precision, panels
     assert calls and set(calls) == {"_sweep_panel_one" if panels else "_whole_one"}
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(c1, c2)
+
+
+def _plain_targets(can, x, stop=0):
+    """``Y - R Z`` of the codes ``x``, one level at a time from the top down to level
+    ``stop``: row ``q >= stop`` as level ``q`` is decided, rows below ``stop`` with every
+    level ``>= stop`` subtracted (the plain loop the whole sweep's fused updates equal)."""
+    R = np.asarray(can.R)
+    n = R.shape[0]
+    T = np.array(can.Y, dtype=np.float64)
+    for q in range(n - 1, stop - 1, -1):
+        z = can.scale.row(q) * x[q] + can.offset.row(q)
+        T[:q] = T[:q] - R[:q, q, None] * z
+    return T
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("n, k, panel", [(45, 70, 16), (45, 70, 21), (50, 130, 7), (33, 5, 40),
+                                         (64, 3, 32)])
+def test_whole_sweep_keeps_panel_targets(grouped, n, k, panel):
+    """Klein's Babai pass (``whole_sweep(panel=, Yg=)``): the codes of the plain sweep;
+    ``Yg[a:e]`` bitwise ``Y[a:e]`` minus the updates of the levels ``>= e`` one level at a
+    time from the top; ``cost`` bitwise the squared residuals summed per panel (levels in
+    decision order, panels added from the top). Panels that are and are not multiples of
+    the 16-level steps, one and several tiles of RHS, a single panel (``panel >= n``)."""
+    can = _case(n, k, seed=n + k + panel, grouped=grouped)
+    x0, c0 = np.empty((n, k), dtype=np.int64), np.empty(k)
+    nbb.whole_sweep(can, x0, c0, np.dtype(np.float64))
+    x, cost = np.empty((n, k), dtype=np.int64), np.empty(k)
+    Yg = np.full((max(0, n - panel), k), np.nan)
+    nbb.whole_sweep(can, x, cost, np.dtype(np.float64), panel=panel, Yg=Yg)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_allclose(cost, c0, rtol=1e-12)
+    T = _plain_targets(can, x)
+    R = np.asarray(can.R)
+    ref = np.zeros(k)
+    for a, e in nbb.panels(n, panel):
+        if e < n:  # the first panel starts from Y, nothing kept
+            np.testing.assert_array_equal(Yg[a:e], _plain_targets(can, x, stop=e)[a:e])
+        cl = np.zeros(k)
+        for q in range(e - 1, a - 1, -1):
+            s, o = can.scale.row(q), can.offset.row(q)
+            r = (T[q] - R[q, q] * o) - (R[q, q] * s) * x[q]
+            cl += r * r
+        ref += cl
+    np.testing.assert_array_equal(cost, ref)
+    assert not np.isnan(Yg).any()
+
+
+def test_whole_sweep_checks_kept_targets():
+    can = _case(20, 3, seed=0, grouped=True)
+    x, cost = np.empty((20, 3), dtype=np.int64), np.empty(3)
+    for Yg in (None, np.empty((3, 3)), np.empty((16, 3), dtype=np.float32), np.empty((16, 4))):
+        with pytest.raises(ValueError, match="`Yg` must be a"):
+            nbb.whole_sweep(can, x, cost, np.dtype(np.float64), panel=4, Yg=Yg)

@@ -183,3 +183,32 @@ def test_one_launch_over_tiles_equals_the_serial_tiles(monkeypatch, bounds):
     assert np.mean(ref.x == par.x) >= 0.999
     np.testing.assert_allclose(par.cost, ref.cost, rtol=1e-9)
     np.testing.assert_array_equal(par.info["improved"], ref.info["improved"])
+
+
+@pytest.mark.parametrize("min_panel, block_size", [(16, 16), (16, 5), (1024, 128)])
+def test_samples_equal_to_babai_never_improve(monkeypatch, min_panel, block_size):
+    """A temperature so small that every draw is the rounded centre: every sample is the
+    Babai point, and must have bitwise its cost (the Babai pass keeps the targets at each
+    panel start and sums its cost per panel, as the samples do), so nothing is
+    ``improved``; over panels that are and are not multiples of the 16-level steps, and
+    one panel. Then a usual temperature improves some columns, never worsens any."""
+    import bils
+
+    rng = np.random.default_rng(8)
+    n, k = 60, 300
+    R = np.triu(rng.normal(0, 0.4, (n, n)), 1) + np.diag(rng.uniform(0.4, 2.0, n))
+    S = rng.uniform(0.3, 1.5, (n, 1))
+    Y = R @ (S * rng.uniform(-1, 8, (n, k))) + rng.normal(0, 0.3, (n, k))
+    monkeypatch.setattr(nbk, "MIN_PANEL", min_panel)
+    babai = bils.babai(R, Y, 0, 7, scale=S, backend="numba")
+    cold = bils.klein(R, Y, 0, 7, scale=S, n_samples=3, tau=1e-30, rng=1, block_size=block_size,
+                      backend="numba")
+    assert not cold.info["improved"].any()
+    np.testing.assert_array_equal(cold.x, babai.x)
+    np.testing.assert_allclose(cold.cost, babai.cost, rtol=1e-12)
+    warm = bils.klein(R, Y, 0, 7, scale=S, n_samples=3, tau=0.5, rng=1, block_size=block_size,
+                      backend="numba")
+    better = warm.info["improved"]
+    assert better.any()
+    np.testing.assert_array_equal(warm.x[:, ~better], babai.x[:, ~better])
+    assert np.all(warm.cost[better] < cold.cost[better])
