@@ -81,6 +81,31 @@ def test_babai_float64_matches_numba(n, k, grid):
     assert_cost_consistent(g, case)
 
 
+@pytest.mark.parametrize("solver, kw", [("babai", {}), ("klein", {"n_samples": 3, "rng": 4}),
+                                        ("kbest", {"beam_width": 4})])
+def test_grouped_and_full_grids_same_codes_on_every_backend(solver, kw):
+    """Issue #23: a :class:`bils.GroupedGrid` (groups of 4 rows x RHS, 3 bits) and the
+    (n, k) arrays it stands for give identical codes on numpy, numba and cupy (float64);
+    costs agree to rounding."""
+    rng = np.random.default_rng(23)
+    n, k, g = 12, 19, 4
+    R = np.triu(rng.standard_normal((n, n))) * 0.3 + 2 * np.eye(n)
+    Y = rng.standard_normal((n, k)) * 6
+    groups = np.arange(n) // g
+    S = bils.GroupedGrid(rng.uniform(0.5, 2.0, (n // g, k)), groups)
+    O = bils.GroupedGrid(rng.uniform(-0.5, 0.5, (n // g, k)), groups)
+    fn = getattr(bils, solver)
+    results = {}
+    for form, (scale, offset) in {"grouped": (S, O), "full": (S.dense(), O.dense())}.items():
+        for backend in ("numpy", "numba", "cupy"):
+            results[form, backend] = H(fn(R, Y, 0, 7, scale=scale, offset=offset, backend=backend, **kw))
+    ref = results["full", "numpy"]
+    for key, r in results.items():
+        assert np.array_equal(r.x, ref.x), key
+        np.testing.assert_allclose(r.cost, ref.cost, rtol=1e-10, err_msg=str(key))
+    assert_feasible(ref, (R, Y, 0, 7, S.dense(), O.dense()))
+
+
 def test_babai_default_launch_sizes(monkeypatch):
     """The shipped sizes: 128-level blocks (float64: two 64-level shared-memory sub-blocks)."""
     from bils._cuda._common import LAUNCH, Launch
