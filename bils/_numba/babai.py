@@ -108,19 +108,15 @@ def _sweep_tile(Y, G, has_g, RT, a, S, Sg, O, Og, LO, HI, Z, X, cost, j0, j1):
         cost[j0 + jj] += cl[jj]
 
 
-@njit(cache=True)
-def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
-    """All levels of right-hand sides ``[j0, j1)``, right-looking, without BLAS products.
-
-    The tile ``T`` (n, w) starts as ``Y``'s columns (in the precision of ``proto``); levels
-    are decided in steps of :data:`~bils._numba._tiles.STEP`, each level updating the rows
-    of its step below it, then every row below the step gets the step's 16 updates in one
-    pass (:func:`~bils._numba._tiles.rank16_rows`, coefficients read from ``R``'s rows).
-    """
-    n = R.shape[0]
-    w = j1 - j0
+@njit(cache=True, inline="always")
+def _tile_scratch(Y, proto, LO, HI, j0, w):
+    """A whole-sweep tile's working arrays: ``T`` (n, w), ``Y``'s columns ``[j0, j0 + w)``
+    in the precision of ``proto`` on a cache line (see ``aligned_empty``), the step's codes
+    ``zb``, scratch rows, the cost accumulator ``cl`` and the bound rows (filled once when
+    the bounds do not vary per level: ``per_level_bounds`` False)."""
+    n = Y.shape[0]
     dt = proto.dtype
-    T = aligned_empty(n, w, proto)  # on a cache line: see aligned_empty
+    T = aligned_empty(n, w, proto)
     for l in range(n):
         for jj in range(w):
             T[l, jj] = Y[l, j0 + jj]
@@ -132,25 +128,55 @@ def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
     orow = np.empty(w, dtype=dt)
     lorow = np.empty(w)
     hirow = np.empty(w)
+    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
+    return T, zb, zdum, coef, cl, srow, orow, lorow, hirow, per_level_bounds
+
+
+@njit(cache=True, inline="always")
+def _tile_step(T, R, S, Sg, O, Og, LO, HI, X, j0, j1, top, bot, zb, zdum, coef, cl, srow, orow,
+               lorow, hirow, sg_last, og_last, per_level_bounds):
+    """Levels ``top - 1`` down to ``bot`` of a tile (one step of at most ``STEP`` levels):
+    each decided and applied to the step's rows below it, then every row below the step
+    gets the step's updates (one rank-16 pass for a full step). Returns the grid rows' cache
+    keys ``(sg_last, og_last)``."""
+    w = j1 - j0
+    for q in range(top - 1, bot - 1, -1):
+        coef[0] = R[q, q]
+        rii = coef[0]
+        zq = zb[top - 1 - q]
+        sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, q, j0, w, srow, orow, lorow, hirow,
+                                      sg_last, og_last, per_level_bounds)
+        _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
+        rank1_col(T, R, q, zq, bot, q, w, coef)
+    if top - bot == STEP:
+        rank16_rows(T, R, zb, top, bot, w, coef)
+    else:
+        for q in range(top - 1, bot - 1, -1):
+            rank1_col(T, R, q, zb[top - 1 - q], 0, bot, w, coef)
+    return sg_last, og_last
+
+
+@njit(cache=True)
+def _whole_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1):
+    """All levels of right-hand sides ``[j0, j1)``, right-looking, without BLAS products.
+
+    The tile ``T`` (n, w) starts as ``Y``'s columns (in the precision of ``proto``); levels
+    are decided in steps of :data:`~bils._numba._tiles.STEP`, each level updating the rows
+    of its step below it, then every row below the step gets the step's 16 updates in one
+    pass (:func:`~bils._numba._tiles.rank16_rows`, coefficients read from ``R``'s rows).
+    """
+    n = R.shape[0]
+    w = j1 - j0
+    T, zb, zdum, coef, cl, srow, orow, lorow, hirow, per_level_bounds = _tile_scratch(
+        Y, proto, LO, HI, j0, w)
     sg_last = -1
     og_last = -1
-    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
     top = n
     while top > 0:
         bot = max(0, top - STEP)
-        for q in range(top - 1, bot - 1, -1):
-            coef[0] = R[q, q]
-            rii = coef[0]
-            zq = zb[top - 1 - q]
-            sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, q, j0, w, srow, orow, lorow, hirow,
-                                          sg_last, og_last, per_level_bounds)
-            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
-            rank1_col(T, R, q, zq, bot, q, w, coef)
-        if top - bot == STEP:
-            rank16_rows(T, R, zb, top, bot, w, coef)
-        else:
-            for q in range(top - 1, bot - 1, -1):
-                rank1_col(T, R, q, zb[top - 1 - q], 0, bot, w, coef)
+        sg_last, og_last = _tile_step(T, R, S, Sg, O, Og, LO, HI, X, j0, j1, top, bot, zb, zdum,
+                                      coef, cl, srow, orow, lorow, hirow, sg_last, og_last,
+                                      per_level_bounds)
         top = bot
     for jj in range(w):
         cost[j0 + jj] += cl[jj]
@@ -168,22 +194,10 @@ def _panel_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
     """
     n = R.shape[0]
     w = j1 - j0
-    dt = proto.dtype
-    T = aligned_empty(n, w, proto)  # on a cache line: see aligned_empty
-    for l in range(n):
-        for jj in range(w):
-            T[l, jj] = Y[l, j0 + jj]
-    zb = aligned_empty(STEP, w, proto)
-    zdum = np.empty(w, dtype=dt)
-    coef = np.empty(STEP, dtype=dt)
-    cl = np.zeros(w)
-    srow = np.empty(w, dtype=dt)  # grid rows in the working precision (converted as read)
-    orow = np.empty(w, dtype=dt)
-    lorow = np.empty(w)
-    hirow = np.empty(w)
+    T, zb, zdum, coef, cl, srow, orow, lorow, hirow, per_level_bounds = _tile_scratch(
+        Y, proto, LO, HI, j0, w)
     sg_last = -1
     og_last = -1
-    per_level_bounds = fixed_bounds(LO, HI, j0, w, lorow, hirow)
     edge = n - panel  # the next panel bound below (none when <= 0)
     top = n
     while top > 0:
@@ -196,19 +210,9 @@ def _panel_tile(Y, R, proto, S, Sg, O, Og, LO, HI, X, cost, j0, j1, panel, Yg):
                     Yg[l, j0 + jj] = T[l, jj]
             edge -= panel
         bot = max(0, top - STEP, edge)
-        for q in range(top - 1, bot - 1, -1):
-            coef[0] = R[q, q]
-            rii = coef[0]
-            zq = zb[top - 1 - q]
-            sg_last, og_last = level_rows(S, Sg, O, Og, LO, HI, q, j0, w, srow, orow, lorow, hirow,
-                                          sg_last, og_last, per_level_bounds)
-            _decide_row(T[q], rii, srow, orow, lorow, hirow, zq, zdum, X[q, j0:j1], cl)
-            rank1_col(T, R, q, zq, bot, q, w, coef)
-        if top - bot == STEP:
-            rank16_rows(T, R, zb, top, bot, w, coef)
-        else:
-            for q in range(top - 1, bot - 1, -1):
-                rank1_col(T, R, q, zb[top - 1 - q], 0, bot, w, coef)
+        sg_last, og_last = _tile_step(T, R, S, Sg, O, Og, LO, HI, X, j0, j1, top, bot, zb, zdum,
+                                      coef, cl, srow, orow, lorow, hirow, sg_last, og_last,
+                                      per_level_bounds)
         top = bot
     for jj in range(w):
         cost[j0 + jj] += cl[jj]
