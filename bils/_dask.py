@@ -58,6 +58,8 @@ import uuid
 
 import numpy as np
 
+from ._grid import GroupedGrid
+
 __all__ = ["is_dask_array", "uses_dask", "run_solver_dask", "code_dtype", "worker_numba_threads"]
 
 #: Per-RHS entries of ``info`` (shape (k,) or (m, k)) returned lazily, by solver.
@@ -221,7 +223,7 @@ SOLVE_SLICE_ELEMENTS = 4_000_000
 
 
 def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
-                 options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
+                 options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype, grouped=None):
     """Solve one column chunk in memory; returns (x, cost, status, per-RHS info).
 
     A numpy chunk wider than :data:`SOLVE_SLICE_ELEMENTS` ``// n`` columns is solved in
@@ -230,7 +232,8 @@ def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels
     the result is the one-call result (the same codes, statuses and, with numba, costs).
     """
     kw = dict(solver=solver, kernels=kernels, backend=backend, options=options, rhs_names=rhs_names,
-              k_total=k_total, perm=perm, dead=dead, info_keys=info_keys, code_dtype=code_dtype)
+              k_total=k_total, perm=perm, dead=dead, info_keys=info_keys, code_dtype=code_dtype,
+              grouped=grouped)
     with _numba_threads(backend):
         kc = np.shape(Y)[-1] if np.ndim(Y) == 2 else 1
         step = max(1, SOLVE_SLICE_ELEMENTS // max(1, np.shape(Y)[0]))
@@ -249,15 +252,21 @@ def _solve_block(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels
 
 
 def _solve_block_here(R, Y, lo, hi, scale, offset, cost_offset, *rhs, solver, kernels, backend,
-                      options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype):
+                      options, rhs_names, j0, k_total, perm, dead, info_keys, code_dtype,
+                      grouped=None):
     from ._driver import run_solver
     from .problem import BILSProblem
 
+    grids = [lo, hi, scale, offset]
+    for i, groups in (grouped or {}).items():  # this chunk's columns of a GroupedGrid's values
+        grids[i] = GroupedGrid(grids[i], groups)
+    lo, hi, scale, offset = grids
     if callable(options):
         options = _ChunkOptions(options, j0, k_total, dict(zip(rhs_names, rhs)))
     Y = np.asarray(Y)
     if cost_offset is not None:  # a BILSProblem chunk: keeps its ordering and constant cost
-        prob = BILSProblem(R, Y, *(np.asarray(g) for g in (lo, hi, scale, offset)), perm,
+        prob = BILSProblem(R, Y, *(g if isinstance(g, GroupedGrid) else np.asarray(g)
+                                   for g in (lo, hi, scale, offset)), perm,
                            np.asarray(cost_offset, dtype=np.float64), dead, False)
         res = run_solver(solver, kernels, prob, None, None, None, None, None, backend, options)
     else:
@@ -363,8 +372,20 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
         raise ValueError("`Y` must have at least one column (and known chunk sizes)")
 
     grids = []
-    for name, a, default in (("lo", lo, 0), ("hi", hi, 0), ("scale", scale, 1.0), ("offset", offset, 0.0)):
-        g = _grid_2d(name, a, n, k, squeeze, default)
+    grouped = {}  # index in grids -> group map of a GroupedGrid (its values go in ``grids``)
+    for i, (name, a, default) in enumerate((("lo", lo, 0), ("hi", hi, 0), ("scale", scale, 1.0),
+                                            ("offset", offset, 0.0))):
+        if isinstance(a, GroupedGrid):
+            if i < 2:
+                raise TypeError(f"`{name}` must be a number or an array; a GroupedGrid is a "
+                                f"form of `scale` and `offset` only")
+            if a.shape[0] != n or a.values.shape[1] not in (1, k):
+                raise ValueError(f"`{name}` (a GroupedGrid of shape {a.shape}) must be "
+                                 f"broadcastable to `Y.shape` {(n, k)}")
+            # the (groups, 1 or k) values travel like a grid, cut by the chunks' columns;
+            # each task rebuilds its chunk's GroupedGrid (never an (n, k) array)
+            grouped[i], a = a.groups, a.values
+        g = _grid_2d(name, a, a.shape[0] if i in grouped else n, k, squeeze, default)
         _check_dtype(name, g)
         grids.append(g)
     # the column chunking comes from Y, or from the first dask grid when Y is in memory
@@ -398,7 +419,7 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
     token = tokenize(solver, Rm, Y.name, [g if not is_dask_array(g) else g.name for g in grids],
                      None if co is None else (co if not is_dask_array(co) else co.name), be,
                      options if isinstance(options, dict) else uuid.uuid4().hex,
-                     [np.asarray(v) for v in rhs.values()])
+                     [np.asarray(v) for v in rhs.values()], sorted(grouped.items()))
     # a small R goes into every chunk's task (no R task to run before the solves, no R
     # transfer between workers); a large one is one graph key shared by every chunk task
     r_key = None if inline_R(Rm, nb) else f"bils-R-{tokenize(Rm)}"
@@ -407,7 +428,7 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
     xdt = code_dtype(grids[0], grids[1])
     func = functools.partial(_solve_block, solver=solver, kernels=kernels, backend=be,
                              options=options, rhs_names=tuple(rhs), k_total=k, perm=perm,
-                             dead=dead, info_keys=info_keys, code_dtype=xdt)
+                             dead=dead, info_keys=info_keys, code_dtype=xdt, grouped=grouped)
     recipe = {}  # each chunk's solve as one task tuple: reduce_chunks composes with it
     for j in range(nb):
         args = [r_arg, (Y.name, 0, j)] + [p.block(j) for p in pieces]
@@ -685,12 +706,24 @@ def build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offs
     if ordering == "chang_han":
         raise NotImplementedError("ordering='chang_han' (per-RHS orderings) is not supported with "
                                   "dask targets; use a shared ordering such as 'diag' or 'sqrd'")
+    from .problem import _rows
+
     n, k = Y.shape
-    grids = [_grid_2d(nm, a, n, k, squeeze, d).astype(t) for nm, a, d, t in
+    for nm, g in (("lo", lo), ("hi", hi)):
+        if isinstance(g, GroupedGrid):
+            raise TypeError(f"`{nm}` must be a number or an array; a GroupedGrid is a form of "
+                            f"`scale` and `offset` only")
+    for nm, g in (("scale", scale), ("offset", offset)):
+        if isinstance(g, GroupedGrid) and (g.shape[0] != n or g.values.shape[1] not in (1, k)):
+            raise ValueError(f"`{nm}` (a GroupedGrid of shape {g.shape}) must be broadcastable "
+                             f"to `Y.shape` {(n, k)}")
+    # a GroupedGrid stays one (its values are cut by column chunks when solving)
+    grids = [a.astype(t) if isinstance(a, GroupedGrid) else _grid_2d(nm, a, n, k, squeeze, d).astype(t)
+             for nm, a, d, t in
              (("lo", lo, 0, np.int64), ("hi", hi, 0, np.int64), ("scale", scale, 1.0, np.float64),
               ("offset", offset, 0.0, np.float64))]
     for nm, g in zip(("lo", "hi", "scale", "offset"), (lo, hi, scale, offset)):
-        if g is not None:
+        if g is not None and not isinstance(g, GroupedGrid):
             _check_dtype(nm, g if is_dask_array(g) else np.asarray(g))
     cost_offset = cost_offset if is_dask_array(cost_offset) else np.asarray(cost_offset, dtype=np.float64)
     if ordering == "natural":
@@ -702,7 +735,7 @@ def build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offs
     sign[sign == 0] = 1.0
     Rp = sign[:, None] * Rp
     Yp = map_columns(_left_multiply, np.ascontiguousarray((Q * sign[None, :]).T), Y, n)
-    grids = [g[perm] if g.shape[0] > 1 else g for g in grids]
+    grids = [_rows(g, perm) for g in grids]
     return cls(np.triu(Rp), Yp, *grids, perm, cost_offset, dead, squeeze)
 
 
@@ -752,6 +785,8 @@ def gram_problem(cls, R, T, perm, dead, lo, hi, scale, offset, squeeze):
     def rows(a):  # grids in original order -> solve order
         if a is None or perm is None:
             return a
+        if isinstance(a, GroupedGrid):
+            return a.permuted(perm)
         a = a if is_dask_array(a) else np.asarray(a)
         if (a.ndim == 2 or (a.ndim == 1 and squeeze)) and a.shape[0] == n and n > 1:
             return a[perm]

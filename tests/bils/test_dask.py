@@ -223,6 +223,65 @@ def test_wide_problem_chunks_keep_the_cost_offset(monkeypatch):
         np.testing.assert_allclose(b.cost, a.cost, rtol=1e-12)  # includes the cost offset
 
 
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_grouped_grids_with_dask_targets(name, monkeypatch):
+    """A :class:`bils.GroupedGrid` ``scale`` (per group and RHS) and ``offset`` (per group)
+    with dask targets: each task gets its chunk's columns of the values (never an (n, k)
+    array) and the result is the in-memory one, for several chunkings, slices of wide
+    chunks, and problems with a shared ordering (the group map permuted)."""
+    import bils._dask as bd
+
+    solver, kw = SOLVERS[name]
+    rng = np.random.default_rng(29)
+    n, k = 9, 40
+    R = np.triu(rng.standard_normal((n, n))) * 0.4 + 2 * np.eye(n)
+    Y = rng.standard_normal((n, k)) * 4
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    S = bils.GroupedGrid(rng.uniform(0.5, 2.0, (3, k)), groups)
+    O = bils.GroupedGrid(rng.uniform(-0.5, 0.5, 3), groups)
+    ref = solver(R, Y, -4, 4, scale=S, offset=O, backend="numba", **kw)
+    seen = []
+    real = bd._solve_block_here
+
+    def spy(R_, Y_, lo_, hi_, scale_, *args, **kwargs):
+        seen.append(type(scale_).__name__)
+        return real(R_, Y_, lo_, hi_, scale_, *args, **kwargs)
+
+    monkeypatch.setattr(bd, "_solve_block_here", spy)
+    for chunks, slice_elements in ((7, None), (40, None), (40, n * 6)):
+        if slice_elements:
+            monkeypatch.setattr(bd, "SOLVE_SLICE_ELEMENTS", slice_elements)
+        got = solver(R, da.from_array(Y, chunks=(n, chunks)), -4, 4, scale=S, offset=O,
+                     backend="numba", **kw).compute(scheduler="sync")
+        _same(ref, got, exact_cost=name != "enumerate")
+    assert seen and set(seen) == {"ndarray"}  # the values' columns travel, not the grid object
+    T = np.linalg.solve(R, Y)
+    for order in ("natural", "diag"):
+        P = bils.BILSProblem.from_triangular(R, Y, -4, 4, scale=S, offset=O, ordering=order)
+        Pd = bils.BILSProblem.from_triangular(R, da.from_array(Y, chunks=(n, 13)), -4, 4,
+                                              scale=S, offset=O, ordering=order)
+        a, b = solver(P, backend="numba", **kw), solver(Pd, backend="numba", **kw).compute(scheduler="sync")
+        np.testing.assert_array_equal(b.x, a.x)
+        np.testing.assert_allclose(b.cost, a.cost, rtol=1e-9)
+    G = bils.BILSProblem.from_gram(R.T @ R, da.from_array(R.T @ R @ T, chunks=(n, 16)), -4, 4,
+                                   scale=S, offset=O, ordering="diag")
+    a = solver(bils.BILSProblem.from_gram(R.T @ R, R.T @ R @ T, -4, 4, scale=S, offset=O,
+                                          ordering="diag"), backend="numba", **kw)
+    np.testing.assert_array_equal(solver(G, backend="numba", **kw).x.compute(scheduler="sync"), a.x)
+
+
+def test_grouped_grid_bounds_and_shapes_are_refused_with_dask_targets():
+    R = np.eye(4) * 2
+    Yd = da.from_array(np.ones((4, 6)), chunks=(4, 3))
+    G = bils.GroupedGrid(np.ones((2, 6)), [0, 0, 1, 1])
+    with pytest.raises(TypeError, match="`lo`.*GroupedGrid"):
+        bils.babai(R, Yd, G, 4)
+    with pytest.raises(ValueError, match="`scale`.*GroupedGrid.*broadcastable"):
+        bils.babai(R, Yd, 0, 4, scale=bils.GroupedGrid(np.ones((2, 5)), [0, 0, 1, 1]))
+    with pytest.raises(TypeError, match="`hi`.*GroupedGrid"):
+        bils.BILSProblem.from_triangular(R, Yd, 0, G)
+
+
 @pytest.fixture
 def r_as_key(monkeypatch):
     """R as one graph key whatever its size (the path of a large R)."""
