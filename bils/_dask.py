@@ -100,6 +100,17 @@ def _grid_2d(name, a, n, k, squeeze, default):
     return a
 
 
+def _check_grouped(name, a, n, k):
+    """A :class:`~bils.GroupedGrid` argument: a form of ``scale``/``offset`` only, of a
+    shape broadcastable to ``Y``'s (n, k)."""
+    if name in ("lo", "hi"):
+        raise TypeError(f"`{name}` must be a number or an array; a GroupedGrid is a form of "
+                        f"`scale` and `offset` only")
+    if a.shape[0] != n or a.values.shape[1] not in (1, k):
+        raise ValueError(f"`{name}` (a GroupedGrid of shape {a.shape}) must be broadcastable "
+                         f"to `Y.shape` {(n, k)}")
+
+
 def _check_dtype(name, a):
     kind = np.dtype(a.dtype).kind
     if kind not in ("f", "i", "u"):
@@ -376,12 +387,7 @@ def run_solver_dask(solver, kernels, R, Y, lo, hi, scale, offset, backend, optio
     for i, (name, a, default) in enumerate((("lo", lo, 0), ("hi", hi, 0), ("scale", scale, 1.0),
                                             ("offset", offset, 0.0))):
         if isinstance(a, GroupedGrid):
-            if i < 2:
-                raise TypeError(f"`{name}` must be a number or an array; a GroupedGrid is a "
-                                f"form of `scale` and `offset` only")
-            if a.shape[0] != n or a.values.shape[1] not in (1, k):
-                raise ValueError(f"`{name}` (a GroupedGrid of shape {a.shape}) must be "
-                                 f"broadcastable to `Y.shape` {(n, k)}")
+            _check_grouped(name, a, n, k)
             # the (groups, 1 or k) values travel like a grid, cut by the chunks' columns;
             # each task rebuilds its chunk's GroupedGrid (never an (n, k) array)
             grouped[i], a = a.groups, a.values
@@ -709,14 +715,9 @@ def build_problem(cls, R, Y, lo, hi, scale, offset, squeeze, ordering, cost_offs
     from .problem import _rows
 
     n, k = Y.shape
-    for nm, g in (("lo", lo), ("hi", hi)):
+    for nm, g in (("lo", lo), ("hi", hi), ("scale", scale), ("offset", offset)):
         if isinstance(g, GroupedGrid):
-            raise TypeError(f"`{nm}` must be a number or an array; a GroupedGrid is a form of "
-                            f"`scale` and `offset` only")
-    for nm, g in (("scale", scale), ("offset", offset)):
-        if isinstance(g, GroupedGrid) and (g.shape[0] != n or g.values.shape[1] not in (1, k)):
-            raise ValueError(f"`{nm}` (a GroupedGrid of shape {g.shape}) must be broadcastable "
-                             f"to `Y.shape` {(n, k)}")
+            _check_grouped(nm, g, n, k)
     # a GroupedGrid stays one (its values are cut by column chunks when solving)
     grids = [a.astype(t) if isinstance(a, GroupedGrid) else _grid_2d(nm, a, n, k, squeeze, d).astype(t)
              for nm, a, d, t in
